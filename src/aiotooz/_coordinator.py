@@ -1,0 +1,439 @@
+"""The coordinator: one connection to a backend, its background tasks, and its locks."""
+
+from __future__ import annotations
+
+import math
+import random
+import uuid
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, final
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._backend import Backend, BackendLock
+from ._exceptions import (
+    BackendUnavailable,
+    CoordinationError,
+    LockAcquireFailed,
+    LockCreationFailed,
+)
+from ._logging import get_logger
+from ._names import backend_key, check_prefix
+from ._queue import KeyQueue
+from ._settings import CoordinationSettings
+
+if TYPE_CHECKING:
+    from ._lock import Lock
+
+__all__ = ["Coordinator", "Hold", "get_default_coordinator", "set_default_coordinator"]
+
+# While another process holds the key, the task at the head of the local queue retries
+# with a short non-blocking try, backing off from _POLL_FIRST to _POLL_CAP seconds.
+# The cap bounds the hand-off latency between processes; a try costs one thread hop and
+# one backend round trip, and only one task per key per process is trying.
+_POLL_FIRST = 0.002
+_POLL_CAP = 0.05
+
+#: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
+TRY_ONCE: Final = -math.inf
+
+
+@final
+@dataclass(eq=False)
+class Hold:
+    """One lock held through a coordinator: its key, its backend lock, and since when."""
+
+    coordinator: Coordinator
+    name: str
+    key: str
+    queue: KeyQueue
+    backend_lock: BackendLock
+    acquired_at: float
+    #: The backend lock is known to be gone (reconnect, or released by ``stop()``).
+    lost: bool = False
+    released: bool = False
+
+
+@final
+class Coordinator:
+    """An asyncio-native (anyio) front to one tooz coordination backend.
+
+    Connects on :meth:`start`, runs the heartbeat and reconnect as background tasks,
+    and gives out :class:`~aiotooz.Lock` objects. Use it as an async context manager::
+
+        async with Coordinator(prefix="svc-") as coordinator:
+            async with coordinator.get_lock("volume-42"):
+                ...
+
+    Args:
+        agent_id: identifies this process on the backend; a random UUID by default.
+        prefix: prepended to the agent id (the tooz member id) and to every lock name,
+            so that services sharing a backend do not share lock names by accident.
+        settings: where the backend is and how to keep it alive; read from the
+            environment (``AIOTOOZ_*``) when not given.
+
+    Raises:
+        ConfigurationError: ``prefix`` is not usable in a backend key.
+    """
+
+    def __init__(
+        self,
+        agent_id: str | None = None,
+        prefix: str = "",
+        settings: CoordinationSettings | None = None,
+    ) -> None:
+        self.prefix = check_prefix(prefix)
+        self.agent_id = agent_id or str(uuid.uuid4())
+        self.member_id = self.prefix + self.agent_id
+        self.settings = settings if settings is not None else CoordinationSettings()
+        self._backend: Backend | None = None
+        # Set and replaced whenever the connection state changes (see _state_changed).
+        self._state_event: anyio.Event | None = None
+        self._task_group: TaskGroup | None = None
+        self._started = False
+        self._queues: dict[str, KeyQueue] = {}
+        self._holds: set[Hold] = set()
+        self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
+
+    def __repr__(self) -> str:
+        state = "started" if self._started else "stopped"
+        return (
+            f"<Coordinator member_id={self.member_id!r} "
+            f"backend={self.settings.redacted_backend_url!r} {state}>"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def is_started(self) -> bool:
+        """``start()`` has completed and ``stop()`` has not been called since."""
+        return self._started
+
+    @property
+    def is_connected(self) -> bool:
+        """Started, and not in the middle of reconnecting to the backend."""
+        return self._started and self._backend is not None
+
+    async def start(self) -> None:
+        """Connect to the backend and start the heartbeat. Does nothing if started.
+
+        ``start()`` and ``stop()`` must be awaited in the same task (they open and
+        close an anyio task group); ``async with coordinator:`` does both.
+
+        Raises:
+            ConfigurationError: the backend URL, scheme or client library is wrong.
+            BackendUnavailable: the backend cannot be reached.
+        """
+        if self._started:
+            return
+        self._backend = await Backend.connect(self.settings.backend_url, self.member_id)
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        self._started = True
+        self._state_changed()
+        if self._backend.requires_beating:
+            task_group.start_soon(self._beat_forever, name=f"aiotooz heartbeat {self.member_id}")
+        self._log.info(
+            "coordinator started",
+            backend_url=self.settings.redacted_backend_url,
+            heartbeat=self._backend.requires_beating,
+        )
+
+    async def stop(self) -> None:
+        """Release every lock held through this coordinator, stop beating, disconnect.
+
+        Does nothing if not started. Tasks still waiting for a lock get
+        :class:`~aiotooz.LockCreationFailed`; holders whose lock was released here can
+        still leave their ``async with`` block normally.
+        """
+        if not self._started:
+            return
+        self._started = False
+        task_group, self._task_group = self._task_group, None
+        assert task_group is not None
+        task_group.cancel_scope.cancel()
+        await task_group.__aexit__(None, None, None)
+        with anyio.CancelScope(shield=True):
+            for hold in list(self._holds):
+                await self._release(hold, reason="coordinator stopping")
+            backend, self._backend = self._backend, None
+            if backend is not None:
+                await backend.close()
+        self._state_changed()
+        if _default is self:
+            set_default_coordinator(None)
+        self._log.info("coordinator stopped")
+
+    async def __aenter__(self) -> Coordinator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def wait_connected(self) -> None:
+        """Wait until the coordinator is started and connected to its backend."""
+        while not self.is_connected:
+            await self._next_state_change()
+
+    async def _next_state_change(self) -> None:
+        if self._state_event is None:
+            self._state_event = anyio.Event()
+        await self._state_event.wait()
+
+    def _state_changed(self) -> None:
+        """Wake everything waiting for a start, stop, disconnect or reconnect."""
+        if self._state_event is not None:
+            self._state_event.set()
+            self._state_event = None
+
+    # -- locks ---------------------------------------------------------------------
+
+    def get_lock(self, name: str) -> Lock:
+        """A :class:`~aiotooz.Lock` named ``name`` on this coordinator.
+
+        Raises:
+            LockCreationFailed: the coordinator is not started.
+            LockNameError: ``name`` is not a non-empty ``str``.
+        """
+        from ._lock import Lock
+
+        if not self._started:
+            raise LockCreationFailed(
+                f"{self!r} is not started: use 'async with coordinator:' or "
+                "'await coordinator.start()' before asking it for locks"
+            )
+        return Lock(name, coordinator=self)
+
+    async def _acquire(self, name: str, deadline: float | None) -> Hold | None:
+        """Take ``name`` through the local queue and then the backend.
+
+        ``deadline`` is an ``anyio.current_time()`` instant, or ``None`` to wait for as
+        long as it takes; a deadline in the past means "try once". Returns ``None`` if
+        the deadline passed first.
+        """
+        self._check_started()
+        key = backend_key(self.prefix, name, self._reserved_keys())
+        task = anyio.get_current_task().id
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = KeyQueue()
+        elif queue.owner == task and deadline is None:
+            raise LockAcquireFailed(
+                f"lock {name!r} is already held by this task: aiotooz locks are not "
+                "reentrant (acquiring it again would wait forever)"
+            )
+        started = anyio.current_time()
+        backend_lock: BackendLock | None = None
+        try:
+            if not await queue.take(task, deadline):
+                return None
+            backend_lock = await self._acquire_backend(key, deadline)
+        except BaseException:
+            if queue.owner == task:
+                self._give_back(key, queue)
+            raise
+        finally:
+            if queue.idle:
+                self._queues.pop(key, None)
+        if backend_lock is None:
+            self._give_back(key, queue)
+            return None
+        now = anyio.current_time()
+        hold = Hold(
+            coordinator=self,
+            name=name,
+            key=key, queue=queue, backend_lock=backend_lock, acquired_at=now)
+        self._holds.add(hold)
+        self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
+        return hold
+
+    async def _acquire_backend(self, key: str, deadline: float | None) -> BackendLock | None:
+        delay = _POLL_FIRST
+        backend_lock: BackendLock | None = None
+        while True:
+            backend = await self._connected_backend(deadline)
+            if backend is None:
+                return None
+            if backend_lock is None or backend_lock.backend is not backend:
+                backend_lock = backend.lock(key)
+            try:
+                if await backend.try_acquire(backend_lock):
+                    # stop() may have run while the try was in its worker thread.
+                    self._check_started()
+                    return backend_lock
+            except BaseException:
+                # Granted in the worker thread while we were being cancelled or failing:
+                # give it back, or it would stay held with nobody to release it.
+                if backend_lock.held:
+                    with anyio.CancelScope(shield=True):
+                        await self._release_backend(backend_lock, key)
+                raise
+            pause = delay * random.uniform(0.5, 1.0)
+            if deadline is not None:
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    return None
+                pause = min(pause, remaining)
+            await anyio.sleep(pause)
+            delay = min(delay * 2, _POLL_CAP)
+
+    async def _connected_backend(self, deadline: float | None) -> Backend | None:
+        """The live backend, waiting for a reconnect in progress until ``deadline``."""
+        while True:
+            self._check_started()
+            if self._backend is not None:
+                return self._backend
+            if deadline == TRY_ONCE:
+                raise BackendUnavailable(
+                    f"{self!r} is reconnecting to its backend; try again later"
+                )
+            if deadline is None:
+                await self._next_state_change()
+                continue
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return None
+            with anyio.move_on_after(remaining):
+                await self._next_state_change()
+
+    async def _release(self, hold: Hold, *, reason: str = "released") -> None:
+        """Release ``hold`` at the backend, then hand the key to the next local waiter."""
+        if hold.released:
+            return
+        hold.released = True
+        self._holds.discard(hold)
+        try:
+            with anyio.CancelScope(shield=True):
+                if not hold.lost:
+                    await self._release_backend(hold.backend_lock, hold.name)
+        finally:
+            if reason != "released":
+                hold.lost = True
+            self._give_back(hold.key, hold.queue)
+            self._log.debug(
+                "lock released",
+                lock=hold.name,
+                reason=reason,
+                held=round(anyio.current_time() - hold.acquired_at, 6),
+            )
+
+    async def _release_backend(self, backend_lock: BackendLock, name: str) -> None:
+        try:
+            if not await backend_lock.backend.release(backend_lock):
+                self._log.warning(
+                    "lock was no longer held at the backend when released", lock=name
+                )
+        except CoordinationError as exc:
+            # Nothing the caller could do: the lock ends with its TTL or session.
+            self._log.warning("backend release failed", lock=name, error=str(exc))
+
+    def _give_back(self, key: str, queue: KeyQueue) -> None:
+        queue.give_back()
+        if queue.idle and self._queues.get(key) is queue:
+            del self._queues[key]
+
+    def _check_started(self) -> None:
+        if not self._started:
+            raise LockCreationFailed(
+                f"{self!r} is not started: use 'async with coordinator:' or "
+                "'await coordinator.start()' before taking locks"
+            )
+
+    def _reserved_keys(self) -> frozenset[str]:
+        return self._backend.reserved_keys if self._backend is not None else frozenset()
+
+    # -- heartbeat and reconnect ---------------------------------------------------
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.heartbeat)
+            backend = self._backend
+            if backend is None:
+                continue
+            try:
+                await backend.heartbeat()
+            except BackendUnavailable as exc:
+                self._log.warning("heartbeat failed; reconnecting", error=str(exc))
+                await self._reconnect(backend)
+            except CoordinationError as exc:
+                self._log.warning("heartbeat failed", error=str(exc))
+            except Exception:
+                # A bug here must not crash the task group, which would cancel the
+                # application code running between start() and stop().
+                self._log.exception("heartbeat crashed; still beating")
+
+    async def _reconnect(self, old: Backend) -> None:
+        """Replace ``old`` with a new connection, backing off with jitter between tries.
+
+        Locks held through ``old`` are marked lost: a new connection does not own them.
+        """
+        self._backend = None
+        self._state_changed()
+        for hold in self._holds:
+            if hold.backend_lock.backend is old:
+                hold.lost = True
+                self._log.warning("lock lost: backend connection replaced", lock=hold.name)
+        await old.close()
+        base = self.settings.initial_reconnect_backoff
+        cap = self.settings.max_reconnect_backoff
+        backoff = base
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                backend = await Backend.connect(self.settings.backend_url, self.member_id)
+            except CoordinationError as exc:
+                backoff = min(cap, random.uniform(base, backoff * 3))
+                self._log.warning(
+                    "reconnect attempt failed",
+                    attempt=attempt,
+                    retry_in=round(backoff, 3),
+                    error=str(exc),
+                )
+                await anyio.sleep(backoff)
+                continue
+            self._backend = backend
+            self._state_changed()
+            self._log.info("reconnected to backend", attempt=attempt)
+            return
+
+
+_default: Coordinator | None = None
+
+
+def set_default_coordinator(coordinator: Coordinator | None) -> Coordinator | None:
+    """Make ``coordinator`` the process-wide default; returns the previous default.
+
+    :class:`~aiotooz.Lock` and :func:`~aiotooz.synchronized` without a ``coordinator``
+    look the default up each time they acquire, so a coordinator installed later (in an
+    application's startup) serves functions decorated at import time. A coordinator that
+    is the default uninstalls itself when it stops. ``None`` uninstalls.
+    """
+    global _default
+    previous, _default = _default, coordinator
+    return previous
+
+
+def get_default_coordinator() -> Coordinator:
+    """The coordinator installed with :func:`set_default_coordinator`.
+
+    Raises:
+        LockCreationFailed: none is installed.
+    """
+    if _default is None:
+        raise LockCreationFailed(
+            "no coordinator given and no default coordinator installed: pass "
+            "coordinator=..., or call aiotooz.set_default_coordinator(coordinator) "
+            "after starting one"
+        )
+    return _default
+

@@ -1,0 +1,51 @@
+"""The exceptions aiotooz raises.
+
+Every error that reaches a user from tooz or from a backend's client library is
+translated, once, in :mod:`aiotooz._backend`, into one of these::
+
+    CoordinationError
+    ├── ConfigurationError        a setting, argument, backend URL or scheme; a missing client library
+    ├── BackendUnavailable        the backend cannot be reached or failed mid-call
+    ├── LockCreationFailed        no started coordinator, or a lock name that cannot be built
+    │   └── LockNameError         a name that is not a non-empty str, or a format field missing
+    ├── LockAcquireFailed         not acquired within the ``blocking`` budget
+    ├── LockNotHeld               release of a lock that is not held
+    └── UnsupportedOperation      the backend cannot do what was asked
+
+``ConfigurationError`` and ``LockNameError`` are also ``ValueError`` so that code
+written for the standard library's conventions keeps working.
+"""
+
+from __future__ import annotations
+
+
+class CoordinationError(Exception):
+    """Root of every error raised by aiotooz."""
+
+
+class ConfigurationError(CoordinationError, ValueError):
+    """A setting, an argument, the backend URL, or the installed client libraries are wrong."""
+
+
+class BackendUnavailable(CoordinationError):
+    """The coordination backend could not be reached, or failed during a call."""
+
+
+class LockCreationFailed(CoordinationError):
+    """A lock could not be created: no started coordinator, or a bad name."""
+
+
+class LockNameError(LockCreationFailed, ValueError):
+    """A lock name is not a non-empty ``str``, or a field it formats is missing."""
+
+
+class LockAcquireFailed(CoordinationError):
+    """The lock was not acquired within the ``blocking`` budget."""
+
+
+class LockNotHeld(CoordinationError):
+    """A lock was released that is not held."""
+
+
+class UnsupportedOperation(CoordinationError):
+    """The backend cannot do what was asked (for example a non-blocking try)."""

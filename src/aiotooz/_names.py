@@ -1,0 +1,108 @@
+"""Lock names: build them from format strings, map any ``str`` to a backend-safe key.
+
+The mapping is the contract between aiotooz processes and plain tooz processes on the
+same backend, so it must stay stable across releases:
+
+* a *plain* key (``prefix + name`` of 1 to 64 characters from ``[A-Za-z0-9._-]``, not
+  starting with ``.``, and not reserved by the backend) is used unchanged, exactly as a
+  plain tooz user would pass it to ``get_lock()``;
+* any other name becomes ``prefix + stem + "~" + digest``: ``stem`` is a readable
+  part of the name (at most 24 characters, unsafe characters replaced by ``_``) and
+  ``digest`` is 32 hex digits of the SHA-256 of the name's UTF-8 encoding.
+
+A plain key never contains ``~`` and a mapped key contains exactly one, so the two
+families never meet; two mapped keys are equal only if their 128-bit digests are. The
+result is at most ``len(prefix) + 57`` ASCII characters with no ``/``, so no name can
+leave the file backend's directory, and it fits MySQL's 64-character limit for
+prefixes of up to 7 characters (longer prefixes are checked by that backend).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import string
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from ._exceptions import ConfigurationError, LockNameError
+
+__all__ = ["backend_key", "check_name", "check_prefix", "format_fields", "format_name"]
+
+MAX_PLAIN_LENGTH = 64
+_PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,%d}" % (MAX_PLAIN_LENGTH - 1))
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_STEM_LENGTH = 24
+_DIGEST_HEX = 32
+
+
+def check_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it is usable in every backend key, else raise."""
+    if not isinstance(prefix, str) or (prefix and not _PLAIN.fullmatch(prefix)):
+        raise ConfigurationError(
+            f"prefix must be a str of at most {MAX_PLAIN_LENGTH} characters from "
+            f"[A-Za-z0-9._-], not starting with '.' (got {prefix!r})"
+        )
+    return prefix
+
+
+def backend_key(prefix: str, name: str, reserved: Collection[str] = ()) -> str:
+    """Map a lock name to the ASCII key handed to tooz (see the module docstring)."""
+    key = prefix + name
+    if _PLAIN.fullmatch(key) and key not in reserved:
+        return key
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_HEX]
+    stem = _UNSAFE.sub("_", name[:_STEM_LENGTH]).lstrip(".")
+    return f"{prefix}{stem}~{digest}"
+
+
+def check_name(name: object) -> str:
+    """Return ``name`` if it is a non-empty ``str``, else raise :class:`LockNameError`."""
+    if not isinstance(name, str):
+        raise LockNameError(f"a lock name must be a str, not {type(name).__name__}: {name!r}")
+    if not name:
+        raise LockNameError("a lock name must not be empty")
+    return name
+
+
+def format_fields(template: str) -> set[str]:
+    """The top-level field names a format string uses (``{shr.id}`` -> ``shr``)."""
+    fields = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise LockNameError(f"lock name {template!r} is not a valid format string: {exc}") from None
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        head = re.split(r"[.\[]", field, maxsplit=1)[0]
+        if not head or head.isdigit():
+            raise LockNameError(
+                f"lock name {template!r} uses a positional field {{{field}}}; "
+                "name the field instead, e.g. {share_id}"
+            )
+        fields.add(head)
+    return fields
+
+
+def format_name(template: object, data: Mapping[str, Any] | None, *, where: str = "") -> str:
+    """Build a lock name from ``template`` and ``data`` (``str.format_map`` rules).
+
+    Args:
+        template: the name, possibly with ``{field}`` placeholders.
+        data: the values for those fields.
+        where: what supplied ``data`` (e.g. "the arguments of resize()"), for errors.
+    """
+    template = check_name(template)
+    source = where or "the lock data"
+    try:
+        name = template.format_map(data or {})
+    except KeyError as exc:
+        raise LockNameError(
+            f"lock name {template!r} uses the field {exc.args[0]!r}, which is not in {source}"
+        ) from None
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise LockNameError(
+            f"cannot build lock name {template!r} from {source}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return check_name(name)

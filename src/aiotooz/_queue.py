@@ -1,0 +1,92 @@
+"""The local FIFO queue of one lock key inside one coordinator.
+
+Tasks of one process that want the same key line up here, so that only the task at
+the head talks to the backend and waiting costs no thread. The queue knows nothing of
+the backend; :mod:`aiotooz._coordinator` takes a place in it before trying the backend
+and hands the place on after releasing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import final
+
+import anyio
+
+__all__ = ["KeyQueue"]
+
+
+@final
+class _Waiter:
+    __slots__ = ("event", "granted", "task")
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+        self.granted = False
+        self.event = anyio.Event()
+
+
+@final
+class KeyQueue:
+    """First come, first served ownership of one key among the tasks of a process."""
+
+    __slots__ = ("owner", "_waiters")
+
+    def __init__(self) -> None:
+        #: The id of the task that owns the key locally (it may still be trying the
+        #: backend), or ``None``.
+        self.owner: int | None = None
+        self._waiters: deque[_Waiter] = deque()
+
+    @property
+    def idle(self) -> bool:
+        """Nobody owns or waits for the key: the queue can be forgotten."""
+        return self.owner is None and not self._waiters
+
+    @property
+    def waiting(self) -> int:
+        """How many tasks wait behind the owner."""
+        return len(self._waiters)
+
+    async def take(self, task: int, deadline: float | None) -> bool:
+        """Become the owner; wait in line until ``deadline`` (``None``: forever).
+
+        Returns ``False`` if the deadline passed first. Cancellation while waiting
+        leaves the queue as if this task had never come, even if ownership was handed
+        to it in the same instant (it is then handed on).
+        """
+        if self.owner is None and not self._waiters:
+            self.owner = task
+            return True
+        if deadline is not None and deadline <= anyio.current_time():
+            return False
+        waiter = _Waiter(task)
+        self._waiters.append(waiter)
+        try:
+            if deadline is None:
+                await waiter.event.wait()
+            else:
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    await waiter.event.wait()
+        except BaseException:
+            self._leave(waiter)
+            raise
+        if not waiter.granted:
+            self._leave(waiter)
+        return waiter.granted
+
+    def give_back(self) -> None:
+        """Hand ownership to the first waiter, or leave the key unowned."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            self.owner = waiter.task
+            waiter.granted = True
+            waiter.event.set()
+        else:
+            self.owner = None
+
+    def _leave(self, waiter: _Waiter) -> None:
+        if waiter.granted:
+            self.give_back()
+        else:
+            self._waiters.remove(waiter)

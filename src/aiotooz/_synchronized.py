@@ -1,0 +1,90 @@
+"""``@synchronized``: run an async function under a lock named from its arguments."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+from ._coordinator import Coordinator
+from ._exceptions import LockNameError
+from ._lock import Blocking, Lock, _acquire_or_raise, deadline_for
+from ._names import check_name, format_fields, format_name
+
+__all__ = ["synchronized"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def synchronized(
+    name: str,
+    *,
+    blocking: Blocking = True,
+    coordinator: Coordinator | None = None,
+) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable[P, Coroutine[Any, Any, T]]]:
+    """Run the decorated ``async def`` under a distributed lock named from its call.
+
+    The name is a format string over the call's arguments (bound by name, defaults
+    applied) and ``f_name``, the function's name::
+
+        @synchronized("{f_name}-{shr.id}-{snap[name]}")
+        async def resize(shr, snap, force=False): ...
+
+    Args:
+        name: the lock name template.
+        blocking: ``True`` waits as long as it takes; ``False`` tries once; a number
+            waits at most that many seconds.
+        coordinator: the coordinator to lock through; without one, the default
+            coordinator is looked up at each call.
+
+    Raises:
+        TypeError: the decorated function is not an ``async def``.
+        LockNameError: (at decoration) a field of ``name`` is not a parameter of the
+            function; (at call) a field cannot be formatted from the arguments.
+        LockAcquireFailed: (at call) the lock was not acquired within ``blocking``.
+    """
+    check_name(name)
+    fields = format_fields(name)
+    deadline_for(blocking)  # refuse a bad value at decoration, not at the first call
+
+    def decorate(
+        func: Callable[P, Coroutine[Any, Any, T]],
+    ) -> Callable[P, Coroutine[Any, Any, T]]:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"@synchronized decorates async functions; {func.__qualname__} is not "
+                "an 'async def' (for sync code use tooz directly)"
+            )
+        signature = inspect.signature(func)
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        unknown = fields - set(signature.parameters) - {"f_name"}
+        if unknown and not accepts_any:
+            raise LockNameError(
+                f"lock name {name!r} uses {', '.join(sorted(unknown))}, which "
+                f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} "
+                f"of {func.__qualname__}{signature}"
+            )
+        where = f"the arguments of {func.__qualname__}()"
+
+        @functools.wraps(func)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            for param in signature.parameters.values():
+                # Names passed through **kwargs are addressable as fields too.
+                if param.kind is param.VAR_KEYWORD:
+                    values = {**values.pop(param.name), **values}
+            values["f_name"] = func.__name__
+            lock = Lock(format_name(name, values, where=where), coordinator=coordinator)
+            await _acquire_or_raise(lock, blocking)
+            try:
+                return await func(*args, **kwargs)
+            finally:
+                await lock.release()
+
+        return wrapper
+
+    return decorate
