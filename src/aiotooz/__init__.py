@@ -1,6 +1,5 @@
 """aiotooz: asyncio-native distributed locks on every tooz backend."""
 
-from __future__ import annotations
 
 from ._coordinator import Coordinator as Coordinator
 from ._coordinator import get_default_coordinator as get_default_coordinator

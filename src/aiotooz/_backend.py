@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
+import urllib.parse
+import weakref
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, final
 
@@ -51,6 +53,12 @@ _EXTRAS: Final = {
     "ipc": "ipc",
 }
 
+#: Driver options aiotooz sets unless the URL's query sets them: bounded socket waits, so
+#: that a dead or hung server is noticed in seconds rather than tooz's defaults (30 s).
+_DEFAULT_OPTIONS: Final[dict[str, dict[str, str]]] = {
+    "redis": {"socket_timeout": "2", "socket_connect_timeout": "2"},
+}
+
 #: Lock keys the file driver keeps for itself (its group and tmp directories).
 _FILE_RESERVED: Final = frozenset({"groups", "tmp"})
 
@@ -58,6 +66,13 @@ _FILE_RESERVED: Final = frozenset({"groups", "tmp"})
 # calling get_lock() for one path at once can get different barriers and both "hold"
 # the lock. Creating lock objects under one process-wide lock closes that race.
 _GET_LOCK = threading.Lock()
+
+# The file driver locks with fcntl.lockf, and POSIX drops *all* of a process's locks on
+# a file when *any* of its descriptors for that file is closed. Two tooz lock objects
+# for one path (two coordinators on one directory) would each open the file, and
+# closing the idle one would silently free the other's lock. So this process keeps one
+# tooz lock object per lock file, shared by every coordinator on that directory.
+_FILE_LOCKS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 # Exceptions that mean "not acquired within the time given" on some drivers
 # (tenacity.RetryError on memcached and etcd3gw, kazoo's LockTimeout on zookeeper).
@@ -67,6 +82,46 @@ _NOT_ACQUIRED_NAMES: Final = frozenset({"RetryError", "LockTimeout"})
 def known_schemes() -> list[str]:
     """The backend URL schemes tooz has drivers for in this environment."""
     return sorted(ep.name for ep in importlib.metadata.entry_points(group="tooz.backends"))
+
+
+def _close_idle_lock_file(file_lock: Any) -> None:
+    """Close the descriptor a failed try leaves open (fasteners keeps it for the next try).
+
+    Only while no thread of this process owns the path's barrier, so the descriptor
+    cannot be one a holder is using (see _FILE_LOCKS for why that matters).
+    """
+    barrier = file_lock._barrier
+    with barrier.cond:
+        if barrier.owner is None and not file_lock.acquired:
+            file_lock._lock._do_close()
+
+
+def _drop_redis_client_retries(driver: tooz.coordination.CoordinationDriver) -> None:
+    """Bound how long a dead Redis takes to notice; tooz has no option for it.
+
+    redis-py retries a failed command 10 times with backoff, and tooz retries that 15
+    times: a dead Redis surfaced after ~55 s, on heartbeats and on connects alike
+    (measured). tooz's own 15 quick retries still ride over a stale pooled connection,
+    so the client's retries are dropped, from the moment the driver makes its client.
+    """
+    import redis.backoff
+    import redis.retry
+
+    make_client = driver._make_client  # type: ignore[attr-defined]
+
+    def make_client_without_retries(*args: Any, **kwargs: Any) -> Any:
+        client = make_client(*args, **kwargs)
+        client.set_retry(redis.retry.Retry(redis.backoff.NoBackoff(), 0))
+        return client
+
+    driver._make_client = make_client_without_retries  # type: ignore[attr-defined]
+
+
+def _install_hint(scheme: str, module: str | None) -> str:
+    extra = _EXTRAS.get(scheme)
+    if extra is not None:
+        return f"pip install 'aiotooz[{extra}]'"
+    return f"pip install {module or scheme}"
 
 
 def _translate(exc: BaseException, action: str, url: str) -> CoordinationError:
@@ -120,6 +175,8 @@ class Backend:
 
         def start() -> tooz.coordination.CoordinationDriver:
             driver = cls._load_driver(url, member_id)
+            if url.startswith("redis:"):
+                _drop_redis_client_retries(driver)
             try:
                 driver.start(start_heart=False)
             except Exception as exc:
@@ -140,20 +197,24 @@ class Backend:
                 f"unknown backend scheme {scheme!r} in {shown}; "
                 f"use one of: {', '.join(known_schemes())}"
             )
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        defaults = {
+            option: value
+            for option, value in _DEFAULT_OPTIONS.get(scheme, {}).items()
+            if option not in query
+        }
         try:
-            return tooz.coordination.get_coordinator(url, member_id.encode("utf-8"))
+            return tooz.coordination.get_coordinator(url, member_id.encode("utf-8"), **defaults)
         except ImportError as exc:
-            extra = _EXTRAS.get(scheme, "all")
             raise ConfigurationError(
-                f"the {scheme!r} backend needs its client library ({exc.name or exc}); "
-                f"install it with: pip install 'aiotooz[{extra}]'"
+                f"the {scheme!r} backend needs a client library that is not installed "
+                f"({exc}); install it with: {_install_hint(scheme, exc.name)}"
             ) from exc
         except RuntimeError as exc:
             # stevedore's NoMatches: the driver is registered but failed to load.
-            extra = _EXTRAS.get(scheme, "all")
             raise ConfigurationError(
                 f"the {scheme!r} backend could not be loaded ({exc}); its client library "
-                f"may be missing: pip install 'aiotooz[{extra}]'"
+                f"may be missing: {_install_hint(scheme, None)}"
             ) from exc
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"bad backend URL {shown}: {exc}") from exc
@@ -179,8 +240,7 @@ class Backend:
 
         def attempt() -> bool:
             if lock._tooz_lock is None:
-                with _GET_LOCK:
-                    lock._tooz_lock = self._driver.get_lock(lock.key.encode("ascii"))
+                lock._tooz_lock = self._get_tooz_lock(lock.key)
             try:
                 granted = bool(lock._tooz_lock.acquire(blocking=False))
             except Exception as exc:
@@ -188,6 +248,8 @@ class Backend:
                     return False
                 raise
             lock.held = granted
+            if not granted and self.scheme == "file":
+                _close_idle_lock_file(lock._tooz_lock)
             return granted
 
         if self.scheme == "ipc":
@@ -199,6 +261,15 @@ class Backend:
                 "single-machine locks"
             )
         return await self._call(self._acquire_lane, f"acquiring {lock.key!r}", attempt)
+
+    def _get_tooz_lock(self, key: str) -> tooz.locking.Lock:
+        with _GET_LOCK:
+            tooz_lock = self._driver.get_lock(key.encode("ascii"))
+            if self.scheme == "file":
+                # The file driver names its lock objects by their absolute path. A new
+                # object has not opened its file yet, so dropping it is free.
+                tooz_lock = _FILE_LOCKS.setdefault(str(tooz_lock.name), tooz_lock)
+            return tooz_lock
 
     async def release(self, lock: BackendLock) -> bool:
         """Release ``lock``; ``False`` if the backend says it was no longer ours."""

@@ -93,6 +93,7 @@ class Coordinator:
         self._state_event: anyio.Event | None = None
         self._task_group: TaskGroup | None = None
         self._started = False
+        self._owner_task: int | None = None
         self._queues: dict[str, KeyQueue] = {}
         self._holds: set[Hold] = set()
         self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
@@ -132,6 +133,7 @@ class Coordinator:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        self._owner_task = anyio.get_current_task().id
         self._started = True
         self._state_changed()
         if self._backend.requires_beating:
@@ -151,6 +153,11 @@ class Coordinator:
         """
         if not self._started:
             return
+        if anyio.get_current_task().id != self._owner_task:
+            raise RuntimeError(
+                "Coordinator.stop() must be awaited in the task that awaited start() "
+                "(they open and close an anyio task group); use 'async with coordinator:'"
+            )
         self._started = False
         task_group, self._task_group = self._task_group, None
         assert task_group is not None

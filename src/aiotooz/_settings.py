@@ -96,9 +96,10 @@ class CoordinationSettings(BaseSettings):
     def _looks_like_url(cls, value: str) -> str:
         scheme, sep, rest = value.partition("://")
         if not sep or not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
+            # The value is not echoed: a malformed URL may still hold a password.
             raise ValueError(
-                "must be a URL such as 'file:///var/lock/app' or 'redis://host:6379' "
-                f"(got {redact_url(value)!r})"
+                "must be a URL '<scheme>://...', such as 'file:///var/lock/app' or "
+                "'redis://host:6379'"
             )
         if scheme == "file" and not urllib.parse.urlsplit(value).path:
             raise ValueError("a file:// URL needs a directory path, e.g. 'file:///var/lock/app'")

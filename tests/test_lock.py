@@ -1,0 +1,291 @@
+"""Lock behaviour on the file backend and on Redis: exclusion, budgets, contention, stop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aiotooz import (
+    ConfigurationError,
+    Coordinator,
+    Lock,
+    LockAcquireFailed,
+    LockCreationFailed,
+    LockNotHeld,
+)
+
+from ._procs import holding_process, run_worker
+from .conftest import make_coordinator
+
+
+async def test_tasks_of_one_process_exclude_each_other(coordinator: Coordinator) -> None:
+    counter = 0
+    inside = 0
+
+    async def increment() -> None:
+        nonlocal counter, inside
+        for _ in range(5):
+            async with coordinator.get_lock("counter"):
+                inside += 1
+                assert inside == 1
+                value = counter
+                await anyio.sleep(0.001)
+                counter = value + 1
+                inside -= 1
+
+    async with anyio.create_task_group() as group:
+        for _ in range(40):
+            group.start_soon(increment)
+    assert counter == 200
+
+
+def test_processes_exclude_each_other(backend_url: str, prefix: str, tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    processes, tasks, rounds = 4, 5, 5
+    args = ("count", backend_url, prefix, "shared", str(counter), str(tasks), str(rounds))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for _ in range(processes):
+                group.start_soon(anyio.to_thread.run_sync, lambda: run_worker(*args))
+
+    anyio.run(main)
+    assert int(counter.read_text()) == processes * tasks * rounds
+
+
+async def test_blocking_false_returns_at_once_when_held_elsewhere(
+    coordinator: Coordinator, backend_url: str, prefix: str
+) -> None:
+    with holding_process("hold", backend_url, prefix, "busy"):
+        lock = coordinator.get_lock("busy")
+        with anyio.fail_after(2):
+            assert await lock.acquire(blocking=False) is False
+        with pytest.raises(LockAcquireFailed, match="'busy' was not acquired at once"):
+            async with lock(blocking=False):
+                pass
+        assert not lock.locked()
+    assert await lock.acquire(blocking=False) is True
+    await lock.release()
+
+
+async def test_timed_blocking_waits_about_that_long(
+    coordinator: Coordinator, backend_url: str, prefix: str
+) -> None:
+    with holding_process("hold", backend_url, prefix, "timed"):
+        lock = coordinator.get_lock("timed")
+        started = anyio.current_time()
+        assert await lock.acquire(blocking=0.5) is False
+        waited = anyio.current_time() - started
+        assert 0.45 <= waited < 2.0
+        with pytest.raises(LockAcquireFailed, match="within 0.3 s"):
+            async with lock(blocking=0.3):
+                pass
+
+
+async def test_blocking_true_gets_the_lock_when_the_holder_releases(
+    coordinator: Coordinator, backend_url: str, prefix: str
+) -> None:
+    lock = coordinator.get_lock("handoff")
+    with holding_process("hold", backend_url, prefix, "handoff") as holder:
+        async with anyio.create_task_group() as group:
+            got = anyio.Event()
+
+            async def wait_for_it() -> None:
+                async with lock:
+                    got.set()
+
+            group.start_soon(wait_for_it)
+            await anyio.sleep(0.3)
+            assert not got.is_set()
+            assert holder.stdin is not None
+            holder.stdin.close()  # the holder releases and exits
+            with anyio.fail_after(10):
+                await got.wait()
+
+
+async def test_local_waiters_are_served_in_arrival_order(coordinator: Coordinator) -> None:
+    order: list[int] = []
+    lock = coordinator.get_lock("fifo")
+    await lock.acquire()
+
+    async def waiter(number: int) -> None:
+        async with Lock("fifo", coordinator=coordinator):
+            order.append(number)
+
+    async with anyio.create_task_group() as group:
+        for number in range(20):
+            group.start_soon(waiter, number)
+            await anyio.sleep(0.001)  # arrive one after the other
+        await lock.release()
+    assert order == list(range(20))
+
+
+async def test_two_thousand_waiters_with_the_default_thread_limiter(
+    coordinator: Coordinator,
+) -> None:
+    """The naive to_thread(lock.acquire) pattern deadlocks at ~40 waiters."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    assert limiter.total_tokens == 40
+    done = 0
+    most_threads = 0
+
+    async def task() -> None:
+        nonlocal done, most_threads
+        async with coordinator.get_lock("crowd"):
+            most_threads = max(most_threads, limiter.borrowed_tokens)
+            done += 1
+
+    with anyio.fail_after(90):
+        async with anyio.create_task_group() as group:
+            for _ in range(2000):
+                group.start_soon(task)
+    assert done == 2000
+    # Waiting costs no thread from the application's limiter.
+    assert most_threads == 0
+
+
+async def test_event_loop_keeps_ticking_under_contention(coordinator: Coordinator) -> None:
+    lags: list[float] = []
+    finished = anyio.Event()
+
+    async def ticker() -> None:
+        while not finished.is_set():
+            before = anyio.current_time()
+            await anyio.sleep(0.001)
+            lags.append(anyio.current_time() - before - 0.001)
+
+    async def task() -> None:
+        async with coordinator.get_lock("lag"):
+            await anyio.sleep(0)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(ticker)
+        async with anyio.create_task_group() as workers:
+            for _ in range(300):
+                workers.start_soon(task)
+        finished.set()
+    lags.sort()
+    # A generous bound: a blocking tooz call on the loop would stall it far longer.
+    assert lags[int(len(lags) * 0.99)] < 0.1
+
+
+async def test_stop_releases_held_locks_and_fails_waiters(
+    backend_url: str, prefix: str
+) -> None:
+    coordinator = make_coordinator(backend_url, prefix)
+    outcome: list[BaseException] = []
+    async with anyio.create_task_group() as group:
+        await coordinator.start()
+        held = coordinator.get_lock("kept")
+        await held.acquire()
+
+        async def waiter() -> None:
+            try:
+                await Lock("kept", coordinator=coordinator).acquire()
+            except LockCreationFailed as exc:
+                outcome.append(exc)
+
+        group.start_soon(waiter)
+        await anyio.sleep(0.1)
+        await coordinator.stop()
+    assert len(outcome) == 1
+    # The backend lock is gone: another process takes it at once.
+    assert run_worker("try", backend_url, prefix, "kept") == "acquired"
+    await held.release()  # released by stop(): a no-op, not an error
+    await coordinator.stop()  # idempotent
+
+
+async def test_stop_from_another_task_is_a_clear_error(file_url: str, prefix: str) -> None:
+    errors: list[RuntimeError] = []
+    async with make_coordinator(file_url, prefix) as coordinator:
+
+        async def stop_elsewhere() -> None:
+            try:
+                await coordinator.stop()
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(stop_elsewhere)
+        assert coordinator.is_started
+    assert len(errors) == 1
+    assert "must be awaited in the task" in str(errors[0])
+
+
+async def test_start_and_stop_are_idempotent(backend_url: str, prefix: str) -> None:
+    coordinator = make_coordinator(backend_url, prefix)
+    await coordinator.start()
+    await coordinator.start()
+    assert coordinator.is_started and coordinator.is_connected
+    await coordinator.stop()
+    await coordinator.stop()
+    assert not coordinator.is_started
+    with pytest.raises(LockCreationFailed, match="not started"):
+        coordinator.get_lock("x")
+    async with coordinator:  # and it can start again
+        async with coordinator.get_lock("x"):
+            pass
+
+
+async def test_reentry_by_the_same_task_is_refused_not_deadlocked(
+    coordinator: Coordinator,
+) -> None:
+    async with coordinator.get_lock("once"):
+        with pytest.raises(LockAcquireFailed, match="not reentrant"):
+            await coordinator.get_lock("once").acquire()
+        assert await coordinator.get_lock("once").acquire(blocking=False) is False
+
+
+async def test_release_of_a_lock_not_held(coordinator: Coordinator) -> None:
+    lock = coordinator.get_lock("loose")
+    with pytest.raises(LockNotHeld, match="'loose' is not held"):
+        await lock.release()
+    await lock.acquire()
+    await lock.release()
+    with pytest.raises(LockNotHeld):
+        await lock.release()
+
+
+@pytest.mark.parametrize("blocking", [-1, math.nan, "yes", None, [1]])
+async def test_bad_blocking_is_refused(coordinator: Coordinator, blocking: object) -> None:
+    lock = coordinator.get_lock("b")
+    with pytest.raises(ConfigurationError, match="blocking must be"):
+        await lock.acquire(blocking=blocking)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="blocking must be"):
+        lock(blocking=blocking)  # type: ignore[arg-type]
+    assert not lock.locked()
+    assert await lock.acquire(blocking=False)
+    await lock.release()
+
+
+async def test_zero_and_infinite_budgets(coordinator: Coordinator) -> None:
+    lock = coordinator.get_lock("budgets")
+    assert await lock.acquire(blocking=0)
+    await lock.release()
+    assert await lock.acquire(blocking=math.inf)
+    await lock.release()
+
+
+async def test_coordinators_sharing_a_directory_never_free_each_others_locks(
+    file_url: str, prefix: str
+) -> None:
+    """fcntl locks die with any descriptor of the file the process closes."""
+    import gc
+
+    async with make_coordinator(file_url, prefix) as first, make_coordinator(
+        file_url, prefix
+    ) as second:
+        with holding_process("hold", file_url, prefix, "shared-dir"):
+            # The second coordinator's failed tries open the lock file too.
+            assert await second.get_lock("shared-dir").acquire(blocking=0.1) is False
+        lock = first.get_lock("shared-dir")
+        assert await lock.acquire(blocking=False)
+        assert await second.get_lock("shared-dir").acquire(blocking=0.1) is False
+        gc.collect()
+        assert run_worker("try", file_url, prefix, "shared-dir") == "busy"
+        await lock.release()
+        assert run_worker("try", file_url, prefix, "shared-dir") == "acquired"

@@ -1,0 +1,150 @@
+"""Lock names: any str works, distinct names never share a key, none escapes the directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aiotooz import Coordinator, Lock, LockNameError
+from aiotooz._names import MAX_PLAIN_LENGTH, backend_key
+
+from ._procs import holding_process
+from .conftest import make_coordinator
+
+HOSTILE_NAMES = [
+    "volume-42",
+    "ümlaut-ß-名前-🔒",
+    "a/b",
+    "a_b",
+    "a b",
+    "..",
+    ".",
+    "../x",
+    "..%2Fx",
+    "/etc/passwd",
+    "x" * 1000,
+    "x" * 999 + "y",
+    "groups",
+    "tmp",
+    ".driver_lock",
+    "{not-a-field}",
+    "\x00nul",
+    "\ud800",  # a lone surrogate is a str too
+]
+
+SAFE_KEY = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+def test_plain_names_pass_through_unchanged() -> None:
+    assert backend_key("svc-", "volume-42") == "svc-volume-42"
+    assert backend_key("", "A.b_c-9") == "A.b_c-9"
+    assert backend_key("", "x" * MAX_PLAIN_LENGTH) == "x" * MAX_PLAIN_LENGTH
+
+
+def test_other_names_are_mapped_readably() -> None:
+    key = backend_key("svc-", "share/ümlaut")
+    assert key.startswith("svc-share__mlaut~")
+    assert backend_key("", "x" * (MAX_PLAIN_LENGTH + 1)) != "x" * (MAX_PLAIN_LENGTH + 1)
+    assert backend_key("", "groups", reserved={"groups"}) != "groups"
+    assert backend_key("", ".hidden").startswith("hidden~")
+
+
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_the_mapping_is_injective(first: str, second: str) -> None:
+    if first != second:
+        assert backend_key("p-", first) != backend_key("p-", second)
+
+
+@given(st.text(min_size=1, max_size=2000))
+def test_every_key_is_backend_safe(name: str) -> None:
+    key = backend_key("p-", name, reserved={"p-groups"})
+    assert SAFE_KEY.fullmatch(key)
+    assert len(key) <= MAX_PLAIN_LENGTH
+    assert not key.startswith(".") and "/" not in key
+    assert key not in {".", ".."}
+
+
+async def test_hostile_names_lock_distinctly(coordinator: Coordinator) -> None:
+    locks = [coordinator.get_lock(name) for name in HOSTILE_NAMES]
+    for lock in locks:
+        assert await lock.acquire(blocking=False), lock.name
+    for lock in locks:
+        assert await Lock(lock.name, coordinator=coordinator).acquire(blocking=False) is False
+    for lock in locks:
+        await lock.release()
+
+
+async def test_no_name_escapes_the_file_backend_directory(tmp_path: Path, prefix: str) -> None:
+    locks = tmp_path / "locks"
+    sibling = tmp_path / "locks-sibling"
+    sibling.mkdir()
+    names = [*HOSTILE_NAMES, "../locks-sibling/x", "../../escape", "/tmp/abs"]
+    async with make_coordinator(locks.as_uri(), prefix) as coordinator:
+        for name in names:
+            async with coordinator.get_lock(name):
+                pass
+    outside = [
+        path
+        for path in tmp_path.rglob("*")
+        if not path.is_relative_to(locks) and path != sibling and path != locks
+    ]
+    assert outside == []
+    assert all(path.parent == locks for path in locks.iterdir() if path.is_file())
+    assert not os.listdir(sibling)
+
+
+@pytest.mark.parametrize("bad", ["", 42, None, b"bytes"])
+async def test_non_string_or_empty_names_are_refused(coordinator: Coordinator, bad: object) -> None:
+    with pytest.raises(LockNameError):
+        coordinator.get_lock(bad)  # type: ignore[arg-type]
+    with pytest.raises(LockNameError):
+        Lock(bad, coordinator=coordinator)  # type: ignore[arg-type]
+
+
+def test_format_names_from_data() -> None:
+    class Share:
+        id = "s-1"
+
+    assert Lock("share-{share.id}", {"share": Share()}).name == "share-s-1"
+    assert Lock("{a[k]}-{b}", {"a": {"k": "v"}, "b": 2}).name == "v-2"
+    assert Lock("literal-{x}").name == "literal-{x}"  # no data: taken as is
+    with pytest.raises(LockNameError, match="uses the field 'share'"):
+        Lock("share-{share.id}", {})
+    with pytest.raises(LockNameError, match="AttributeError"):
+        Lock("share-{share.nope}", {"share": Share()})
+
+
+async def test_plain_tooz_and_aiotooz_exclude_each_other(backend_url: str, prefix: str) -> None:
+    async with make_coordinator(backend_url, prefix) as coordinator:
+        with holding_process("tooz-hold", backend_url, prefix, "volume-42"):
+            assert await coordinator.get_lock("volume-42").acquire(blocking=False) is False
+        lock = coordinator.get_lock("volume-42")
+        assert await lock.acquire(blocking=False) is True
+        outcome = await anyio.to_thread.run_sync(_plain_tooz_try, backend_url, prefix + "volume-42")
+        assert outcome is False
+        await lock.release()
+        assert await anyio.to_thread.run_sync(_plain_tooz_try, backend_url, prefix + "volume-42")
+
+
+def _plain_tooz_try(url: str, key: str) -> bool:
+    """One non-blocking try through plain tooz, in its own process for the file backend."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tooz import coordination as c\n"
+        "d = c.get_coordinator(sys.argv[1], b'plain'); d.start()\n"
+        "l = d.get_lock(sys.argv[2].encode()); ok = l.acquire(blocking=False)\n"
+        "print(ok); ok and l.release(); d.stop()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, url, key], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "True"

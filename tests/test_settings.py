@@ -1,0 +1,79 @@
+"""Settings: environment, .env, validation that names the field, secrets redacted."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from aiotooz import ConfigurationError, CoordinationSettings, CoordinationError
+
+
+def test_defaults_use_the_embedded_file_backend() -> None:
+    settings = CoordinationSettings()
+    assert settings.backend_url.startswith("file:///")
+    assert settings.heartbeat == 1.0
+    assert settings.initial_reconnect_backoff == 0.1
+    assert settings.max_reconnect_backoff == 60.0
+
+
+def test_environment_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("AIOTOOZ_HEARTBEAT=2.5\nAIOTOOZ_MAX_RECONNECT_BACKOFF=9\n")
+    monkeypatch.setenv("AIOTOOZ_BACKEND_URL", "redis://127.0.0.1:6379")
+    monkeypatch.setenv("AIOTOOZ_INITIAL_RECONNECT_BACKOFF", "0.5")
+    settings = CoordinationSettings()
+    assert settings.backend_url == "redis://127.0.0.1:6379"
+    assert settings.heartbeat == 2.5
+    assert settings.initial_reconnect_backoff == 0.5
+    assert settings.max_reconnect_backoff == 9
+    assert CoordinationSettings(heartbeat=3).heartbeat == 3  # arguments win
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"heartbeat": -1}, "heartbeat"),
+        ({"heartbeat": 0}, "heartbeat"),
+        ({"heartbeat": math.nan}, "heartbeat"),
+        ({"heartbeat": math.inf}, "heartbeat"),
+        ({"heartbeat": "often"}, "heartbeat"),
+        ({"initial_reconnect_backoff": 0}, "initial_reconnect_backoff"),
+        ({"initial_reconnect_backoff": 5, "max_reconnect_backoff": 1}, "max_reconnect_backoff"),
+        ({"backend_url": "localhost:6379"}, "backend_url"),
+        ({"backend_url": "file://"}, "backend_url"),
+        ({"backend_url": ""}, "backend_url"),
+    ],
+)
+def test_bad_values_fail_at_construction_naming_the_field(
+    values: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=field) as raised:
+        CoordinationSettings(**values)  # type: ignore[arg-type]
+    assert isinstance(raised.value, CoordinationError)
+    assert isinstance(raised.value, ValueError)
+
+
+def test_a_bad_environment_value_is_reported_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOTOOZ_HEARTBEAT", "-3")
+    with pytest.raises(ConfigurationError, match="heartbeat"):
+        CoordinationSettings()
+
+
+def test_passwords_are_redacted_everywhere() -> None:
+    url = "redis://user:hunter2@127.0.0.1:6379?db=1"
+    settings = CoordinationSettings(backend_url=url)
+    assert settings.backend_url == url  # the real value is still there for the driver
+    for text in (repr(settings), str(settings), settings.redacted_backend_url):
+        assert "hunter2" not in text
+    assert "redis://user:***@127.0.0.1:6379?db=1" in repr(settings)
+    with pytest.raises(ConfigurationError) as raised:
+        CoordinationSettings(backend_url="nonsense-with-hunter2", heartbeat=-1)
+    assert "hunter2" not in str(raised.value)
+
+
+def test_settings_are_immutable() -> None:
+    settings = CoordinationSettings()
+    with pytest.raises(Exception, match="frozen"):
+        settings.heartbeat = 5  # type: ignore[misc]

@@ -1,0 +1,87 @@
+"""A separate process for the cross-process tests: python worker.py COMMAND URL PREFIX NAME ...
+
+Commands:
+  count URL PREFIX NAME COUNTER TASKS ROUNDS   read-sleep-write increments under the lock
+  hold URL PREFIX NAME                         take the lock, print "held", hold until stdin closes
+  try URL PREFIX NAME                          print "acquired" or "busy" for one blocking=False try
+  tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+import structlog
+
+from aiotooz import CoordinationSettings, Coordinator, Lock
+
+
+# Keep stdout for the protocol with the test ("held", "acquired", "busy").
+structlog.configure(
+    wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+)
+
+
+def _coordinator(url: str, prefix: str) -> Coordinator:
+    return Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url))
+
+
+async def count(url: str, prefix: str, name: str, counter: str, tasks: str, rounds: str) -> None:
+    path = Path(counter)
+
+    async def one_task() -> None:
+        for _ in range(int(rounds)):
+            async with Lock(name, coordinator=coordinator):
+                value = int(path.read_text())
+                await anyio.sleep(0.001)  # widen the window a missing lock would expose
+                path.write_text(str(value + 1))
+
+    async with _coordinator(url, prefix) as coordinator, anyio.create_task_group() as group:
+        for _ in range(int(tasks)):
+            group.start_soon(one_task)
+
+
+async def hold(url: str, prefix: str, name: str) -> None:
+    async with _coordinator(url, prefix) as coordinator, Lock(name, coordinator=coordinator):
+        print("held", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+async def try_once(url: str, prefix: str, name: str) -> None:
+    async with _coordinator(url, prefix) as coordinator:
+        lock = Lock(name, coordinator=coordinator)
+        if await lock.acquire(blocking=False):
+            print("acquired", flush=True)
+            await lock.release()
+        else:
+            print("busy", flush=True)
+
+
+def tooz_hold(url: str, prefix: str, name: str) -> None:
+    from tooz import coordination
+
+    driver = coordination.get_coordinator(url, b"plain-tooz")
+    driver.start()
+    lock = driver.get_lock((prefix + name).encode("ascii"))
+    assert lock.acquire(blocking=True)
+    print("held", flush=True)
+    sys.stdin.read()
+    lock.release()
+    driver.stop()
+
+
+def main() -> None:
+    command, *args = sys.argv[1:]
+    if command == "tooz-hold":
+        tooz_hold(*args)
+        return
+    commands = {"count": count, "hold": hold, "try": try_once}
+    anyio.run(commands[command], *args)
+
+
+if __name__ == "__main__":
+    main()
