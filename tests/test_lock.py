@@ -273,19 +273,36 @@ async def test_zero_and_infinite_budgets(coordinator: Coordinator) -> None:
 async def test_coordinators_sharing_a_directory_never_free_each_others_locks(
     file_url: str, prefix: str
 ) -> None:
-    """fcntl locks die with any descriptor of the file the process closes."""
-    import gc
+    """fcntl locks die with any descriptor of the file that the process closes.
 
+    Two coordinators of one process wait while another process holds the lock; one
+    wins it, the other gives up and drops its handle. The winner must still hold it.
+    """
+    outcomes: list[bool] = []
     async with make_coordinator(file_url, prefix) as first, make_coordinator(
         file_url, prefix
     ) as second:
-        with holding_process("hold", file_url, prefix, "shared-dir"):
-            # The second coordinator's failed tries open the lock file too.
-            assert await second.get_lock("shared-dir").acquire(blocking=0.1) is False
-        lock = first.get_lock("shared-dir")
-        assert await lock.acquire(blocking=False)
-        assert await second.get_lock("shared-dir").acquire(blocking=0.1) is False
-        gc.collect()
-        assert run_worker("try", file_url, prefix, "shared-dir") == "busy"
-        await lock.release()
-        assert run_worker("try", file_url, prefix, "shared-dir") == "acquired"
+
+        async def contend(coordinator: Coordinator) -> None:
+            lock = coordinator.get_lock("shared-dir")
+            if await lock.acquire(blocking=1.5):
+                outcomes.append(True)
+                await anyio.sleep(2.5)
+                await lock.release()
+            else:
+                outcomes.append(False)
+
+        async with anyio.create_task_group() as group:
+            with holding_process("hold", file_url, prefix, "shared-dir") as holder:
+                group.start_soon(contend, first)
+                group.start_soon(contend, second)
+                await anyio.sleep(0.3)
+                assert holder.stdin is not None
+                holder.stdin.close()
+                await anyio.to_thread.run_sync(holder.wait)
+            await anyio.sleep(1.8)  # the loser has given up; the winner still holds
+            assert sorted(outcomes) == [False, True]
+            outcome = await anyio.to_thread.run_sync(
+                run_worker, "try", file_url, prefix, "shared-dir"
+            )
+            assert outcome == "busy"
