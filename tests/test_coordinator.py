@@ -93,7 +93,9 @@ async def test_the_backend_password_never_reaches_logs_or_reprs(
             async with accepted.get_lock("secret"):
                 shown += [repr(accepted), str(accepted.settings), repr(accepted.settings)]
         # With a user name the server refuses, and the error must not carry the password.
-        refused = make_coordinator(redis_url.replace("redis://", "redis://nobody:s3cret-pw@"), prefix)
+        refused = make_coordinator(
+            redis_url.replace("redis://", "redis://nobody:s3cret-pw@"), prefix
+        )
         with pytest.raises(BackendUnavailable) as raised:
             await refused.start()
     shown += [repr(refused), str(raised.value), repr(raised.value)]

@@ -21,7 +21,7 @@ from .conftest import make_coordinator
 
 async def test_unknown_scheme_lists_the_known_ones(prefix: str) -> None:
     coordinator = make_coordinator("consul://127.0.0.1:8500", prefix)
-    with pytest.raises(ConfigurationError, match="unknown backend scheme 'consul'.*redis"):
+    with pytest.raises(ConfigurationError, match=r"unknown backend scheme 'consul'.*redis"):
         await coordinator.start()
     assert not coordinator.is_started
 

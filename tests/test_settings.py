@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aiotooz import ConfigurationError, CoordinationSettings, CoordinationError
+from aiotooz import ConfigurationError, CoordinationError, CoordinationSettings
 
 
 def test_defaults_use_the_embedded_file_backend() -> None:
@@ -50,7 +50,7 @@ def test_bad_values_fail_at_construction_naming_the_field(
     values: dict[str, object], field: str
 ) -> None:
     with pytest.raises(ConfigurationError, match=field) as raised:
-        CoordinationSettings(**values)  # type: ignore[arg-type]
+        CoordinationSettings(**values)
     assert isinstance(raised.value, CoordinationError)
     assert isinstance(raised.value, ValueError)
 
@@ -76,4 +76,4 @@ def test_passwords_are_redacted_everywhere() -> None:
 def test_settings_are_immutable() -> None:
     settings = CoordinationSettings()
     with pytest.raises(Exception, match="frozen"):
-        settings.heartbeat = 5  # type: ignore[misc]
+        settings.heartbeat = 5

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 import structlog
 
 from aiotooz import CoordinationSettings, Coordinator, Lock
-
 
 # Keep stdout for the protocol with the test ("held", "acquired", "busy").
 structlog.configure(
@@ -79,7 +79,11 @@ def main() -> None:
     if command == "tooz-hold":
         tooz_hold(*args)
         return
-    commands = {"count": count, "hold": hold, "try": try_once}
+    commands: dict[str, Callable[..., Awaitable[None]]] = {
+        "count": count,
+        "hold": hold,
+        "try": try_once,
+    }
     anyio.run(commands[command], *args)
 
 

@@ -1,6 +1,5 @@
 """aiotooz: asyncio-native distributed locks on every tooz backend."""
 
-
 from ._coordinator import Coordinator as Coordinator
 from ._coordinator import get_default_coordinator as get_default_coordinator
 from ._coordinator import set_default_coordinator as set_default_coordinator

@@ -147,7 +147,7 @@ class BackendLock:
     async caller that was cancelled while the try ran can still see that it must release.
     """
 
-    __slots__ = ("backend", "held", "key", "_tooz_lock")
+    __slots__ = ("_tooz_lock", "backend", "held", "key")
 
     def __init__(self, backend: Backend, key: str) -> None:
         self.backend = backend
@@ -165,7 +165,9 @@ class Backend:
         self._url = url
         self.scheme = url.partition("://")[0]
         self.requires_beating: bool = bool(driver.requires_beating)
-        self.reserved_keys: frozenset[str] = _FILE_RESERVED if self.scheme == "file" else frozenset()
+        self.reserved_keys: frozenset[str] = (
+            _FILE_RESERVED if self.scheme == "file" else frozenset()
+        )
         self._acquire_lane = anyio.CapacityLimiter(2)
         self._control_lane = anyio.CapacityLimiter(2)
 
@@ -198,7 +200,7 @@ class Backend:
                 f"use one of: {', '.join(known_schemes())}"
             )
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-        defaults = {
+        defaults: dict[str, Any] = {
             option: value
             for option, value in _DEFAULT_OPTIONS.get(scheme, {}).items()
             if option not in query
@@ -297,4 +299,3 @@ class Backend:
             await self._call(self._control_lane, "stopping", stop)
         except CoordinationError:
             pass
-

@@ -258,7 +258,11 @@ class Coordinator:
         hold = Hold(
             coordinator=self,
             name=name,
-            key=key, queue=queue, backend_lock=backend_lock, acquired_at=now)
+            key=key,
+            queue=queue,
+            backend_lock=backend_lock,
+            acquired_at=now,
+        )
         self._holds.add(hold)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
@@ -336,9 +340,7 @@ class Coordinator:
     async def _release_backend(self, backend_lock: BackendLock, name: str) -> None:
         try:
             if not await backend_lock.backend.release(backend_lock):
-                self._log.warning(
-                    "lock was no longer held at the backend when released", lock=name
-                )
+                self._log.warning("lock was no longer held at the backend when released", lock=name)
         except CoordinationError as exc:
             # Nothing the caller could do: the lock ends with its TTL or session.
             self._log.warning("backend release failed", lock=name, error=str(exc))
@@ -443,4 +445,3 @@ def get_default_coordinator() -> Coordinator:
             "after starting one"
         )
     return _default
-

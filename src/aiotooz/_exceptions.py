@@ -4,7 +4,7 @@ Every error that reaches a user from tooz or from a backend's client library is
 translated, once, in :mod:`aiotooz._backend`, into one of these::
 
     CoordinationError
-    ├── ConfigurationError        a setting, argument, backend URL or scheme; a missing client library
+    ├── ConfigurationError        a setting, argument, URL or scheme; a missing client library
     ├── BackendUnavailable        the backend cannot be reached or failed mid-call
     ├── LockCreationFailed        no started coordinator, or a lock name that cannot be built
     │   └── LockNameError         a name that is not a non-empty str, or a format field missing

@@ -30,7 +30,7 @@ from ._exceptions import ConfigurationError, LockNameError
 __all__ = ["backend_key", "check_name", "check_prefix", "format_fields", "format_name"]
 
 MAX_PLAIN_LENGTH = 64
-_PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,%d}" % (MAX_PLAIN_LENGTH - 1))
+_PLAIN = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_PLAIN_LENGTH - 1}}}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _STEM_LENGTH = 24
 _DIGEST_HEX = 32

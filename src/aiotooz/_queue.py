@@ -30,7 +30,7 @@ class _Waiter:
 class KeyQueue:
     """First come, first served ownership of one key among the tasks of a process."""
 
-    __slots__ = ("owner", "_waiters")
+    __slots__ = ("_waiters", "owner")
 
     def __init__(self) -> None:
         #: The id of the task that owns the key locally (it may still be trying the

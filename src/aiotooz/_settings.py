@@ -43,7 +43,7 @@ class CoordinationSettings(BaseSettings):
     """How a :class:`~aiotooz.Coordinator` reaches its backend and keeps it alive.
 
     Each field is read, in order of precedence, from the constructor's arguments, the
-    environment (``AIOTOOZ_BACKEND_URL``, ``AIOTOOZ_HEARTBEAT``,
+    environment (empty values are ignored: ``AIOTOOZ_BACKEND_URL``, ``AIOTOOZ_HEARTBEAT``,
     ``AIOTOOZ_INITIAL_RECONNECT_BACKOFF``, ``AIOTOOZ_MAX_RECONNECT_BACKOFF``), a ``.env``
     file in the working directory, then the defaults below. Settings are immutable.
 
@@ -54,6 +54,7 @@ class CoordinationSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AIOTOOZ_",
         env_file=".env",
+        env_ignore_empty=True,
         extra="ignore",
         frozen=True,
     )
@@ -94,7 +95,7 @@ class CoordinationSettings(BaseSettings):
     @field_validator("backend_url")
     @classmethod
     def _looks_like_url(cls, value: str) -> str:
-        scheme, sep, rest = value.partition("://")
+        scheme, sep, _ = value.partition("://")
         if not sep or not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
             # The value is not echoed: a malformed URL may still hold a password.
             raise ValueError(
