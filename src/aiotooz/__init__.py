@@ -8,6 +8,7 @@ from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import CoordinationError as CoordinationError
 from ._exceptions import LockAcquireFailed as LockAcquireFailed
 from ._exceptions import LockCreationFailed as LockCreationFailed
+from ._exceptions import LockLost as LockLost
 from ._exceptions import LockNameError as LockNameError
 from ._exceptions import LockNotHeld as LockNotHeld
 from ._exceptions import UnsupportedOperation as UnsupportedOperation
@@ -24,6 +25,7 @@ __all__ = [
     "Lock",
     "LockAcquireFailed",
     "LockCreationFailed",
+    "LockLost",
     "LockNameError",
     "LockNotHeld",
     "UnsupportedOperation",

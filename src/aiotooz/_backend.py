@@ -20,7 +20,7 @@ import importlib.metadata
 import threading
 import urllib.parse
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, final
 
 import anyio
@@ -82,6 +82,14 @@ _NOT_ACQUIRED_NAMES: Final = frozenset({"RetryError", "LockTimeout"})
 def known_schemes() -> list[str]:
     """The backend URL schemes tooz has drivers for in this environment."""
     return sorted(ep.name for ep in importlib.metadata.entry_points(group="tooz.backends"))
+
+
+def _lock_ttl(driver: tooz.coordination.CoordinationDriver, scheme: str) -> float | None:
+    if scheme in {"redis", "memcached", "etcd3+http", "etcd3+https"}:
+        return float(driver.lock_timeout)  # type: ignore[attr-defined]
+    if scheme in {"zookeeper", "kazoo"}:
+        return float(driver.timeout)  # type: ignore[attr-defined]
+    return None
 
 
 def _close_idle_lock_file(file_lock: Any) -> None:
@@ -168,6 +176,10 @@ class Backend:
         self.reserved_keys: frozenset[str] = (
             _FILE_RESERVED if self.scheme == "file" else frozenset()
         )
+        #: Seconds a held lock survives at the backend without a refresh (the lock TTL,
+        #: or the ZooKeeper session timeout); ``None`` where locks live as long as the
+        #: connection (file, ipc, postgresql, mysql).
+        self.lock_ttl: float | None = _lock_ttl(driver, self.scheme)
         self._acquire_lane = anyio.CapacityLimiter(2)
         self._control_lane = anyio.CapacityLimiter(2)
 
@@ -284,9 +296,31 @@ class Backend:
 
         return await self._call(self._control_lane, f"releasing {lock.key!r}", release)
 
-    async def heartbeat(self) -> float | None:
-        """Send one heartbeat; returns tooz's hint of seconds until the next is due."""
-        return await self._call(self._control_lane, "heartbeat", self._driver.heartbeat)
+    async def heartbeat(self, locks: Sequence[BackendLock] = ()) -> list[bool | None]:
+        """Send one heartbeat (refreshing TTL locks), then ask who owns ``locks``.
+
+        tooz's redis and memcached drivers swallow a failed lock refresh and etcd's
+        ignores it, so a beat that returns normally proves nothing about the locks:
+        each is checked with ``is_still_owner()`` where the driver can tell.
+
+        Returns:
+            For each lock: ``True`` still ours, ``False`` no longer ours, ``None`` the
+            driver cannot tell.
+        """
+
+        def beat() -> list[bool | None]:
+            self._driver.heartbeat()
+            return [self._still_owner(lock) for lock in locks]
+
+        return await self._call(self._control_lane, "heartbeat", beat)
+
+    def _still_owner(self, lock: BackendLock) -> bool | None:
+        if self.scheme == "file" or lock._tooz_lock is None:
+            return None  # the file driver only echoes its own flag
+        try:
+            return bool(lock._tooz_lock.is_still_owner())
+        except tooz.NotImplemented:
+            return None
 
     async def close(self) -> None:
         """Stop the tooz coordinator; errors are swallowed (the connection is going)."""

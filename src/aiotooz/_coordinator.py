@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, final
@@ -15,6 +16,7 @@ from anyio.abc import TaskGroup
 from ._backend import Backend, BackendLock
 from ._exceptions import (
     BackendUnavailable,
+    ConfigurationError,
     CoordinationError,
     LockAcquireFailed,
     LockCreationFailed,
@@ -39,6 +41,11 @@ _POLL_CAP = 0.05
 #: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
 TRY_ONCE: Final = -math.inf
 
+# The lease rule: a held lock whose last successful refresh is older than this share of
+# its TTL is declared lost, so that its holder stops *before* the backend could expire
+# it and grant it to another process. The heartbeat must beat well inside it.
+_LEASE_SHARE: Final = 0.75
+
 
 @final
 @dataclass(eq=False)
@@ -50,10 +57,22 @@ class Hold:
     key: str
     queue: KeyQueue
     backend_lock: BackendLock
+    #: When the try that was granted began: the earliest the backend can have started
+    #: the lock's TTL.
+    lease_start: float
     acquired_at: float
-    #: The backend lock is known to be gone (reconnect, or released by ``stop()``).
-    lost: bool = False
+    #: Why the lock is known to be gone, or ``None`` while it is believed held.
+    lost_reason: str | None = None
     released: bool = False
+    #: Called once when the lock is lost (``async with`` cancels its body through it).
+    on_lost: Callable[[], object] | None = None
+    #: Set when the lock is lost or released; made on demand by ``wait_lost()``.
+    ended: anyio.Event | None = None
+
+    @property
+    def lost(self) -> bool:
+        """The lock is known to be gone."""
+        return self.lost_reason is not None
 
 
 @final
@@ -94,6 +113,9 @@ class Coordinator:
         self._task_group: TaskGroup | None = None
         self._started = False
         self._owner_task: int | None = None
+        # When the last heartbeat that succeeded began (or the connection was made): every
+        # lock held through the current connection was refreshed no earlier than this.
+        self._last_refresh = -math.inf
         self._queues: dict[str, KeyQueue] = {}
         self._holds: set[Hold] = set()
         self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
@@ -129,7 +151,18 @@ class Coordinator:
         """
         if self._started:
             return
-        self._backend = await Backend.connect(self.settings.backend_url, self.member_id)
+        connecting = anyio.current_time()
+        backend = await Backend.connect(self.settings.backend_url, self.member_id)
+        ttl = backend.lock_ttl
+        if ttl is not None and self.settings.heartbeat >= ttl / 2:
+            await backend.close()
+            raise ConfigurationError(
+                f"heartbeat ({self.settings.heartbeat} s) must be under half the lock TTL "
+                f"of this backend ({ttl} s), or held locks would expire between beats: "
+                "lower AIOTOOZ_HEARTBEAT or raise the URL's lock_timeout"
+            )
+        self._backend = backend
+        self._last_refresh = connecting
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -138,6 +171,8 @@ class Coordinator:
         self._state_changed()
         if self._backend.requires_beating:
             task_group.start_soon(self._beat_forever, name=f"aiotooz heartbeat {self.member_id}")
+        if ttl is not None:
+            task_group.start_soon(self._watch_leases, ttl, name=f"aiotooz leases {self.member_id}")
         self._log.info(
             "coordinator started",
             backend_url=self.settings.redacted_backend_url,
@@ -165,7 +200,8 @@ class Coordinator:
         await task_group.__aexit__(None, None, None)
         with anyio.CancelScope(shield=True):
             for hold in list(self._holds):
-                await self._release(hold, reason="coordinator stopping")
+                self._declare_lost(hold, "the coordinator stopped")
+                await self._release(hold)
             backend, self._backend = self._backend, None
             if backend is not None:
                 await backend.close()
@@ -239,11 +275,11 @@ class Coordinator:
                 "reentrant (acquiring it again would wait forever)"
             )
         started = anyio.current_time()
-        backend_lock: BackendLock | None = None
+        granted: tuple[BackendLock, float] | None = None
         try:
             if not await queue.take(task, deadline):
                 return None
-            backend_lock = await self._acquire_backend(key, deadline)
+            granted = await self._acquire_backend(key, deadline)
         except BaseException:
             if queue.owner == task:
                 self._give_back(key, queue)
@@ -251,9 +287,10 @@ class Coordinator:
         finally:
             if queue.idle:
                 self._queues.pop(key, None)
-        if backend_lock is None:
+        if granted is None:
             self._give_back(key, queue)
             return None
+        backend_lock, tried_at = granted
         now = anyio.current_time()
         hold = Hold(
             coordinator=self,
@@ -261,13 +298,17 @@ class Coordinator:
             key=key,
             queue=queue,
             backend_lock=backend_lock,
+            lease_start=tried_at,
             acquired_at=now,
         )
         self._holds.add(hold)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
 
-    async def _acquire_backend(self, key: str, deadline: float | None) -> BackendLock | None:
+    async def _acquire_backend(
+        self, key: str, deadline: float | None
+    ) -> tuple[BackendLock, float] | None:
+        """Try the backend until granted or ``deadline``; the lock and when its try began."""
         delay = _POLL_FIRST
         backend_lock: BackendLock | None = None
         while True:
@@ -276,11 +317,12 @@ class Coordinator:
                 return None
             if backend_lock is None or backend_lock.backend is not backend:
                 backend_lock = backend.lock(key)
+            tried_at = anyio.current_time()
             try:
                 if await backend.try_acquire(backend_lock):
                     # stop() may have run while the try was in its worker thread.
                     self._check_started()
-                    return backend_lock
+                    return backend_lock, tried_at
             except BaseException:
                 # Granted in the worker thread while we were being cancelled or failing:
                 # give it back, or it would stay held with nobody to release it.
@@ -316,34 +358,93 @@ class Coordinator:
             with anyio.move_on_after(remaining):
                 await self._next_state_change()
 
-    async def _release(self, hold: Hold, *, reason: str = "released") -> None:
-        """Release ``hold`` at the backend, then hand the key to the next local waiter."""
+    async def _release(self, hold: Hold) -> None:
+        """Release ``hold`` at the backend, then hand the key to the next local waiter.
+
+        A lost lock is still released at the backend when it was taken through the
+        current connection: tooz's release checks ownership (token, lease, member id),
+        and it stops tooz from refreshing the lock in later beats.
+        """
         if hold.released:
             return
         hold.released = True
         self._holds.discard(hold)
+        if hold.ended is not None:
+            hold.ended.set()
         try:
-            with anyio.CancelScope(shield=True):
-                if not hold.lost:
-                    await self._release_backend(hold.backend_lock, hold.name)
+            if hold.backend_lock.backend is self._backend:
+                with anyio.CancelScope(shield=True):
+                    await self._release_backend(hold.backend_lock, hold.name, hold.lost)
         finally:
-            if reason != "released":
-                hold.lost = True
             self._give_back(hold.key, hold.queue)
             self._log.debug(
                 "lock released",
                 lock=hold.name,
-                reason=reason,
+                lost=hold.lost_reason,
                 held=round(anyio.current_time() - hold.acquired_at, 6),
             )
 
-    async def _release_backend(self, backend_lock: BackendLock, name: str) -> None:
+    async def _release_backend(
+        self, backend_lock: BackendLock, name: str, lost: bool = False
+    ) -> None:
         try:
-            if not await backend_lock.backend.release(backend_lock):
-                self._log.warning("lock was no longer held at the backend when released", lock=name)
+            released = await backend_lock.backend.release(backend_lock)
         except CoordinationError as exc:
             # Nothing the caller could do: the lock ends with its TTL or session.
             self._log.warning("backend release failed", lock=name, error=str(exc))
+            return
+        if not released and not lost:
+            self._log.warning("lock was no longer held at the backend when released", lock=name)
+
+    # -- lock loss -----------------------------------------------------------------
+
+    def _declare_lost(self, hold: Hold, reason: str) -> None:
+        """Record that ``hold`` is gone and tell its holder (once)."""
+        if hold.lost or hold.released:
+            return
+        hold.lost_reason = reason
+        self._log.warning(
+            "lock lost",
+            lock=hold.name,
+            reason=reason,
+            held=round(anyio.current_time() - hold.acquired_at, 6),
+        )
+        if hold.ended is not None:
+            hold.ended.set()
+        if hold.on_lost is not None:
+            hold.on_lost()
+
+    def _check_lease(self, hold: Hold, now: float) -> bool:
+        """Apply the lease rule to ``hold`` now; ``True`` if it is (now) lost."""
+        if hold.lost:
+            return True
+        ttl = hold.backend_lock.backend.lock_ttl
+        if ttl is None or hold.released:
+            return False
+        refreshed = max(hold.lease_start, self._last_refresh)
+        if now - refreshed <= ttl * _LEASE_SHARE:
+            return False
+        self._declare_lost(
+            hold,
+            f"no refresh reached the backend for {now - refreshed:.1f} s of the lock's "
+            f"{ttl:g} s TTL (backend unreachable, or the event loop was blocked)",
+        )
+        return True
+
+    async def _wait_ended(self, hold: Hold) -> None:
+        if hold.lost or hold.released:
+            return
+        if hold.ended is None:
+            hold.ended = anyio.Event()
+        await hold.ended.wait()
+
+    async def _watch_leases(self, ttl: float) -> None:
+        """Apply the lease rule often enough (a twentieth of the TTL) to act in time."""
+        while True:
+            await anyio.sleep(ttl / 20)
+            now = anyio.current_time()
+            for hold in list(self._holds):
+                self._check_lease(hold, now)
 
     def _give_back(self, key: str, queue: KeyQueue) -> None:
         queue.give_back()
@@ -368,8 +469,21 @@ class Coordinator:
             backend = self._backend
             if backend is None:
                 continue
+            holds = [
+                hold
+                for hold in self._holds
+                if hold.backend_lock.backend is backend and not hold.lost
+            ]
+            beat_started = anyio.current_time()
             try:
-                await backend.heartbeat()
+                owned = await backend.heartbeat([hold.backend_lock for hold in holds])
+                if backend is self._backend:
+                    self._last_refresh = beat_started
+                for hold, still_ours in zip(holds, owned, strict=True):
+                    if still_ours is False:
+                        self._declare_lost(
+                            hold, "the backend says another owner has it, or it expired"
+                        )
             except BackendUnavailable as exc:
                 self._log.warning("heartbeat failed; reconnecting", error=str(exc))
                 await self._reconnect(backend)
@@ -387,10 +501,9 @@ class Coordinator:
         """
         self._backend = None
         self._state_changed()
-        for hold in self._holds:
+        for hold in list(self._holds):
             if hold.backend_lock.backend is old:
-                hold.lost = True
-                self._log.warning("lock lost: backend connection replaced", lock=hold.name)
+                self._declare_lost(hold, "the connection to the backend failed")
         await old.close()
         base = self.settings.initial_reconnect_backoff
         cap = self.settings.max_reconnect_backoff
@@ -398,6 +511,7 @@ class Coordinator:
         attempt = 0
         while True:
             attempt += 1
+            connecting = anyio.current_time()
             try:
                 backend = await Backend.connect(self.settings.backend_url, self.member_id)
             except CoordinationError as exc:
@@ -411,6 +525,7 @@ class Coordinator:
                 await anyio.sleep(backoff)
                 continue
             self._backend = backend
+            self._last_refresh = connecting
             self._state_changed()
             self._log.info("reconnected to backend", attempt=attempt)
             return

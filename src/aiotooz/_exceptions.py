@@ -9,6 +9,7 @@ translated, once, in :mod:`aiotooz._backend`, into one of these::
     ├── LockCreationFailed        no started coordinator, or a lock name that cannot be built
     │   └── LockNameError         a name that is not a non-empty str, or a format field missing
     ├── LockAcquireFailed         not acquired within the ``blocking`` budget
+├── LockLost                  a held lock was lost (expired, taken over, connection gone)
     ├── LockNotHeld               release of a lock that is not held
     └── UnsupportedOperation      the backend cannot do what was asked
 
@@ -41,6 +42,20 @@ class LockNameError(LockCreationFailed, ValueError):
 
 class LockAcquireFailed(CoordinationError):
     """The lock was not acquired within the ``blocking`` budget."""
+
+
+class LockLost(CoordinationError):
+    """A lock was lost while it was held.
+
+    It expired, the backend gave it to another owner, the connection it was taken on
+    failed, or the coordinator stopped. ``async with lock:`` and ``@synchronized``
+    cancel their body and raise this when it happens (unless ``cancel_on_loss=False``).
+    """
+
+    def __init__(self, message: str, *, lock_name: str, reason: str) -> None:
+        super().__init__(message)
+        self.lock_name = lock_name
+        self.reason = reason
 
 
 class LockNotHeld(CoordinationError):

@@ -10,7 +10,7 @@ from typing import Any, final
 import anyio
 
 from ._coordinator import TRY_ONCE, Coordinator, Hold, get_default_coordinator
-from ._exceptions import ConfigurationError, LockAcquireFailed, LockNotHeld
+from ._exceptions import ConfigurationError, LockAcquireFailed, LockLost, LockNotHeld
 from ._names import check_name, format_name
 
 __all__ = ["Blocking", "Lock", "deadline_for"]
@@ -57,16 +57,23 @@ class Lock:
     leaves the lock held. Locks are not reentrant: a task that holds a name and asks
     for it again gets :class:`~aiotooz.LockAcquireFailed` instead of waiting forever.
 
+    A held lock can be *lost*: it expired, the backend gave it to another owner, the
+    connection failed, or the coordinator stopped. Inside ``async with lock:`` the body
+    is then cancelled and :class:`~aiotooz.LockLost` raised out of the block, unless
+    ``cancel_on_loss=False`` (the body keeps running; :attr:`lost` turns true and a
+    warning is logged). :meth:`wait_lost` lets a task watch for it.
+
     Args:
         name: the lock name, any non-empty ``str``; with ``data``, a format string.
         data: values for the ``{field}`` parts of ``name``.
         coordinator: the coordinator to lock through; the default one if ``None``.
+        cancel_on_loss: whether losing the lock cancels the ``async with`` body.
 
     Raises:
         LockNameError: ``name`` is not a non-empty ``str`` or a field is missing.
     """
 
-    __slots__ = ("_coordinator", "_hold", "name")
+    __slots__ = ("_cancel_on_loss", "_coordinator", "_hold", "_lost_reason", "_scope", "name")
 
     def __init__(
         self,
@@ -74,13 +81,17 @@ class Lock:
         data: Mapping[str, Any] | None = None,
         *,
         coordinator: Coordinator | None = None,
+        cancel_on_loss: bool = True,
     ) -> None:
         self.name: str = check_name(name) if data is None else format_name(name, data)
         self._coordinator = coordinator
+        self._cancel_on_loss = cancel_on_loss
         self._hold: Hold | None = None
+        self._lost_reason: str | None = None
+        self._scope: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
-        state = "locked" if self.locked() else "unlocked"
+        state = "lost" if self.lost else "locked" if self.locked() else "unlocked"
         return f"<aiotooz.Lock {self.name!r} {state}>"
 
     @property
@@ -89,8 +100,36 @@ class Lock:
         return self._coordinator if self._coordinator is not None else get_default_coordinator()
 
     def locked(self) -> bool:
-        """This lock object holds its name now."""
+        """This lock object holds its name now (even if it has been lost since)."""
         return self._hold is not None
+
+    @property
+    def lost(self) -> bool:
+        """The lock was lost while held (this acquisition, or the last one if released).
+
+        Reading it also applies the lease rule on the spot, so a holder that checks it
+        right before a critical write is told even if the watchdog has not run yet.
+        """
+        hold = self._hold
+        if hold is None:
+            return self._lost_reason is not None
+        return hold.coordinator._check_lease(hold, anyio.current_time())
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the lock was lost, or ``None``."""
+        return self._hold.lost_reason if self._hold is not None else self._lost_reason
+
+    async def wait_lost(self) -> None:
+        """Wait until the held lock is lost, or released (then :attr:`lost` is false).
+
+        Raises:
+            LockNotHeld: this lock object does not hold the lock.
+        """
+        hold = self._hold
+        if hold is None:
+            raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be lost")
+        await hold.coordinator._wait_ended(hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:
         """Take the lock.
@@ -114,14 +153,16 @@ class Lock:
         if hold is None:
             return False
         self._hold = hold
+        self._lost_reason = None
         return True
 
     async def release(self) -> None:
         """Release the lock and let the next waiter have it.
 
-        A lock that the coordinator already released (because it stopped) is released
-        silently. If the backend cannot be told, the lock is still given up locally and
-        a warning is logged: the backend frees it when its TTL or session ends.
+        A lock that was lost (or that the coordinator released when it stopped) is
+        released without error. If the backend cannot be told, the lock is still given
+        up locally and a warning is logged: the backend frees it when its TTL or
+        session ends.
 
         Raises:
             LockNotHeld: this lock object does not hold the lock.
@@ -129,6 +170,7 @@ class Lock:
         hold, self._hold = self._hold, None
         if hold is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be released")
+        self._lost_reason = hold.lost_reason
         await hold.coordinator._release(hold)
 
     def __call__(self, blocking: Blocking = True) -> _LockContext:
@@ -137,7 +179,7 @@ class Lock:
         return _LockContext(self, blocking)
 
     async def __aenter__(self) -> Lock:
-        await _acquire_or_raise(self, True)
+        await _enter(self, True)
         return self
 
     async def __aexit__(
@@ -146,7 +188,7 @@ class Lock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.release()
+        await _exit(self, exc_type, exc, tb)
 
 
 @final
@@ -158,7 +200,7 @@ class _LockContext:
         self._blocking = blocking
 
     async def __aenter__(self) -> Lock:
-        await _acquire_or_raise(self._lock, self._blocking)
+        await _enter(self._lock, self._blocking)
         return self._lock
 
     async def __aexit__(
@@ -167,10 +209,51 @@ class _LockContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._lock.release()
+        await _exit(self._lock, exc_type, exc, tb)
 
 
 async def _acquire_or_raise(lock: Lock, blocking: Blocking) -> None:
     if not await lock.acquire(blocking):
         budget = "at once" if blocking is False else f"within {blocking} s"
         raise LockAcquireFailed(f"lock {lock.name!r} was not acquired {budget}")
+
+
+async def _enter(lock: Lock, blocking: Blocking) -> None:
+    """Acquire for an ``async with`` block; open the scope that loss will cancel."""
+    await _acquire_or_raise(lock, blocking)
+    hold = lock._hold
+    assert hold is not None
+    if lock._cancel_on_loss:
+        # Entered here and exited in _exit, in the same task, around the block's body.
+        scope = anyio.CancelScope()
+        scope.__enter__()
+        lock._scope = scope
+        hold.on_lost = scope.cancel
+        if hold.lost:
+            scope.cancel()
+
+
+async def _exit(
+    lock: Lock,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+) -> None:
+    """Release after an ``async with`` block; turn a loss into :class:`LockLost`."""
+    scope, lock._scope = lock._scope, None
+    if scope is not None:
+        # Swallows the cancellation the loss caused, and only that one.
+        if scope.__exit__(exc_type, exc, tb):
+            exc = None
+    hold = lock._hold
+    reason = hold.lost_reason if hold is not None else None
+    await lock.release()
+    if reason is None or not lock._cancel_on_loss:
+        return
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return  # cancelled from outside as well: that cancellation wins
+    raise LockLost(
+        f"lock {lock.name!r} was lost while held: {reason}",
+        lock_name=lock.name,
+        reason=reason,
+    ) from exc

@@ -9,7 +9,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from ._coordinator import Coordinator
 from ._exceptions import LockNameError
-from ._lock import Blocking, Lock, _acquire_or_raise, deadline_for
+from ._lock import Blocking, Lock, deadline_for
 from ._names import check_name, format_fields, format_name
 
 __all__ = ["synchronized"]
@@ -23,6 +23,7 @@ def synchronized(
     *,
     blocking: Blocking = True,
     coordinator: Coordinator | None = None,
+    cancel_on_loss: bool = True,
 ) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable[P, Coroutine[Any, Any, T]]]:
     """Run the decorated ``async def`` under a distributed lock named from its call.
 
@@ -38,12 +39,16 @@ def synchronized(
             waits at most that many seconds.
         coordinator: the coordinator to lock through; without one, the default
             coordinator is looked up at each call.
+        cancel_on_loss: if the lock is lost while the function runs, cancel it and
+            raise :class:`~aiotooz.LockLost` (the default); with ``False`` it runs on
+            and a warning is logged.
 
     Raises:
         TypeError: the decorated function is not an ``async def``.
         LockNameError: (at decoration) a field of ``name`` is not a parameter of the
             function; (at call) a field cannot be formatted from the arguments.
         LockAcquireFailed: (at call) the lock was not acquired within ``blocking``.
+        LockLost: (at call) the lock was lost while the function ran.
     """
     check_name(name)
     fields = format_fields(name)
@@ -78,12 +83,13 @@ def synchronized(
                 if param.kind is param.VAR_KEYWORD:
                     values = {**values.pop(param.name), **values}
             values["f_name"] = func.__name__
-            lock = Lock(format_name(name, values, where=where), coordinator=coordinator)
-            await _acquire_or_raise(lock, blocking)
-            try:
+            lock = Lock(
+                format_name(name, values, where=where),
+                coordinator=coordinator,
+                cancel_on_loss=cancel_on_loss,
+            )
+            async with lock(blocking):
                 return await func(*args, **kwargs)
-            finally:
-                await lock.release()
 
         return wrapper
 
