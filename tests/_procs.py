@@ -47,6 +47,6 @@ def holding_process(command: str, *args: str) -> Iterator[subprocess.Popen[str]]
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None and not stream.closed:
                 stream.close()

@@ -9,7 +9,11 @@ from types import TracebackType
 
 
 class DelayProxy:
-    """Forward 127.0.0.1:<port> to ``target``, sleeping ``delay`` seconds per chunk."""
+    """Forward 127.0.0.1:<port> to ``target``, sleeping ``delay`` seconds per chunk.
+
+    ``freeze()`` holds every chunk back (a hung server, as its clients see it) until
+    ``thaw()``; other clients that talk to the server directly are unaffected.
+    """
 
     def __init__(self, host: str, port: int, delay: float) -> None:
         self._target = (host, port)
@@ -18,6 +22,8 @@ class DelayProxy:
         self.port: int = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
         self._closed = False
+        self._flowing = threading.Event()
+        self._flowing.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -35,6 +41,7 @@ class DelayProxy:
         try:
             while data := src.recv(65536):
                 time.sleep(self._delay)
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -45,8 +52,15 @@ class DelayProxy:
                 except OSError:
                     pass
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self._listener.close()
         for sock in self._sockets:
             sock.close()

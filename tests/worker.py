@@ -4,6 +4,7 @@ Commands:
   count URL PREFIX NAME COUNTER TASKS ROUNDS   read-sleep-write increments under the lock
   hold URL PREFIX NAME                         take the lock, print "held", hold until stdin closes
   try URL PREFIX NAME                          print "acquired" or "busy" for one blocking=False try
+  grant URL PREFIX NAME                        wait for the lock; print the wall-clock time it was granted
   tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -61,6 +63,13 @@ async def try_once(url: str, prefix: str, name: str) -> None:
             print("busy", flush=True)
 
 
+async def grant(url: str, prefix: str, name: str) -> None:
+    async with _coordinator(url, prefix) as coordinator:
+        print("waiting", flush=True)
+        async with Lock(name, coordinator=coordinator):
+            print(f"{time.time():.6f}", flush=True)
+
+
 def tooz_hold(url: str, prefix: str, name: str) -> None:
     from tooz import coordination
 
@@ -83,6 +92,7 @@ def main() -> None:
         "count": count,
         "hold": hold,
         "try": try_once,
+        "grant": grant,
     }
     anyio.run(commands[command], *args)
 

@@ -1,0 +1,219 @@
+"""Lock loss reaches the holder: takeover, stalls, dead or hung servers, stop(), crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from aiotooz import ConfigurationError, Coordinator, Lock, LockLost, synchronized
+
+from ._procs import WORKER, holding_process, run_worker
+from ._proxy import DelayProxy
+from ._servers import PrivateRedis
+from .conftest import make_coordinator
+
+
+def _redis_key(prefix: str, name: str) -> bytes:
+    """The key tooz's redis driver stores a lock under (default namespace)."""
+    return f"_tooz_{prefix}{name}_lock".encode()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+async def test_a_taken_over_lock_cancels_the_body(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    body_finished = False
+    async with make_coordinator(redis_url, prefix, heartbeat=0.1) as coordinator:
+        started = anyio.current_time()
+        with pytest.raises(LockLost, match="another owner") as raised:
+            async with coordinator.get_lock("taken"):
+                # Somebody else's token now sits on our key, as after an expiry + grant.
+                client.set(_redis_key(prefix, "taken"), b"someone-else", px=30_000)
+                await anyio.sleep(10)
+                body_finished = True
+        assert anyio.current_time() - started < 5
+    assert not body_finished
+    assert raised.value.lock_name == "taken"
+    # Releasing a lost lock never deletes the new owner's key.
+    assert client.get(_redis_key(prefix, "taken")) == b"someone-else"
+    client.delete(_redis_key(prefix, "taken"))
+    client.close()
+
+
+async def test_cancel_on_loss_false_lets_the_body_run(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with capture_logs() as logs:
+        async with make_coordinator(redis_url, prefix, heartbeat=0.1) as coordinator:
+            lock = Lock("watched", coordinator=coordinator, cancel_on_loss=False)
+            async with lock:
+                assert not lock.lost
+                client.delete(_redis_key(prefix, "watched"))
+                with anyio.fail_after(5):
+                    await lock.wait_lost()
+                assert lock.lost and lock.lost_reason
+                await anyio.sleep(0.05)  # still running: nothing was cancelled
+            assert lock.lost  # remembered after release, until the next acquire
+    assert any(entry["event"] == "lock lost" and entry["log_level"] == "warning" for entry in logs)
+    client.close()
+
+
+async def test_synchronized_raises_lock_lost(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    async with make_coordinator(redis_url, prefix, heartbeat=0.1) as coordinator:
+
+        @synchronized("job-{n}", coordinator=coordinator)
+        async def job(n: int) -> None:
+            client.delete(_redis_key(prefix, f"job-{n}"))
+            await anyio.sleep(10)
+
+        with anyio.fail_after(5), pytest.raises(LockLost):
+            await job(1)
+    client.close()
+
+
+async def test_a_stalled_event_loop_is_told_by_the_lease_rule(redis_url: str, prefix: str) -> None:
+    """A holder whose loop was blocked past 3/4 of the TTL must not carry on writing."""
+    async with make_coordinator(f"{redis_url}?lock_timeout=2", prefix, heartbeat=0.2) as coord:
+        lock = coord.get_lock("stalled")
+        with pytest.raises(LockLost, match="no refresh reached the backend"):
+            async with lock:
+                time.sleep(1.8)  # noqa: ASYNC251 - blocking the loop is the point
+                assert lock.lost  # known at once, before any await
+                await anyio.sleep(5)
+
+
+async def test_wait_lost_returns_on_release_too(file_url: str, prefix: str) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        lock = coordinator.get_lock("plain")
+        await lock.acquire()
+        async with anyio.create_task_group() as group:
+            group.start_soon(lock.wait_lost)
+            await anyio.sleep(0.05)
+            await lock.release()
+        assert not lock.lost
+
+
+async def test_stop_cancels_a_running_body(file_url: str, prefix: str) -> None:
+    coordinator = make_coordinator(file_url, prefix)
+    outcome: list[BaseException] = []
+    async with anyio.create_task_group() as group:
+        await coordinator.start()
+        entered = anyio.Event()
+
+        async def holder() -> None:
+            try:
+                async with coordinator.get_lock("busy"):
+                    entered.set()
+                    await anyio.sleep(10)
+            except LockLost as exc:
+                outcome.append(exc)
+
+        group.start_soon(holder)
+        await entered.wait()
+        await coordinator.stop()
+    assert len(outcome) == 1 and "coordinator stopped" in str(outcome[0])
+
+
+async def test_heartbeat_must_fit_in_the_lock_ttl(redis_url: str, prefix: str) -> None:
+    coordinator = make_coordinator(f"{redis_url}?lock_timeout=1", prefix, heartbeat=0.6)
+    with pytest.raises(ConfigurationError, match="heartbeat .* must be under half the lock TTL"):
+        await coordinator.start()
+    assert not coordinator.is_started
+
+
+async def test_a_dead_redis_is_noticed_within_5_s_with_default_settings(
+    private_redis: PrivateRedis, prefix: str
+) -> None:
+    async with make_coordinator(private_redis.url, prefix) as coordinator:
+        with pytest.raises(LockLost, match="connection to the backend failed"):
+            async with coordinator.get_lock("doomed"):
+                private_redis.kill()
+                killed = anyio.current_time()
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    noticed = anyio.current_time() - killed
+        assert noticed < 5.0, noticed
+        private_redis.start()
+        with anyio.fail_after(30):
+            await coordinator.wait_connected()
+        async with coordinator.get_lock("after"):
+            pass
+
+
+async def test_a_hung_server_stops_the_holder_before_anyone_else_gets_the_lock(
+    redis_url: str, prefix: str
+) -> None:
+    """The holder reaches Redis through a proxy that then hangs; another process,
+    talking to Redis directly, waits for the lock. The holder must hear of the loss
+    before the other process is granted the lock (when its TTL runs out at Redis)."""
+    parts = urlsplit(redis_url)
+    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.0) as proxy:
+        holder_url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=3"
+        async with make_coordinator(holder_url, prefix, heartbeat=0.5) as coordinator:
+            waiter = subprocess.Popen(
+                [sys.executable, WORKER, "grant", f"{redis_url}?lock_timeout=3", prefix, "hung"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                with pytest.raises(LockLost):
+                    async with coordinator.get_lock("hung"):
+                        assert waiter.stdout is not None
+                        assert waiter.stdout.readline().strip() == "waiting"
+                        proxy.freeze()
+                        try:
+                            await anyio.sleep(30)
+                        finally:
+                            lost_at = time.time()
+                out, _ = await anyio.to_thread.run_sync(lambda: waiter.communicate(timeout=30))
+            finally:
+                if waiter.poll() is None:
+                    waiter.kill()
+                    waiter.wait()
+                proxy.thaw()
+    granted_at = float(out.strip())
+    assert lost_at < granted_at, (lost_at, granted_at)
+
+
+def _kill_holder_and_time_until_free(url: str, prefix: str, limit: float) -> float:
+    with holding_process("hold", url, prefix, "crash") as holder:
+        assert run_worker("try", url, prefix, "crash") == "busy"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        killed = time.monotonic()
+        while run_worker("try", url, prefix, "crash") != "acquired":
+            assert time.monotonic() - killed < limit, "the lock outlived its holder"
+            time.sleep(0.1)
+        return time.monotonic() - killed
+
+
+def test_a_killed_holder_process_frees_a_file_lock_at_once(file_url: str, prefix: str) -> None:
+    # "At once" give or take a worker process's start-up time.
+    assert _kill_holder_and_time_until_free(file_url, prefix, limit=3) < 3
+
+
+def test_a_killed_holder_process_frees_a_redis_lock_within_its_ttl(
+    redis_url: str, prefix: str
+) -> None:
+    freed = _kill_holder_and_time_until_free(f"{redis_url}?lock_timeout=3", prefix, limit=6)
+    assert freed <= 3 + 2
