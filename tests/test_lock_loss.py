@@ -16,7 +16,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from aiotooz import ConfigurationError, Coordinator, Lock, LockLost, synchronized
+from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 
 from ._procs import WORKER, holding_process, run_worker
 from ._proxy import DelayProxy
@@ -135,7 +135,7 @@ async def test_stop_cancels_a_running_body(file_url: str, prefix: str) -> None:
 
 async def test_heartbeat_must_fit_in_the_lock_ttl(redis_url: str, prefix: str) -> None:
     coordinator = make_coordinator(f"{redis_url}?lock_timeout=1", prefix, heartbeat=0.6)
-    with pytest.raises(ConfigurationError, match="heartbeat .* must be under half the lock TTL"):
+    with pytest.raises(ConfigurationError, match=r"heartbeat .* must be under half the lock TTL"):
         await coordinator.start()
     assert not coordinator.is_started
 
@@ -170,7 +170,7 @@ async def test_a_hung_server_stops_the_holder_before_anyone_else_gets_the_lock(
     with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.0) as proxy:
         holder_url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=3"
         async with make_coordinator(holder_url, prefix, heartbeat=0.5) as coordinator:
-            waiter = subprocess.Popen(
+            waiter = subprocess.Popen(  # noqa: ASYNC220 - started once, read in a thread
                 [sys.executable, WORKER, "grant", f"{redis_url}?lock_timeout=3", prefix, "hung"],
                 stdout=subprocess.PIPE,
                 text=True,

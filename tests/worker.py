@@ -4,7 +4,7 @@ Commands:
   count URL PREFIX NAME COUNTER TASKS ROUNDS   read-sleep-write increments under the lock
   hold URL PREFIX NAME                         take the lock, print "held", hold until stdin closes
   try URL PREFIX NAME                          print "acquired" or "busy" for one blocking=False try
-  grant URL PREFIX NAME                        wait for the lock; print the wall-clock time it was granted
+  grant URL PREFIX NAME                        wait for the lock; print when (wall clock) granted
   tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
 """
 
