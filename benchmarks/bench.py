@@ -1,0 +1,765 @@
+"""aiotooz against its peers, on a private Redis and on the file backend, in one run.
+
+Run it with ``nox -s bench`` (or ``python benchmarks/bench.py [--quick]``). It prints a
+table with the issue's target verdicts and writes every figure to
+``benchmarks/results/latest.json``.
+
+Sections:
+
+* thread hop: one no-op round trip loop -> worker thread -> loop (aiotooz's bridge,
+  ``anyio.to_thread.run_sync``, a bare one-thread executor);
+* uncontended acquire+release cycles/s: aiotooz, raw sync tooz, the naive wrapper
+  (``await anyio.to_thread.run_sync(tooz_lock.acquire)``), redis-py's asyncio Lock;
+* one process, many tasks, one name, 1 ms critical section: total time, hand-offs/s, and
+  the event-loop lag (1 ms ticker) meanwhile; redis-py's asyncio Lock polls every 0.1 s,
+  so it runs fewer tasks and its time is scaled linearly (said so in the output);
+* 4 processes x 100 tasks, one name: hand-offs/s, p50/p99 wait, exclusion checked with a
+  shared counter file (read, sleep 1 ms, write);
+* memory: RSS growth of a fresh process after 100,000 distinct names acquired and
+  released, and no per-name state left in the coordinator.
+
+The private ``redis-server`` runs on a free loopback port and is killed (by pid) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+
+from aiotooz import CoordinationSettings, Coordinator, Lock
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "latest.json"
+
+# The library logs every acquire and release at debug; structlog's default would print
+# them all. An application would filter them out like this.
+structlog.configure(
+    wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+    logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+)
+
+
+# -- plumbing ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_redis(workdir: Path) -> Iterator[tuple[str, str]]:
+    """A throwaway redis-server on a free loopback port; killed by pid at the end."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), 0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"redis-server did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}", version.split()[2].removeprefix("v=")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def coordinator(url: str) -> Coordinator:
+    prefix = f"b{uuid.uuid4().hex[:8]}-"
+    return Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url))
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def tooz_driver(url: str) -> Any:
+    from tooz import coordination
+
+    driver = coordination.get_coordinator(url, f"raw-{uuid.uuid4().hex[:8]}".encode())
+    driver.start(start_heart=False)
+    return driver
+
+
+class LagTicker:
+    """A 1 ms ticker: how late each tick wakes up is the event loop's lag."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+
+    async def run(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await anyio.sleep(0.001)
+            self.lags.append(time.perf_counter() - before - 0.001)
+
+
+# -- thread hop --------------------------------------------------------------------
+
+
+async def hop_aiotooz(url: str, n: int) -> float:
+    async with coordinator(url) as coord:
+        backend = coord._backend
+        assert backend is not None
+        lane = backend._acquire_lane
+
+        def noop() -> None:
+            return None
+
+        for _ in range(50):
+            await backend._call(lane, "noop", noop)
+        start = time.perf_counter()
+        for _ in range(n):
+            await backend._call(lane, "noop", noop)
+        return (time.perf_counter() - start) / n
+
+
+async def hop_to_thread(n: int) -> float:
+    limiter = anyio.CapacityLimiter(2)
+
+    def noop() -> None:
+        return None
+
+    for _ in range(50):
+        await anyio.to_thread.run_sync(noop, limiter=limiter)
+    start = time.perf_counter()
+    for _ in range(n):
+        await anyio.to_thread.run_sync(noop, limiter=limiter)
+    return (time.perf_counter() - start) / n
+
+
+async def hop_executor(n: int) -> float:
+    loop = asyncio.get_running_loop()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+        def noop() -> None:
+            return None
+
+        for _ in range(50):
+            await loop.run_in_executor(pool, noop)
+        start = time.perf_counter()
+        for _ in range(n):
+            await loop.run_in_executor(pool, noop)
+        return (time.perf_counter() - start) / n
+
+
+# -- uncontended -------------------------------------------------------------------
+
+
+async def cycles_aiotooz(url: str, n: int) -> float:
+    async with coordinator(url) as coord:
+        lock = coord.get_lock("uncontended")
+        for _ in range(min(50, n)):
+            async with lock:
+                pass
+        start = time.perf_counter()
+        for _ in range(n):
+            async with lock:
+                pass
+        return n / (time.perf_counter() - start)
+
+
+def cycles_tooz(url: str, n: int) -> float:
+    driver = tooz_driver(url)
+    try:
+        lock = driver.get_lock(f"raw-{uuid.uuid4().hex[:8]}".encode())
+        for _ in range(min(50, n)):
+            lock.acquire()
+            lock.release()
+        start = time.perf_counter()
+        for _ in range(n):
+            lock.acquire()
+            lock.release()
+        return n / (time.perf_counter() - start)
+    finally:
+        driver.stop()
+
+
+async def cycles_naive(url: str, n: int) -> float:
+    driver = await anyio.to_thread.run_sync(tooz_driver, url)
+    try:
+        lock = driver.get_lock(f"naive-{uuid.uuid4().hex[:8]}".encode())
+        for _ in range(min(50, n)):
+            await anyio.to_thread.run_sync(lock.acquire)
+            await anyio.to_thread.run_sync(lock.release)
+        start = time.perf_counter()
+        for _ in range(n):
+            await anyio.to_thread.run_sync(lock.acquire)
+            await anyio.to_thread.run_sync(lock.release)
+        return n / (time.perf_counter() - start)
+    finally:
+        await anyio.to_thread.run_sync(driver.stop)
+
+
+async def cycles_redis_py(url: str, n: int) -> float:
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        lock = client.lock(f"redispy-{uuid.uuid4().hex[:8]}", timeout=30)
+        for _ in range(min(50, n)):
+            async with lock:
+                pass
+        start = time.perf_counter()
+        for _ in range(n):
+            async with lock:
+                pass
+        return n / (time.perf_counter() - start)
+    finally:
+        await client.aclose()
+
+
+# -- one process, many tasks -------------------------------------------------------
+
+
+@dataclass
+class Contention:
+    tasks: int
+    total: float = 0.0
+    in_section: float = 0.0
+    lags: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    leftover: int = 0
+
+
+async def contend(
+    tasks: int,
+    section: float,
+    enter: Callable[[], contextlib.AbstractAsyncContextManager[Any]],
+) -> Contention:
+    result = Contention(tasks)
+    inside = 0
+    go = anyio.Event()
+    ticker = LagTicker()
+
+    async def one() -> None:
+        nonlocal inside
+        await go.wait()
+        asked = time.perf_counter()
+        async with enter():
+            entered = time.perf_counter()
+            result.waits.append(entered - asked)
+            inside += 1
+            assert inside == 1, "two tasks inside the critical section"
+            await anyio.sleep(section)
+            inside -= 1
+            result.in_section += time.perf_counter() - entered
+
+    async with anyio.create_task_group() as outer:
+        outer.start_soon(ticker.run)
+        async with anyio.create_task_group() as group:
+            for _ in range(tasks):
+                group.start_soon(one)
+            await anyio.sleep(0.05)
+            start = time.perf_counter()
+            go.set()
+        result.total = time.perf_counter() - start
+        outer.cancel_scope.cancel()
+    result.lags = ticker.lags
+    return result
+
+
+async def contention_aiotooz(url: str, tasks: int, section: float) -> Contention:
+    async with coordinator(url) as coord:
+        result = await contend(tasks, section, lambda: Lock("contended", coordinator=coord))
+        result.leftover = len(coord._queues) + len(coord._holds)
+        return result
+
+
+async def contention_redis_py(url: str, tasks: int, section: float) -> Contention:
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url)
+    name = f"redispy-{uuid.uuid4().hex[:8]}"
+    try:
+        return await contend(tasks, section, lambda: client.lock(name, timeout=60))
+    finally:
+        await client.aclose()
+
+
+async def idle_lag(seconds: float) -> list[float]:
+    ticker = LagTicker()
+    with anyio.move_on_after(seconds):
+        await ticker.run()
+    return ticker.lags
+
+
+# -- several processes -------------------------------------------------------------
+
+
+async def child_contend(args: list[str]) -> None:
+    url, prefix, name, counter_path, tasks, rounds, start_at = args
+    counter = Path(counter_path)
+    waits: list[float] = []
+    async with Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url)) as coord:
+
+        async def one() -> None:
+            for _ in range(int(rounds)):
+                asked = time.perf_counter()
+                async with Lock(name, coordinator=coord):
+                    waits.append(time.perf_counter() - asked)
+                    value = int(counter.read_text())
+                    await anyio.sleep(0.001)
+                    counter.write_text(str(value + 1))
+
+        await anyio.sleep(max(0.0, float(start_at) - time.time()))
+        began = time.time()
+        async with anyio.create_task_group() as group:
+            for _ in range(int(tasks)):
+                group.start_soon(one)
+        ended = time.time()
+    print(json.dumps({"began": began, "ended": ended, "waits": waits}))
+
+
+def processes(url: str, workdir: Path, procs: int, tasks: int, rounds: int) -> dict[str, Any]:
+    counter = workdir / f"counter-{uuid.uuid4().hex[:6]}"
+    counter.write_text("0")
+    prefix = f"p{uuid.uuid4().hex[:8]}-"
+    start_at = time.time() + 1.5  # every child connected and waiting by then
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "_contend",
+                url,
+                prefix,
+                "shared",
+                str(counter),
+                str(tasks),
+                str(rounds),
+                str(start_at),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(procs)
+    ]
+    outputs = [child.communicate(timeout=600)[0] for child in children]
+    if any(child.returncode for child in children):
+        raise RuntimeError(f"a contending process failed: {outputs}")
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    waits = [w for report in reports for w in report["waits"]]
+    span = max(r["ended"] for r in reports) - min(r["began"] for r in reports)
+    expected = procs * tasks * rounds
+    counted = int(counter.read_text())
+    return {
+        "processes": procs,
+        "tasks": tasks,
+        "rounds": rounds,
+        "handoffs": expected,
+        "seconds": span,
+        "handoffs_per_s": expected / span,
+        "wait_p50": pct(waits, 50),
+        "wait_p99": pct(waits, 99),
+        "counter": counted,
+        "exclusive": counted == expected,
+    }
+
+
+# -- memory ------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def child_memory(args: list[str]) -> None:
+    url, names, concurrency = args[0], int(args[1]), int(args[2])
+    async with coordinator(url) as coord:
+
+        async def run(prefix: str, count: int) -> None:
+            async def worker(offset: int) -> None:
+                for i in range(offset, count, concurrency):
+                    async with coord.get_lock(f"{prefix}-{i}"):
+                        pass
+
+            async with anyio.create_task_group() as group:
+                for offset in range(concurrency):
+                    group.start_soon(worker, offset)
+
+        await run("warm", 2_000)
+        gc.collect()
+        before = rss_bytes()
+        start = time.perf_counter()
+        await run("name", names)
+        seconds = time.perf_counter() - start
+        gc.collect()
+        after = rss_bytes()
+        report = {
+            "names": names,
+            "seconds": seconds,
+            "rss_before": before,
+            "rss_after": after,
+            "growth": after - before,
+            "queues_left": len(coord._queues),
+            "holds_left": len(coord._holds),
+        }
+    print(json.dumps(report))
+
+
+def memory(url: str, names: int) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "_memory", url, str(names), "32"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if done.returncode:
+        raise RuntimeError(f"memory run failed: {done.stderr}")
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+# -- the run -----------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    quick: bool
+    hops: int
+    cycles: int
+    rounds: int
+    tasks: int
+    redis_py_tasks: int
+    procs: int
+    proc_tasks: int
+    proc_rounds: int
+    names: int
+
+
+def plan(quick: bool) -> Plan:
+    if quick:
+        return Plan(True, 300, 200, 1, 200, 20, 4, 25, 1, 5_000)
+    return Plan(False, 2_000, 1_000, 3, 1_000, 100, 4, 100, 1, 100_000)
+
+
+def run_async(func: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio") -> Any:
+    return anyio.run(func, *args, backend=backend)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (small counts)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--no-progress", action="store_true")
+    options = parser.parse_args()
+    p = plan(options.quick)
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory(prefix="aiotooz-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "redis").mkdir()
+        with private_redis(workdir / "redis") as (redis_url, redis_version):
+            backends = {"redis": redis_url, "file": (workdir / "locks").as_uri()}
+            steps: list[tuple[str, Callable[[], Any]]] = []
+            results: dict[str, Any] = {}
+
+            def step(key: str, func: Callable[[], Any]) -> None:
+                steps.append((key, func))
+
+            step("hop/to_thread", lambda: run_async(hop_to_thread, p.hops))
+            step("hop/executor", lambda: run_async(hop_executor, p.hops))
+            step("hop/aiotooz", lambda: run_async(hop_aiotooz, backends["file"], p.hops))
+            step(
+                "hop/aiotooz-trio",
+                lambda: run_async(hop_aiotooz, backends["file"], p.hops, backend="trio"),
+            )
+            step("lag/idle", lambda: run_async(idle_lag, 1.0))
+            for rnd in range(p.rounds):
+                for name, url in backends.items():
+                    step(f"cycles/{name}/tooz/{rnd}", lambda u=url: cycles_tooz(u, p.cycles))
+                    step(
+                        f"cycles/{name}/aiotooz/{rnd}",
+                        lambda u=url: run_async(cycles_aiotooz, u, p.cycles),
+                    )
+                    step(
+                        f"cycles/{name}/aiotooz-trio/{rnd}",
+                        lambda u=url: run_async(cycles_aiotooz, u, p.cycles, backend="trio"),
+                    )
+                    step(
+                        f"cycles/{name}/naive/{rnd}",
+                        lambda u=url: run_async(cycles_naive, u, p.cycles),
+                    )
+                step(
+                    f"cycles/redis/redis-py/{rnd}",
+                    lambda: run_async(cycles_redis_py, backends["redis"], p.cycles),
+                )
+            for name, url in backends.items():
+                step(
+                    f"contention/{name}/aiotooz",
+                    lambda u=url: run_async(contention_aiotooz, u, p.tasks, 0.001),
+                )
+            step(
+                "contention/redis/redis-py",
+                lambda: run_async(contention_redis_py, backends["redis"], p.redis_py_tasks, 0.001),
+            )
+            for name, url in backends.items():
+                step(
+                    f"processes/{name}",
+                    lambda u=url: processes(u, workdir, p.procs, p.proc_tasks, p.proc_rounds),
+                )
+            for name, url in backends.items():
+                step(f"memory/{name}", lambda u=url: memory(u, p.names))
+
+            bar = tqdm(steps, desc="bench", unit="step", disable=options.no_progress)
+            for key, func in bar:
+                bar.set_postfix_str(key)
+                results[key] = func()
+            bar.close()
+
+    report = summarise(p, results, redis_version)
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    options.output.write_text(json.dumps(report, indent=2, default=_json_default))
+    print(render(report))
+    print(f"\nJSON: {options.output}")
+
+
+def _json_default(obj: object) -> Any:
+    if isinstance(obj, Contention):
+        return {
+            "tasks": obj.tasks,
+            "total": obj.total,
+            "in_section": obj.in_section,
+            "lag_p50": pct(obj.lags, 50),
+            "lag_p99": pct(obj.lags, 99),
+            "wait_p50": pct(obj.waits, 50),
+            "wait_p99": pct(obj.waits, 99),
+            "leftover": obj.leftover,
+        }
+    raise TypeError(type(obj))
+
+
+def summarise(p: Plan, results: dict[str, Any], redis_version: str) -> dict[str, Any]:
+    cycles: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        if key.startswith("cycles/"):
+            _, backend, impl, _ = key.split("/")
+            cycles.setdefault(backend, {}).setdefault(impl, [])  # type: ignore[arg-type]
+            cycles[backend][impl].append(value)  # type: ignore[attr-defined]
+    medians = {b: {i: statistics.median(v) for i, v in d.items()} for b, d in cycles.items()}  # type: ignore[arg-type]
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": p.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg": os.getloadavg(),
+            "python": platform.python_version(),
+            "redis": redis_version,
+            "platform": platform.platform(),
+        },
+        "plan": p.__dict__,
+        "hop_us": {k.split("/")[1]: v * 1e6 for k, v in results.items() if k.startswith("hop/")},
+        "idle_lag": {"p50": pct(results["lag/idle"], 50), "p99": pct(results["lag/idle"], 99)},
+        "cycles_per_s": medians,
+        "cycles_runs": cycles,
+        "contention": {
+            k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("contention/")
+        },
+        "processes": {k.split("/")[1]: v for k, v in results.items() if k.startswith("processes/")},
+        "memory": {k.split("/")[1]: v for k, v in results.items() if k.startswith("memory/")},
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    p = r["plan"]
+    out: list[str] = []
+    ms = 1e3
+    out.append(
+        f"aiotooz benchmark {r['date']}{' (QUICK: small counts)' if r['quick'] else ''}; "
+        f"{r['machine']['cpus']} CPUs, load "
+        f"{', '.join(f'{x:.2f}' for x in r['machine']['load_avg'])}, "
+        f"Python {r['machine']['python']}, Redis {r['machine']['redis']} (private, loopback)"
+    )
+    hop = r["hop_us"]
+    out.append("")
+    out.append("Thread hop, no-op round trip (asyncio unless noted)")
+    out.append(
+        f"  aiotooz bridge {hop['aiotooz']:.0f} µs (trio {hop['aiotooz-trio']:.0f} µs) | "
+        f"anyio.to_thread.run_sync {hop['to_thread']:.0f} µs | "
+        f"one-thread executor {hop['executor']:.0f} µs"
+    )
+    out.append(
+        f"  idle event-loop lag (1 ms ticker): p50 {r['idle_lag']['p50'] * ms:.2f} ms, "
+        f"p99 {r['idle_lag']['p99'] * ms:.2f} ms"
+    )
+    out.append("")
+    out.append(
+        f"Uncontended acquire+release, cycles/s (median of {p['rounds']} x {p['cycles']} cycles)"
+    )
+    out.append(f"  {'':<30}{'redis':>10}{'file':>10}")
+    labels = {
+        "aiotooz": "aiotooz (asyncio)",
+        "aiotooz-trio": "aiotooz (trio)",
+        "tooz": "raw sync tooz",
+        "naive": "naive to_thread wrapper",
+        "redis-py": "redis-py asyncio Lock",
+    }
+    c = r["cycles_per_s"]
+    for impl, label in labels.items():
+        row = [c.get(b, {}).get(impl) for b in ("redis", "file")]
+        out.append(f"  {label:<30}" + "".join(f"{v:>10.0f}" if v else f"{'-':>10}" for v in row))
+    out.append("")
+    con = r["contention"]
+    out.append(f"One process, one name, 1 ms critical section ({p['tasks']} tasks)")
+    out.append(
+        f"  {'':<24}{'tasks':>6}{'total s':>9}{'hand-offs/s':>13}{'x sum(CS)':>10}"
+        f"{'lag p50 ms':>11}{'lag p99 ms':>11}"
+    )
+    for key, label in (
+        ("redis/aiotooz", "aiotooz, redis"),
+        ("file/aiotooz", "aiotooz, file"),
+        ("redis/redis-py", "redis-py asyncio Lock"),
+    ):
+        x = con[key]
+        total = x.total
+        out.append(
+            f"  {label:<24}{x.tasks:>6}{total:>9.2f}{x.tasks / total:>13.0f}"
+            f"{total / (x.tasks * 0.001):>10.2f}"
+            f"{pct(x.lags, 50) * ms:>11.2f}{pct(x.lags, 99) * ms:>11.2f}"
+        )
+    rp = con["redis/redis-py"]
+    scaled = rp.total * p["tasks"] / rp.tasks
+    out.append(
+        f"  redis-py ran {rp.tasks} tasks, not {p['tasks']}: it polls every 0.1 s, so its "
+        f"{p['tasks']}-task time is scaled linearly: ~{scaled:.0f} s"
+    )
+    out.append("")
+    out.append(
+        f"{p['procs']} processes x {p['proc_tasks']} tasks x {p['proc_rounds']} round, "
+        "one name, 1 ms critical section (shared counter file)"
+    )
+    out.append(
+        f"  {'':<10}{'hand-offs/s':>13}{'wait p50 ms':>13}{'wait p99 ms':>13}{'exclusion':>11}"
+    )
+    for backend, x in r["processes"].items():
+        out.append(
+            f"  {backend:<10}{x['handoffs_per_s']:>13.0f}{x['wait_p50'] * ms:>13.1f}"
+            f"{x['wait_p99'] * ms:>13.1f}{'ok' if x['exclusive'] else 'BROKEN':>11}"
+        )
+    out.append("")
+    out.append(f"Memory: {p['names']:,} distinct names acquired and released (fresh process)")
+    for backend, x in r["memory"].items():
+        out.append(
+            f"  {backend:<8} RSS growth {x['growth'] / 2**20:6.1f} MB in {x['seconds']:.1f} s; "
+            f"left in coordinator: {x['queues_left']} queues, {x['holds_left']} holds"
+        )
+
+    # Verdicts.
+    out.append("")
+    out.append("Targets (issue #4)")
+    verdicts = []
+    cr = c["redis"]
+    verdicts.append(
+        ("uncontended Redis >= 0.8x raw sync tooz", cr["aiotooz"] / cr["tooz"], 0.8, "x")
+    )
+    verdicts.append(
+        (
+            "uncontended Redis >= 1.0x redis-py asyncio Lock",
+            cr["aiotooz"] / cr["redis-py"],
+            1.0,
+            "x",
+        )
+    )
+    ai = con["redis/aiotooz"]
+    verdicts.append(
+        (
+            f"{p['tasks']} tasks/1 ms total <= 2x sum of critical sections (redis)",
+            ai.total / (ai.tasks * 0.001),
+            2.0,
+            "x<=",
+        )
+    )
+    fi = con["file/aiotooz"]
+    verdicts.append(
+        (
+            f"{p['tasks']} tasks/1 ms total <= 2x sum of critical sections (file)",
+            fi.total / (fi.tasks * 0.001),
+            2.0,
+            "x<=",
+        )
+    )
+    verdicts.append(
+        (
+            ">= 20x faster than redis-py asyncio Lock (scaled)",
+            scaled / ai.total,
+            20.0,
+            "x",
+        )
+    )
+    worst_lag = max(pct(ai.lags, 99), pct(fi.lags, 99))
+    verdicts.append(("loop lag p99 <= 5 ms during contention", worst_lag * ms, 5.0, "ms<="))
+    worst_rss = max(x["growth"] for x in r["memory"].values()) / 2**20
+    verdicts.append((f"RSS growth <= 20 MB for {p['names']:,} names", worst_rss, 20.0, "MB<="))
+    left = sum(x["queues_left"] + x["holds_left"] for x in r["memory"].values())
+    for label, value, target, kind in verdicts:
+        ok = value <= target if kind.endswith("<=") else value >= target
+        unit = kind.rstrip("<=")
+        out.append(f"  [{'MET ' if ok else 'MISS'}] {label}: {value:.2f}{unit}")
+    out.append(
+        f"  [{'MET ' if left == 0 else 'MISS'}] no per-name state after release: {left} left"
+    )
+    excl = all(x["exclusive"] for x in r["processes"].values())
+    out.append(f"  [{'MET ' if excl else 'MISS'}] exclusion across processes (counter file)")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_contend":
+        anyio.run(child_contend, sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_memory":
+        anyio.run(child_memory, sys.argv[2:])
+    else:
+        main()
