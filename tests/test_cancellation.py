@@ -33,6 +33,7 @@ async def _storm(url: str, prefix: str, name: str, tasks: int) -> int:
         # Every task is gone: nothing may be held, locally or at the backend.
         assert not coordinator._holds
         assert not coordinator._queues
+        assert not coordinator._handed_over
     return cancelled
 
 

@@ -41,6 +41,12 @@ _POLL_CAP = 0.05
 #: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
 TRY_ONCE: Final = -math.inf
 
+# When a task releases a lock that other tasks of this process are waiting for, the
+# backend lock is handed straight to the next of them, without a backend round trip, at
+# most this many times in a row; then it is released at the backend, and other
+# processes have their chance.
+_MAX_LOCAL_HANDOFFS: Final = 8
+
 # The lease rule: a held lock whose last successful refresh is older than this share of
 # its TTL is declared lost, so that its holder stops *before* the backend could expire
 # it and grant it to another process. The heartbeat must beat well inside it.
@@ -61,6 +67,8 @@ class Hold:
     #: the lock's TTL.
     lease_start: float
     acquired_at: float
+    #: How many local hand-offs in a row brought the backend lock to this hold.
+    handoffs: int = 0
     #: Why the lock is known to be gone, or ``None`` while it is believed held.
     lost_reason: str | None = None
     released: bool = False
@@ -118,6 +126,9 @@ class Coordinator:
         self._last_refresh = -math.inf
         self._queues: dict[str, KeyQueue] = {}
         self._holds: set[Hold] = set()
+        # Backend locks being handed from a releasing task to the next local waiter:
+        # key -> the hold that released it. Taken by whoever owns the key's queue next.
+        self._handed_over: dict[str, Hold] = {}
         self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
 
     def __repr__(self) -> str:
@@ -202,6 +213,9 @@ class Coordinator:
             for hold in list(self._holds):
                 self._declare_lost(hold, "the coordinator stopped")
                 await self._release(hold)
+            for handed in list(self._handed_over.values()):
+                await self._release_backend(handed.backend_lock, handed.name, lost=True)
+            self._handed_over.clear()
             backend, self._backend = self._backend, None
             if backend is not None:
                 await backend.close()
@@ -276,13 +290,24 @@ class Coordinator:
             )
         started = anyio.current_time()
         granted: tuple[BackendLock, float] | None = None
+        previous: Hold | None = None
         try:
             if not await queue.take(task, deadline):
                 return None
-            granted = await self._acquire_backend(key, deadline)
+            previous = self._take_handed_over(key)
+            if previous is not None:
+                granted = previous.backend_lock, previous.lease_start
+            else:
+                granted = await self._acquire_backend(key, deadline)
         except BaseException:
             if queue.owner == task:
                 self._give_back(key, queue)
+            if queue.owner is None:
+                # Cancelled as the lock was handed to us, with nobody left to pass it to.
+                orphan = self._handed_over.pop(key, None)
+                if orphan is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._release_backend(orphan.backend_lock, name)
             raise
         finally:
             if queue.idle:
@@ -290,7 +315,7 @@ class Coordinator:
         if granted is None:
             self._give_back(key, queue)
             return None
-        backend_lock, tried_at = granted
+        backend_lock, lease_start = granted
         now = anyio.current_time()
         hold = Hold(
             coordinator=self,
@@ -298,8 +323,9 @@ class Coordinator:
             key=key,
             queue=queue,
             backend_lock=backend_lock,
-            lease_start=tried_at,
+            lease_start=lease_start,
             acquired_at=now,
+            handoffs=previous.handoffs + 1 if previous is not None else 0,
         )
         self._holds.add(hold)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
@@ -371,6 +397,10 @@ class Coordinator:
         self._holds.discard(hold)
         if hold.ended is not None:
             hold.ended.set()
+        if self._can_hand_over(hold):
+            self._handed_over[hold.key] = hold
+            self._give_back(hold.key, hold.queue)
+            return
         try:
             if hold.backend_lock.backend is self._backend:
                 with anyio.CancelScope(shield=True):
@@ -383,6 +413,26 @@ class Coordinator:
                 lost=hold.lost_reason,
                 held=round(anyio.current_time() - hold.acquired_at, 6),
             )
+
+    def _can_hand_over(self, hold: Hold) -> bool:
+        """Whether the next local waiter may take ``hold``'s backend lock as it is."""
+        return (
+            hold.queue.waiting > 0
+            and hold.handoffs < _MAX_LOCAL_HANDOFFS
+            and hold.backend_lock.backend is self._backend
+            and self._started
+            and not self._check_lease(hold, anyio.current_time())
+        )
+
+    def _take_handed_over(self, key: str) -> Hold | None:
+        """The hold whose backend lock was handed to the new owner of ``key``, if any.
+
+        A lock handed over through a connection that has since been replaced is gone.
+        """
+        previous = self._handed_over.pop(key, None)
+        if previous is None or previous.backend_lock.backend is not self._backend:
+            return None
+        return previous
 
     async def _release_backend(
         self, backend_lock: BackendLock, name: str, lost: bool = False
