@@ -217,3 +217,13 @@ def test_a_killed_holder_process_frees_a_redis_lock_within_its_ttl(
 ) -> None:
     freed = _kill_holder_and_time_until_free(f"{redis_url}?lock_timeout=3", prefix, limit=6)
     assert freed <= 3 + 2
+
+
+async def test_stop_inside_a_lock_block_of_the_same_task_is_a_clear_error(
+    file_url: str, prefix: str
+) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        async with coordinator.get_lock("inside"):
+            with pytest.raises(RuntimeError, match="leave the block first"):
+                await coordinator.stop()
+            assert coordinator.is_started

@@ -199,10 +199,18 @@ class Coordinator:
         """
         if not self._started:
             return
-        if anyio.get_current_task().id != self._owner_task:
+        task = anyio.get_current_task().id
+        if task != self._owner_task:
             raise RuntimeError(
                 "Coordinator.stop() must be awaited in the task that awaited start() "
                 "(they open and close an anyio task group); use 'async with coordinator:'"
+            )
+        if any(hold.queue.owner == task and hold.on_lost is not None for hold in self._holds):
+            # The block's cancel scope sits inside the task group's: closing the group
+            # first would break their nesting.
+            raise RuntimeError(
+                "Coordinator.stop() cannot be awaited inside an 'async with lock:' block "
+                "of the same task; leave the block first"
             )
         self._started = False
         task_group, self._task_group = self._task_group, None
