@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from aiotooz import (
+    ConfigurationError,
     Coordinator,
     LockAcquireFailed,
     LockCreationFailed,
@@ -153,3 +154,15 @@ async def test_the_lock_is_released_when_the_function_raises(coordinator: Coordi
 
 def _held_locks(coordinator: Coordinator) -> list[Any]:
     return sorted(coordinator._holds, key=lambda hold: hold.acquired_at)
+
+
+@synchronized("module-level-{n}", blocking=2.5)
+async def _decorated_at_import(n: int) -> int:
+    return n
+
+
+def test_decorating_at_import_time_needs_no_event_loop() -> None:
+    # The decorator above ran when this module was imported, outside any event loop.
+    assert _decorated_at_import.__name__ == "_decorated_at_import"
+    with pytest.raises(ConfigurationError, match="blocking must be"):
+        synchronized("x", blocking=-1)

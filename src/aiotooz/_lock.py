@@ -13,11 +13,29 @@ from ._coordinator import TRY_ONCE, Coordinator, Hold, get_default_coordinator
 from ._exceptions import ConfigurationError, LockAcquireFailed, LockLost, LockNotHeld
 from ._names import check_name, format_name
 
-__all__ = ["Blocking", "Lock", "deadline_for"]
+__all__ = ["Blocking", "Lock", "check_blocking", "deadline_for"]
 
 #: ``True`` waits as long as it takes, ``False`` tries once, a number of seconds waits
 #: at most that long.
 Blocking = bool | float
+
+
+def check_blocking(blocking: object) -> float | bool:
+    """Return ``blocking`` if it is valid: a bool, or a number of seconds >= 0.
+
+    Needs no event loop, so decorators can check it at import time.
+
+    Raises:
+        ConfigurationError: ``blocking`` is not a bool or a non-negative number.
+    """
+    if isinstance(blocking, bool):
+        return blocking
+    if isinstance(blocking, int | float) and float(blocking) >= 0:  # NaN fails too
+        return float(blocking)
+    raise ConfigurationError(
+        "blocking must be True (wait as long as it takes), False (try once) or a "
+        f"number of seconds >= 0 to wait at most, not {blocking!r}"
+    )
 
 
 def deadline_for(blocking: object) -> float | None:
@@ -26,18 +44,12 @@ def deadline_for(blocking: object) -> float | None:
     Raises:
         ConfigurationError: ``blocking`` is not a bool or a non-negative number.
     """
-    if blocking is True:
+    checked = check_blocking(blocking)
+    if checked is True:
         return None
-    if blocking is False:
+    if checked is False:
         return TRY_ONCE
-    if isinstance(blocking, int | float) and not isinstance(blocking, bool):
-        seconds = float(blocking)
-        if seconds >= 0 and not math.isnan(seconds):
-            return None if math.isinf(seconds) else anyio.current_time() + seconds
-    raise ConfigurationError(
-        "blocking must be True (wait as long as it takes), False (try once) or a "
-        f"number of seconds >= 0 to wait at most, not {blocking!r}"
-    )
+    return None if math.isinf(checked) else anyio.current_time() + checked
 
 
 @final
@@ -175,7 +187,7 @@ class Lock:
 
     def __call__(self, blocking: Blocking = True) -> _LockContext:
         """``async with lock(blocking=2.5):`` takes the lock with that budget or raises."""
-        deadline_for(blocking)  # refuse a bad value here, before any `async with`
+        check_blocking(blocking)  # refuse a bad value here, before any `async with`
         return _LockContext(self, blocking)
 
     async def __aenter__(self) -> Lock:

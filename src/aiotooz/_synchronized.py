@@ -9,7 +9,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from ._coordinator import Coordinator
 from ._exceptions import LockNameError
-from ._lock import Blocking, Lock, deadline_for
+from ._lock import Blocking, Lock, check_blocking
 from ._names import check_name, format_fields, format_name
 
 __all__ = ["synchronized"]
@@ -52,7 +52,7 @@ def synchronized(
     """
     check_name(name)
     fields = format_fields(name)
-    deadline_for(blocking)  # refuse a bad value at decoration, not at the first call
+    check_blocking(blocking)  # refuse a bad value at decoration, not at the first call
 
     def decorate(
         func: Callable[P, Coroutine[Any, Any, T]],
