@@ -1,0 +1,451 @@
+"""The ``aiotooz`` command: run a command under a distributed lock, or check a backend.
+
+``aiotooz run NAME -- COMMAND [ARGS...]`` is util-linux ``flock`` across machines: it
+takes the lock, runs the command with the lock held, forwards SIGINT, SIGTERM and SIGHUP
+to it, releases the lock when it ends, and exits with its status. ``aiotooz check`` is a
+health check for a backend. Both read the same ``AIOTOOZ_*`` settings as the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Final, NoReturn
+
+import anyio
+import structlog
+from anyio.abc import Process
+
+from ._coordinator import Coordinator
+from ._exceptions import (
+    BackendUnavailable,
+    ConfigurationError,
+    CoordinationError,
+    LockAcquireFailed,
+)
+from ._settings import CoordinationSettings
+
+__all__ = [
+    "EXIT_BACKEND_UNAVAILABLE",
+    "EXIT_CANNOT_EXECUTE",
+    "EXIT_CONFIG",
+    "EXIT_NOT_ACQUIRED",
+    "EXIT_NOT_FOUND",
+    "main",
+]
+
+#: ``run``: the lock was not acquired (``--no-wait``, or ``--wait`` ran out). As sysexits'
+#: EX_TEMPFAIL: "try again later". ``--conflict-exit-code`` changes it, like ``flock -E``.
+EXIT_NOT_ACQUIRED: Final = 75
+#: The backend could not be reached or failed (sysexits' EX_UNAVAILABLE).
+EXIT_BACKEND_UNAVAILABLE: Final = 69
+#: A setting, the backend URL or a client library is wrong (sysexits' EX_CONFIG).
+EXIT_CONFIG: Final = 78
+#: ``run``: the command was found but cannot be executed (as the shell and ``env``).
+EXIT_CANNOT_EXECUTE: Final = 126
+#: ``run``: the command was not found (as the shell and ``env``).
+EXIT_NOT_FOUND: Final = 127
+
+#: The signals ``run`` passes on to the command.
+FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# On Linux the command is started through this shim, which asks the kernel to SIGKILL
+# it if aiotooz dies (PR_SET_PDEATHSIG, which survives exec) and then execs it: a
+# command must never outlive the process that holds its lock. If aiotooz is already
+# gone when the shim runs, the command is not started.
+_SHIM: Final = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(128 + signal.SIGKILL)
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"aiotooz run: cannot execute {sys.argv[2]!r}: {exc.strerror}", file=sys.stderr)
+    os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
+"""
+
+_EPILOG_RUN: Final = f"""\
+exit status:
+  the command's own status, or 128+N if it died by signal N;
+  {EXIT_NOT_ACQUIRED}   the lock was not acquired (--no-wait, or --wait ran out;
+       see --conflict-exit-code)
+  {EXIT_BACKEND_UNAVAILABLE}   the backend could not be reached
+  {EXIT_CONFIG}   bad settings or backend URL, or a missing client library
+  {EXIT_CANNOT_EXECUTE}  the command cannot be executed; {EXIT_NOT_FOUND} it was not found
+  2    bad usage
+
+The lock is held from before the command starts until after it ends. SIGINT, SIGTERM
+and SIGHUP sent to aiotooz are passed on to the command (a Ctrl-C at a terminal reaches
+the command directly and is not passed on twice). If aiotooz itself is killed with
+SIGKILL, the command is killed too (Linux), and the backend frees the lock as it does
+for any dead client: the file backend, PostgreSQL and MySQL at once; Redis, memcached
+and etcd when the lock's TTL ends (30 s unless the URL sets lock_timeout); ZooKeeper
+when the session expires.
+"""
+
+_EPILOG_SETTINGS: Final = """\
+settings come from the environment as for the library (AIOTOOZ_BACKEND_URL,
+AIOTOOZ_HEARTBEAT, AIOTOOZ_INITIAL_RECONNECT_BACKOFF, AIOTOOZ_MAX_RECONNECT_BACKOFF,
+or a .env file); --backend overrides AIOTOOZ_BACKEND_URL.
+"""
+
+
+class _Failure(Exception):
+    """Ends the command with ``status`` after printing ``message`` to stderr."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``aiotooz`` console script and ``python -m aiotooz``."""
+    sys.exit(run_cli(argv))
+
+
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (``sys.argv[1:]`` by default), run the command, return the status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.subcommand is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_logging(args.verbose)
+    try:
+        settings = _settings(args.backend)
+        if args.subcommand == "run":
+            return _run_main(parser, args, settings)
+        return _check_main(args, settings)
+    except _Failure as failure:
+        if args.subcommand == "check":  # a health check says 0 or 1, nothing else
+            print(f"aiotooz check: FAILED: {failure}", file=sys.stderr)
+            return 1
+        print(f"aiotooz {args.subcommand}: {failure}", file=sys.stderr)
+        return failure.status
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiotooz",
+        description="Distributed locks on every tooz backend, for scripts and cron.",
+        epilog=_EPILOG_SETTINGS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--backend",
+        metavar="URL",
+        help="tooz backend URL, e.g. redis://host:6379 (default: $AIOTOOZ_BACKEND_URL, "
+        "else the file backend in the temporary directory)",
+    )
+    common.add_argument(
+        "--prefix",
+        default="",
+        help="prepended to the lock name, as Coordinator(prefix=...) (default: none)",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log to stderr: -v connection events, -vv lock events too",
+    )
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a command while holding a lock",
+        description="Run COMMAND while holding the distributed lock NAME, like flock(1) "
+        "across machines.",
+        usage="aiotooz run [options] NAME -- COMMAND [ARGS ...]",
+        epilog=_EPILOG_RUN + "\n" + _EPILOG_SETTINGS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wait = run.add_mutually_exclusive_group()
+    wait.add_argument(
+        "-w",
+        "--wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="give up if the lock is not acquired within SECONDS (default: wait as long "
+        "as it takes)",
+    )
+    wait.add_argument(
+        "-n",
+        "--no-wait",
+        action="store_true",
+        help=f"give up at once if the lock is held elsewhere (exit {EXIT_NOT_ACQUIRED})",
+    )
+    run.add_argument(
+        "-E",
+        "--conflict-exit-code",
+        type=_status,
+        default=EXIT_NOT_ACQUIRED,
+        metavar="STATUS",
+        help=f"exit status when the lock is not acquired (default: {EXIT_NOT_ACQUIRED})",
+    )
+    run.add_argument("name", metavar="NAME", help="the lock name (any non-empty string)")
+    run.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND",
+        help="the command to run, after '--'",
+    )
+
+    sub.add_parser(
+        "check",
+        parents=[common],
+        help="check that the backend works (a health check)",
+        description="Connect to the backend, take and release a probe lock, print the "
+        "backend, the latencies and the settings in effect (password redacted). Exit "
+        "status 0 if it all worked, 1 otherwise.",
+        epilog=_EPILOG_SETTINGS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).add_argument(
+        "--timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="fail if the check takes longer (default: 10)",
+    )
+    return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def _status(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 255:
+        raise argparse.ArgumentTypeError(f"expected an exit status 0..255, not {text!r}")
+    return int(text)
+
+
+def _configure_logging(verbose: int) -> None:
+    # An application configures logging, the library never does. aiotooz's stdout
+    # belongs to the command it runs, so logs go to stderr.
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+    )
+
+
+def _settings(backend: str | None) -> CoordinationSettings:
+    try:
+        if backend is not None:
+            return CoordinationSettings(backend_url=backend)
+        return CoordinationSettings()
+    except ConfigurationError as exc:
+        raise _Failure(EXIT_CONFIG, str(exc)) from None
+
+
+def _status_for(exc: CoordinationError) -> int:
+    if isinstance(exc, ConfigurationError):
+        return EXIT_CONFIG
+    return EXIT_BACKEND_UNAVAILABLE
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+def _run_main(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, settings: CoordinationSettings
+) -> int:
+    command: list[str] = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        parser.error("run: a COMMAND to run is required, after '--' (see aiotooz run --help)")
+    if shutil.which(command[0]) is None:
+        # Checked before taking the lock, so that a typo does not wait for it.
+        if os.sep in command[0] and os.path.exists(command[0]):
+            raise _Failure(EXIT_CANNOT_EXECUTE, f"not an executable file: {command[0]!r}")
+        raise _Failure(EXIT_NOT_FOUND, f"command not found: {command[0]!r}")
+    blocking: bool | float = False if args.no_wait else (True if args.wait is None else args.wait)
+    runner = _Runner(
+        name=args.name,
+        command=command,
+        blocking=blocking,
+        conflict_status=args.conflict_exit_code,
+        prefix=args.prefix,
+        settings=settings,
+    )
+    return anyio.run(runner.run)
+
+
+class _Runner:
+    """Holds the lock around one run of the command, passing signals on to it."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        command: list[str],
+        blocking: bool | float,
+        conflict_status: int,
+        prefix: str,
+        settings: CoordinationSettings,
+    ) -> None:
+        self.name = name
+        self.command = command
+        self.blocking = blocking
+        self.conflict_status = conflict_status
+        self.prefix = prefix
+        self.settings = settings
+        self.child: Process | None = None
+        # A signal that arrived before the command started: aiotooz then stops waiting
+        # and exits as if killed by it.
+        self.interrupted: signal.Signals | None = None
+        self.waiting: anyio.CancelScope | None = None
+
+    async def run(self) -> int:
+        outcome: int | _Failure
+        self.waiting = anyio.CancelScope()
+        with anyio.open_signal_receiver(*FORWARDED) as signals:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._pass_on, signals)
+                # Caught here, not outside, so that it is not wrapped in an ExceptionGroup.
+                try:
+                    outcome = await self._locked_run()
+                except _Failure as failure:
+                    outcome = failure
+                except CoordinationError as exc:
+                    outcome = _Failure(_status_for(exc), str(exc))
+                group.cancel_scope.cancel()
+        if isinstance(outcome, _Failure):
+            raise outcome
+        return outcome
+
+    async def _locked_run(self) -> int:
+        async with Coordinator(prefix=self.prefix, settings=self.settings) as coordinator:
+            lock = coordinator.get_lock(self.name)
+            acquired = False
+            assert self.waiting is not None
+            with self.waiting:
+                try:
+                    acquired = await lock.acquire(self.blocking)
+                except LockAcquireFailed as exc:  # already held by this very task: cannot be
+                    raise _Failure(self.conflict_status, str(exc)) from None
+            try:
+                if self.interrupted is not None:
+                    return 128 + self.interrupted
+                if not acquired:
+                    budget = "at once" if self.blocking is False else f"within {self.blocking} s"
+                    raise _Failure(
+                        self.conflict_status,
+                        f"lock {self.name!r} is held elsewhere; not acquired {budget}",
+                    )
+                return await self._spawn_and_wait()
+            finally:
+                if lock.locked():
+                    await lock.release()
+
+    async def _spawn_and_wait(self) -> int:
+        with anyio.CancelScope(shield=True):
+            # Shielded: a process started but never waited for would run unlocked.
+            try:
+                self.child = await anyio.open_process(
+                    _with_shim(self.command), stdin=None, stdout=None, stderr=None
+                )
+            except PermissionError as exc:
+                raise _Failure(
+                    EXIT_CANNOT_EXECUTE, f"cannot execute {self.command[0]!r}: {exc.strerror}"
+                ) from None
+            except OSError as exc:
+                raise _Failure(
+                    EXIT_NOT_FOUND, f"cannot execute {self.command[0]!r}: {exc.strerror}"
+                ) from None
+            if self.interrupted is not None:
+                self.child.send_signal(self.interrupted)
+            returncode = await self.child.wait()
+        return 128 - returncode if returncode < 0 else returncode
+
+    async def _pass_on(self, signals: AsyncIterator[signal.Signals]) -> None:
+        async for signum in signals:
+            if self.child is None:
+                self.interrupted = signum
+                if self.waiting is not None:
+                    self.waiting.cancel()
+            elif self.child.returncode is None and not _terminal_sent(signum):
+                self.child.send_signal(signum)
+
+
+def _with_shim(command: list[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-I", "-S", "-c", _SHIM, str(os.getpid()), *command]
+
+
+def _terminal_sent(signum: int) -> bool:
+    """Whether ``signum`` is a Ctrl-C that the terminal sent to the command as well.
+
+    The command runs in aiotooz's process group, so when that group is the terminal's
+    foreground group, a Ctrl-C reached the command already; passing it on would deliver
+    it twice.
+    """
+    if signum != signal.SIGINT:
+        return False
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# -- check -------------------------------------------------------------------------
+
+
+def _check_main(args: argparse.Namespace, settings: CoordinationSettings) -> int:
+    print(f"backend:  {settings.redacted_backend_url}")
+    try:
+        connect, lock = anyio.run(_probe, settings, args.prefix, args.timeout)
+    except CoordinationError as exc:
+        print(f"aiotooz check: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(
+            f"aiotooz check: FAILED: no answer from {settings.redacted_backend_url} "
+            f"within {args.timeout} s",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"connect:  {connect * 1000:.1f} ms")
+    print(f"lock:     {lock * 1000:.1f} ms (acquire and release of a probe lock)")
+    print(f"settings: {settings!r}")
+    print("ok")
+    return 0
+
+
+async def _probe(settings: CoordinationSettings, prefix: str, within: float) -> tuple[float, float]:
+    with anyio.fail_after(within):
+        started = time.perf_counter()
+        async with Coordinator(prefix=prefix, settings=settings) as coordinator:
+            connected = time.perf_counter()
+            lock = coordinator.get_lock(f"aiotooz-check-{uuid.uuid4().hex[:12]}")
+            if not await lock.acquire(blocking=False):
+                raise BackendUnavailable(
+                    "the probe lock, a fresh name nobody else uses, was not acquired"
+                )
+            await lock.release()
+            locked = time.perf_counter()
+    return connected - started, locked - connected

@@ -1,0 +1,656 @@
+"""The ``aiotooz`` command, run as users run it: in a subprocess, on real backends."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiotooz._cli import EXIT_NOT_ACQUIRED
+
+from ._servers import free_port, wait_for_port
+from .conftest import missing_backend
+
+PY = sys.executable
+
+# A command that records when it ran: "<tag> start <t>" and "<tag> end <t>" lines.
+RECORD = """\
+import sys, time
+log, tag, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with open(log, "a") as f:
+    f.write(f"{tag} start {time.time()!r}\\n")
+time.sleep(seconds)
+with open(log, "a") as f:
+    f.write(f"{tag} end {time.time()!r}\\n")
+"""
+
+# A command that says it started (touches a file) and runs until a file appears.
+HOLD = """\
+import os, sys, time
+ready, release = sys.argv[1], sys.argv[2]
+open(ready, "w").close()
+deadline = time.monotonic() + 60
+while not os.path.exists(release) and time.monotonic() < deadline:
+    time.sleep(0.02)
+"""
+
+# A command that exits with 40 + the number of the first signal it gets.
+TRAP = """\
+import os, signal, sys, time
+def on_signal(signum, frame):
+    os._exit(40 + signum)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, on_signal)
+with open(sys.argv[1], "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(60)
+os._exit(1)
+"""
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment for aiotooz, without the developer's own AIOTOOZ_* settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AIOTOOZ_")}
+    clean.update(extra)
+    return clean
+
+
+def aiotooz(*args: str, cwd: Path, pipes: bool = True, **extra: str) -> subprocess.Popen[str]:
+    """Start aiotooz; without ``pipes``, its output is discarded (a command that outlives
+    it would otherwise keep the pipes open)."""
+    output = subprocess.PIPE if pipes else subprocess.DEVNULL
+    return subprocess.Popen(
+        [PY, "-m", "aiotooz", *args],
+        cwd=cwd,
+        env=env(**extra),
+        stdout=output,
+        stderr=output,
+        text=True,
+    )
+
+
+def run(
+    *args: str, cwd: Path, timeout: float = 60, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "aiotooz", *args],
+        cwd=cwd,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f"exited with {proc.returncode} before {path.name}: {err}")
+        assert time.monotonic() < deadline, f"{path} did not appear within 60 s"
+        time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"aiotooz did not finish within {timeout} s: {err}") from None
+    return proc.returncode, out, err
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits to be reaped.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+@pytest.fixture
+def holder(tmp_path: Path, backend_url: str, prefix: str) -> Iterator[tuple[str, Path]]:
+    """Another ``aiotooz run`` holds the lock "job" until the test ends."""
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    proc = aiotooz(
+        "run",
+        "--backend",
+        backend_url,
+        "--prefix",
+        prefix,
+        "job",
+        "--",
+        PY,
+        "-c",
+        HOLD,
+        str(ready),
+        str(release),
+        cwd=tmp_path,
+    )
+    try:
+        wait_for_file(ready, proc)
+        yield backend_url, release
+    finally:
+        release.touch()
+        status, _, err = finish(proc)
+        assert status == 0, err
+
+
+# -- help and packaging -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((), ["run", "check", "AIOTOOZ_BACKEND_URL"]),
+        (("run",), ["--no-wait", "--wait", str(EXIT_NOT_ACQUIRED), "128+N", "SIGKILL"]),
+        (("check",), ["probe lock", "--timeout", "AIOTOOZ_BACKEND_URL"]),
+    ],
+)
+def test_help_for_every_command(tmp_path: Path, args: tuple[str, ...], expected: list[str]) -> None:
+    done = run(*args, "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for text in expected:
+        assert text in done.stdout
+
+
+def test_no_command_prints_usage_and_fails(tmp_path: Path) -> None:
+    done = run(cwd=tmp_path)
+    assert done.returncode == 2
+    assert "usage: aiotooz" in done.stderr
+
+
+def test_console_script_is_declared() -> None:
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="aiotooz")
+    assert script.value == "aiotooz._cli:main"
+    installed = shutil.which("aiotooz", path=str(Path(PY).parent))
+    assert installed is not None, "reinstall the project (pip install -e .) for the script"
+    done = subprocess.run([installed, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "usage: aiotooz" in done.stdout
+
+
+# -- run --------------------------------------------------------------------------
+
+
+def test_two_runs_on_one_name_take_turns(tmp_path: Path, backend_url: str, prefix: str) -> None:
+    log = tmp_path / "log"
+    procs = [
+        aiotooz(
+            "run",
+            "--backend",
+            backend_url,
+            "--prefix",
+            prefix,
+            "nightly",
+            "--",
+            PY,
+            "-c",
+            RECORD,
+            str(log),
+            tag,
+            "0.5",
+            cwd=tmp_path,
+        )
+        for tag in ("a", "b")
+    ]
+    for proc in procs:
+        status, _, err = finish(proc)
+        assert status == 0, err
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert len(events) == 4
+    # One ran start to end, then the other: never interleaved.
+    (first, s1, t1), (first_end, e1, t2), (second, s2, t3), (second_end, e2, t4) = events
+    assert (s1, e1, s2, e2) == ("start", "end", "start", "end")
+    assert first == first_end != second == second_end
+    assert float(t1) <= float(t2) <= float(t3) <= float(t4)
+
+
+def test_runs_on_different_names_run_side_by_side(tmp_path: Path, file_url: str) -> None:
+    # Each command waits until the other one has started: they can both finish only if
+    # they run at the same time.
+    script = """\
+import os, sys, time
+mine, other = sys.argv[1], sys.argv[2]
+open(mine, "w").close()
+deadline = time.monotonic() + 30
+while not os.path.exists(other):
+    assert time.monotonic() < deadline, "the other command never ran alongside"
+    time.sleep(0.02)
+"""
+    a, b = tmp_path / "a", tmp_path / "b"
+    procs = [
+        aiotooz(
+            "run", "--backend", file_url, name, "--", PY, "-c", script, str(x), str(y), cwd=tmp_path
+        )
+        for name, x, y in (("one", a, b), ("two", b, a))
+    ]
+    for proc in procs:
+        status, _, err = finish(proc)
+        assert status == 0, err
+
+
+def test_no_wait_gives_the_documented_status_at_once(
+    tmp_path: Path, holder: tuple[str, Path], prefix: str
+) -> None:
+    url, _ = holder
+    marker = tmp_path / "ran"
+    started = time.monotonic()
+    done = run(
+        "run",
+        "--backend",
+        url,
+        "--prefix",
+        prefix,
+        "--no-wait",
+        "job",
+        "--",
+        "touch",
+        str(marker),
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_NOT_ACQUIRED == 75, done.stderr
+    assert time.monotonic() - started < 30
+    assert "'job' is held elsewhere" in done.stderr
+    assert not marker.exists()
+    custom = run(
+        "run",
+        "--backend",
+        url,
+        "--prefix",
+        prefix,
+        "-n",
+        "-E",
+        "3",
+        "job",
+        "--",
+        "touch",
+        str(marker),
+        cwd=tmp_path,
+    )
+    assert custom.returncode == 3
+    assert not marker.exists()
+
+
+def test_wait_gives_up_after_its_budget(
+    tmp_path: Path, holder: tuple[str, Path], prefix: str
+) -> None:
+    url, _ = holder
+    started = time.monotonic()
+    done = run(
+        "run",
+        "--backend",
+        url,
+        "--prefix",
+        prefix,
+        "--wait",
+        "1",
+        "job",
+        "--",
+        "true",
+        cwd=tmp_path,
+    )
+    assert done.returncode == EXIT_NOT_ACQUIRED, done.stderr
+    assert time.monotonic() - started >= 1
+    assert "not acquired within 1.0 s" in done.stderr
+
+
+def test_wait_gets_the_lock_when_it_is_released(
+    tmp_path: Path, holder: tuple[str, Path], prefix: str
+) -> None:
+    url, release = holder
+    proc = aiotooz(
+        "run",
+        "--backend",
+        url,
+        "--prefix",
+        prefix,
+        "--wait",
+        "60",
+        "job",
+        "--",
+        "echo",
+        "mine now",
+        cwd=tmp_path,
+    )
+    time.sleep(0.5)
+    assert proc.poll() is None, "did not wait for the holder"
+    release.touch()
+    status, out, err = finish(proc)
+    assert (status, out) == (0, "mine now\n"), err
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["true"], 0),
+        (["sh", "-c", "exit 3"], 3),
+        (["sh", "-c", "exit 255"], 255),
+        (["sh", "-c", "kill -TERM $$"], 128 + signal.SIGTERM),
+        (["sh", "-c", "kill -KILL $$"], 128 + signal.SIGKILL),
+        (["no-such-command-for-aiotooz"], 127),
+        (["/etc/hostname"], 126),
+    ],
+)
+def test_exit_status_is_the_commands(
+    tmp_path: Path, file_url: str, command: list[str], expected: int
+) -> None:
+    done = run("run", "--backend", file_url, "job", "--", *command, cwd=tmp_path)
+    assert done.returncode == expected, done.stderr
+    # And the lock is free again, whatever happened to the command.
+    again = run("run", "--backend", file_url, "--no-wait", "job", "--", "true", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
+def test_output_and_arguments_pass_through(tmp_path: Path, file_url: str) -> None:
+    done = run(
+        "run",
+        "--backend",
+        file_url,
+        "job",
+        "--",
+        PY,
+        "-c",
+        "import sys; print(sys.argv[1:]); print('err', file=sys.stderr)",
+        "-n",
+        "a b",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0
+    assert done.stdout == "['-n', 'a b']\n"
+    assert done.stderr == "err\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signals_are_passed_on_to_the_command(
+    tmp_path: Path, backend_url: str, prefix: str, signum: signal.Signals
+) -> None:
+    pid_file = tmp_path / "pid"
+    proc = aiotooz(
+        "run",
+        "--backend",
+        backend_url,
+        "--prefix",
+        prefix,
+        "job",
+        "--",
+        PY,
+        "-c",
+        TRAP,
+        str(pid_file),
+        cwd=tmp_path,
+    )
+    wait_for_file(pid_file, proc)
+    time.sleep(0.2)  # the pid file is written after the handlers are installed
+    proc.send_signal(signum)
+    status, _, err = finish(proc)
+    # The command caught it and chose its own status: aiotooz passed it on and waited.
+    assert status == 40 + signum, err
+    again = run(
+        "run",
+        "--backend",
+        backend_url,
+        "--prefix",
+        prefix,
+        "--no-wait",
+        "job",
+        "--",
+        "true",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_signal_while_waiting_gives_up_without_running(
+    tmp_path: Path, holder: tuple[str, Path], prefix: str
+) -> None:
+    url, _ = holder
+    marker = tmp_path / "ran"
+    proc = aiotooz(
+        "run",
+        "--backend",
+        url,
+        "--prefix",
+        prefix,
+        "-v",
+        "job",
+        "--",
+        "touch",
+        str(marker),
+        cwd=tmp_path,
+    )
+    time.sleep(1.5)  # connected and waiting
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    status, _, err = finish(proc)
+    assert status == 128 + signal.SIGTERM, err
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_aiotooz_kills_the_command_and_frees_the_lock(
+    tmp_path: Path, file_url: str
+) -> None:
+    pid_file = tmp_path / "pid"
+    proc = aiotooz(
+        "run", "--backend", file_url, "job", "--", PY, "-c", TRAP, str(pid_file),
+        cwd=tmp_path, pipes=False,
+    )  # fmt: skip
+    wait_for_file(pid_file, proc)
+    child = int(pid_file.read_text())
+    proc.kill()
+    proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while pid_alive(child):
+            assert time.monotonic() < deadline, "the command outlived aiotooz"
+            time.sleep(0.05)
+    finally:
+        if pid_alive(child):
+            os.kill(child, signal.SIGKILL)
+    # The file backend's lock died with the process that held it.
+    again = run("run", "--backend", file_url, "--no-wait", "job", "--", "true", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+
+def test_killing_aiotooz_on_redis_frees_the_lock_when_its_ttl_ends(
+    tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    url = f"{redis_url}?lock_timeout=3"
+    pid_file = tmp_path / "pid"
+    proc = aiotooz(
+        "run",
+        "--backend",
+        url,
+        "--prefix",
+        prefix,
+        "job",
+        "--",
+        PY,
+        "-c",
+        TRAP,
+        str(pid_file),
+        cwd=tmp_path,
+        pipes=False,
+    )
+    wait_for_file(pid_file, proc)
+    child = int(pid_file.read_text())
+    proc.kill()
+    proc.wait(timeout=30)
+    if pid_alive(child):  # not Linux: the command outlives aiotooz
+        os.kill(child, signal.SIGKILL)
+    blocked = run(
+        "run", "--backend", url, "--prefix", prefix, "-n", "job", "--", "true", cwd=tmp_path
+    )
+    assert blocked.returncode == EXIT_NOT_ACQUIRED, "Redis freed a dead client's lock early"
+    later = run(
+        "run",
+        "--backend",
+        url,
+        "--prefix",
+        prefix,
+        "--wait",
+        "30",
+        "job",
+        "--",
+        "true",
+        cwd=tmp_path,
+    )
+    assert later.returncode == 0, later.stderr
+
+
+def test_settings_come_from_the_environment(tmp_path: Path, prefix: str) -> None:
+    locks = tmp_path / "env-locks"
+    done = run(
+        "run",
+        "--prefix",
+        prefix,
+        "job",
+        "--",
+        "true",
+        cwd=tmp_path,
+        AIOTOOZ_BACKEND_URL=locks.as_uri(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert any(locks.iterdir()), "the lock was not taken on the backend from the environment"
+
+
+def test_backend_option_overrides_the_environment(tmp_path: Path, file_url: str) -> None:
+    done = run(
+        "run",
+        "--backend",
+        file_url,
+        "job",
+        "--",
+        "true",
+        cwd=tmp_path,
+        AIOTOOZ_BACKEND_URL="redis://127.0.0.1:1",
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected", "message"),
+    [
+        ("not a url", 78, "backend_url: must be a URL"),
+        ("nosuchscheme://x", 78, "nosuchscheme"),
+        ("redis://:hunter2@127.0.0.1:{port}", 69, "cannot reach the backend"),
+    ],
+)
+def test_run_fails_clearly_on_a_bad_backend(
+    tmp_path: Path, backend: str, expected: int, message: str
+) -> None:
+    marker = tmp_path / "ran"
+    done = run(
+        "run",
+        "--backend",
+        backend.format(port=free_port()),
+        "job",
+        "--",
+        "touch",
+        str(marker),
+        cwd=tmp_path,
+    )
+    assert done.returncode == expected, done.stderr
+    assert message in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--wait", "-1"), "seconds >= 0"),
+        (("--wait", "soon"), "seconds >= 0"),
+        (("--wait", "1", "--no-wait"), "not allowed with"),
+        (("-E", "256"), "exit status 0..255"),
+    ],
+)
+def test_run_rejects_bad_options(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    done = run("run", *args, "job", "--", "true", cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+# -- check ------------------------------------------------------------------------
+
+
+def test_check_reports_a_working_backend(tmp_path: Path, backend_url: str) -> None:
+    done = run("check", "--backend", backend_url, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(":", 1) for line in done.stdout.splitlines() if ":" in line)
+    assert lines["backend"].strip() == backend_url
+    assert lines["connect"].strip().endswith("ms")
+    assert lines["lock"].strip().split()[1] == "ms"
+    assert "CoordinationSettings(backend_url=" in lines["settings"]
+    assert done.stdout.splitlines()[-1] == "ok"
+
+
+def test_check_fails_on_an_unreachable_backend(tmp_path: Path) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}"
+    done = run("check", "--backend", url, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "FAILED: BackendUnavailable" in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "redis://:***@127.0.0.1" in done.stdout
+
+
+def test_check_fails_on_bad_settings(tmp_path: Path) -> None:
+    done = run("check", cwd=tmp_path, AIOTOOZ_HEARTBEAT="-1")
+    assert done.returncode == 1
+    assert "heartbeat" in done.stderr
+
+
+@pytest.fixture
+def redis_with_password(tmp_path: Path) -> Iterator[str]:
+    """A private redis-server that requires the password ``hunter2``."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing_backend("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--requirepass",
+            "hunter2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield f"redis://:hunter2@127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_check_never_prints_the_password(tmp_path: Path, redis_with_password: str) -> None:
+    done = run("check", cwd=tmp_path, AIOTOOZ_BACKEND_URL=redis_with_password)
+    assert done.returncode == 0, done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "redis://:***@127.0.0.1" in done.stdout
+    wrong = run("check", "--backend", redis_with_password.replace("hunter2", "wrong"), cwd=tmp_path)
+    assert wrong.returncode == 1
+    assert "wrong" not in wrong.stdout + wrong.stderr
