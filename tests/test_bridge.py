@@ -47,6 +47,7 @@ async def test_no_thread_stays_parked_after_a_coordinator_stops(
         async with anyio.create_task_group() as group:
             for _ in range(20):
                 group.start_soon(contender)
+        await _backend(coordinator).heartbeat()  # the file backend's tries run inline
         assert _aiotooz_threads(), "the lanes should have started worker threads"
     # stop() waited for every lane thread to leave its loop; give them a moment to return.
     for thread in set(threading.enumerate()) - before:
@@ -63,6 +64,7 @@ async def test_idle_lane_threads_exit_without_a_close(
 ) -> None:
     monkeypatch.setattr(backend_module, "_IDLE_EXIT", 0.05)
     async with make_coordinator(file_url, prefix) as coordinator:
+        _backend(coordinator)._inline_tries = False
         async with Lock("idle", coordinator=coordinator):
             pass
         lane_threads = _backend(coordinator)._acquire_lane.threads
@@ -160,6 +162,7 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
 
     monkeypatch.setattr(backend_module, "_run_in_lane", slow_run)
     async with make_coordinator(backend_url, prefix) as coordinator:
+        _backend(coordinator)._inline_tries = False  # through the lanes, to be slowed
         lock = Lock("mid-try", coordinator=coordinator)
         with anyio.move_on_after(0.03) as scope:
             await lock.acquire()
@@ -192,3 +195,29 @@ async def test_calls_after_close_fail_cleanly(file_url: str, prefix: str) -> Non
         await backend._call(backend._control_lane, "releasing", lambda: None)
     assert not backend._acquire_lane.threads
     assert not backend._control_lane.threads
+
+
+async def test_file_tries_and_releases_run_inline_until_they_are_slow(
+    file_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        backend = _backend(coordinator)
+        assert backend._inline_tries
+        for _ in range(3):
+            async with Lock("inline", coordinator=coordinator):
+                pass
+        assert not backend._acquire_lane.threads
+        # Calls that are slow on the loop (a network file system, say) go back to threads.
+        monkeypatch.setattr(backend_module, "_INLINE_TRY_LIMIT", -1.0)
+        for _ in range(backend_module._INLINE_TRY_STRIKES):
+            async with Lock("inline", coordinator=coordinator):
+                pass
+        assert not backend._inline_tries
+        async with Lock("inline", coordinator=coordinator):
+            pass
+        assert backend._acquire_lane.threads
+
+
+async def test_redis_calls_never_run_inline(redis_url: str, prefix: str) -> None:
+    async with make_coordinator(redis_url, prefix) as coordinator:
+        assert not _backend(coordinator)._inline_tries
