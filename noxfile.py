@@ -48,3 +48,10 @@ def examples(session: nox.Session) -> None:
     for script in sorted((ROOT / "examples").glob("*.py")):
         session.log(f"example: {script.name}")
         session.run("python", str(script), env={"AIOTOOZ_BACKEND_URL": ""}, silent=False)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark against the peers (starts a private redis-server); `-- --quick`."""
+    install(session, "bench", extras="redis")
+    session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
