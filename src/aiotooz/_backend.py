@@ -238,8 +238,9 @@ def _loop_scheduler() -> Callable[[Callable[[], object]], object]:
     wait for the loop: ~35 us a round trip here against ~25 us.)
     """
     token = anyio.lowlevel.current_token()
+    native = getattr(token, "native_token", token)  # anyio < 4.11 returns it as is
     for name in ("call_soon_threadsafe", "run_sync_soon"):
-        schedule = getattr(token.native_token, name, None)
+        schedule = getattr(native, name, None)
         if schedule is not None:
             return cast("Callable[[Callable[[], object]], object]", schedule)
     return lambda callback: anyio.from_thread.run_sync(callback, token=token)
