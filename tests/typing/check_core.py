@@ -1,0 +1,74 @@
+"""The core API keeps the types users write against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import assert_type
+
+import aiotooz
+from aiotooz import (
+    CoordinationError,
+    CoordinationSettings,
+    Coordinator,
+    Lock,
+    LockAcquireFailed,
+    synchronized,
+)
+
+
+@dataclass
+class Share:
+    id: str
+
+
+@synchronized("{f_name}-{share.id}")
+async def resize(share: Share, size_gb: int, *, dry_run: bool = False) -> list[int]:
+    return [size_gb]
+
+
+class Volumes:
+    @synchronized("volume-{volume_id}", blocking=2.5)
+    async def attach(self, volume_id: str) -> str:
+        return volume_id
+
+
+async def decorated_functions_keep_their_signatures() -> None:
+    assert_type(await resize(Share("a"), 30), list[int])
+    assert_type(await resize(Share("a"), 30, dry_run=True), list[int])
+    assert_type(await Volumes().attach("v-1"), str)
+    await resize(Share("a"), "30")  # type: ignore[arg-type]
+    await resize(Share("a"))  # type: ignore[call-arg]
+    await resize(Share("a"), 30, force=True)  # type: ignore[call-arg]
+    await Volumes().attach(1)  # type: ignore[arg-type]
+
+
+def synchronized_takes_only_sensible_blocking_values() -> None:
+    synchronized("x", blocking=False)
+    synchronized("x", blocking=0.5)
+    synchronized("x", blocking="soon")  # type: ignore[arg-type]
+
+
+async def coordinator_and_locks() -> None:
+    settings = CoordinationSettings(backend_url="redis://127.0.0.1:6379")
+    assert_type(settings.redacted_backend_url, str)
+    async with Coordinator(prefix="svc-", settings=settings) as coordinator:
+        assert_type(coordinator, Coordinator)
+        assert_type(coordinator.is_connected, bool)
+        lock = coordinator.get_lock("volume-42")
+        assert_type(lock, Lock)
+        async with lock as held:
+            assert_type(held, Lock)
+        async with lock(blocking=2.5):
+            pass
+        assert_type(await lock.acquire(blocking=False), bool)
+        assert_type(lock.locked(), bool)
+        await lock.release()
+        previous = aiotooz.set_default_coordinator(coordinator)
+        assert_type(previous, Coordinator | None)
+        assert_type(aiotooz.get_default_coordinator(), Coordinator)
+    Lock("share-{share.id}", {"share": Share("a")})
+    Lock(42)  # type: ignore[arg-type]
+
+
+def exceptions_form_one_tree(exc: LockAcquireFailed) -> CoordinationError:
+    return exc
