@@ -44,7 +44,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example on the embedded default backend."""
-    install(session, extras="redis")
+    install(session, "examples", extras="redis,fastapi")
     for script in sorted((ROOT / "examples").glob("*.py")):
         session.log(f"example: {script.name}")
         session.run("python", str(script), env={"AIOTOOZ_BACKEND_URL": ""}, silent=False)
