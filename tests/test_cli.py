@@ -654,3 +654,26 @@ def test_check_never_prints_the_password(tmp_path: Path, redis_with_password: st
     wrong = run("check", "--backend", redis_with_password.replace("hunter2", "wrong"), cwd=tmp_path)
     assert wrong.returncode == 1
     assert "wrong" not in wrong.stdout + wrong.stderr
+
+
+@pytest.mark.parametrize(("on_loss", "expected"), [("terminate", 40 + 15), ("ignore", 0)])
+def test_losing_the_lock_terminates_the_command(
+    tmp_path: Path, redis_url: str, prefix: str, on_loss: str, expected: int
+) -> None:
+    import redis
+
+    # A command that traps SIGTERM (exit 55) and otherwise ends by itself after ~8 s.
+    script = TRAP.replace("time.sleep(60)\nos._exit(1)", "time.sleep(8)\nos._exit(0)")
+    pid_file = tmp_path / "pid"
+    proc = aiotooz("run", "--backend", redis_url, "--prefix", prefix, "--on-loss", on_loss,
+                   "job", "--", PY, "-c", script, str(pid_file), cwd=tmp_path)  # fmt: skip
+    wait_for_file(pid_file, proc)
+    # The lock's key vanishes from Redis (an operator, an eviction, a TTL that ran out):
+    # the next heartbeat's ownership check finds the lock gone.
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"*{prefix}job*"))
+    assert keys, "the lock's key was not found in Redis"
+    client.delete(*keys)
+    status, _, err = finish(proc)
+    assert status == expected, err
+    assert ("was lost" in err) == (on_loss == "terminate"), err

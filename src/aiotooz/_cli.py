@@ -30,6 +30,7 @@ from ._exceptions import (
     CoordinationError,
     LockAcquireFailed,
 )
+from ._lock import Lock
 from ._settings import CoordinationSettings
 
 __all__ = [
@@ -88,7 +89,8 @@ the command directly and is not passed on twice). If aiotooz itself is killed wi
 SIGKILL, the command is killed too (Linux), and the backend frees the lock as it does
 for any dead client: the file backend, PostgreSQL and MySQL at once; Redis, memcached
 and etcd when the lock's TTL ends (30 s unless the URL sets lock_timeout); ZooKeeper
-when the session expires.
+when the session expires. If the lock is lost while the command runs (its TTL ran out,
+the backend connection was replaced), the command gets SIGTERM (see --on-loss).
 """
 
 _EPILOG_SETTINGS: Final = """\
@@ -193,6 +195,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STATUS",
         help=f"exit status when the lock is not acquired (default: {EXIT_NOT_ACQUIRED})",
     )
+    run.add_argument(
+        "--on-loss",
+        choices=["terminate", "ignore"],
+        default="terminate",
+        help="if the lock is lost while the command runs (its TTL ran out, the backend "
+        "connection was replaced), send the command SIGTERM (default) or let it run",
+    )
     run.add_argument("name", metavar="NAME", help="the lock name (any non-empty string)")
     run.add_argument(
         "command",
@@ -290,6 +299,7 @@ def _run_main(
         conflict_status=args.conflict_exit_code,
         prefix=args.prefix,
         settings=settings,
+        on_loss=args.on_loss,
     )
     return anyio.run(runner.run)
 
@@ -306,8 +316,10 @@ class _Runner:
         conflict_status: int,
         prefix: str,
         settings: CoordinationSettings,
+        on_loss: str,
     ) -> None:
         self.name = name
+        self.on_loss = on_loss
         self.command = command
         self.blocking = blocking
         self.conflict_status = conflict_status
@@ -356,12 +368,12 @@ class _Runner:
                         self.conflict_status,
                         f"lock {self.name!r} is held elsewhere; not acquired {budget}",
                     )
-                return await self._spawn_and_wait()
+                return await self._spawn_and_wait(lock)
             finally:
                 if lock.locked():
                     await lock.release()
 
-    async def _spawn_and_wait(self) -> int:
+    async def _spawn_and_wait(self, lock: Lock) -> int:
         with anyio.CancelScope(shield=True):
             # Shielded: a process started but never waited for would run unlocked.
             try:
@@ -378,8 +390,24 @@ class _Runner:
                 ) from None
             if self.interrupted is not None:
                 self.child.send_signal(self.interrupted)
-            returncode = await self.child.wait()
+            async with anyio.create_task_group() as group:
+                if self.on_loss == "terminate":
+                    group.start_soon(self._terminate_on_loss, lock, self.child)
+                returncode = await self.child.wait()
+                group.cancel_scope.cancel()
         return 128 - returncode if returncode < 0 else returncode
+
+    async def _terminate_on_loss(self, lock: Lock, child: Process) -> None:
+        # Someone else may hold the lock now: the command must not go on as if it did.
+        await lock.wait_lost()
+        if lock.lost and child.returncode is None:
+            print(
+                f"aiotooz run: lock {self.name!r} was lost ({lock.lost_reason}); "
+                "sending SIGTERM to the command",
+                file=sys.stderr,
+                flush=True,
+            )
+            child.send_signal(signal.SIGTERM)
 
     async def _pass_on(self, signals: AsyncIterator[signal.Signals]) -> None:
         async for signum in signals:
