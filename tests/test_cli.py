@@ -677,3 +677,13 @@ def test_losing_the_lock_terminates_the_command(
     status, _, err = finish(proc)
     assert status == expected, err
     assert ("was lost" in err) == (on_loss == "terminate"), err
+
+
+def test_logs_go_to_stderr_and_never_into_the_commands_output(
+    tmp_path: Path, backend_url: str, prefix: str
+) -> None:
+    done = run("run", "-vv", "--backend", backend_url, "--prefix", prefix, "job", "--",
+               "echo", "only this", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "only this\n"
+    assert "coordinator started" in done.stderr and "lock acquired" in done.stderr

@@ -160,3 +160,15 @@ def test_the_plugin_is_not_registered_automatically() -> None:
 
     plugins = {entry.value for entry in importlib.metadata.entry_points(group="pytest11")}
     assert not any(value.startswith("aiotooz") for value in plugins)
+
+
+def test_public_names_have_docstrings() -> None:
+    import aiotooz.fastapi
+    import aiotooz.testing
+
+    for module in (aiotooz.testing, aiotooz.fastapi):
+        assert module.__doc__
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if callable(obj) and not isinstance(obj, type(aiotooz.fastapi.CoordinatorDep)):
+                assert obj.__doc__, f"{module.__name__}.{name} has no docstring"

@@ -55,7 +55,9 @@ EXIT_CANNOT_EXECUTE: Final = 126
 EXIT_NOT_FOUND: Final = 127
 
 #: The signals ``run`` passes on to the command.
-FORWARDED: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FORWARDED: Final = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 
 # On Linux the command is started through this shim, which asks the kernel to SIGKILL
 # it if aiotooz dies (PR_SET_PDEATHSIG, which survives exec) and then execs it: a
