@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+from types import ModuleType
+
 import aiotooz
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {name for name in vars(aiotooz) if not name.startswith("_")}
+    # Submodules (aiotooz.fastapi, aiotooz.testing) become attributes once imported.
+    public = {
+        name
+        for name, value in vars(aiotooz).items()
+        if not name.startswith("_") and not isinstance(value, ModuleType)
+    }
     assert sorted(aiotooz.__all__) == aiotooz.__all__
     assert set(aiotooz.__all__) == public
 
