@@ -62,7 +62,10 @@ FORWARDED: Final = tuple(
 # On Linux the command is started through this shim, which asks the kernel to SIGKILL
 # it if aiotooz dies (PR_SET_PDEATHSIG, which survives exec) and then execs it: a
 # command must never outlive the process that holds its lock. If aiotooz is already
-# gone when the shim runs, the command is not started.
+# gone when the shim runs, the command is not started. The kernel ties the signal to
+# the *thread* that forked; asyncio forks on the event loop's thread, which is the main
+# thread here and lives as long as aiotooz. (A shim, not preexec_fn: preexec_fn is not
+# safe in a process that has threads, and the coordinator has some.)
 _SHIM: Final = """\
 import ctypes, os, signal, sys
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
