@@ -687,3 +687,62 @@ def test_logs_go_to_stderr_and_never_into_the_commands_output(
     assert done.returncode == 0, done.stderr
     assert done.stdout == "only this\n"
     assert "coordinator started" in done.stderr and "lock acquired" in done.stderr
+
+
+# Counts the SIGINTs it gets in the second after the first one; exits with 40 + count.
+COUNT_SIGINT = """\
+import os, signal, sys, time
+count = 0
+def on_sigint(signum, frame):
+    global count
+    count += 1
+signal.signal(signal.SIGINT, on_sigint)
+open(sys.argv[1], "w").close()
+deadline = time.monotonic() + 60
+while count == 0 and time.monotonic() < deadline:
+    time.sleep(0.01)
+time.sleep(1.0)
+os._exit(40 + count)
+"""
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_command_once(tmp_path: Path, file_url: str) -> None:
+    import pty
+    import select
+
+    ready = tmp_path / "ready"
+    argv = [PY, "-m", "aiotooz", "run", "--backend", file_url, "job", "--",
+            PY, "-c", COUNT_SIGINT, str(ready)]  # fmt: skip
+    environment = env()
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: aiotooz in the foreground of a terminal of its own
+        try:
+            os.chdir(tmp_path)
+            os.execve(PY, argv, environment)
+        finally:
+            os._exit(99)
+    output = b""
+    status = None
+    try:
+        deadline = time.monotonic() + 60
+        typed = False
+        while status is None:
+            assert time.monotonic() < deadline, f"no exit within 60 s: {output!r}"
+            if not typed and ready.exists():
+                os.write(fd, b"\x03")  # Ctrl-C: the terminal signals the foreground group
+                typed = True
+            if select.select([fd], [], [], 0.05)[0]:
+                try:
+                    output += os.read(fd, 4096)
+                except OSError:  # the terminal closed
+                    pass
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(raw)
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    # One SIGINT from the terminal; aiotooz did not pass on a second one.
+    assert status == 41, output
