@@ -427,6 +427,8 @@ def rss_bytes() -> int:
 
 
 async def child_memory(args: list[str]) -> None:
+    from aiotooz._backend import _FILE_LOCKS
+
     url, names, concurrency = args[0], int(args[1]), int(args[2])
     async with coordinator(url) as coord:
 
@@ -456,6 +458,8 @@ async def child_memory(args: list[str]) -> None:
             "growth": after - before,
             "queues_left": len(coord._queues),
             "holds_left": len(coord._holds),
+            # The file backend's process-wide table of lock-file handles (weak values).
+            "file_handles_left": len(_FILE_LOCKS),
         }
     print(json.dumps(report))
 
@@ -713,7 +717,8 @@ def render(r: dict[str, Any]) -> str:
     for backend, x in r["memory"].items():
         out.append(
             f"  {backend:<8} RSS growth {x['growth'] / 2**20:6.1f} MB in {x['seconds']:.1f} s; "
-            f"left in coordinator: {x['queues_left']} queues, {x['holds_left']} holds"
+            f"left: {x['queues_left']} queues, {x['holds_left']} holds, "
+            f"{x['file_handles_left']} lock-file handles"
         )
 
     # Verdicts.
@@ -762,7 +767,9 @@ def render(r: dict[str, Any]) -> str:
     verdicts.append(("loop lag p99 <= 5 ms during contention", worst_lag * ms, 5.0, "ms<="))
     worst_rss = max(x["growth"] for x in r["memory"].values()) / 2**20
     verdicts.append((f"RSS growth <= 20 MB for {p['names']:,} names", worst_rss, 20.0, "MB<="))
-    left = sum(x["queues_left"] + x["holds_left"] for x in r["memory"].values())
+    left = sum(
+        x["queues_left"] + x["holds_left"] + x["file_handles_left"] for x in r["memory"].values()
+    )
     for label, value, target, kind in verdicts:
         ok = value <= target if kind.endswith("<=") else value >= target
         unit = kind.rstrip("<=")
