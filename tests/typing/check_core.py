@@ -1,4 +1,12 @@
-"""The core API keeps the types users write against."""
+"""The core API keeps the types users write against.
+
+The files here are usage examples that must type-check under ``mypy --strict`` (``nox -s
+typecheck``). They are never run: named ``check_*.py``, pytest does not collect them. A
+``# type: ignore[code]`` marks a line that must be an error: with ``warn_unused_ignores``
+(part of ``strict``), mypy fails if the error goes away. There is no ``__init__.py`` on
+purpose: a regular package named ``typing`` in ``tests/`` would shadow the standard
+library's for scripts run from there (``python tests/worker.py``).
+"""
 
 from __future__ import annotations
 
