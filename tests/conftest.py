@@ -86,3 +86,98 @@ async def coordinator(backend_url: str, prefix: str) -> AsyncIterator[Coordinato
 def worker_cmd() -> Iterator[list[str]]:
     """The command line that runs tests/worker.py in a fresh interpreter."""
     yield [sys.executable, str(TESTS / "worker.py")]
+
+
+# -- every backend, on private servers (the conformance suite) ---------------------------
+
+#: Every tooz backend aiotooz supports, as the conformance suite's parameters.
+ALL_BACKENDS = [
+    "file",
+    "ipc",
+    "redis",
+    "memcached",
+    "zookeeper",
+    "etcd3+http",
+    "postgresql",
+    "mysql",
+]
+#: The private server each backend needs (tests/_servers.py); file and ipc need none.
+_SERVER_OF = {"etcd3+http": "etcd"}
+
+
+class ServerPool:
+    """Private servers for the whole test session, each started when a test first needs it."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._servers: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        """The running private server for backend ``name`` (tests/_servers.py)."""
+        from ._servers import SERVERS
+
+        server = self._servers.get(name)
+        if server is None:
+            workdir = self._root / name
+            workdir.mkdir(parents=True, exist_ok=True)
+            server = SERVERS[name](workdir)  # skips (fails under CI) without the binary
+            self._servers[name] = server
+        if not server.running:
+            server.start()
+        return server
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.close()
+
+
+@pytest.fixture(scope="session")
+def server_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def url_for(backend: str, pool: ServerPool, tmp_path: Path) -> str:
+    """The URL of ``backend``: a temporary directory, ``ipc://``, or a private server."""
+    if backend == "file":
+        return (tmp_path / "locks").as_uri()
+    if backend == "ipc":
+        try:
+            import sysv_ipc  # noqa: F401
+        except ImportError:
+            missing_backend("sysv_ipc is not installed (pip install 'aiotooz[ipc]')")
+        return "ipc://"
+    return str(pool.get(_SERVER_OF.get(backend, backend)).url)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def any_backend(request: pytest.FixtureRequest) -> str:
+    """The backend's name; tests using it run once per tooz backend."""
+    return str(request.param)
+
+
+@pytest.fixture
+def any_backend_url(any_backend: str, server_pool: ServerPool, tmp_path: Path) -> str:
+    """Each test using this runs on every tooz backend, on private servers."""
+    return url_for(any_backend, server_pool, tmp_path)
+
+
+#: Cross-process hand-off latencies measured by the conformance suite (seconds), per
+#: backend; printed at the end of the run (README's backend table quotes them).
+HANDOFF_LATENCIES: dict[str, list[float]] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not HANDOFF_LATENCIES:
+        return
+    terminalreporter.section("cross-process hand-off latency (ms)")
+    terminalreporter.write_line(f"{'backend':<12} {'n':>3} {'median':>8} {'max':>8}")
+    for backend, samples in sorted(HANDOFF_LATENCIES.items()):
+        ordered = sorted(samples)
+        median = ordered[len(ordered) // 2] * 1000
+        terminalreporter.write_line(
+            f"{backend:<12} {len(ordered):>3} {median:>8.1f} {ordered[-1] * 1000:>8.1f}"
+        )

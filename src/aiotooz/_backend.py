@@ -668,6 +668,9 @@ class Backend:
         def stop() -> None:
             if self._driver.is_started:
                 self._driver.stop()
+            if self.scheme in {"zookeeper", "kazoo"}:
+                # tooz stops its kazoo client but never closes it, leaking a socket pair.
+                self._driver._coord.close()  # type: ignore[attr-defined]
 
         try:
             await self._call(self._control_lane, "stopping", stop)

@@ -1,0 +1,361 @@
+"""One conformance suite over every tooz backend, each on a real (private) server.
+
+Every test here runs on file, ipc, redis, memcached, zookeeper, etcd3+http, postgresql
+and mysql (see ``any_backend_url`` in conftest.py), or says in its parameters which
+backends a property applies to. Where a backend cannot do something, the test checks
+the typed error aiotooz raises instead; nothing is skipped on a backend quietly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aiotooz import Coordinator, Lock, LockAcquireFailed, UnsupportedOperation
+
+from ._procs import holding_process, run_worker
+from .conftest import HANDOFF_LATENCIES, ServerPool, make_coordinator, url_for
+from .test_names import HOSTILE_NAMES
+
+HOLDER = str(Path(__file__).with_name("_holder.py"))
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A prefix of at most 7 characters: the longest that MySQL's 64-character limit
+    allows for every name (mapped keys are at most ``len(prefix) + 57`` characters)."""
+    return f"c{uuid.uuid4().hex[:5]}-"
+
+
+def _pg_advisory_key(key: str) -> bytes:
+    """The advisory lock tooz's postgresql driver takes for ``key``."""
+    return hashlib.md5(key.encode("ascii"), usedforsecurity=False).digest()[:2]
+
+
+def _prefix_without_pg_collisions(names: list[str]) -> str:
+    """A prefix under which ``names`` fall on distinct PostgreSQL advisory locks.
+
+    With a random prefix, 18 names would share an advisory lock in ~0.2 % of runs.
+    """
+    from aiotooz._names import backend_key
+
+    for number in range(1000):
+        prefix = f"h{number}-"
+        keys = {_pg_advisory_key(backend_key(prefix, name)) for name in names}
+        if len(keys) == len(names):
+            return prefix
+    raise AssertionError("no prefix found")
+
+
+class Holder:
+    """A process that takes and releases one lock when told (tests/_holder.py)."""
+
+    def __init__(self, url: str, prefix: str, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, HOLDER, url, prefix, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def expect(self, answer: str) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != answer:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"holder said {line!r}, not {answer!r}: {err}")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextmanager
+def holder_process(url: str, prefix: str, name: str) -> Iterator[Holder]:
+    holder = Holder(url, prefix, name)
+    try:
+        yield holder
+    finally:
+        holder.close()
+
+
+@asynccontextmanager
+async def started(url: str, prefix: str, **settings: float) -> AsyncIterator[Coordinator]:
+    async with make_coordinator(url, prefix, **settings) as coordinator:
+        yield coordinator
+
+
+# -- exclusion --------------------------------------------------------------------------
+
+
+async def test_tasks_of_one_process_exclude_each_other(any_backend_url: str, prefix: str) -> None:
+    counter = 0
+    inside = 0
+
+    async def increment(coordinator: Coordinator) -> None:
+        nonlocal counter, inside
+        for _ in range(4):
+            async with coordinator.get_lock("counter"):
+                inside += 1
+                assert inside == 1
+                value = counter
+                await anyio.sleep(0.001)
+                counter = value + 1
+                inside -= 1
+
+    # Two coordinators: tasks of one queue locally, the two meet only at the backend.
+    async with (
+        started(any_backend_url, prefix) as first,
+        started(any_backend_url, prefix) as second,
+    ):
+        async with anyio.create_task_group() as group:
+            for number in range(10):
+                group.start_soon(increment, first if number % 2 else second)
+    assert counter == 40
+
+
+def test_processes_exclude_each_other(any_backend_url: str, prefix: str, tmp_path: Path) -> None:
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    processes, tasks, rounds = 3, 3, 4
+    args = ("count", any_backend_url, prefix, "shared", str(counter), str(tasks), str(rounds))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for _ in range(processes):
+                group.start_soon(anyio.to_thread.run_sync, lambda: run_worker(*args))
+
+    anyio.run(main)
+    assert int(counter.read_text()) == processes * tasks * rounds
+
+
+# -- budgets and hand-off ---------------------------------------------------------------
+
+
+async def test_budgets_and_handoff_while_another_process_holds(
+    any_backend: str, any_backend_url: str, prefix: str
+) -> None:
+    """blocking=False and blocking=<s> give up in time; blocking=True gets a released lock.
+
+    The hand-off latency (holder told to release -> waiter holds) is recorded for the
+    summary at the end of the run, and README's backend table.
+    """
+    with holder_process(any_backend_url, prefix, "busy") as holder:
+        holder.send("acquire")
+        await anyio.to_thread.run_sync(holder.expect, "held")
+        async with started(any_backend_url, prefix) as coordinator:
+            lock = coordinator.get_lock("busy")
+
+            before = anyio.current_time()
+            assert await lock.acquire(blocking=False) is False
+            assert anyio.current_time() - before < 1.0
+
+            before = anyio.current_time()
+            assert await lock.acquire(blocking=0.5) is False
+            assert 0.45 <= anyio.current_time() - before < 2.0
+
+            with pytest.raises(LockAcquireFailed, match=r"within 0\.2 s"):
+                async with lock(blocking=0.2):
+                    pass
+            assert not lock.locked()
+
+            latencies = []
+            for _ in range(3):
+                got = anyio.Event()
+                acquired_at = 0.0
+
+                async def wait_for_it(got: anyio.Event) -> None:
+                    nonlocal acquired_at
+                    async with lock:  # blocking=True
+                        acquired_at = anyio.current_time()
+                        got.set()
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait_for_it, got)
+                    await anyio.sleep(0.3)  # the waiter polls at its slowest by now
+                    assert not got.is_set()
+                    told = anyio.current_time()
+                    holder.send("release")
+                    with anyio.fail_after(10):
+                        await got.wait()
+                latencies.append(acquired_at - told)
+                await anyio.to_thread.run_sync(holder.expect, "released")
+                holder.send("acquire")
+                await anyio.to_thread.run_sync(holder.expect, "held")
+    HANDOFF_LATENCIES.setdefault(any_backend, []).extend(latencies)
+    # Generous: aiotooz polls every <= 50 ms on every backend (tooz alone: up to 1 s).
+    assert statistics.median(latencies) < 0.5, latencies
+
+
+# -- TTL backends keep their locks while the coordinator beats ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "ttl"),
+    [("redis", 1), ("memcached", 2), ("etcd3+http", 2)],
+)
+def test_ttl_lock_outlives_its_ttl_while_beating(
+    backend: str, ttl: int, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """Held for 3x its TTL: kept while beating; and (the control) lost without beats."""
+    from tooz import coordination
+
+    base = url_for(backend, server_pool, tmp_path)
+    url = f"{base}?lock_timeout={ttl}"
+    # The control: plain tooz, same URL, never beating. aiotooz refuses a heartbeat
+    # slower than half the TTL, so the control cannot be an aiotooz coordinator.
+    silent = coordination.get_coordinator(url, b"silent-" + prefix.encode())
+    silent.start(start_heart=False)
+    try:
+        assert silent.get_lock(f"{prefix}lapsed".encode()).acquire(blocking=False)
+
+        async def main() -> None:
+            async with started(url, prefix, heartbeat=0.2) as beating:
+                kept = beating.get_lock("kept")
+                assert await kept.acquire(blocking=False)
+                await anyio.sleep(3 * ttl + 0.5)
+                outcome = await anyio.to_thread.run_sync(run_worker, "try", base, prefix, "kept")
+                assert outcome == "busy"
+                outcome = await anyio.to_thread.run_sync(run_worker, "try", base, prefix, "lapsed")
+                assert outcome == "acquired"  # the TTL is what the URL says, and it expires
+                await kept.release()
+
+        anyio.run(main)
+    finally:
+        silent.stop()
+
+
+# -- stop(), names, plain tooz -------------------------------------------------------------
+
+
+def test_stop_releases_held_locks(any_backend_url: str, prefix: str) -> None:
+    """tooz's own stop() keeps them on file, etcd, postgresql and mysql; ours does not."""
+    names = ["kept", "ümlaut/..", "x" * 1000]
+
+    async def main() -> None:
+        coordinator = make_coordinator(any_backend_url, prefix)
+        await coordinator.start()
+        for name in names:
+            assert await coordinator.get_lock(name).acquire(blocking=False)
+        await coordinator.stop()
+
+    anyio.run(main)
+    for name in names:
+        assert run_worker("try", any_backend_url, prefix, name) == "acquired"
+
+
+async def test_hostile_names_lock_distinctly(any_backend_url: str) -> None:
+    prefix = _prefix_without_pg_collisions(HOSTILE_NAMES)
+    async with (
+        started(any_backend_url, prefix) as first,
+        started(any_backend_url, prefix) as second,
+    ):
+        held = [first.get_lock(name) for name in HOSTILE_NAMES]
+        for lock in held:
+            assert await lock.acquire(blocking=False), lock.name
+        for name in HOSTILE_NAMES:
+            assert await second.get_lock(name).acquire(blocking=False) is False, name
+        for lock in held:
+            await lock.release()
+        others = [second.get_lock(name) for name in HOSTILE_NAMES]
+        for lock in others:
+            assert await lock.acquire(blocking=False), lock.name
+        for lock in others:
+            await lock.release()
+
+
+def test_plain_tooz_holder_excludes_aiotooz(any_backend_url: str, prefix: str) -> None:
+    """Plain ASCII names are plain tooz's keys, on every backend (ipc: the same semaphore)."""
+
+    async def try_once() -> bool:
+        async with started(any_backend_url, prefix) as coordinator:
+            lock = coordinator.get_lock("volume-42")
+            if await lock.acquire(blocking=False):
+                await lock.release()
+                return True
+            return False
+
+    with holding_process("tooz-hold", any_backend_url, prefix, "volume-42"):
+        assert anyio.run(try_once) is False
+    assert anyio.run(try_once) is True
+
+
+# -- what some backends cannot do: typed errors ---------------------------------------------
+
+
+def _colliding_names(prefix: str) -> tuple[str, str]:
+    seen: dict[bytes, str] = {}
+    for number in range(100_000):
+        name = f"n{number}"
+        advisory = _pg_advisory_key(prefix + name)
+        if advisory in seen:
+            return seen[advisory], name
+        seen[advisory] = name
+    raise AssertionError("no collision found")
+
+
+async def test_postgresql_names_on_one_advisory_lock_are_an_error(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz has 65,536 advisory locks for all names; holding two that share one would
+    deadlock the holder, so aiotooz says so instead of waiting for itself."""
+    url = url_for("postgresql", server_pool, tmp_path)
+    first, second = _colliding_names(prefix)
+    async with started(url, prefix) as coordinator:
+        async with coordinator.get_lock(first):
+            with pytest.raises(UnsupportedOperation, match="65,536"):
+                await coordinator.get_lock(second).acquire(blocking=False)
+            with anyio.fail_after(10), pytest.raises(UnsupportedOperation, match=first):
+                await coordinator.get_lock(second).acquire()  # an error, not a hang
+        async with coordinator.get_lock(second):  # fine once the first is released
+            pass
+
+
+async def test_mysql_keys_longer_than_64_characters_are_an_error(
+    server_pool: ServerPool, tmp_path: Path
+) -> None:
+    url = url_for("mysql", server_pool, tmp_path)
+    long_prefix = f"svc-{uuid.uuid4().hex[:12]}-"  # 17 characters: mapped keys reach 74
+    async with started(url, long_prefix) as coordinator:
+        with pytest.raises(UnsupportedOperation, match="at most 64 characters"):
+            await coordinator.get_lock("ümlaut-" + "x" * 30).acquire(blocking=False)
+        async with coordinator.get_lock("x" * (64 - len(long_prefix))):  # exactly 64
+            pass
+
+
+async def test_ipc_tries_without_waiting(tmp_path: Path, prefix: str) -> None:
+    """tooz's ipc driver refuses non-blocking tries here; aiotooz's own try works."""
+    import sysv_ipc
+
+    assert sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED is False  # what makes tooz refuse
+    async with started("ipc://", prefix) as first, started("ipc://", prefix) as second:
+        async with first.get_lock("sem"):
+            with anyio.fail_after(2):
+                assert await Lock("sem", coordinator=second).acquire(blocking=False) is False
+        lock = Lock("sem", coordinator=second)
+        assert await lock.acquire(blocking=False) is True
+        await lock.release()
