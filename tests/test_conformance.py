@@ -359,3 +359,26 @@ async def test_ipc_tries_without_waiting(tmp_path: Path, prefix: str) -> None:
         lock = Lock("sem", coordinator=second)
         assert await lock.acquire(blocking=False) is True
         await lock.release()
+
+
+def test_etcd_waiting_leaks_no_leases(server_pool: ServerPool, tmp_path: Path, prefix: str) -> None:
+    """tooz grants a lease per try and keeps the losers' (30 s each); aiotooz does not."""
+    import json
+    import urllib.request
+
+    url = url_for("etcd3+http", server_pool, tmp_path)
+    endpoint = url.replace("etcd3+http", "http") + "/v3/lease/leases"
+
+    def leases() -> int:
+        request = urllib.request.Request(endpoint, data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return len(json.load(response).get("leases", []))
+
+    async def wait_in_vain() -> int:
+        async with started(url, prefix) as coordinator:
+            before = leases()  # the coordinator's own membership lease included
+            assert await coordinator.get_lock("leases").acquire(blocking=1.0) is False
+            return leases() - before
+
+    with holding_process("hold", url, prefix, "leases"):
+        assert anyio.run(wait_in_vain) == 0  # after some 20 tries
