@@ -382,3 +382,47 @@ def test_etcd_waiting_leaks_no_leases(server_pool: ServerPool, tmp_path: Path, p
 
     with holding_process("hold", url, prefix, "leases"):
         assert anyio.run(wait_in_vain) == 0  # after some 20 tries
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_waiting_on_a_database_opens_no_connection_per_try(
+    backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz opens a connection per try and closes it when the try fails; aiotooz first
+    asks on the driver's own connection, so waiting costs no new connection."""
+    url = url_for(backend, server_pool, tmp_path)
+    port = server_pool.get(backend).port
+
+    def connections() -> int:
+        if backend == "mysql":
+            import pymysql
+
+            with pymysql.connect(host="127.0.0.1", port=port, user="root") as conn:
+                with conn.cursor() as cursor:
+                    cursor.execute("SHOW GLOBAL STATUS LIKE 'Connections'")
+                    row = cursor.fetchone()
+            assert row is not None
+            return int(row[1])
+        import psycopg2
+
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT pg_stat_force_next_flush()")
+                cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'")
+                row = cursor.fetchone()
+        finally:
+            conn.close()
+        assert row is not None
+        return int(row[0])
+
+    async def wait_in_vain() -> int:
+        async with started(url, prefix) as coordinator:
+            before = connections()
+            assert await coordinator.get_lock("conns").acquire(blocking=1.0) is False
+            return connections() - before
+
+    with holding_process("hold", url, prefix, "conns"):
+        # Some 20 tries: tooz alone would open 20 connections. Counted: the counting
+        # connection itself (mysql) and a stray one or two.
+        assert anyio.run(wait_in_vain) <= 3

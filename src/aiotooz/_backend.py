@@ -120,6 +120,13 @@ def _close_idle_lock_file(file_lock: Any) -> None:
 #: MySQL's GET_LOCK refuses names longer than this.
 _MYSQL_MAX_KEY: Final = 64
 
+#: Whether another session holds the advisory lock tooz takes with two int4 keys.
+_PG_HELD_SQL: Final = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid = %s AND objid = %s AND objsubid = 2)"
+)
+
 
 def _ipc_try(ipc_lock: Any) -> bool:
     """One non-blocking try of tooz's ipc lock, which tooz itself cannot do here.
@@ -444,6 +451,8 @@ class Backend:
         #: postgresql: advisory lock (tooz's 2-byte key) -> our key held on it.
         self._pg_held: dict[bytes, str] = {}
         self._pg_guard = threading.Lock()
+        #: postgresql, mysql: serialises the driver's own connection (see _taken_in_database).
+        self._probe_guard = threading.Lock()
         self._slow_inline_tries = 0
 
     @classmethod
@@ -584,7 +593,38 @@ class Backend:
             return _etcd_try(self._driver, tooz_lock)
         if self.scheme == "postgresql":
             return self._postgresql_try(tooz_lock, key)
+        if self.scheme == "mysql" and self._taken_in_database(tooz_lock):
+            return False
         return bool(tooz_lock.acquire(blocking=False))
+
+    def _taken_in_database(self, tooz_lock: Any) -> bool:
+        """Whether PostgreSQL or MySQL shows the lock taken, asked on one kept connection.
+
+        tooz's postgresql and mysql drivers open a connection for every try and close it
+        when the try fails: a waiter polling every 50 ms would open 20 connections a
+        second. The driver's own connection (opened at start, unused by locks) tells a
+        taken lock without one; only a lock that looks free is tried. Any trouble with
+        that connection means "not known", and the real try decides.
+        """
+        driver: Any = self._driver
+        with self._probe_guard:
+            try:
+                if self.scheme == "postgresql":
+                    if driver._conn.closed:
+                        driver._conn = driver.get_connection(driver._parsed_url, driver._options)
+                    driver._conn.autocommit = True
+                    with driver._conn.cursor() as cursor:
+                        cursor.execute(_PG_HELD_SQL, tuple(tooz_lock.key))
+                        row = cursor.fetchone()
+                    return bool(row and row[0])
+                if not driver._conn.open:
+                    driver._conn.connect()
+                with driver._conn.cursor() as cursor:
+                    cursor.execute("SELECT IS_FREE_LOCK(%s)", (tooz_lock.name,))
+                    row = cursor.fetchone()
+                return row is not None and row[0] == 0
+            except Exception:
+                return False
 
     def _postgresql_try(self, pg_lock: Any, key: str) -> bool:
         """One try on postgresql, refusing a name that would wait for its own holder.
@@ -604,6 +644,8 @@ class Backend:
                 "65,536 of them), so waiting would never end; use other names or another "
                 "backend"
             )
+        if self._taken_in_database(pg_lock):
+            return False
         granted = bool(pg_lock.acquire(blocking=False))
         if granted:
             with self._pg_guard:
