@@ -110,6 +110,7 @@ class PrivateServer:
     start_timeout: ClassVar[float] = 60.0
 
     def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
         self._workdir = workdir
         self.port = free_port()
         self.url = ""

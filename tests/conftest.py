@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,30 @@ def server_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool
         yield pool
     finally:
         pool.close()
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """Start a private server of this test's own: ``private_server("etcd")``.
+
+    For tests that kill, pause or restart it (the session's shared servers must stay
+    up for the other tests); closed when the test ends. Names: see tests/_servers.py.
+    """
+    from ._servers import SERVERS
+
+    servers: list[Any] = []
+
+    def start(name: str) -> Any:
+        server = SERVERS[_SERVER_OF.get(name, name)](tmp_path / f"server-{len(servers)}")
+        servers.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.close()
 
 
 def url_for(backend: str, pool: ServerPool, tmp_path: Path) -> str:

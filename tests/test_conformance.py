@@ -9,11 +9,13 @@ the typed error aiotooz raises instead; nothing is skipped on a backend quietly.
 from __future__ import annotations
 
 import hashlib
+import socket
 import statistics
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import pytest
 from aiotooz import Coordinator, Lock, LockAcquireFailed, UnsupportedOperation
 
 from ._procs import holding_process, run_worker
+from ._servers import PrivateServer
 from .conftest import HANDOFF_LATENCIES, ServerPool, make_coordinator, url_for
 from .test_names import HOSTILE_NAMES
 
@@ -426,3 +429,38 @@ def test_waiting_on_a_database_opens_no_connection_per_try(
         # Some 20 tries: tooz alone would open 20 connections. Counted: the counting
         # connection itself (mysql) and a stray one or two.
         assert anyio.run(wait_in_vain) <= 3
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the kernel has stopped the process (state "T"); signals take a moment."""
+    deadline = time.monotonic() + 5
+    while True:
+        stopped = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
+        if stopped or time.monotonic() > deadline:
+            return stopped
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "backend", ["redis", "memcached", "etcd3+http", "zookeeper", "postgresql", "mysql"]
+)
+def test_private_servers_pause_resume_restart_and_kill(
+    backend: str, private_server: Callable[[str], PrivateServer]
+) -> None:
+    """The harness the failure tests use, on every server it can start."""
+    server = private_server(backend)
+    pid = server.pid
+    assert pid is not None
+    server.pause()
+    assert _stopped(pid)
+    server.resume()
+    time.sleep(0.1)
+    assert Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T"
+    port = server.port
+    server.restart()
+    assert server.port == port and server.running and server.pid != pid
+    assert run_worker("try", server.url, "p-", "after-restart") == "acquired"
+    server.kill()
+    assert not server.running
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
