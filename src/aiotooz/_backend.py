@@ -443,6 +443,7 @@ class Backend:
         #: or the ZooKeeper session timeout); ``None`` where locks live as long as the
         #: connection (file, ipc, postgresql, mysql).
         self.lock_ttl: float | None = _lock_ttl(driver, self.scheme)
+        self._zookeeper = self.scheme in {"zookeeper", "kazoo"}
         self._acquire_lane = _Lane(f"aiotooz-acquire {self.scheme}", 2)
         self._control_lane = _Lane(f"aiotooz-control {self.scheme}", 2)
         #: How worker threads wake the event loop; taken from the first call's loop.
@@ -595,7 +596,32 @@ class Backend:
             return self._postgresql_try(tooz_lock, key)
         if self.scheme == "mysql" and self._taken_in_database(tooz_lock):
             return False
+        if self._zookeeper:
+            self._check_zookeeper_connected()
         return bool(tooz_lock.acquire(blocking=False))
+
+    def _check_zookeeper_connected(self) -> None:
+        """Refuse a ZooKeeper call while kazoo is not connected.
+
+        kazoo queues a call made while it reconnects, and its synchronous API waits for
+        the answer with no timeout: with the server down, a heartbeat, try or release
+        would park its worker thread until the server came back (seen: forever).
+        """
+        state = self._driver._coord.state  # type: ignore[attr-defined]
+        if state != "CONNECTED":
+            raise tooz.coordination.ToozConnectionError(f"the ZooKeeper session is {state}")
+
+    def _zookeeper_heartbeat(self) -> None:
+        """The ZooKeeper heartbeat: a read that proves the session, with a deadline."""
+        self._check_zookeeper_connected()
+        client = self._driver._coord  # type: ignore[attr-defined]
+        assert self.lock_ttl is not None
+        try:
+            client.exists_async("/").get(timeout=self.lock_ttl / 2)
+        except client.handler.timeout_exception as exc:
+            raise tooz.coordination.ToozConnectionError(
+                f"ZooKeeper did not answer within {self.lock_ttl / 2:g} s"
+            ) from exc
 
     def _taken_in_database(self, tooz_lock: Any) -> bool:
         """Whether PostgreSQL or MySQL shows the lock taken, asked on one kept connection.
@@ -668,6 +694,9 @@ class Backend:
             if not lock.held or lock._tooz_lock is None:
                 return False
             lock.held = False
+            if self._zookeeper:
+                # The lock node is ephemeral: it goes with the session if we cannot.
+                self._check_zookeeper_connected()
             if self.scheme == "postgresql":
                 with self._pg_guard:
                     self._pg_held.pop(bytes(lock._tooz_lock.key), None)  # type: ignore[attr-defined]
@@ -691,7 +720,10 @@ class Backend:
         """
 
         def beat() -> list[bool | None]:
-            self._driver.heartbeat()
+            if self._zookeeper:
+                self._zookeeper_heartbeat()
+            else:
+                self._driver.heartbeat()
             return [self._still_owner(lock) for lock in locks]
 
         return await self._call(self._control_lane, "heartbeat", beat)

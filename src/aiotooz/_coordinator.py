@@ -119,6 +119,9 @@ class Coordinator:
         # Set and replaced whenever the connection state changes (see _state_changed).
         self._state_event: anyio.Event | None = None
         self._task_group: TaskGroup | None = None
+        # Set to make the heartbeat run before its time (see _beat_now).
+        self._beat_event: anyio.Event | None = None
+        self._last_beat = -math.inf
         self._started = False
         self._owner_task: int | None = None
         # When the last heartbeat that succeeded began (or the connection was made): every
@@ -357,6 +360,13 @@ class Coordinator:
                     # stop() may have run while the try was in its worker thread.
                     self._check_started()
                     return backend_lock, tried_at
+            except BackendUnavailable as exc:
+                if deadline == TRY_ONCE:
+                    raise
+                # A patient waiter rides out a failing backend: the heartbeat checks the
+                # connection now (and reconnects if it is gone), and the try is repeated.
+                self._log.debug("lock try failed; trying again", key=key, error=str(exc))
+                self._beat_now()
             except BaseException:
                 # Granted in the worker thread while we were being cancelled or failing:
                 # give it back, or it would stay held with nobody to release it.
@@ -521,9 +531,20 @@ class Coordinator:
 
     # -- heartbeat and reconnect ---------------------------------------------------
 
+    def _beat_now(self) -> None:
+        """Have the heartbeat run soon (a try failed: is the connection gone?).
+
+        At most every 0.1 s, so that waiters polling a failing backend do not turn the
+        heartbeat into a flood.
+        """
+        if self._beat_event is not None and anyio.current_time() - self._last_beat >= 0.1:
+            self._beat_event.set()
+
     async def _beat_forever(self) -> None:
         while True:
-            await anyio.sleep(self.settings.heartbeat)
+            self._beat_event = anyio.Event()
+            with anyio.move_on_after(self.settings.heartbeat):
+                await self._beat_event.wait()
             backend = self._backend
             if backend is None:
                 continue
@@ -532,7 +553,7 @@ class Coordinator:
                 for hold in self._holds
                 if hold.backend_lock.backend is backend and not hold.lost
             ]
-            beat_started = anyio.current_time()
+            beat_started = self._last_beat = anyio.current_time()
             try:
                 owned = await backend.heartbeat([hold.backend_lock for hold in holds])
                 if backend is self._backend:

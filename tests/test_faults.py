@@ -1,0 +1,129 @@
+"""Server faults on private servers: kill -9 and restart, SIGSTOP and SIGCONT.
+
+For Redis, memcached, etcd and ZooKeeper, each test checks that the holder is told
+(``LockLost``) within the stated bound; that no other process is granted the lock while
+the holder still believes it holds it; that a waiting process neither hangs nor crashes
+and gets the lock after recovery; and that the coordinator reconnects and new locks work.
+
+The URLs shorten TTLs and client timeouts (3 s locks, 1 s sockets; a 3 s ZooKeeper
+session) and beat every 0.5 s, so that a fault plays out in seconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aiotooz import LockLost
+
+from ._procs import WORKER
+from ._servers import SERVERS, PrivateServer
+from .conftest import make_coordinator
+
+
+@dataclass(frozen=True)
+class Fault:
+    backend: str
+    server: str
+    options: str  # query string that makes the fault play out in seconds
+
+
+FAULTY = [
+    Fault("redis", "redis", "lock_timeout=3&socket_timeout=1&socket_connect_timeout=1"),
+    Fault("memcached", "memcached", "timeout=1&lock_timeout=3"),
+    Fault("etcd3+http", "etcd", "timeout=1&lock_timeout=3&membership_timeout=3"),
+    Fault("zookeeper", "zookeeper", "timeout=3"),
+]
+HEARTBEAT = 0.5
+#: How soon the holder must hear of the fault: two heartbeats, the client's timeout
+#: (at most the 3 s TTL or session, through the lease rule), and slack for a loaded box.
+DETECTION_BOUND = 2 * HEARTBEAT + 3 + 2
+
+
+@pytest.fixture(params=FAULTY, ids=[fault.backend for fault in FAULTY])
+def fault(request: pytest.FixtureRequest) -> Fault:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def server(fault: Fault, tmp_path: Path) -> Iterator[PrivateServer]:
+    """A private server of this test's own: it will be killed or paused."""
+    instance = SERVERS[fault.server](tmp_path)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.close()
+
+
+def _url(server: PrivateServer, fault: Fault) -> str:
+    return f"{server.url}?{fault.options}"
+
+
+class _Waiter:
+    """Another process waiting for the lock; it reports when it was granted it."""
+
+    def __init__(self, url: str, prefix: str, name: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, WORKER, "grant", url, prefix, name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "waiting"
+
+    def granted_at(self, timeout: float) -> float:
+        out, err = self.proc.communicate(timeout=timeout)
+        assert self.proc.returncode == 0, f"the waiter crashed: {err[-3000:]}"
+        return float(out.strip())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.mark.parametrize("kind", ["kill", "pause"])
+async def test_a_server_fault_reaches_the_holder_first(
+    fault: Fault, server: PrivateServer, prefix: str, kind: str
+) -> None:
+    url = _url(server, fault)
+    async with make_coordinator(url, prefix, heartbeat=HEARTBEAT) as coordinator:
+        lock = coordinator.get_lock("faulty")
+        waiter: _Waiter | None = None
+        try:
+            with pytest.raises(LockLost):
+                async with lock:
+                    waiter = await anyio.to_thread.run_sync(_Waiter, url, prefix, "faulty")
+                    struck = time.time()
+                    server.kill() if kind == "kill" else server.pause()
+                    try:
+                        await anyio.sleep(60)
+                    finally:
+                        lost_at = time.time()
+            assert lost_at - struck < DETECTION_BOUND, (lock.lost_reason, lost_at - struck)
+            await anyio.sleep(1)  # the server stays down a little longer
+            server.start() if kind == "kill" else server.resume()
+            assert waiter is not None
+            granted_at = await anyio.to_thread.run_sync(waiter.granted_at, 60)
+        finally:
+            if waiter is not None:
+                waiter.close()
+            server.resume()
+        # Nobody was granted the lock while its holder still believed it held it.
+        assert lost_at < granted_at, (lost_at, granted_at)
+        # The coordinator heals: it reconnects and new locks work.
+        with anyio.fail_after(60):
+            await coordinator.wait_connected()
+            async with coordinator.get_lock("after"):
+                pass
+            async with coordinator.get_lock("faulty"):
+                pass
