@@ -306,3 +306,28 @@ async def test_coordinators_sharing_a_directory_never_free_each_others_locks(
                 run_worker, "try", file_url, prefix, "shared-dir"
             )
             assert outcome == "busy"
+
+
+async def test_a_polled_file_lock_is_fully_released(
+    file_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tooz counts every lost try as a reference; a waiter that polled must not leave the
+    lock object believing it is still held (tooz logs "Unreleased lock" when it goes)."""
+    import gc
+
+    async with make_coordinator(file_url, prefix) as coordinator:
+        lock = coordinator.get_lock("polled")
+        with holding_process("hold", file_url, prefix, "polled") as holder:
+
+            async def free_soon() -> None:
+                await anyio.sleep(0.3)
+                assert holder.stdin is not None
+                holder.stdin.close()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(free_soon)
+                assert await lock.acquire(blocking=10)
+        await lock.release()
+        gc.collect()
+    assert not [record for record in caplog.records if "Unreleased lock" in record.getMessage()]
+    assert run_worker("try", file_url, prefix, "polled") == "acquired"

@@ -105,16 +105,28 @@ def _lock_ttl(driver: tooz.coordination.CoordinationDriver, scheme: str) -> floa
     return None
 
 
-def _close_idle_lock_file(file_lock: Any) -> None:
-    """Close the descriptor a failed try leaves open (fasteners keeps it for the next try).
+def _file_try(file_lock: Any) -> bool:
+    """One non-blocking try of tooz's file lock, mending two of its flaws.
 
-    Only while no thread of this process owns the path's barrier, so the descriptor
-    cannot be one a holder is using (see _FILE_LOCKS for why that matters).
+    The whole try holds the path's barrier condition (re-entrant: tooz's acquire takes
+    it again), so no other thread of this process can slip in between its steps.
+
+    * A try that loses to another process still counts a reference in tooz (``ref``),
+      so after the next acquire and release the lock object believes it is held and
+      never closes its file: the count is put back.
+    * fasteners keeps the lock file open after a failed try; closing it here is safe
+      because no thread of this process holds the path (see _FILE_LOCKS).
     """
     barrier = file_lock._barrier
     with barrier.cond:
-        if barrier.owner is None and not file_lock.acquired:
-            file_lock._lock._do_close()
+        if barrier.owner is not None:
+            return False  # held in this process, by another coordinator
+        references = file_lock.ref
+        if file_lock.acquire(blocking=False):
+            return True
+        file_lock.ref = references
+        file_lock._lock._do_close()
+        return False
 
 
 #: MySQL's GET_LOCK refuses names longer than this.
@@ -570,8 +582,6 @@ class Backend:
                     return False
                 raise
             lock.held = granted
-            if not granted and self.scheme == "file":
-                _close_idle_lock_file(lock._tooz_lock)
             return granted
 
         if self.scheme == "mysql" and len(lock.key) > _MYSQL_MAX_KEY:
@@ -588,6 +598,8 @@ class Backend:
 
     def _try_once(self, tooz_lock: tooz.locking.Lock, key: str) -> bool:
         """One non-blocking try, each driver's quirks smoothed out (in a worker thread)."""
+        if self.scheme == "file":
+            return _file_try(tooz_lock)
         if self.scheme == "ipc":
             return _ipc_try(tooz_lock)
         if self.scheme in {"etcd3+http", "etcd3+https"}:
