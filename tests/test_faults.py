@@ -11,6 +11,8 @@ session) and beat every 0.5 s, so that a fault plays out in seconds.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,9 +25,9 @@ import pytest
 
 from aiotooz import LockLost
 
-from ._procs import WORKER
+from ._procs import WORKER, holding_process, run_worker
 from ._servers import SERVERS, PrivateServer
-from .conftest import make_coordinator
+from .conftest import ServerPool, make_coordinator, url_for
 
 
 @dataclass(frozen=True)
@@ -127,3 +129,66 @@ async def test_a_server_fault_reaches_the_holder_first(
                 pass
             async with coordinator.get_lock("faulty"):
                 pass
+
+
+#: With default settings (heartbeat 1 s): Redis, memcached and etcd sockets time out after
+#: 2 s (aiotooz's default driver options); ZooKeeper's heartbeat read waits at most half
+#: the 10 s session. Plus slack for a loaded machine.
+DEFAULT_BOUNDS = {"redis": 5.0, "memcached": 5.0, "etcd3+http": 5.0, "zookeeper": 9.0}
+
+
+async def test_a_hung_server_is_noticed_with_default_settings(
+    fault: Fault, server: PrivateServer, prefix: str
+) -> None:
+    async with make_coordinator(server.url, prefix) as coordinator:
+        try:
+            with pytest.raises(LockLost):
+                async with coordinator.get_lock("hung"):
+                    server.pause()
+                    paused = anyio.current_time()
+                    try:
+                        await anyio.sleep(60)
+                    finally:
+                        noticed = anyio.current_time() - paused
+        finally:
+            server.resume()
+    assert noticed < DEFAULT_BOUNDS[fault.backend], noticed
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "freed_within"),
+    [
+        ("file", "", 3.0),
+        ("ipc", "", 3.0),
+        ("postgresql", "", 3.0),
+        ("mysql", "", 3.0),
+        ("redis", "lock_timeout=3", 3 + 3.0),
+        ("memcached", "lock_timeout=3", 3 + 3.0),
+        ("etcd3+http", "lock_timeout=3", 3 + 3.0),
+        ("zookeeper", "timeout=3", 3 + 3.0),
+    ],
+)
+def test_a_killed_holder_process_frees_the_lock(
+    backend: str,
+    options: str,
+    freed_within: float,
+    server_pool: ServerPool,
+    tmp_path: Path,
+    prefix: str,
+) -> None:
+    """SIGKILL a holding process: at once where the lock dies with its connection or
+    process (file, ipc, postgresql, mysql), within the TTL or session elsewhere."""
+    url = url_for(backend, server_pool, tmp_path)
+    if options:
+        url = f"{url}{'&' if '?' in url else '?'}{options}"
+    with holding_process("hold", url, prefix, "crash") as holder:
+        assert run_worker("try", url, prefix, "crash") == "busy"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        killed = time.monotonic()
+        while run_worker("try", url, prefix, "crash") != "acquired":
+            assert time.monotonic() - killed < freed_within + 5, "the lock outlived its holder"
+            time.sleep(0.1)
+        freed = time.monotonic() - killed
+    # "At once" includes starting a Python process for each try (about a second here).
+    assert freed < freed_within, freed

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from structlog.testing import capture_logs
 
 from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 
-from ._procs import WORKER, holding_process, run_worker
+from ._procs import WORKER
 from ._proxy import DelayProxy
 from ._servers import PrivateRedis
 from .conftest import make_coordinator
@@ -193,30 +191,6 @@ async def test_a_hung_server_stops_the_holder_before_anyone_else_gets_the_lock(
                 proxy.thaw()
     granted_at = float(out.strip())
     assert lost_at < granted_at, (lost_at, granted_at)
-
-
-def _kill_holder_and_time_until_free(url: str, prefix: str, limit: float) -> float:
-    with holding_process("hold", url, prefix, "crash") as holder:
-        assert run_worker("try", url, prefix, "crash") == "busy"
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
-        killed = time.monotonic()
-        while run_worker("try", url, prefix, "crash") != "acquired":
-            assert time.monotonic() - killed < limit, "the lock outlived its holder"
-            time.sleep(0.1)
-        return time.monotonic() - killed
-
-
-def test_a_killed_holder_process_frees_a_file_lock_at_once(file_url: str, prefix: str) -> None:
-    # "At once" give or take a worker process's start-up time.
-    assert _kill_holder_and_time_until_free(file_url, prefix, limit=3) < 3
-
-
-def test_a_killed_holder_process_frees_a_redis_lock_within_its_ttl(
-    redis_url: str, prefix: str
-) -> None:
-    freed = _kill_holder_and_time_until_free(f"{redis_url}?lock_timeout=3", prefix, limit=6)
-    assert freed <= 3 + 2
 
 
 async def test_stop_inside_a_lock_block_of_the_same_task_is_a_clear_error(

@@ -70,7 +70,26 @@ _EXTRAS: Final = {
 #: that a dead or hung server is noticed in seconds rather than tooz's defaults (30 s).
 _DEFAULT_OPTIONS: Final[dict[str, dict[str, str]]] = {
     "redis": {"socket_timeout": "2", "socket_connect_timeout": "2"},
+    "memcached": {"timeout": "2"},
+    "etcd3+http": {"timeout": "2"},
+    "etcd3+https": {"timeout": "2"},
 }
+
+#: memcached's and etcd's drivers also derive their TTLs from ``timeout``; when aiotooz
+#: sets ``timeout``, the TTLs the URL leaves unset keep tooz's default of 30 s.
+_TTL_OPTIONS: Final = ("lock_timeout", "membership_timeout", "leader_timeout")
+
+
+def _driver_defaults(scheme: str, query: dict[str, list[str]]) -> dict[str, str]:
+    """The options aiotooz adds to a URL's own (which always win)."""
+    defaults = {
+        option: value
+        for option, value in _DEFAULT_OPTIONS.get(scheme, {}).items()
+        if option not in query
+    }
+    if scheme != "redis" and "timeout" in defaults:
+        defaults.update({option: "30" for option in _TTL_OPTIONS if option not in query})
+    return defaults
 
 #: Lock keys the file driver keeps for itself (its group and tmp directories).
 _FILE_RESERVED: Final = frozenset({"groups", "tmp"})
@@ -503,12 +522,9 @@ class Backend:
                 f"unknown backend scheme {scheme!r} in {shown}; "
                 f"use one of: {', '.join(known_schemes())}"
             )
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
-        defaults: dict[str, Any] = {
-            option: value
-            for option, value in _DEFAULT_OPTIONS.get(scheme, {}).items()
-            if option not in query
-        }
+        defaults: dict[str, Any] = _driver_defaults(
+            scheme, urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+        )
         try:
             return tooz.coordination.get_coordinator(url, member_id.encode("utf-8"), **defaults)
         except ImportError as exc:
