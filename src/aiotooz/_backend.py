@@ -91,6 +91,7 @@ def _driver_defaults(scheme: str, query: dict[str, list[str]]) -> dict[str, str]
         defaults.update({option: "30" for option in _TTL_OPTIONS if option not in query})
     return defaults
 
+
 #: Lock keys the file driver keeps for itself (its group and tmp directories).
 _FILE_RESERVED: Final = frozenset({"groups", "tmp"})
 
