@@ -164,6 +164,12 @@ def private_server(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
             server.close()
 
 
+@pytest.fixture
+def private_redis(private_server: Callable[[str], Any]) -> Any:
+    """A private redis-server of this test's own (tests/_servers.py PrivateRedis)."""
+    return private_server("redis")
+
+
 def url_for(backend: str, pool: ServerPool, tmp_path: Path) -> str:
     """The URL of ``backend``: a temporary directory, ``ipc://``, or a private server."""
     if backend == "file":

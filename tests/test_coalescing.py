@@ -5,11 +5,7 @@ Counted on a private Redis through its own command statistics: a real server, no
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import anyio
-import pytest
 import redis
 
 from aiotooz import Lock
@@ -17,16 +13,6 @@ from aiotooz import Lock
 from ._procs import holding_process
 from ._servers import PrivateRedis
 from .conftest import make_coordinator
-
-
-@pytest.fixture
-def counted_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def _calls(url: str, command: str) -> int:
@@ -39,9 +25,9 @@ def _calls(url: str, command: str) -> int:
 
 
 async def test_waiters_of_one_process_poll_the_backend_through_one_task(
-    counted_redis: PrivateRedis, prefix: str
+    private_redis: PrivateRedis, prefix: str
 ) -> None:
-    url = counted_redis.url
+    url = private_redis.url
     async with make_coordinator(url, prefix, heartbeat=5) as coordinator:
         with holding_process("hold", url, prefix, "crowded"):
             before = _calls(url, "set")
@@ -54,9 +40,9 @@ async def test_waiters_of_one_process_poll_the_backend_through_one_task(
 
 
 async def test_local_hand_off_skips_the_backend_a_bounded_number_of_times(
-    counted_redis: PrivateRedis, prefix: str
+    private_redis: PrivateRedis, prefix: str
 ) -> None:
-    url = counted_redis.url
+    url = private_redis.url
     order: list[int] = []
     async with make_coordinator(url, prefix, heartbeat=5) as coordinator:
         first = coordinator.get_lock("relay")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import anyio
 import pytest
 from structlog.testing import capture_logs
@@ -14,16 +11,6 @@ from aiotooz import BackendUnavailable, Lock
 from ._procs import run_worker
 from ._servers import PrivateRedis
 from .conftest import make_coordinator
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def test_heartbeat_keeps_a_ttl_lock_held(redis_url: str, prefix: str) -> None:

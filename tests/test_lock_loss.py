@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -25,16 +23,6 @@ from .conftest import make_coordinator
 def _redis_key(prefix: str, name: str) -> bytes:
     """The key tooz's redis driver stores a lock under (default namespace)."""
     return f"_tooz_{prefix}{name}_lock".encode()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def test_a_taken_over_lock_cancels_the_body(redis_url: str, prefix: str) -> None:
