@@ -197,8 +197,13 @@ class Coordinator:
         """Release every lock held through this coordinator, stop beating, disconnect.
 
         Does nothing if not started. Tasks still waiting for a lock get
-        :class:`~aiotooz.LockCreationFailed`; holders whose lock was released here can
-        still leave their ``async with`` block normally.
+        :class:`~aiotooz.LockCreationFailed`; a holder inside ``async with lock:`` is
+        cancelled and gets :class:`~aiotooz.LockLost`; a lock taken with ``acquire()``
+        can still be ``release()``-d without error.
+
+        Raises:
+            RuntimeError: awaited in another task than ``start()``, or inside an
+                ``async with lock:`` block of this task.
         """
         if not self._started:
             return
