@@ -229,16 +229,19 @@ class PrivateServer:
 
 
 class PrivateRedis(PrivateServer):
-    """A redis-server without persistence."""
+    """A redis-server without persistence; with ``password``, one that requires it."""
 
     name = "redis"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self._binary = _binary("redis-server")
+        self._password = password
         super().__init__(workdir)
-        self.url = f"redis://127.0.0.1:{self.port}"
+        userinfo = f":{password}@" if password else ""
+        self.url = f"redis://{userinfo}127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
+        auth = ["--requirepass", self._password] if self._password else []
         return [
             self._binary,
             "--bind",
@@ -251,6 +254,7 @@ class PrivateRedis(PrivateServer):
             "no",
             "--dir",
             str(self._workdir),
+            *auth,
         ]
 
 

@@ -16,8 +16,7 @@ import pytest
 
 from aiotooz._cli import EXIT_NOT_ACQUIRED
 
-from ._servers import free_port, wait_for_port
-from .conftest import missing_backend
+from ._servers import PrivateRedis, free_port
 
 PY = sys.executable
 
@@ -615,35 +614,12 @@ def test_check_fails_on_bad_settings(tmp_path: Path) -> None:
 @pytest.fixture
 def redis_with_password(tmp_path: Path) -> Iterator[str]:
     """A private redis-server that requires the password ``hunter2``."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        missing_backend("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-            "--requirepass",
-            "hunter2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = PrivateRedis(tmp_path / "redis", password="hunter2")
+    server.start()
     try:
-        wait_for_port(port)
-        yield f"redis://:hunter2@127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.kill()
-        proc.wait()
+        server.close()
 
 
 def test_check_never_prints_the_password(tmp_path: Path, redis_with_password: str) -> None:
