@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import anyio
@@ -15,6 +16,7 @@ from aiotooz import (
     Lock,
     LockAcquireFailed,
     LockCreationFailed,
+    LockLost,
     LockNotHeld,
 )
 
@@ -198,21 +200,60 @@ async def test_stop_releases_held_locks_and_fails_waiters(backend_url: str, pref
     await coordinator.stop()  # idempotent
 
 
-async def test_stop_from_another_task_is_a_clear_error(file_url: str, prefix: str) -> None:
-    errors: list[RuntimeError] = []
-    async with make_coordinator(file_url, prefix) as coordinator:
+async def test_stop_from_another_task_releases_and_disconnects(
+    file_url: str, prefix: str
+) -> None:
+    coordinator = make_coordinator(file_url, prefix)
+    await coordinator.start()
+    lock = Lock("elsewhere", coordinator=coordinator)
+    await lock.acquire()
+    async with anyio.create_task_group() as group:
+        group.start_soon(coordinator.stop)
+    assert not coordinator.is_started and not coordinator.is_connected
+    assert lock.lost
+    assert run_worker("try", file_url, prefix, "elsewhere") == "acquired"
+    await lock.release()
 
-        async def stop_elsewhere() -> None:
-            try:
+
+async def test_stop_inside_a_cancel_scope_opened_after_start_releases_and_closes(
+    backend_url: str, prefix: str
+) -> None:
+    """Bounding shutdown with fail_after, or stopping inside a task group, used to fail
+    with a cancel-scope RuntimeError, leaving the connection open and the lock held."""
+    before = {t for t in threading.enumerate() if t.name.startswith("aiotooz")}
+    coordinator = make_coordinator(backend_url, prefix)
+    await coordinator.start()
+    lock = Lock("bounded-stop", coordinator=coordinator)
+    await lock.acquire()
+    with anyio.fail_after(10):
+        await coordinator.stop()
+    assert not coordinator.is_started and not coordinator.is_connected
+    assert run_worker("try", backend_url, prefix, "bounded-stop") == "acquired"
+    await lock.release()
+    # Inside a task group opened after start(), and from inside a lock's block.
+    await coordinator.start()
+    async with anyio.create_task_group():
+        with pytest.raises(LockLost, match="stopped"):
+            async with Lock("bounded-stop", coordinator=coordinator):
                 await coordinator.stop()
-            except RuntimeError as exc:
-                errors.append(exc)
+    assert not coordinator.is_started
+    assert run_worker("try", backend_url, prefix, "bounded-stop") == "acquired"
+    with anyio.fail_after(5):
+        while {t for t in threading.enumerate() if t.name.startswith("aiotooz")} - before:
+            await anyio.sleep(0.05)
 
-        async with anyio.create_task_group() as group:
-            group.start_soon(stop_elsewhere)
-        assert coordinator.is_started
-    assert len(errors) == 1
-    assert "must be awaited in the task" in str(errors[0])
+
+async def test_stop_shielded_from_its_own_cancelled_scope(file_url: str, prefix: str) -> None:
+    """A scope cancelled before stop() runs does not cut shutdown short."""
+    coordinator = make_coordinator(file_url, prefix)
+    await coordinator.start()
+    lock = Lock("cut-short", coordinator=coordinator)
+    await lock.acquire()
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await coordinator.stop()
+    assert not coordinator.is_started
+    assert run_worker("try", file_url, prefix, "cut-short") == "acquired"
 
 
 async def test_start_and_stop_are_idempotent(backend_url: str, prefix: str) -> None:

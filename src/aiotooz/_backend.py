@@ -25,7 +25,10 @@ translated, once, into the :mod:`aiotooz._exceptions` tree.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import importlib.metadata
+import os
 import queue
 import threading
 import time
@@ -105,7 +108,10 @@ _GET_LOCK = threading.Lock()
 # for one path (two coordinators on one directory) would each open the file, and
 # closing the idle one would silently free the other's lock. So this process keeps one
 # tooz lock object per lock file, shared by every coordinator on that directory.
-_FILE_LOCKS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+# The table is keyed by the file's identity (see _file_identity), not its path string.
+_FILE_LOCKS: weakref.WeakValueDictionary[tuple[int, int, str], Any] = (
+    weakref.WeakValueDictionary()
+)
 
 # Exceptions that mean "not acquired within the time given" on some drivers
 # (tenacity.RetryError on memcached and etcd3gw, kazoo's LockTimeout on zookeeper).
@@ -117,12 +123,56 @@ def known_schemes() -> list[str]:
     return sorted(ep.name for ep in importlib.metadata.entry_points(group="tooz.backends"))
 
 
+#: memcached expires items in whole seconds, by a clock that ticks once a second: an item
+#: stored with ``expire=N`` can vanish as early as ``N - 1`` seconds later (measured:
+#: 1.0-1.85 s for N = 2). The lease rule must count from that, not from N.
+_MEMCACHED_EARLY_EXPIRY: Final = 1.0
+
+
 def _lock_ttl(driver: tooz.coordination.CoordinationDriver, scheme: str) -> float | None:
-    if scheme in {"redis", "memcached", "etcd3+http", "etcd3+https"}:
+    """How long a held lock is guaranteed to outlive its last refresh at the backend."""
+    if scheme == "memcached":
+        return float(driver.lock_timeout) - _MEMCACHED_EARLY_EXPIRY  # type: ignore[attr-defined]
+    if scheme in {"redis", "etcd3+http", "etcd3+https"}:
         return float(driver.lock_timeout)  # type: ignore[attr-defined]
     if scheme in {"zookeeper", "kazoo"}:
-        return float(driver.timeout)  # type: ignore[attr-defined]
+        # The server may grant a shorter session than asked for (its maxSessionTimeout):
+        # kazoo keeps the negotiated one, in milliseconds, once connected.
+        client = driver._coord  # type: ignore[attr-defined]
+        negotiated = client._session_timeout / 1000
+        return min(float(driver.timeout), negotiated)  # type: ignore[attr-defined]
     return None
+
+
+def _check_ttl(driver: tooz.coordination.CoordinationDriver, scheme: str, shown: str) -> None:
+    """Refuse a lock TTL the backend cannot honour (before connecting)."""
+    if scheme == "memcached" and driver.lock_timeout < 2:  # type: ignore[attr-defined]
+        raise ConfigurationError(
+            f"lock_timeout={driver.lock_timeout} in {shown} is too short: memcached "  # type: ignore[attr-defined]
+            "expires locks in whole seconds and up to 1 s early, so a lock must live at "
+            "least 2 s (and then only 1 s is guaranteed); use lock_timeout=3 or more"
+        )
+
+
+def _file_identity(directory: str, key: str) -> tuple[int, int, str]:
+    """What makes two lock files one: the directory's device and inode, and the name.
+
+    One directory can have many spellings (a symlink such as /var/lock -> /run/lock, a
+    bind mount); the path string would make two lock objects, and two descriptors, for
+    one file (see _FILE_LOCKS).
+    """
+    info = os.stat(directory)
+    return info.st_dev, info.st_ino, key
+
+
+def _resolve_file_url(url: str) -> str:
+    """The file URL with its directory path made canonical (symlinks, '.', '..').
+
+    tooz refuses every lock of a directory spelled with '.' or '..' ("outside of parent
+    directory"), and its file locks are per path, not per file.
+    """
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=os.path.realpath(parts.path)))
 
 
 def _file_try(file_lock: Any) -> bool:
@@ -206,6 +256,31 @@ def _etcd_try(driver: Any, etcd_lock: Any) -> bool:
     return False
 
 
+def _etcd_still_owner(driver: Any, etcd_lock: Any) -> bool:
+    """Whether the lock's key still holds this lock's token, read from etcd.
+
+    tooz cannot tell (``is_still_owner`` is not implemented) and its heartbeat ignores a
+    lease that is gone, so a key deleted or a lease revoked from outside went unnoticed.
+    """
+    values = driver.client.get(etcd_lock._key)
+    return bool(values) and values[0] == base64.b64decode(etcd_lock._uuid)
+
+
+def _etcd_release(driver: Any, etcd_lock: Any) -> bool:
+    """tooz's release, then revoke the lock's lease, which tooz leaves alive.
+
+    Without the revoke every acquire and release left a lease living ``lock_timeout``
+    seconds (30 s by default): ~3,000 live leases at 100 locks/s. A lock that was lost
+    is also dropped from the driver's refresh list, which tooz keeps it in.
+    """
+    try:
+        return bool(etcd_lock.release())
+    finally:
+        driver._acquired_locks.discard(etcd_lock)
+        with contextlib.suppress(Exception):  # gone already: nothing left to revoke
+            etcd_lock._lease.revoke()
+
+
 def _drop_redis_client_retries(driver: tooz.coordination.CoordinationDriver) -> None:
     """Bound how long a dead Redis takes to notice; tooz has no option for it.
 
@@ -267,6 +342,10 @@ _INLINE_TRY_STRIKES: Final = 3
 _QUEUED: Final = 0
 _RUNNING: Final = 1
 _WITHDRAWN: Final = 2
+#: The caller stopped waiting while the call ran (cancelled, or past its time): the
+#: worker hands the call's outcome to the job's ``abandoned`` callback instead.
+_ABANDONED: Final = 3
+_DONE: Final = 4
 
 
 def _loop_scheduler() -> Callable[[Callable[[], object]], object]:
@@ -293,16 +372,20 @@ class _LaneClosed(Exception):
 class _Job:
     """One call into a worker thread, and its outcome."""
 
-    __slots__ = ("done", "error", "func", "result", "schedule", "state")
+    __slots__ = ("abandoned", "done", "error", "func", "result", "schedule", "state")
 
     def __init__(
         self,
         func: Callable[[], object] | None,
         schedule: Callable[[Callable[[], object]], object],
+        abandoned: Callable[[object], object] | None = None,
     ) -> None:
         #: ``None`` is the order for the worker that takes it to exit.
         self.func = func
         self.schedule = schedule
+        #: Called with the result, in a worker thread, if the call succeeds after its
+        #: caller stopped waiting (a try granted too late is released through it).
+        self.abandoned = abandoned
         self.state = _QUEUED
         self.result: object = None
         self.error: BaseException | None = None
@@ -314,6 +397,14 @@ class _Job:
             self.schedule(self.done.set)
         except RuntimeError:
             pass  # the event loop is gone (trio's RunFinishedError too): nobody waits
+
+
+def _clean_up(abandoned: Callable[[object], object], result: object) -> None:
+    """Run an abandoned call's clean-up; its errors have nobody to go to."""
+    try:
+        abandoned(result)
+    except Exception:  # noqa: S110 - the backend frees the lock with its TTL or session
+        pass
 
 
 @final
@@ -351,13 +442,19 @@ class _Lane:
                 self._threads.add(thread)
                 thread.start()
 
-    def withdraw(self, job: _Job) -> bool:
-        """Take back a job no worker has started; ``False`` if one has."""
+    def abandon(self, job: _Job) -> int:
+        """The caller stops waiting for ``job``; returns the job's state before that.
+
+        A queued job is withdrawn (it never runs); a running one is marked abandoned
+        (its worker cleans up after it); a done one is left to the caller.
+        """
         with self._mutex:
-            if job.state != _QUEUED:
-                return False
-            job.state = _WITHDRAWN
-            return True
+            state = job.state
+            if state == _QUEUED:
+                job.state = _WITHDRAWN
+            elif state == _RUNNING:
+                job.state = _ABANDONED
+            return state
 
     def close(self, schedule: Callable[[Callable[[], object]], object]) -> list[_Job]:
         """Refuse new calls; order every thread to exit once the queue before it is done.
@@ -403,38 +500,51 @@ class _Lane:
                 job.result = job.func()
             except BaseException as exc:
                 job.error = exc
+            with self._mutex:
+                abandoned = job.state == _ABANDONED
+                job.state = _DONE
+            if abandoned:
+                if job.error is None and job.abandoned is not None:
+                    _clean_up(job.abandoned, job.result)
+                job.result = job.error = None
             job.finish()
+
+
+class _CallTimedOut(Exception):
+    """The call did not return within the time its caller gave it."""
 
 
 async def _run_in_lane(
     lane: _Lane,
     schedule: Callable[[Callable[[], object]], object],
     func: Callable[[], T],
+    timeout: float,
+    abandoned: Callable[[T], object] | None = None,
 ) -> T:
     """Run ``func`` in one of ``lane``'s threads; never blocks the event loop.
 
-    A caller cancelled while its call is still queued withdraws it (it never runs). A
-    caller cancelled while its call runs waits, shielded, for the call to end before the
-    cancellation goes on, so the outcome is never lost: a lock granted in the worker
-    thread is recorded in ``BackendLock.held`` for the caller's cleanup to release.
+    The caller waits at most ``timeout`` seconds, and not at all once cancelled: a
+    backend that accepts connections but never answers (a paused server) must not hold
+    up a cancel scope or a deadline. A call the caller stops waiting for is withdrawn if
+    no worker has started it; otherwise it runs on, and if it succeeds, ``abandoned``
+    gets its result in the worker thread (a try granted after its caller left releases
+    the lock there), so that no outcome is ever lost.
 
     Raises:
         _LaneClosed: the lane's Backend is closed.
+        _CallTimedOut: no answer within ``timeout`` seconds.
     """
-    job = _Job(func, schedule)
+    job = _Job(func, schedule, cast("Callable[[object], object] | None", abandoned))
     lane.submit(job)
     try:
-        await job.done.wait()
+        with anyio.move_on_after(timeout):
+            await job.done.wait()
     except BaseException:
-        if lane.withdraw(job):
-            raise
-        while not job.done.is_set():
-            try:
-                with anyio.CancelScope(shield=True):
-                    await job.done.wait()
-            except BaseException:  # a native asyncio cancel pierces the shield
-                pass
+        _give_up(lane, job)
         raise
+    if not job.done.is_set():
+        _give_up(lane, job)
+        raise _CallTimedOut
     error = job.error
     if error is not None:
         job.error = None  # no reference cycle through the traceback
@@ -442,12 +552,23 @@ async def _run_in_lane(
     return cast("T", job.result)
 
 
+def _give_up(lane: _Lane, job: _Job) -> None:
+    """Stop waiting for ``job``; if it is already done, clean up after its result."""
+    if lane.abandon(job) != _DONE or job.error is not None or job.abandoned is None:
+        return
+    result, job.result = job.result, None
+    cleanup = job.abandoned
+    with contextlib.suppress(_LaneClosed):
+        lane.submit(_Job(lambda: _clean_up(cleanup, result), job.schedule))
+
+
 @final
 class BackendLock:
     """One backend lock for one key, as held (or tried) through one :class:`Backend`.
 
-    ``held`` is set by the worker thread itself the moment tooz grants the lock, so an
-    async caller that was cancelled while the try ran can still see that it must release.
+    ``held`` is true from the moment a try's grant reaches its caller until release. A
+    grant that comes after its caller stopped waiting never reaches it: the worker
+    thread releases that lock itself (see ``_run_in_lane``).
     """
 
     __slots__ = ("_tooz_lock", "backend", "held", "key")
@@ -461,21 +582,31 @@ class BackendLock:
 
 @final
 class Backend:
-    """One started tooz coordinator, and the worker lanes that call it."""
+    """One started tooz coordinator, and the worker lanes that call it.
 
-    def __init__(self, driver: tooz.coordination.CoordinationDriver, url: str) -> None:
+    Args:
+        driver: the started tooz coordinator.
+        url: its URL (as given to tooz: a file URL is already resolved).
+        call_timeout: seconds a caller waits for any one call before it counts as failed.
+    """
+
+    def __init__(
+        self, driver: tooz.coordination.CoordinationDriver, url: str, call_timeout: float
+    ) -> None:
         self._driver = driver
         self._url = url
+        self.call_timeout = call_timeout
         self.scheme = url.partition("://")[0]
         self.requires_beating: bool = bool(driver.requires_beating)
         self.reserved_keys: frozenset[str] = (
             _FILE_RESERVED if self.scheme == "file" else frozenset()
         )
-        #: Seconds a held lock survives at the backend without a refresh (the lock TTL,
-        #: or the ZooKeeper session timeout); ``None`` where locks live as long as the
-        #: connection (file, ipc, postgresql, mysql).
+        #: Seconds a held lock is guaranteed to survive at the backend without a refresh
+        #: (the lock TTL, or the ZooKeeper session timeout); ``None`` where locks live as
+        #: long as the connection (file, ipc, postgresql, mysql).
         self.lock_ttl: float | None = _lock_ttl(driver, self.scheme)
         self._zookeeper = self.scheme in {"zookeeper", "kazoo"}
+        self._etcd = self.scheme in {"etcd3+http", "etcd3+https"}
         self._acquire_lane = _Lane(f"aiotooz-acquire {self.scheme}", 2)
         self._control_lane = _Lane(f"aiotooz-control {self.scheme}", 2)
         #: How worker threads wake the event loop; taken from the first call's loop.
@@ -487,10 +618,19 @@ class Backend:
         #: postgresql, mysql: serialises the driver's own connection (see _taken_in_database).
         self._probe_guard = threading.Lock()
         self._slow_inline_tries = 0
+        if self.scheme == "mysql":
+            _bound_mysql_connection(driver._conn, call_timeout)  # type: ignore[attr-defined]
 
     @classmethod
-    async def connect(cls, url: str, member_id: str) -> Backend:
-        """Create and start a tooz coordinator for ``url`` in a worker thread."""
+    async def connect(cls, url: str, member_id: str, call_timeout: float) -> Backend:
+        """Create and start a tooz coordinator for ``url`` in a worker thread.
+
+        Raises:
+            ConfigurationError: the URL, scheme or client library is wrong.
+            BackendUnavailable: the backend cannot be reached within ``call_timeout``.
+        """
+        if url.startswith("file:"):
+            url = _resolve_file_url(url)
 
         def start() -> tooz.coordination.CoordinationDriver:
             driver = cls._load_driver(url, member_id)
@@ -502,15 +642,29 @@ class Backend:
                 raise _translate(exc, "connecting", url) from exc
             return driver
 
+        def stop_late(driver: tooz.coordination.CoordinationDriver) -> None:
+            # Connected after the caller gave up: nobody will use this connection.
+            driver.stop()
+
         # A lane of its own: connecting may hang for the client's connect timeout on an
         # unreachable host, and must not hold up releases while it does.
         lane = _Lane(f"aiotooz-connect {url.partition('://')[0]}", 1)
         schedule = _loop_scheduler()
         try:
-            driver = await _run_in_lane(lane, schedule, start)
+            driver = await _run_in_lane(lane, schedule, start, call_timeout, stop_late)
+        except _CallTimedOut:
+            raise BackendUnavailable(
+                f"connecting on {redact_url(url)}: no answer within {call_timeout:g} s "
+                "(AIOTOOZ_CALL_TIMEOUT)"
+            ) from None
         finally:
-            lane.close(schedule)  # its thread exits at once; nobody needs to wait
-        backend = cls(driver, url)
+            lane.close(schedule)  # its thread exits once done; nobody needs to wait
+        try:
+            backend = cls(driver, url, call_timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                driver.stop()
+            raise
         backend._schedule = schedule
         return backend
 
@@ -527,7 +681,9 @@ class Backend:
             scheme, urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
         )
         try:
-            return tooz.coordination.get_coordinator(url, member_id.encode("utf-8"), **defaults)
+            driver = tooz.coordination.get_coordinator(
+                url, member_id.encode("utf-8"), **defaults
+            )
         except ImportError as exc:
             raise ConfigurationError(
                 f"the {scheme!r} backend needs a client library that is not installed "
@@ -543,17 +699,41 @@ class Backend:
             raise ConfigurationError(f"bad backend URL {shown}: {exc}") from exc
         except Exception as exc:
             raise _translate(exc, "loading the driver", url) from exc
+        _check_ttl(driver, scheme, shown)
+        return driver
 
-    async def _call(self, lane: _Lane, action: str, func: Callable[[], T]) -> T:
+    async def _call(
+        self,
+        lane: _Lane,
+        action: str,
+        func: Callable[[], T],
+        *,
+        timeout: float | None = None,
+        abandoned: Callable[[T], object] | None = None,
+    ) -> T:
+        """Run ``func`` in ``lane``, waiting at most ``timeout`` (the call timeout).
+
+        Raises:
+            _CallTimedOut: only when ``timeout`` is given and shorter than the call
+                timeout (the caller's own deadline passed first).
+            BackendUnavailable: the backend failed, did not answer within the call
+                timeout, or the connection is closed.
+        """
         if self._schedule is None:
             self._schedule = _loop_scheduler()
+        limit = self.call_timeout if timeout is None else min(timeout, self.call_timeout)
         try:
-            # A cancelled caller still waits for a call that has started (shielded), so
-            # its outcome (a granted lock, say) is never lost. Calls here are short.
-            return await _run_in_lane(lane, self._schedule, func)
+            return await _run_in_lane(lane, self._schedule, func, limit, abandoned)
         except _LaneClosed:
             raise BackendUnavailable(
                 f"{action} on {redact_url(self._url)}: the connection is closed"
+            ) from None
+        except _CallTimedOut:
+            if limit < self.call_timeout:
+                raise
+            raise BackendUnavailable(
+                f"{action} on {redact_url(self._url)}: no answer within "
+                f"{self.call_timeout:g} s (AIOTOOZ_CALL_TIMEOUT)"
             ) from None
         except CoordinationError:
             raise
@@ -586,21 +766,19 @@ class Backend:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
         return BackendLock(self, key)
 
-    async def try_acquire(self, lock: BackendLock) -> bool:
-        """Try once to take ``lock`` without waiting; ``True`` if it is now held."""
+    async def try_acquire(self, lock: BackendLock, wait: float | None = None) -> bool:
+        """Try once to take ``lock`` without waiting; ``True`` if it is now held.
 
-        def attempt() -> bool:
-            if lock._tooz_lock is None:
-                lock._tooz_lock = self._get_tooz_lock(lock.key)
-            try:
-                granted = self._try_once(lock._tooz_lock, lock.key)
-            except Exception as exc:
-                if type(exc).__name__ in _NOT_ACQUIRED_NAMES:
-                    return False
-                raise
-            lock.held = granted
-            return granted
+        Args:
+            lock: the handle to try; after a try that was given up (``False`` because
+                ``wait`` ran out), use a new one.
+            wait: seconds the caller can spend on this try at most (its deadline);
+                past them the try counts as not granted, and if the backend grants it
+                later, the lock is released again in the worker thread.
 
+        Raises:
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
         if self.scheme == "mysql" and len(lock.key) > _MYSQL_MAX_KEY:
             raise UnsupportedOperation(
                 f"the mysql backend cannot lock key {lock.key!r}: MySQL lock names are at "
@@ -608,10 +786,46 @@ class Backend:
                 "coordinator prefix of at most 7 characters (keys are at most "
                 "len(prefix) + 57 characters)"
             )
+
+        # The tooz lock object this try uses. A try given up may still be running in
+        # its worker thread with it: the handle then gets a fresh one for the next try.
+        tried: list[tooz.locking.Lock] = []
+
+        def attempt() -> bool:
+            tooz_lock = lock._tooz_lock
+            if tooz_lock is None:
+                tooz_lock = self._get_tooz_lock(lock.key)
+            tried.append(tooz_lock)
+            try:
+                return self._try_once(tooz_lock, lock.key)
+            except Exception as exc:
+                if type(exc).__name__ in _NOT_ACQUIRED_NAMES:
+                    return False
+                raise
+
+        def release_late(granted: bool) -> None:
+            if granted:
+                self._release_tooz(tried[0])
+
         action = f"acquiring {lock.key!r}"
         if self._inline_tries:
-            return await self._call_inline(action, attempt)
-        return await self._call(self._acquire_lane, action, attempt)
+            granted = await self._call_inline(action, attempt)
+        else:
+            try:
+                granted = await self._call(
+                    self._acquire_lane, action, attempt, timeout=wait, abandoned=release_late
+                )
+            except _CallTimedOut:
+                lock._tooz_lock = None
+                return False
+            except BaseException:
+                if not tried:
+                    raise
+                lock._tooz_lock = None  # cancelled or failed: the object may be in use
+                raise
+        lock._tooz_lock = tried[0]
+        lock.held = granted
+        return granted
 
     def _try_once(self, tooz_lock: tooz.locking.Lock, key: str) -> bool:
         """One non-blocking try, each driver's quirks smoothed out (in a worker thread)."""
@@ -619,7 +833,7 @@ class Backend:
             return _file_try(tooz_lock)
         if self.scheme == "ipc":
             return _ipc_try(tooz_lock)
-        if self.scheme in {"etcd3+http", "etcd3+https"}:
+        if self._etcd:
             return _etcd_try(self._driver, tooz_lock)
         if self.scheme == "postgresql":
             return self._postgresql_try(tooz_lock, key)
@@ -628,7 +842,6 @@ class Backend:
         if self._zookeeper:
             self._check_zookeeper_connected()
         return bool(tooz_lock.acquire(blocking=False))
-
     def _check_zookeeper_connected(self) -> None:
         """Refuse a ZooKeeper call while kazoo is not connected.
 
@@ -711,41 +924,57 @@ class Backend:
         with _GET_LOCK:
             tooz_lock = self._driver.get_lock(key.encode("ascii"))
             if self.scheme == "file":
-                # The file driver names its lock objects by their absolute path. A new
-                # object has not opened its file yet, so dropping it is free.
-                tooz_lock = _FILE_LOCKS.setdefault(str(tooz_lock.name), tooz_lock)
+                # A new lock object has not opened its file yet, so dropping it is free.
+                directory = self._driver._dir  # type: ignore[attr-defined]
+                identity = _file_identity(directory, key)
+                tooz_lock = _FILE_LOCKS.setdefault(identity, tooz_lock)
+            elif self.scheme == "mysql":
+                _bound_mysql_connection(tooz_lock._conn, self.call_timeout)  # type: ignore[attr-defined]
             return tooz_lock
 
+    def _release_tooz(self, tooz_lock: Any) -> bool:
+        """Release a tooz lock at the backend (in a worker thread, or inline on file)."""
+        if self._zookeeper:
+            # The lock node is ephemeral: it goes with the session if we cannot.
+            self._check_zookeeper_connected()
+        if self.scheme == "postgresql":
+            with self._pg_guard:
+                self._pg_held.pop(bytes(tooz_lock.key), None)
+        if self._etcd:
+            return _etcd_release(self._driver, tooz_lock)
+        return bool(tooz_lock.release())
+
     async def release(self, lock: BackendLock) -> bool:
-        """Release ``lock``; ``False`` if the backend says it was no longer ours."""
+        """Release ``lock``; ``False`` if the backend says it was no longer ours.
 
-        def release() -> bool:
-            if not lock.held or lock._tooz_lock is None:
-                return False
-            lock.held = False
-            if self._zookeeper:
-                # The lock node is ephemeral: it goes with the session if we cannot.
-                self._check_zookeeper_connected()
-            if self.scheme == "postgresql":
-                with self._pg_guard:
-                    self._pg_held.pop(bytes(lock._tooz_lock.key), None)  # type: ignore[attr-defined]
-            return bool(lock._tooz_lock.release())
+        A caller that is cancelled, or waits longer than the call timeout, stops waiting;
+        the release goes on in its worker thread.
 
+        Raises:
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        tooz_lock = lock._tooz_lock
+        if not lock.held or tooz_lock is None:
+            return False
+        lock.held = False
         action = f"releasing {lock.key!r}"
         if self._inline_tries:
-            return await self._call_inline(action, release)
-        return await self._call(self._control_lane, action, release)
+            return await self._call_inline(action, lambda: self._release_tooz(tooz_lock))
+        return await self._call(self._control_lane, action, lambda: self._release_tooz(tooz_lock))
 
     async def heartbeat(self, locks: Sequence[BackendLock] = ()) -> list[bool | None]:
         """Send one heartbeat (refreshing TTL locks), then ask who owns ``locks``.
 
         tooz's redis and memcached drivers swallow a failed lock refresh and etcd's
         ignores it, so a beat that returns normally proves nothing about the locks:
-        each is checked with ``is_still_owner()`` where the driver can tell.
+        each is checked where the driver can tell.
 
         Returns:
             For each lock: ``True`` still ours, ``False`` no longer ours, ``None`` the
             driver cannot tell.
+
+        Raises:
+            BackendUnavailable: the backend failed or did not answer in time.
         """
 
         def beat() -> list[bool | None]:
@@ -760,36 +989,57 @@ class Backend:
     def _still_owner(self, lock: BackendLock) -> bool | None:
         if self.scheme == "file" or lock._tooz_lock is None:
             return None  # the file driver only echoes its own flag
+        if self._etcd:
+            return _etcd_still_owner(self._driver, lock._tooz_lock)
         try:
             return bool(lock._tooz_lock.is_still_owner())
         except tooz.NotImplemented:
             return None
 
     async def close(self) -> None:
-        """Stop the tooz coordinator; errors are swallowed (the connection is going)."""
+        """Stop the tooz coordinator; errors are swallowed (the connection is going).
+
+        Bounded by the call timeout: a backend that does not answer is left behind.
+        """
 
         def stop() -> None:
             if self._driver.is_started:
                 self._driver.stop()
-            if self.scheme in {"zookeeper", "kazoo"}:
+            if self._zookeeper:
                 # tooz stops its kazoo client but never closes it, leaking a socket pair.
                 self._driver._coord.close()  # type: ignore[attr-defined]
 
+        if self._schedule is None:
+            self._schedule = _loop_scheduler()
+        answered = True
         try:
-            await self._call(self._control_lane, "stopping", stop)
-        except CoordinationError:
+            await _run_in_lane(self._control_lane, self._schedule, stop, self.call_timeout)
+        except _CallTimedOut:
+            answered = False
+        except Exception:  # noqa: S110 - the connection is going either way
             pass
         finally:
-            await self._stop_threads()
+            await self._stop_threads(wait=answered)
 
-    async def _stop_threads(self) -> None:
+    async def _stop_threads(self, wait: bool = True) -> None:
         """Make every worker thread exit once the calls queued before are done."""
         schedule = self._schedule
         if schedule is None:
             schedule = self._schedule = _loop_scheduler()
         orders = self._acquire_lane.close(schedule) + self._control_lane.close(schedule)
+        if not wait:
+            return  # a call is stuck in the driver: its thread exits when it returns
         # Bounded: a call stuck in a driver must not hang stop(); its thread exits
         # when the call returns.
-        with anyio.move_on_after(5, shield=True):
+        with anyio.move_on_after(self.call_timeout, shield=True):
             for order in orders:
                 await order.done.wait()
+
+
+def _bound_mysql_connection(connection: Any, seconds: float) -> None:
+    """Give a PyMySQL connection of tooz's read and write timeouts (tooz sets none).
+
+    Without them a MySQL server that accepts but never answers parks the calling thread
+    forever. PyMySQL applies them on every read and write of a connected socket.
+    """
+    connection._read_timeout = connection._write_timeout = seconds

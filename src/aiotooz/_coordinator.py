@@ -11,7 +11,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, final
 
 import anyio
-from anyio.abc import TaskGroup
 
 from ._backend import Backend, BackendLock
 from ._exceptions import (
@@ -25,6 +24,7 @@ from ._logging import get_logger
 from ._names import backend_key, check_prefix
 from ._queue import KeyQueue
 from ._settings import CoordinationSettings
+from ._tasks import BackgroundTask, spawn
 
 if TYPE_CHECKING:
     from ._lock import Lock
@@ -37,6 +37,10 @@ __all__ = ["Coordinator", "Hold", "get_default_coordinator", "set_default_coordi
 # one backend round trip, and only one task per key per process is trying.
 _POLL_FIRST = 0.002
 _POLL_CAP = 0.05
+
+#: The least time a try is given before a waiter's deadline gives it up: a healthy try
+#: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
+_TRY_FLOOR: Final = 0.05
 
 #: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
 TRY_ONCE: Final = -math.inf
@@ -118,12 +122,11 @@ class Coordinator:
         self._backend: Backend | None = None
         # Set and replaced whenever the connection state changes (see _state_changed).
         self._state_event: anyio.Event | None = None
-        self._task_group: TaskGroup | None = None
+        self._background: list[BackgroundTask] = []
         # Set to make the heartbeat run before its time (see _beat_now).
         self._beat_event: anyio.Event | None = None
         self._last_beat = -math.inf
         self._started = False
-        self._owner_task: int | None = None
         # When the last heartbeat that succeeded began (or the connection was made): every
         # lock held through the current connection was refreshed no earlier than this.
         self._last_refresh = -math.inf
@@ -156,9 +159,6 @@ class Coordinator:
     async def start(self) -> None:
         """Connect to the backend and start the heartbeat. Does nothing if started.
 
-        ``start()`` and ``stop()`` must be awaited in the same task (they open and
-        close an anyio task group); ``async with coordinator:`` does both.
-
         Raises:
             ConfigurationError: the backend URL, scheme or client library is wrong.
             BackendUnavailable: the backend cannot be reached.
@@ -166,71 +166,70 @@ class Coordinator:
         if self._started:
             return
         connecting = anyio.current_time()
-        backend = await Backend.connect(self.settings.backend_url, self.member_id)
+        backend = await Backend.connect(
+            self.settings.backend_url, self.member_id, self.settings.call_timeout
+        )
         ttl = backend.lock_ttl
         if ttl is not None and self.settings.heartbeat >= ttl / 2:
             await backend.close()
             raise ConfigurationError(
                 f"heartbeat ({self.settings.heartbeat} s) must be under half the lock TTL "
-                f"of this backend ({ttl} s), or held locks would expire between beats: "
-                "lower AIOTOOZ_HEARTBEAT or raise the URL's lock_timeout"
+                f"this backend guarantees ({ttl:g} s), or held locks would expire between "
+                "beats: lower AIOTOOZ_HEARTBEAT or raise the URL's lock_timeout"
             )
         self._backend = backend
         self._last_refresh = connecting
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
-        self._owner_task = anyio.get_current_task().id
         self._started = True
         self._state_changed()
-        if self._backend.requires_beating:
-            task_group.start_soon(self._beat_forever, name=f"aiotooz heartbeat {self.member_id}")
+        if backend.requires_beating:
+            self._background.append(
+                spawn(self._beat_forever, name=f"aiotooz heartbeat {self.member_id}")
+            )
         if ttl is not None:
-            task_group.start_soon(self._watch_leases, ttl, name=f"aiotooz leases {self.member_id}")
+            self._background.append(
+                spawn(lambda: self._watch_leases(ttl), name=f"aiotooz leases {self.member_id}")
+            )
         self._log.info(
             "coordinator started",
             backend_url=self.settings.redacted_backend_url,
-            heartbeat=self._backend.requires_beating,
+            heartbeat=backend.requires_beating,
         )
 
     async def stop(self) -> None:
         """Release every lock held through this coordinator, stop beating, disconnect.
 
-        Does nothing if not started. Tasks still waiting for a lock get
-        :class:`~aiotooz.LockCreationFailed`; a holder inside ``async with lock:`` is
-        cancelled and gets :class:`~aiotooz.LockLost`; a lock taken with ``acquire()``
-        can still be ``release()``-d without error.
-
-        Raises:
-            RuntimeError: awaited in another task than ``start()``, or inside an
-                ``async with lock:`` block of this task.
+        Does nothing if not started. Works from any task and inside any cancel scope:
+        it runs shielded to the end (each backend call bounded by the settings'
+        ``call_timeout``), and a cancellation of the caller is delivered after it.
+        Tasks still waiting for a lock get :class:`~aiotooz.LockCreationFailed`; a
+        holder inside ``async with lock:`` is cancelled and gets
+        :class:`~aiotooz.LockLost`; a lock taken with ``acquire()`` can still be
+        ``release()``-d without error.
         """
         if not self._started:
             return
-        task = anyio.get_current_task().id
-        if task != self._owner_task:
-            raise RuntimeError(
-                "Coordinator.stop() must be awaited in the task that awaited start() "
-                "(they open and close an anyio task group); use 'async with coordinator:'"
-            )
-        if any(hold.queue.owner == task and hold.on_lost is not None for hold in self._holds):
-            # The block's cancel scope sits inside the task group's: closing the group
-            # first would break their nesting.
-            raise RuntimeError(
-                "Coordinator.stop() cannot be awaited inside an 'async with lock:' block "
-                "of the same task; leave the block first"
-            )
         self._started = False
-        task_group, self._task_group = self._task_group, None
-        assert task_group is not None
-        task_group.cancel_scope.cancel()
-        await task_group.__aexit__(None, None, None)
         with anyio.CancelScope(shield=True):
-            for hold in list(self._holds):
+            background, self._background = self._background, []
+            for task in background:
+                task.cancel()
+            for task in background:
+                await task.wait()
+            holds = list(self._holds)
+            for hold in holds:
                 self._declare_lost(hold, "the coordinator stopped")
-                await self._release(hold)
-            for handed in list(self._handed_over.values()):
-                await self._release_backend(handed.backend_lock, handed.name, lost=True)
+            # Each release is bounded by the call timeout; all of them by one more, past
+            # which the rest are given up here and end with their TTL or session.
+            with anyio.move_on_after(self.settings.call_timeout):
+                for hold in holds:
+                    await self._release(hold)
+                for handed in list(self._handed_over.values()):
+                    await self._release_backend(handed.backend_lock, handed.name, lost=True)
+            for hold in holds:
+                if not hold.released:
+                    hold.released = True
+                    self._holds.discard(hold)
+                    self._give_back(hold.key, hold.queue)
             self._handed_over.clear()
             backend, self._backend = self._backend, None
             if backend is not None:
@@ -360,8 +359,12 @@ class Coordinator:
             if backend_lock is None or backend_lock.backend is not backend:
                 backend_lock = backend.lock(key)
             tried_at = anyio.current_time()
+            wait = None
+            if deadline is not None and deadline != TRY_ONCE:
+                # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
+                wait = max(deadline - tried_at, _TRY_FLOOR)
             try:
-                if await backend.try_acquire(backend_lock):
+                if await backend.try_acquire(backend_lock, wait):
                     # stop() may have run while the try was in its worker thread.
                     self._check_started()
                     return backend_lock, tried_at
@@ -597,7 +600,9 @@ class Coordinator:
             attempt += 1
             connecting = anyio.current_time()
             try:
-                backend = await Backend.connect(self.settings.backend_url, self.member_id)
+                backend = await Backend.connect(
+            self.settings.backend_url, self.member_id, self.settings.call_timeout
+        )
             except CoordinationError as exc:
                 backoff = min(cap, random.uniform(base, backoff * 3))
                 self._log.warning(

@@ -19,6 +19,7 @@ prefixes of up to 7 characters (longer prefixes are checked by that backend).
 
 from __future__ import annotations
 
+import _string  # the parser str.format itself uses for "a.b[c]" field names
 import hashlib
 import re
 import string
@@ -27,9 +28,15 @@ from typing import Any
 
 from ._exceptions import ConfigurationError, LockNameError
 
-__all__ = ["backend_key", "check_name", "check_prefix", "format_fields", "format_name"]
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "backend_key", "check_name", "check_prefix", "format_fields", "format_name"]
 
 MAX_PLAIN_LENGTH = 64
+#: The longest lock name accepted, in characters. Names are logged and put in errors,
+#: and a template such as ``{id:>200000000}`` must not be able to build 200 MB of one.
+MAX_NAME_LENGTH = 1024
+_SPEC_NUMBER = re.compile(r"\d+")
 _PLAIN = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_PLAIN_LENGTH - 1}}}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _STEM_LENGTH = 24
@@ -62,7 +69,52 @@ def check_name(name: object) -> str:
         raise LockNameError(f"a lock name must be a str, not {type(name).__name__}: {name!r}")
     if not name:
         raise LockNameError("a lock name must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise LockNameError(
+            f"a lock name must be at most {MAX_NAME_LENGTH} characters, not {len(name)} "
+            f"(starting {name[:40]!r})"
+        )
     return name
+
+
+def _check_field(template: str, field: str) -> None:
+    """Refuse a field that reaches a ``_``-prefixed attribute (``{x.__class__}``).
+
+    A template may be built from user text; such a field could read a module's globals
+    (``{x.__init__.__globals__[SECRET]}``) into a name that is then logged.
+    """
+    try:
+        _, rest = _string.formatter_field_name_split(field)
+        parts = list(rest)
+    except ValueError as exc:
+        raise LockNameError(f"lock name {template!r} has a bad field {{{field}}}: {exc}") from None
+    for is_attribute, part in parts:
+        if is_attribute and str(part).startswith("_"):
+            raise LockNameError(
+                f"lock name {template!r} uses the field {{{field}}}, which reads the private "
+                f"attribute {part!r}; only public attributes may be used in lock names"
+            )
+
+
+class _NameFormatter(string.Formatter):
+    """``str.format_map`` with the checks a lock name needs (see ``format_name``)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> Any:
+        _check_field(self.template, field_name)
+        return super().get_field(field_name, args, kwargs)
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        for number in _SPEC_NUMBER.findall(format_spec):
+            if int(number) > MAX_NAME_LENGTH:
+                raise LockNameError(
+                    f"lock name {self.template!r} uses the format spec {format_spec!r}, "
+                    f"whose width or precision exceeds the {MAX_NAME_LENGTH}-character "
+                    "limit of lock names"
+                )
+        return str(super().format_field(value, format_spec))
 
 
 def format_fields(template: str) -> set[str]:
@@ -75,6 +127,7 @@ def format_fields(template: str) -> set[str]:
     for _, field, _, _ in parsed:
         if field is None:
             continue
+        _check_field(template, field)
         head = re.split(r"[.\[]", field, maxsplit=1)[0]
         if not head or head.isdigit():
             raise LockNameError(
@@ -96,7 +149,9 @@ def format_name(template: object, data: Mapping[str, Any] | None, *, where: str 
     template = check_name(template)
     source = where or "the lock data"
     try:
-        name = template.format_map(data or {})
+        name = _NameFormatter(template).vformat(template, (), data or {})
+    except LockNameError:
+        raise
     except KeyError as exc:
         raise LockNameError(
             f"lock name {template!r} uses the field {exc.args[0]!r}, which is not in {source}"

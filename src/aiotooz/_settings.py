@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._exceptions import ConfigurationError
 
-__all__ = ["CoordinationSettings", "default_backend_url", "redact_url"]
+__all__ = ["CoordinationSettings", "check_url", "default_backend_url", "redact_url"]
 
 
 def default_backend_url() -> str:
@@ -26,17 +27,57 @@ def default_backend_url() -> str:
     return (Path(tempfile.gettempdir()) / f"aiotooz-{uid}").as_uri()
 
 
+#: A URL query parameter whose name contains one of these words holds a secret (or key
+#: material) and is never shown: ``password``, ``sentinel_password``, ``keyfile_password``,
+#: ``ssl_key_password``, ``ssl_key``, ``token``, ``client_secret`` …
+_SECRET_WORDS: Final = re.compile(r"pass|pwd|secret|token|key|credential|auth", re.IGNORECASE)
+_REDACTED: Final = "***"
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``, safe to log or show."""
+    """Return ``url`` with every secret replaced by ``***``, safe to log or show.
+
+    The password in the netloc and the value of every query parameter whose name says
+    password, secret, token or key (see ``_SECRET_WORDS``) are replaced.
+    """
     try:
         parts = urllib.parse.urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    userinfo, _, hostinfo = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+    if password is not None:
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        parts = parts._replace(netloc=f"{user}:{_REDACTED}@{hostinfo}")
+    if parts.query:
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(_SECRET_WORDS.search(name) for name, _ in query):
+            shown = [
+                (name, _REDACTED if _SECRET_WORDS.search(name) else value) for name, value in query
+            ]
+            parts = parts._replace(query=urllib.parse.urlencode(shown, safe="*/:,"))
+    return urllib.parse.urlunsplit(parts)
+
+
+def check_url(url: str) -> urllib.parse.SplitResult:
+    """Parse ``url`` the way the drivers will, or raise ``ValueError`` saying what is wrong.
+
+    The message never echoes the URL, which may hold a password.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
+        raise ValueError(
+            "must be a URL '<scheme>://...', such as 'file:///var/lock/app' or "
+            "'redis://host:6379'"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is what raises for 'host:abc'
+    except ValueError as exc:
+        raise ValueError(f"is not a parsable URL ({exc}); check its brackets and port") from None
+    if scheme == "file" and not parts.path:
+        raise ValueError("a file:// URL needs a directory path, e.g. 'file:///var/lock/app'")
+    return parts
 
 
 class CoordinationSettings(BaseSettings):
@@ -44,7 +85,8 @@ class CoordinationSettings(BaseSettings):
 
     Each field is read, in order of precedence, from the constructor's arguments, the
     environment (empty values are ignored: ``AIOTOOZ_BACKEND_URL``, ``AIOTOOZ_HEARTBEAT``,
-    ``AIOTOOZ_INITIAL_RECONNECT_BACKOFF``, ``AIOTOOZ_MAX_RECONNECT_BACKOFF``), a ``.env``
+    ``AIOTOOZ_INITIAL_RECONNECT_BACKOFF``, ``AIOTOOZ_MAX_RECONNECT_BACKOFF``,
+    ``AIOTOOZ_CALL_TIMEOUT``), a ``.env``
     file in the working directory, then the defaults below. Settings are immutable.
 
     Raises:
@@ -78,6 +120,15 @@ class CoordinationSettings(BaseSettings):
         gt=0,
         description="Cap, in seconds, of the jittered exponential reconnect backoff.",
     )
+    call_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "Seconds any one backend call (connect, try, release, heartbeat) may take "
+            "before it counts as failed: the bound on how long a backend that accepts "
+            "connections but never answers can hold up a caller."
+        ),
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -85,7 +136,9 @@ class CoordinationSettings(BaseSettings):
         except ValidationError as exc:
             raise ConfigurationError(_describe(exc)) from None
 
-    @field_validator("heartbeat", "initial_reconnect_backoff", "max_reconnect_backoff")
+    @field_validator(
+        "heartbeat", "initial_reconnect_backoff", "max_reconnect_backoff", "call_timeout"
+    )
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -95,15 +148,7 @@ class CoordinationSettings(BaseSettings):
     @field_validator("backend_url")
     @classmethod
     def _looks_like_url(cls, value: str) -> str:
-        scheme, sep, _ = value.partition("://")
-        if not sep or not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
-            # The value is not echoed: a malformed URL may still hold a password.
-            raise ValueError(
-                "must be a URL '<scheme>://...', such as 'file:///var/lock/app' or "
-                "'redis://host:6379'"
-            )
-        if scheme == "file" and not urllib.parse.urlsplit(value).path:
-            raise ValueError("a file:// URL needs a directory path, e.g. 'file:///var/lock/app'")
+        check_url(value)
         return value
 
     @model_validator(mode="after")
