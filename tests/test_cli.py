@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aiotooz._cli import EXIT_NOT_ACQUIRED
+from aiotooz._cli import EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
 
 from ._servers import PrivateRedis, free_port
 
@@ -154,7 +154,18 @@ def holder(tmp_path: Path, backend_url: str, prefix: str) -> Iterator[tuple[str,
     ("args", "expected"),
     [
         ((), ["run", "check", "AIOTOOZ_BACKEND_URL"]),
-        (("run",), ["--no-wait", "--wait", str(EXIT_NOT_ACQUIRED), "128+N", "SIGKILL"]),
+        (
+            ("run",),
+            [
+                "--no-wait",
+                "--wait",
+                str(EXIT_NOT_ACQUIRED),
+                "128+N",
+                "SIGKILL",
+                "--kill-after",
+                f"{EXIT_LOCK_LOST}   the lock was lost while the command ran",
+            ],
+        ),
         (("check",), ["probe lock", "--timeout", "AIOTOOZ_BACKEND_URL"]),
     ],
 )
@@ -574,6 +585,8 @@ def test_run_fails_clearly_on_a_bad_backend(
         (("--wait", "soon"), "seconds >= 0"),
         (("--wait", "1", "--no-wait"), "not allowed with"),
         (("-E", "256"), "exit status 0..255"),
+        (("--kill-after", "-1"), "seconds >= 0"),
+        (("--kill-after", "inf"), "seconds >= 0"),
     ],
 )
 def test_run_rejects_bad_options(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -632,27 +645,116 @@ def test_check_never_prints_the_password(tmp_path: Path, redis_with_password: st
     assert "wrong" not in wrong.stdout + wrong.stderr
 
 
-@pytest.mark.parametrize(("on_loss", "expected"), [("terminate", 40 + 15), ("ignore", 0)])
-def test_losing_the_lock_terminates_the_command(
-    tmp_path: Path, redis_url: str, prefix: str, on_loss: str, expected: int
-) -> None:
+# -- losing the lock while the command runs ------------------------------------------
+
+# A command that writes its pid, then runs for argv[4] seconds and exits 0. On SIGTERM
+# it appends the time to argv[2], then exits with argv[3], or runs on if that is "ignore".
+LOSE = """\
+import os, signal, sys, time
+pid_file, term_file, on_term, runs_for = sys.argv[1:5]
+def on_sigterm(signum, frame):
+    with open(term_file, "a") as f:
+        f.write(f"{time.time()!r}\\n")
+    if on_term != "ignore":
+        os._exit(int(on_term))
+signal.signal(signal.SIGTERM, on_sigterm)
+with open(pid_file, "w") as f:
+    f.write(str(os.getpid()))
+deadline = time.monotonic() + float(runs_for)
+while time.monotonic() < deadline:
+    time.sleep(0.02)
+os._exit(0)
+"""
+
+
+def run_and_lose_the_lock(
+    tmp_path: Path, url: str, prefix: str, *options: str, on_term: str, runs_for: float
+) -> tuple[subprocess.Popen[str], int]:
+    """Start ``aiotooz run`` of LOSE on Redis, then lose its lock; return it and the pid."""
     import redis
 
-    # A command that traps SIGTERM (exit 55) and otherwise ends by itself after ~8 s.
-    script = TRAP.replace("time.sleep(60)\nos._exit(1)", "time.sleep(8)\nos._exit(0)")
     pid_file = tmp_path / "pid"
-    proc = aiotooz("run", "--backend", redis_url, "--prefix", prefix, "--on-loss", on_loss,
-                   "job", "--", PY, "-c", script, str(pid_file), cwd=tmp_path)  # fmt: skip
+    proc = aiotooz("run", "--backend", url, "--prefix", prefix, *options, "job", "--",
+                   PY, "-c", LOSE, str(pid_file), str(tmp_path / "term"), on_term,
+                   str(runs_for), cwd=tmp_path)  # fmt: skip
     wait_for_file(pid_file, proc)
+    time.sleep(0.2)  # the pid file is written after the handler is installed
     # The lock's key vanishes from Redis (an operator, an eviction, a TTL that ran out):
     # the next heartbeat's ownership check finds the lock gone.
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=f"*{prefix}job*"))
     assert keys, "the lock's key was not found in Redis"
     client.delete(*keys)
+    client.close()
+    return proc, int(pid_file.read_text())
+
+
+def sigterms(tmp_path: Path) -> list[float]:
+    """When the command got SIGTERM (LOSE's record), oldest first."""
+    term = tmp_path / "term"
+    return [float(line) for line in term.read_text().split()] if term.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("on_loss", "on_term", "command_status"),
+    [
+        ("terminate", "0", 0),  # exits 0 on SIGTERM: was 0, as if all went well
+        ("terminate", "55", 55),
+        ("ignore", "ignore", 0),  # runs to its end, with no lock for most of it
+    ],
+)
+def test_losing_the_lock_gives_its_own_status_whatever_the_commands(
+    tmp_path: Path, private_redis: PrivateRedis, prefix: str, on_loss: str, on_term: str,
+    command_status: int,
+) -> None:  # fmt: skip
+    proc, _ = run_and_lose_the_lock(tmp_path, private_redis.url, prefix, "--on-loss", on_loss,
+                                    on_term=on_term, runs_for=5)  # fmt: skip
     status, _, err = finish(proc)
-    assert status == expected, err
-    assert ("was lost" in err) == (on_loss == "terminate"), err
+    assert status == EXIT_LOCK_LOST == 76, err
+    assert "lock 'job' was lost while the command ran (" in err, err
+    assert f"exit status {EXIT_LOCK_LOST}, not the command's {command_status}" in err, err
+    # terminate: the command got SIGTERM (once); ignore: it was left alone.
+    assert len(sigterms(tmp_path)) == (on_loss == "terminate"), err
+    # The lock is free again for the next run.
+    again = run("run", "--backend", private_redis.url, "--prefix", prefix, "--no-wait", "job",
+                "--", "true", cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_command_that_ignores_sigterm_is_killed_after_kill_after(
+    tmp_path: Path, private_redis: PrivateRedis, prefix: str
+) -> None:
+    proc, child = run_and_lose_the_lock(tmp_path, private_redis.url, prefix,
+                                        "--kill-after", "0.5", on_term="ignore",
+                                        runs_for=60)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while pid_alive(child):
+            assert time.monotonic() < deadline, "the command ran on without the lock"
+            time.sleep(0.01)
+        died = time.time()
+    finally:
+        if pid_alive(child):
+            os.kill(child, signal.SIGKILL)
+    status, _, err = finish(proc)
+    (term,) = sigterms(tmp_path)
+    # SIGTERM first, then SIGKILL --kill-after seconds later, not before (the upper bound
+    # is generous for a loaded machine).
+    assert 0.4 <= died - term < 10, (died - term, err)
+    assert status == EXIT_LOCK_LOST, err
+    assert "sending SIGKILL" in err, err
+    assert f"not the command's {128 + signal.SIGKILL}" in err, err
+
+
+def test_kill_after_zero_kills_at_once_without_sigterm(
+    tmp_path: Path, private_redis: PrivateRedis, prefix: str
+) -> None:
+    proc, _ = run_and_lose_the_lock(tmp_path, private_redis.url, prefix, "--kill-after", "0",
+                                    on_term="0", runs_for=60)  # fmt: skip
+    status, _, err = finish(proc, timeout=30)
+    assert status == EXIT_LOCK_LOST, err
+    assert sigterms(tmp_path) == [], "--kill-after 0 sent SIGTERM first"
+    assert f"not the command's {128 + signal.SIGKILL}" in err, err
 
 
 def test_logs_go_to_stderr_and_never_into_the_commands_output(

@@ -200,9 +200,7 @@ async def test_stop_releases_held_locks_and_fails_waiters(backend_url: str, pref
     await coordinator.stop()  # idempotent
 
 
-async def test_stop_from_another_task_releases_and_disconnects(
-    file_url: str, prefix: str
-) -> None:
+async def test_stop_from_another_task_releases_and_disconnects(file_url: str, prefix: str) -> None:
     coordinator = make_coordinator(file_url, prefix)
     await coordinator.start()
     lock = Lock("elsewhere", coordinator=coordinator)

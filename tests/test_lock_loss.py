@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -14,10 +16,10 @@ from structlog.testing import capture_logs
 
 from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 
-from ._procs import WORKER
+from ._procs import WORKER, run_worker
 from ._proxy import DelayProxy
 from ._servers import PrivateRedis
-from .conftest import make_coordinator
+from .conftest import ServerPool, make_coordinator, url_for
 
 
 def _redis_key(prefix: str, name: str) -> bytes:
@@ -181,11 +183,112 @@ async def test_a_hung_server_stops_the_holder_before_anyone_else_gets_the_lock(
     assert lost_at < granted_at, (lost_at, granted_at)
 
 
-async def test_stop_inside_a_lock_block_of_the_same_task_is_a_clear_error(
+async def test_stop_inside_a_lock_block_of_the_same_task_ends_the_block_with_lock_lost(
     file_url: str, prefix: str
 ) -> None:
     async with make_coordinator(file_url, prefix) as coordinator:
-        async with coordinator.get_lock("inside"):
-            with pytest.raises(RuntimeError, match="leave the block first"):
+        with pytest.raises(LockLost, match="stopped"):
+            async with coordinator.get_lock("inside"):
                 await coordinator.stop()
-            assert coordinator.is_started
+                await anyio.sleep(10)  # pragma: no cover - cancelled by the loss
+        assert not coordinator.is_started
+
+
+# -- etcd: a key deleted or a lease revoked from outside -------------------------------
+
+
+def _etcd_client(url: str) -> Any:
+    import etcd3gw
+
+    parts = urlsplit(url)
+    return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
+
+
+def _etcd_lock_key(prefix: str, name: str) -> bytes:
+    """The key tooz's etcd3gw driver stores a lock under."""
+    return b"/tooz/locks" + f"{prefix}{name}".encode()
+
+
+@pytest.mark.parametrize("how", ["key deleted", "lease revoked"])
+async def test_etcd_lock_taken_away_from_outside_is_lost(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, how: str
+) -> None:
+    """tooz cannot tell an etcd lock's owner and ignores a dead lease on refresh: a key
+    deleted, or its lease revoked, went unnoticed while another process took the lock."""
+    url = url_for("etcd3+http", server_pool, tmp_path)
+    client = _etcd_client(url)
+    key = _etcd_lock_key(prefix, "outside")
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        lock = Lock("outside", coordinator=coordinator, cancel_on_loss=False)
+        async with lock:
+            [(_, meta)] = client.get(key, metadata=True)
+            if how == "key deleted":
+                assert client.delete(key)
+            else:
+                from etcd3gw.lease import Lease
+
+                Lease(int(meta["lease"]), client).revoke()
+            assert run_worker("try", url, prefix, "outside") == "acquired"
+            with anyio.fail_after(5):
+                await lock.wait_lost()
+            assert lock.lost
+            assert "another owner" in (lock.lost_reason or "")
+
+
+def test_etcd_releases_revoke_their_lease(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz's release deletes the key but leaves its lease alive for lock_timeout."""
+    url = url_for("etcd3+http", server_pool, tmp_path)
+    client = _etcd_client(url)
+
+    def leases() -> int:
+        return len(client.post(client.get_url("/lease/leases"), json={}).get("leases", []))
+
+    async def cycles() -> int:
+        async with make_coordinator(url, prefix) as coordinator:
+            before = leases()
+            for _ in range(30):
+                async with Lock("cycled", coordinator=coordinator):
+                    pass
+            return leases() - before
+
+    assert anyio.run(cycles) == 0
+
+
+# -- memcached: whole-second expiry ------------------------------------------------------
+
+
+async def test_memcached_lease_rule_counts_from_the_earliest_expiry(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """memcached can expire an item stored for 2 s after only 1 s: a holder stalled 1.4 s
+    after a refresh must read lost (the rule used 3/4 of 2 s and said not lost)."""
+    url = url_for("memcached", server_pool, tmp_path) + "?lock_timeout=2"
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        lock = Lock("coarse", coordinator=coordinator, cancel_on_loss=False)
+        async with lock:
+            await anyio.sleep(0.5)  # a few beats
+            time.sleep(1.4)  # noqa: ASYNC251 - the event loop stalls: no beat can run
+            assert lock.lost
+
+
+@pytest.mark.parametrize(
+    ("options", "settings", "match"),
+    [
+        ("lock_timeout=1", {}, "too short"),
+        ("lock_timeout=2", {}, r"heartbeat \(1.0 s\) must be under half .* \(1 s\)"),
+    ],
+)
+async def test_memcached_ttls_it_cannot_honour_are_refused(
+    server_pool: ServerPool,
+    tmp_path: Path,
+    prefix: str,
+    options: str,
+    settings: dict[str, float],
+    match: str,
+) -> None:
+    url = url_for("memcached", server_pool, tmp_path) + "?" + options
+    with pytest.raises(ConfigurationError, match=match):
+        async with make_coordinator(url, prefix, **settings):
+            pass  # pragma: no cover

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aiotooz import Coordinator, Lock, LockNameError
-from aiotooz._names import MAX_PLAIN_LENGTH, backend_key
+from aiotooz import Coordinator, Lock, LockNameError, synchronized
+from aiotooz._names import MAX_NAME_LENGTH, MAX_PLAIN_LENGTH, backend_key
 
 from ._procs import holding_process
 from .conftest import make_coordinator
@@ -148,3 +148,56 @@ def _plain_tooz_try(url: str, key: str) -> bool:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip() == "True"
+
+
+SECRET = "hunter2"
+
+
+class _Share:
+    id = 42
+
+    def __init__(self) -> None:
+        self._token = "private"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{share.__init__.__globals__[SECRET]}",
+        "{share.__class__}",
+        "{share._token}",
+        "vol-{share.id.__class__.__name__}",
+    ],
+)
+def test_fields_reaching_private_attributes_are_refused(template: str) -> None:
+    with pytest.raises(LockNameError, match="private attribute") as raised:
+        Lock(template, {"share": _Share()})
+    assert SECRET not in str(raised.value)
+
+
+def test_synchronized_refuses_private_attributes_when_decorating() -> None:
+    with pytest.raises(LockNameError, match="private attribute"):
+
+        @synchronized("{share.__init__.__globals__}")
+        async def resize(share: _Share) -> None:  # pragma: no cover - never decorated
+            pass
+
+
+@pytest.mark.parametrize("template", ["{share.id:>200000000}", "{share.id:.5000}", "{w:{n}}"])
+def test_format_specs_cannot_build_huge_names(template: str) -> None:
+    with pytest.raises(LockNameError, match="exceeds"):
+        Lock(template, {"share": _Share(), "w": 1, "n": 10**9})
+
+
+def test_names_are_capped_in_length() -> None:
+    assert Lock("x" * MAX_NAME_LENGTH).name == "x" * MAX_NAME_LENGTH
+    with pytest.raises(LockNameError, match=f"at most {MAX_NAME_LENGTH}"):
+        Lock("x" * (MAX_NAME_LENGTH + 1))
+    with pytest.raises(LockNameError, match=f"at most {MAX_NAME_LENGTH}"):
+        Lock("{big}", {"big": "y" * (MAX_NAME_LENGTH + 1)})
+
+
+def test_public_fields_still_format() -> None:
+    assert Lock("share-{share.id:>5}-{d[k]}", {"share": _Share(), "d": {"k": "v"}}).name == (
+        "share-   42-v"
+    )

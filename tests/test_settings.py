@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import math
+import urllib.parse
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from aiotooz import ConfigurationError, CoordinationError, CoordinationSettings
+from aiotooz import (
+    BackendUnavailable,
+    ConfigurationError,
+    CoordinationError,
+    CoordinationSettings,
+    Coordinator,
+)
+
+from ._servers import free_port
 
 
 def test_defaults_use_the_embedded_file_backend() -> None:
@@ -77,3 +87,46 @@ def test_settings_are_immutable() -> None:
     settings = CoordinationSettings()
     with pytest.raises(Exception, match="frozen"):
         settings.heartbeat = 5
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("redis://127.0.0.1:26379?sentinel=mymaster&sentinel_password=s3cr3t", "s3cr3t"),
+        ("zookeeper://127.0.0.1:2181?use_ssl=true&keyfile_password=k3yp4ss", "k3yp4ss"),
+        ("memcached://127.0.0.1:11211?ssl_key_password=m3mp4ss&timeout=2", "m3mp4ss"),
+        ("etcd3+https://127.0.0.1:2379?api_token=t0k3n", "t0k3n"),
+        ("mysql://root:pw%40x@127.0.0.1/test?client_secret=c0d3", "c0d3"),
+    ],
+)
+async def test_secrets_in_the_query_string_are_redacted(url: str, secret: str) -> None:
+    settings = CoordinationSettings(backend_url=url)
+    coordinator = Coordinator(settings=settings)
+    shown = [repr(settings), str(settings), settings.redacted_backend_url, repr(coordinator)]
+    for text in shown:
+        assert secret not in text, text
+        assert "***" in text
+    assert "pw%40x" not in settings.redacted_backend_url
+    # Parameters that hold no secret are still shown, to help debugging.
+    assert str(urllib.parse.urlsplit(url).hostname) in settings.redacted_backend_url
+
+
+async def test_secrets_are_redacted_from_backend_errors() -> None:
+    """Connecting to nothing: the error names the URL, without its secrets."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}?sentinel_password=s3cr3t&socket_connect_timeout=0.2"
+    with capture_logs() as logs, pytest.raises(BackendUnavailable) as raised:
+        async with Coordinator(settings=CoordinationSettings(backend_url=url)):
+            pass  # pragma: no cover
+    assert "s3cr3t" not in str(raised.value)
+    assert "sentinel_password=***" in str(raised.value)
+    assert "s3cr3t" not in repr(logs)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://[::1", "redis://127.0.0.1:port", "redis://user:pw@[::1:6379"]
+)
+def test_an_unparsable_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="backend_url: is not a parsable URL") as raised:
+        CoordinationSettings(backend_url=url)
+    assert "pw" not in str(raised.value).replace("parsable", "")

@@ -109,9 +109,7 @@ _GET_LOCK = threading.Lock()
 # closing the idle one would silently free the other's lock. So this process keeps one
 # tooz lock object per lock file, shared by every coordinator on that directory.
 # The table is keyed by the file's identity (see _file_identity), not its path string.
-_FILE_LOCKS: weakref.WeakValueDictionary[tuple[int, int, str], Any] = (
-    weakref.WeakValueDictionary()
-)
+_FILE_LOCKS: weakref.WeakValueDictionary[tuple[int, int, str], Any] = weakref.WeakValueDictionary()
 
 # Exceptions that mean "not acquired within the time given" on some drivers
 # (tenacity.RetryError on memcached and etcd3gw, kazoo's LockTimeout on zookeeper).
@@ -140,7 +138,7 @@ def _lock_ttl(driver: tooz.coordination.CoordinationDriver, scheme: str) -> floa
         # kazoo keeps the negotiated one, in milliseconds, once connected.
         client = driver._coord  # type: ignore[attr-defined]
         negotiated = client._session_timeout / 1000
-        return min(float(driver.timeout), negotiated)  # type: ignore[attr-defined]
+        return min(float(driver.timeout), float(negotiated))  # type: ignore[attr-defined]
     return None
 
 
@@ -267,7 +265,7 @@ def _etcd_still_owner(driver: Any, etcd_lock: Any) -> bool:
 
 
 def _etcd_release(driver: Any, etcd_lock: Any) -> bool:
-    """tooz's release, then revoke the lock's lease, which tooz leaves alive.
+    """Tooz's release, then revoke the lock's lease, which tooz leaves alive.
 
     Without the revoke every acquire and release left a lease living ``lock_timeout``
     seconds (30 s by default): ~3,000 live leases at 100 locks/s. A lock that was lost
@@ -403,7 +401,7 @@ def _clean_up(abandoned: Callable[[object], object], result: object) -> None:
     """Run an abandoned call's clean-up; its errors have nobody to go to."""
     try:
         abandoned(result)
-    except Exception:  # noqa: S110 - the backend frees the lock with its TTL or session
+    except Exception:
         pass
 
 
@@ -518,12 +516,12 @@ async def _run_in_lane(
     lane: _Lane,
     schedule: Callable[[Callable[[], object]], object],
     func: Callable[[], T],
-    timeout: float,
+    limit: float,
     abandoned: Callable[[T], object] | None = None,
 ) -> T:
     """Run ``func`` in one of ``lane``'s threads; never blocks the event loop.
 
-    The caller waits at most ``timeout`` seconds, and not at all once cancelled: a
+    The caller waits at most ``limit`` seconds, and not at all once cancelled: a
     backend that accepts connections but never answers (a paused server) must not hold
     up a cancel scope or a deadline. A call the caller stops waiting for is withdrawn if
     no worker has started it; otherwise it runs on, and if it succeeds, ``abandoned``
@@ -532,12 +530,12 @@ async def _run_in_lane(
 
     Raises:
         _LaneClosed: the lane's Backend is closed.
-        _CallTimedOut: no answer within ``timeout`` seconds.
+        _CallTimedOut: no answer within ``limit`` seconds.
     """
     job = _Job(func, schedule, cast("Callable[[object], object] | None", abandoned))
     lane.submit(job)
     try:
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(limit):
             await job.done.wait()
     except BaseException:
         _give_up(lane, job)
@@ -681,9 +679,7 @@ class Backend:
             scheme, urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
         )
         try:
-            driver = tooz.coordination.get_coordinator(
-                url, member_id.encode("utf-8"), **defaults
-            )
+            driver = tooz.coordination.get_coordinator(url, member_id.encode("utf-8"), **defaults)
         except ImportError as exc:
             raise ConfigurationError(
                 f"the {scheme!r} backend needs a client library that is not installed "
@@ -708,20 +704,20 @@ class Backend:
         action: str,
         func: Callable[[], T],
         *,
-        timeout: float | None = None,
+        wait: float | None = None,
         abandoned: Callable[[T], object] | None = None,
     ) -> T:
-        """Run ``func`` in ``lane``, waiting at most ``timeout`` (the call timeout).
+        """Run ``func`` in ``lane``, waiting at most ``wait`` or the call timeout.
 
         Raises:
-            _CallTimedOut: only when ``timeout`` is given and shorter than the call
+            _CallTimedOut: only when ``wait`` is given and shorter than the call
                 timeout (the caller's own deadline passed first).
             BackendUnavailable: the backend failed, did not answer within the call
                 timeout, or the connection is closed.
         """
         if self._schedule is None:
             self._schedule = _loop_scheduler()
-        limit = self.call_timeout if timeout is None else min(timeout, self.call_timeout)
+        limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
         try:
             return await _run_in_lane(lane, self._schedule, func, limit, abandoned)
         except _LaneClosed:
@@ -813,7 +809,7 @@ class Backend:
         else:
             try:
                 granted = await self._call(
-                    self._acquire_lane, action, attempt, timeout=wait, abandoned=release_late
+                    self._acquire_lane, action, attempt, wait=wait, abandoned=release_late
                 )
             except _CallTimedOut:
                 lock._tooz_lock = None
@@ -842,6 +838,7 @@ class Backend:
         if self._zookeeper:
             self._check_zookeeper_connected()
         return bool(tooz_lock.acquire(blocking=False))
+
     def _check_zookeeper_connected(self) -> None:
         """Refuse a ZooKeeper call while kazoo is not connected.
 
@@ -1016,7 +1013,7 @@ class Backend:
             await _run_in_lane(self._control_lane, self._schedule, stop, self.call_timeout)
         except _CallTimedOut:
             answered = False
-        except Exception:  # noqa: S110 - the connection is going either way
+        except Exception:
             pass
         finally:
             await self._stop_threads(wait=answered)

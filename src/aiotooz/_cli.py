@@ -2,7 +2,10 @@
 
 ``aiotooz run NAME -- COMMAND [ARGS...]`` is util-linux ``flock`` across machines: it
 takes the lock, runs the command with the lock held, forwards SIGINT, SIGTERM and SIGHUP
-to it, releases the lock when it ends, and exits with its status. ``aiotooz check`` is a
+to it, releases the lock when it ends, and exits with its status. If the lock is lost
+while the command runs, the command gets SIGTERM, then SIGKILL ``--kill-after`` seconds
+later, and ``run`` exits with :data:`EXIT_LOCK_LOST` whatever the command's status: a
+caller must be able to tell that work ran without the lock. ``aiotooz check`` is a
 health check for a backend. Both read the same ``AIOTOOZ_*`` settings as the library.
 """
 
@@ -37,6 +40,7 @@ __all__ = [
     "EXIT_BACKEND_UNAVAILABLE",
     "EXIT_CANNOT_EXECUTE",
     "EXIT_CONFIG",
+    "EXIT_LOCK_LOST",
     "EXIT_NOT_ACQUIRED",
     "EXIT_NOT_FOUND",
     "main",
@@ -45,6 +49,12 @@ __all__ = [
 #: ``run``: the lock was not acquired (``--no-wait``, or ``--wait`` ran out). As sysexits'
 #: EX_TEMPFAIL: "try again later". ``--conflict-exit-code`` changes it, like ``flock -E``.
 EXIT_NOT_ACQUIRED: Final = 75
+#: ``run``: the lock was lost while the command ran, so the command (or part of it) ran
+#: without it. This wins over the command's own status, even 0: the work may have
+#: overlapped with another holder's. Next to EXIT_NOT_ACQUIRED; sysexits has no such
+#: status (its 76, EX_PROTOCOL, is for a remote protocol error, which commands rarely
+#: return), and it is clear of 1, 2, 126, 127 and 128+N.
+EXIT_LOCK_LOST: Final = 76
 #: The backend could not be reached or failed (sysexits' EX_UNAVAILABLE).
 EXIT_BACKEND_UNAVAILABLE: Final = 69
 #: A setting, the backend URL or a client library is wrong (sysexits' EX_CONFIG).
@@ -83,6 +93,8 @@ exit status:
   the command's own status, or 128+N if it died by signal N;
   {EXIT_NOT_ACQUIRED}   the lock was not acquired (--no-wait, or --wait ran out;
        see --conflict-exit-code)
+  {EXIT_LOCK_LOST}   the lock was lost while the command ran (whatever the command's
+       own status, even 0, and with --on-loss ignore too)
   {EXIT_BACKEND_UNAVAILABLE}   the backend could not be reached
   {EXIT_CONFIG}   bad settings or backend URL, or a missing client library
   {EXIT_CANNOT_EXECUTE}  the command cannot be executed; {EXIT_NOT_FOUND} it was not found
@@ -95,7 +107,9 @@ SIGKILL, the command is killed too (Linux), and the backend frees the lock as it
 for any dead client: the file backend, PostgreSQL and MySQL at once; Redis, memcached
 and etcd when the lock's TTL ends (30 s unless the URL sets lock_timeout); ZooKeeper
 when the session expires. If the lock is lost while the command runs (its TTL ran out,
-the backend connection was replaced), the command gets SIGTERM (see --on-loss).
+the backend connection was replaced), the command gets SIGTERM, then SIGKILL if it
+still runs --kill-after seconds later (see --on-loss), and aiotooz exits with {EXIT_LOCK_LOST}.
+Like the signals passed on, these go to the command only, not to processes it started.
 """
 
 _EPILOG_SETTINGS: Final = """\
@@ -205,7 +219,17 @@ def _parser() -> argparse.ArgumentParser:
         choices=["terminate", "ignore"],
         default="terminate",
         help="if the lock is lost while the command runs (its TTL ran out, the backend "
-        "connection was replaced), send the command SIGTERM (default) or let it run",
+        "connection was replaced), send the command SIGTERM and, after --kill-after, "
+        f"SIGKILL (default), or let it run; either way the exit status is {EXIT_LOCK_LOST}",
+    )
+    run.add_argument(
+        "--kill-after",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="after the lock is lost, send SIGKILL to the command if it still runs "
+        "SECONDS after SIGTERM, like timeout -k (default: 5; 0: SIGKILL at once, "
+        "without SIGTERM)",
     )
     run.add_argument("name", metavar="NAME", help="the lock name (any non-empty string)")
     run.add_argument(
@@ -305,6 +329,7 @@ def _run_main(
         prefix=args.prefix,
         settings=settings,
         on_loss=args.on_loss,
+        kill_after=args.kill_after,
     )
     return anyio.run(runner.run)
 
@@ -322,9 +347,11 @@ class _Runner:
         prefix: str,
         settings: CoordinationSettings,
         on_loss: str,
+        kill_after: float,
     ) -> None:
         self.name = name
         self.on_loss = on_loss
+        self.kill_after = kill_after
         self.command = command
         self.blocking = blocking
         self.conflict_status = conflict_status
@@ -396,23 +423,48 @@ class _Runner:
             if self.interrupted is not None:
                 self.child.send_signal(self.interrupted)
             async with anyio.create_task_group() as group:
-                if self.on_loss == "terminate":
-                    group.start_soon(self._terminate_on_loss, lock, self.child)
+                group.start_soon(self._on_loss, lock, self.child)
                 returncode = await self.child.wait()
                 group.cancel_scope.cancel()
-        return 128 - returncode if returncode < 0 else returncode
+            # Read before the release: `lost` also applies the lease rule on the spot, so
+            # a loss the watchdog has not reported yet still counts.
+            lost = lock.lost
+        status = 128 - returncode if returncode < 0 else returncode
+        if lost:
+            # Whatever the command says, it did not hold the lock all along: a caller
+            # (cron, a script) must not take its work for done under the lock.
+            _say(
+                f"aiotooz run: lock {self.name!r} was lost while the command ran "
+                f"({lock.lost_reason or 'no reason given'}); exit status {EXIT_LOCK_LOST}, "
+                f"not the command's {status}"
+            )
+            return EXIT_LOCK_LOST
+        return status
 
-    async def _terminate_on_loss(self, lock: Lock, child: Process) -> None:
+    async def _on_loss(self, lock: Lock, child: Process) -> None:
         # Someone else may hold the lock now: the command must not go on as if it did.
         await lock.wait_lost()
-        if lock.lost and child.returncode is None:
-            print(
-                f"aiotooz run: lock {self.name!r} was lost ({lock.lost_reason}); "
-                "sending SIGTERM to the command",
-                file=sys.stderr,
-                flush=True,
-            )
+        if not lock.lost or child.returncode is not None:
+            return
+        lost = f"aiotooz run: lock {self.name!r} was lost ({lock.lost_reason})"
+        if self.on_loss == "ignore":  # the exit status still tells (EXIT_LOCK_LOST)
+            _say(f"{lost}; the command runs on (--on-loss ignore)")
+            return
+        if self.kill_after > 0:
+            _say(f"{lost}; sending SIGTERM to the command, SIGKILL in {self.kill_after} s")
             child.send_signal(signal.SIGTERM)
+            # A command that ignores or outlasts SIGTERM would go on working unlocked
+            # while another holder runs. If it ends first, this task is cancelled.
+            await anyio.sleep(self.kill_after)
+            if child.returncode is not None:
+                return
+            _say(
+                f"aiotooz run: the command still runs {self.kill_after} s after SIGTERM; "
+                "sending SIGKILL"
+            )
+        else:
+            _say(f"{lost}; sending SIGKILL to the command (--kill-after 0)")
+        child.kill()
 
     async def _pass_on(self, signals: AsyncIterator[signal.Signals]) -> None:
         async for signum in signals:
@@ -422,6 +474,12 @@ class _Runner:
                     self.waiting.cancel()
             elif self.child.returncode is None and not _terminal_sent(signum):
                 self.child.send_signal(signum)
+
+
+def _say(message: str) -> None:
+    # Flushed at once: these lines tell when the lock was lost, next to the command's own
+    # output on the same stderr.
+    print(message, file=sys.stderr, flush=True)
 
 
 def _with_shim(command: list[str]) -> list[str]:

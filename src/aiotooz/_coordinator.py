@@ -601,8 +601,8 @@ class Coordinator:
             connecting = anyio.current_time()
             try:
                 backend = await Backend.connect(
-            self.settings.backend_url, self.member_id, self.settings.call_timeout
-        )
+                    self.settings.backend_url, self.member_id, self.settings.call_timeout
+                )
             except CoordinationError as exc:
                 backoff = min(cap, random.uniform(base, backoff * 3))
                 self._log.warning(

@@ -19,7 +19,6 @@ prefixes of up to 7 characters (longer prefixes are checked by that backend).
 
 from __future__ import annotations
 
-import _string  # the parser str.format itself uses for "a.b[c]" field names
 import hashlib
 import re
 import string
@@ -30,13 +29,21 @@ from ._exceptions import ConfigurationError, LockNameError
 
 __all__ = [
     "MAX_NAME_LENGTH",
-    "backend_key", "check_name", "check_prefix", "format_fields", "format_name"]
+    "backend_key",
+    "check_name",
+    "check_prefix",
+    "format_fields",
+    "format_name",
+]
 
 MAX_PLAIN_LENGTH = 64
 #: The longest lock name accepted, in characters. Names are logged and put in errors,
 #: and a template such as ``{id:>200000000}`` must not be able to build 200 MB of one.
 MAX_NAME_LENGTH = 1024
 _SPEC_NUMBER = re.compile(r"\d+")
+#: The attribute parts of a format field, as str.format reads them: ``.name`` up to the
+#: next ``.`` or ``[``, outside ``[index]`` parts (``a.b[c.d].e`` -> ``b``, ``e``).
+_ATTRIBUTE = re.compile(r"\[[^\]]*\]|\.([^.\[]*)")
 _PLAIN = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_PLAIN_LENGTH - 1}}}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _STEM_LENGTH = 24
@@ -83,16 +90,11 @@ def _check_field(template: str, field: str) -> None:
     A template may be built from user text; such a field could read a module's globals
     (``{x.__init__.__globals__[SECRET]}``) into a name that is then logged.
     """
-    try:
-        _, rest = _string.formatter_field_name_split(field)
-        parts = list(rest)
-    except ValueError as exc:
-        raise LockNameError(f"lock name {template!r} has a bad field {{{field}}}: {exc}") from None
-    for is_attribute, part in parts:
-        if is_attribute and str(part).startswith("_"):
+    for attribute in _ATTRIBUTE.findall(field):
+        if attribute.startswith("_"):
             raise LockNameError(
                 f"lock name {template!r} uses the field {{{field}}}, which reads the private "
-                f"attribute {part!r}; only public attributes may be used in lock names"
+                f"attribute {attribute!r}; only public attributes may be used in lock names"
             )
 
 

@@ -67,8 +67,7 @@ def check_url(url: str) -> urllib.parse.SplitResult:
     scheme, sep, _ = url.partition("://")
     if not sep or not scheme or not scheme.replace("+", "").replace("-", "").isalnum():
         raise ValueError(
-            "must be a URL '<scheme>://...', such as 'file:///var/lock/app' or "
-            "'redis://host:6379'"
+            "must be a URL '<scheme>://...', such as 'file:///var/lock/app' or 'redis://host:6379'"
         )
     try:
         parts = urllib.parse.urlsplit(url)
