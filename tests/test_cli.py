@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from aiotooz._cli import EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
+from aiotooz._cli import EXIT_CONFIG, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
 
 from ._servers import PrivateRedis, free_port
 
@@ -620,8 +620,23 @@ def test_check_fails_on_an_unreachable_backend(tmp_path: Path) -> None:
 
 def test_check_fails_on_bad_settings(tmp_path: Path) -> None:
     done = run("check", cwd=tmp_path, AIOTOOZ_HEARTBEAT="-1")
-    assert done.returncode == 1
+    assert done.returncode == EXIT_CONFIG
     assert "heartbeat" in done.stderr
+
+
+@pytest.mark.parametrize("subcommand", [("check",), ("run", "--no-wait", "job", "--", "true")])
+@pytest.mark.parametrize(
+    "url", ["redis://[::1", "redis://:hunter2@127.0.0.1:port", "nosuchscheme://host"]
+)
+def test_a_bad_backend_url_is_a_configuration_error(
+    tmp_path: Path, subcommand: tuple[str, ...], url: str
+) -> None:
+    """An unparsable URL printed a traceback and exited 1."""
+    done = run(subcommand[0], "--backend", url, *subcommand[1:], cwd=tmp_path)
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "backend" in done.stderr
 
 
 @pytest.fixture

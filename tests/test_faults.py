@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aiotooz import LockLost
+from aiotooz import BackendUnavailable, Lock, LockLost
 
 from ._procs import WORKER, holding_process, run_worker
 from ._servers import SERVERS, PrivateServer
@@ -192,3 +192,67 @@ def test_a_killed_holder_process_frees_the_lock(
         freed = time.monotonic() - killed
     # "At once" includes starting a Python process for each try (about a second here).
     assert freed < freed_within, freed
+
+
+# -- SQL servers that accept but never answer ----------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+async def test_a_hung_sql_server_holds_no_caller_past_its_deadline(
+    backend: str, tmp_path: Path, prefix: str
+) -> None:
+    """PostgreSQL and MySQL calls had no read timeout and the caller waited for them
+    shielded: acquire(blocking=1.0) and release() took as long as the server hung."""
+    server = SERVERS[backend](tmp_path / backend)
+    server.start()
+    try:
+        async with make_coordinator(server.url, prefix) as coordinator:
+            held = Lock("held", coordinator=coordinator)
+            await held.acquire()
+            server.pause()
+            try:
+                started = anyio.current_time()
+                assert await Lock("other", coordinator=coordinator).acquire(blocking=1.0) is False
+                assert anyio.current_time() - started < 2.5
+                started = anyio.current_time()
+                with anyio.move_on_after(2):
+                    await held.release()
+                assert anyio.current_time() - started < 3
+                started = anyio.current_time()
+                with anyio.fail_after(10):
+                    with pytest.raises(BackendUnavailable, match="no answer within"):
+                        await Lock("third", coordinator=coordinator).acquire(blocking=False)
+                assert anyio.current_time() - started < 5 + 2  # the call timeout, and slack
+            finally:
+                server.resume()
+            # The server is back: locks work again (the late release went through).
+            with anyio.fail_after(20):
+                async with Lock("held", coordinator=coordinator):
+                    pass
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql", "redis"])
+def test_check_timeout_is_a_hard_bound_on_a_hung_server(
+    backend: str, tmp_path: Path, prefix: str
+) -> None:
+    server = SERVERS[backend](tmp_path / backend)
+    server.start()
+    try:
+        server.pause()
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "aiotooz", "check", "--backend", server.url, "--timeout", "3"],
+            capture_output=True,
+            text=True,
+            timeout=40,
+            cwd=tmp_path,
+        )
+        took = time.monotonic() - started
+        assert done.returncode == 1, done.stderr
+        assert "FAILED" in done.stderr
+        assert took < 3 + 3, took  # the timeout, the grace and an interpreter's start-up
+    finally:
+        server.resume()
+        server.close()

@@ -276,6 +276,9 @@ async def test_reentry_by_the_same_task_is_refused_not_deadlocked(
         with pytest.raises(LockAcquireFailed, match="not reentrant"):
             await coordinator.get_lock("once").acquire()
         assert await coordinator.get_lock("once").acquire(blocking=False) is False
+        # A timed re-entry used to wait its whole budget for itself.
+        with anyio.fail_after(5), pytest.raises(LockAcquireFailed, match="not reentrant"):
+            await coordinator.get_lock("once").acquire(blocking=30)
 
 
 async def test_release_of_a_lock_not_held(coordinator: Coordinator) -> None:

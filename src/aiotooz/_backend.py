@@ -440,17 +440,18 @@ class _Lane:
                 self._threads.add(thread)
                 thread.start()
 
-    def abandon(self, job: _Job) -> int:
+    def abandon(self, job: _Job, withdraw: bool = True) -> int:
         """The caller stops waiting for ``job``; returns the job's state before that.
 
-        A queued job is withdrawn (it never runs); a running one is marked abandoned
-        (its worker cleans up after it); a done one is left to the caller.
+        A queued job is withdrawn (it never runs) if ``withdraw``, else it is abandoned
+        like a running one: it still runs, and its worker cleans up after it. A done
+        job is left to the caller.
         """
         with self._mutex:
             state = job.state
-            if state == _QUEUED:
+            if state == _QUEUED and withdraw:
                 job.state = _WITHDRAWN
-            elif state == _RUNNING:
+            elif state in (_QUEUED, _RUNNING):
                 job.state = _ABANDONED
             return state
 
@@ -488,7 +489,8 @@ class _Lane:
                 self._idle -= 1
                 if job.state == _WITHDRAWN:
                     continue
-                job.state = _RUNNING
+                if job.state == _QUEUED:  # an abandoned job that must run still runs
+                    job.state = _RUNNING
                 if job.func is None:
                     self._threads.discard(me)
             if job.func is None:
@@ -518,13 +520,14 @@ async def _run_in_lane(
     func: Callable[[], T],
     limit: float,
     abandoned: Callable[[T], object] | None = None,
+    must_run: bool = False,
 ) -> T:
     """Run ``func`` in one of ``lane``'s threads; never blocks the event loop.
 
     The caller waits at most ``limit`` seconds, and not at all once cancelled: a
     backend that accepts connections but never answers (a paused server) must not hold
     up a cancel scope or a deadline. A call the caller stops waiting for is withdrawn if
-    no worker has started it; otherwise it runs on, and if it succeeds, ``abandoned``
+    no worker has started it (unless ``must_run``: a release); otherwise it runs on, and if it succeeds, ``abandoned``
     gets its result in the worker thread (a try granted after its caller left releases
     the lock there), so that no outcome is ever lost.
 
@@ -538,10 +541,10 @@ async def _run_in_lane(
         with anyio.move_on_after(limit):
             await job.done.wait()
     except BaseException:
-        _give_up(lane, job)
+        _give_up(lane, job, must_run)
         raise
     if not job.done.is_set():
-        _give_up(lane, job)
+        _give_up(lane, job, must_run)
         raise _CallTimedOut
     error = job.error
     if error is not None:
@@ -550,9 +553,13 @@ async def _run_in_lane(
     return cast("T", job.result)
 
 
-def _give_up(lane: _Lane, job: _Job) -> None:
+def _give_up(lane: _Lane, job: _Job, must_run: bool) -> None:
     """Stop waiting for ``job``; if it is already done, clean up after its result."""
-    if lane.abandon(job) != _DONE or job.error is not None or job.abandoned is None:
+    if (
+        lane.abandon(job, withdraw=not must_run) != _DONE
+        or job.error is not None
+        or job.abandoned is None
+    ):
         return
     result, job.result = job.result, None
     cleanup = job.abandoned
@@ -706,6 +713,7 @@ class Backend:
         *,
         wait: float | None = None,
         abandoned: Callable[[T], object] | None = None,
+        must_run: bool = False,
     ) -> T:
         """Run ``func`` in ``lane``, waiting at most ``wait`` or the call timeout.
 
@@ -719,7 +727,7 @@ class Backend:
             self._schedule = _loop_scheduler()
         limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
         try:
-            return await _run_in_lane(lane, self._schedule, func, limit, abandoned)
+            return await _run_in_lane(lane, self._schedule, func, limit, abandoned, must_run)
         except _LaneClosed:
             raise BackendUnavailable(
                 f"{action} on {redact_url(self._url)}: the connection is closed"
@@ -736,13 +744,22 @@ class Backend:
         except Exception as exc:
             raise _translate(exc, action, self._url) from exc
 
-    async def _call_inline(self, action: str, func: Callable[[], T]) -> T:
+    async def _call_inline(self, action: str, func: Callable[[], T], must_run: bool = False) -> T:
         """Run a microsecond, never-waiting call on the event loop thread itself.
 
-        A checkpoint comes first, as with any await; after it there is no await, so no
-        cancellation can come between the call and its outcome reaching the caller.
+        A checkpoint comes first, as with any await, so no cancellation can come between
+        the call and its outcome reaching the caller. A call that ``must_run`` (a
+        release, which a cancellation must not skip) has its checkpoint after it.
         """
-        await anyio.lowlevel.checkpoint()
+        if not must_run:
+            await anyio.lowlevel.checkpoint()
+        try:
+            return self._run_inline(action, func)
+        finally:
+            if must_run:
+                await anyio.lowlevel.checkpoint()
+
+    def _run_inline(self, action: str, func: Callable[[], T]) -> T:
         started = time.perf_counter()
         try:
             return func()
@@ -945,7 +962,7 @@ class Backend:
         """Release ``lock``; ``False`` if the backend says it was no longer ours.
 
         A caller that is cancelled, or waits longer than the call timeout, stops waiting;
-        the release goes on in its worker thread.
+        the release still runs (even if it was still queued), in its worker thread.
 
         Raises:
             BackendUnavailable: the backend failed or did not answer in time.
@@ -956,8 +973,12 @@ class Backend:
         lock.held = False
         action = f"releasing {lock.key!r}"
         if self._inline_tries:
-            return await self._call_inline(action, lambda: self._release_tooz(tooz_lock))
-        return await self._call(self._control_lane, action, lambda: self._release_tooz(tooz_lock))
+            return await self._call_inline(
+                action, lambda: self._release_tooz(tooz_lock), must_run=True
+            )
+        return await self._call(
+            self._control_lane, action, lambda: self._release_tooz(tooz_lock), must_run=True
+        )
 
     async def heartbeat(self, locks: Sequence[BackendLock] = ()) -> list[bool | None]:
         """Send one heartbeat (refreshing TTL locks), then ask who owns ``locks``.

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -146,9 +147,10 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
             return _run_main(parser, args, settings)
         return _check_main(args, settings)
     except _Failure as failure:
-        if args.subcommand == "check":  # a health check says 0 or 1, nothing else
+        if args.subcommand == "check":
+            # A health check says 0 or 1, or 78: the check itself is misconfigured.
             print(f"aiotooz check: FAILED: {failure}", file=sys.stderr)
-            return 1
+            return EXIT_CONFIG if failure.status == EXIT_CONFIG else 1
         print(f"aiotooz {args.subcommand}: {failure}", file=sys.stderr)
         return failure.status
 
@@ -245,7 +247,8 @@ def _parser() -> argparse.ArgumentParser:
         help="check that the backend works (a health check)",
         description="Connect to the backend, take and release a probe lock, print the "
         "backend, the latencies and the settings in effect (password redacted). Exit "
-        "status 0 if it all worked, 1 otherwise.",
+        "status 0 if it all worked, 1 if it did not within --timeout (a hard bound, "
+        "whatever the backend does), 78 if the settings or the URL are wrong.",
         epilog=_EPILOG_SETTINGS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ).add_argument(
@@ -506,20 +509,43 @@ def _terminal_sent(signum: int) -> bool:
 # -- check -------------------------------------------------------------------------
 
 
+#: How long past ``--timeout`` ``aiotooz check`` waits for its probe to wind down.
+_CHECK_GRACE: Final = 0.5
+
+
 def _check_main(args: argparse.Namespace, settings: CoordinationSettings) -> int:
     print(f"backend:  {settings.redacted_backend_url}")
-    try:
-        connect, lock = anyio.run(_probe, settings, args.prefix, args.timeout)
-    except CoordinationError as exc:
-        print(f"aiotooz check: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+    # The probe runs in a thread of its own so that --timeout is a hard bound whatever
+    # the backend does: a server that accepts but never answers cannot keep a health
+    # check (or the monitoring system calling it) waiting.
+    outcome: list[tuple[float, float] | BaseException] = []
+
+    def probe() -> None:
+        try:
+            outcome.append(anyio.run(_probe, settings, args.prefix, args.timeout))
+        except BaseException as exc:  # handed to the main thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, name="aiotooz check", daemon=True)
+    thread.start()
+    thread.join(args.timeout + _CHECK_GRACE)
+    result = outcome[0] if outcome else TimeoutError()
+    if isinstance(result, ConfigurationError):
+        print(f"aiotooz check: FAILED: {type(result).__name__}: {result}", file=sys.stderr)
+        return EXIT_CONFIG
+    if isinstance(result, CoordinationError):
+        print(f"aiotooz check: FAILED: {type(result).__name__}: {result}", file=sys.stderr)
         return 1
-    except TimeoutError:
+    if isinstance(result, TimeoutError):
         print(
             f"aiotooz check: FAILED: no answer from {settings.redacted_backend_url} "
             f"within {args.timeout} s",
             file=sys.stderr,
         )
         return 1
+    if isinstance(result, BaseException):
+        raise result
+    connect, lock = result
     print(f"connect:  {connect * 1000:.1f} ms")
     print(f"lock:     {lock * 1000:.1f} ms (acquire and release of a probe lock)")
     print(f"settings: {settings!r}")
@@ -528,6 +554,8 @@ def _check_main(args: argparse.Namespace, settings: CoordinationSettings) -> int
 
 
 async def _probe(settings: CoordinationSettings, prefix: str, within: float) -> tuple[float, float]:
+    # No call may outlast the check, nor the shutdown that follows a timeout.
+    settings = settings.model_copy(update={"call_timeout": min(settings.call_timeout, within)})
     with anyio.fail_after(within):
         started = time.perf_counter()
         async with Coordinator(prefix=prefix, settings=settings) as coordinator:

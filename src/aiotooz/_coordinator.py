@@ -298,10 +298,11 @@ class Coordinator:
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = KeyQueue()
-        elif queue.owner == task and deadline is None:
+        elif queue.owner == task and deadline != TRY_ONCE:
+            # Any wait would be a wait for this very task: refuse it at once, timed or not.
             raise LockAcquireFailed(
                 f"lock {name!r} is already held by this task: aiotooz locks are not "
-                "reentrant (acquiring it again would wait forever)"
+                "reentrant (acquiring it again would wait for itself)"
             )
         started = anyio.current_time()
         granted: tuple[BackendLock, float] | None = None
@@ -429,8 +430,9 @@ class Coordinator:
             return
         try:
             if hold.backend_lock.backend is self._backend:
-                with anyio.CancelScope(shield=True):
-                    await self._release_backend(hold.backend_lock, hold.name, hold.lost)
+                # Not shielded: a cancelled caller (or one whose backend hangs) stops
+                # waiting, and the release still runs in its worker thread.
+                await self._release_backend(hold.backend_lock, hold.name, hold.lost)
         finally:
             self._give_back(hold.key, hold.queue)
             self._log.debug(
