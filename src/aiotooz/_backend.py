@@ -527,9 +527,10 @@ async def _run_in_lane(
     The caller waits at most ``limit`` seconds, and not at all once cancelled: a
     backend that accepts connections but never answers (a paused server) must not hold
     up a cancel scope or a deadline. A call the caller stops waiting for is withdrawn if
-    no worker has started it (unless ``must_run``: a release); otherwise it runs on, and if it succeeds, ``abandoned``
-    gets its result in the worker thread (a try granted after its caller left releases
-    the lock there), so that no outcome is ever lost.
+    no worker has started it (unless it ``must_run``, as a release must); otherwise it
+    runs on, and if it succeeds, ``abandoned`` gets its result in the worker thread (a
+    try granted after its caller left releases the lock there), so that no outcome is
+    ever lost.
 
     Raises:
         _LaneClosed: the lane's Backend is closed.
