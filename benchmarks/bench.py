@@ -149,21 +149,25 @@ class LagTicker:
 # -- thread hop --------------------------------------------------------------------
 
 
-async def hop_aiotooz(url: str, n: int) -> float:
-    async with coordinator(url) as coord:
-        backend = coord._backend
-        assert backend is not None
-        lane = backend._acquire_lane
+async def hop_aiotooz(n: int) -> float:
+    """One round trip through aiotooz's thread bridge (a lane of two threads)."""
+    from aiotooz._bridge import Lane, loop_scheduler, run_in_lane
 
-        def noop() -> None:
-            return None
+    lane = Lane("aiotooz-bench", 2)
+    schedule = loop_scheduler()
 
+    def noop() -> None:
+        return None
+
+    try:
         for _ in range(50):
-            await backend._call(lane, "noop", noop)
+            await run_in_lane(lane, schedule, noop, 5.0)
         start = time.perf_counter()
         for _ in range(n):
-            await backend._call(lane, "noop", noop)
+            await run_in_lane(lane, schedule, noop, 5.0)
         return (time.perf_counter() - start) / n
+    finally:
+        lane.close(schedule)
 
 
 async def hop_to_thread(n: int) -> float:
@@ -322,7 +326,8 @@ async def contend(
 async def contention_aiotooz(url: str, tasks: int, section: float) -> Contention:
     async with coordinator(url) as coord:
         result = await contend(tasks, section, lambda: Lock("contended", coordinator=coord))
-        result.leftover = len(coord._queues) + len(coord._holds)
+        stats = coord.statistics()
+        result.leftover = stats.locks_held + stats.names_waited_for
         return result
 
 
@@ -427,7 +432,7 @@ def rss_bytes() -> int:
 
 
 async def child_memory(args: list[str]) -> None:
-    from aiotooz._backend import _FILE_LOCKS
+    from aiotooz._process import FILE_LOCKS
 
     url, names, concurrency = args[0], int(args[1]), int(args[2])
     async with coordinator(url) as coord:
@@ -456,10 +461,10 @@ async def child_memory(args: list[str]) -> None:
             "rss_before": before,
             "rss_after": after,
             "growth": after - before,
-            "queues_left": len(coord._queues),
-            "holds_left": len(coord._holds),
+            "waited_for_left": coord.statistics().names_waited_for,
+            "holds_left": coord.statistics().locks_held,
             # The file backend's process-wide table of lock-file handles (weak values).
-            "file_handles_left": len(_FILE_LOCKS),
+            "file_handles_left": len(FILE_LOCKS),
         }
     print(json.dumps(report))
 
@@ -526,10 +531,10 @@ def main() -> None:
 
             step("hop/to_thread", lambda: run_async(hop_to_thread, p.hops))
             step("hop/executor", lambda: run_async(hop_executor, p.hops))
-            step("hop/aiotooz", lambda: run_async(hop_aiotooz, backends["file"], p.hops))
+            step("hop/aiotooz", lambda: run_async(hop_aiotooz, p.hops))
             step(
                 "hop/aiotooz-trio",
-                lambda: run_async(hop_aiotooz, backends["file"], p.hops, backend="trio"),
+                lambda: run_async(hop_aiotooz, p.hops, backend="trio"),
             )
             step("lag/idle", lambda: run_async(idle_lag, 1.0))
             for rnd in range(p.rounds):
@@ -717,7 +722,7 @@ def render(r: dict[str, Any]) -> str:
     for backend, x in r["memory"].items():
         out.append(
             f"  {backend:<8} RSS growth {x['growth'] / 2**20:6.1f} MB in {x['seconds']:.1f} s; "
-            f"left: {x['queues_left']} queues, {x['holds_left']} holds, "
+            f"left: {x['waited_for_left']} names waited for, {x['holds_left']} holds, "
             f"{x['file_handles_left']} lock-file handles"
         )
 
@@ -768,7 +773,8 @@ def render(r: dict[str, Any]) -> str:
     worst_rss = max(x["growth"] for x in r["memory"].values()) / 2**20
     verdicts.append((f"RSS growth <= 20 MB for {p['names']:,} names", worst_rss, 20.0, "MB<="))
     left = sum(
-        x["queues_left"] + x["holds_left"] + x["file_handles_left"] for x in r["memory"].values()
+        x["waited_for_left"] + x["holds_left"] + x["file_handles_left"]
+        for x in r["memory"].values()
     )
     for label, value, target, kind in verdicts:
         ok = value <= target if kind.endswith("<=") else value >= target

@@ -19,3 +19,5 @@ def test_all_lists_exactly_the_public_names() -> None:
 def test_public_objects_say_they_come_from_aiotooz() -> None:
     for name in aiotooz.__all__:
         assert getattr(aiotooz, name).__doc__, f"{name} has no docstring"
+    for name in aiotooz.__all__:
+        assert getattr(aiotooz, name).__module__ == "aiotooz", name

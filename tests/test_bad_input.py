@@ -161,7 +161,8 @@ async def test_bad_input_is_refused_cleanly(case: Case, file_url: str, prefix: s
         async with make_coordinator(file_url, prefix) as coordinator:
             with pytest.raises(case.error) as raised:
                 await case.run(coordinator)
-            assert not coordinator._holds and not coordinator._queues
+            stats = coordinator.statistics()
+            assert stats.locks_held == 0 and stats.names_waited_for == 0
             for name in ("x", "twice", "after-stop"):
                 async with coordinator.get_lock(name)(blocking=False):
                     pass

@@ -31,9 +31,8 @@ async def _storm(url: str, prefix: str, name: str, tasks: int) -> int:
             for _ in range(tasks):
                 group.start_soon(contender)
         # Every task is gone: nothing may be held, locally or at the backend.
-        assert not coordinator._holds
-        assert not coordinator._queues
-        assert not coordinator._handed_over
+        stats = coordinator.statistics()
+        assert (stats.locks_held, stats.tasks_waiting, stats.names_waited_for) == (0, 0, 0)
     return cancelled
 
 

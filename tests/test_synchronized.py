@@ -33,7 +33,7 @@ async def test_name_is_built_from_bound_args_defaults_and_f_name(
 
     @synchronized("{f_name}-{shr.id}-{snap[name]}-{force}", coordinator=coordinator)
     async def resize(shr: Share, snap: dict[str, str], force: bool = False) -> str:
-        seen.extend(lock.name for lock in _held_locks(coordinator))
+        seen.extend(_held_names(coordinator))
         return "done"
 
     assert await resize(Share("s1"), {"name": "n1"}) == "done"
@@ -50,11 +50,11 @@ async def test_methods_and_kwargs(coordinator: Coordinator) -> None:
 
         @synchronized("{self.id}-{volume}", coordinator=coordinator)
         async def extend(self, volume: str) -> None:
-            names.extend(lock.name for lock in _held_locks(coordinator))
+            names.extend(_held_names(coordinator))
 
         @synchronized("{f_name}-{extra}", coordinator=coordinator)
         async def anything(self, **options: Any) -> None:
-            names.extend(lock.name for lock in _held_locks(coordinator))
+            names.extend(_held_names(coordinator))
 
     await Manager().extend("v1")
     await Manager().anything(extra="e")
@@ -139,7 +139,7 @@ async def test_a_field_that_cannot_be_formatted_names_the_function(
 
     with pytest.raises(LockNameError, match=r"arguments of .*resize\(\).*AttributeError"):
         await resize(object())
-    assert not coordinator._holds
+    assert coordinator.statistics().locks_held == 0
 
 
 async def test_the_lock_is_released_when_the_function_raises(coordinator: Coordinator) -> None:
@@ -152,8 +152,8 @@ async def test_the_lock_is_released_when_the_function_raises(coordinator: Coordi
     assert await coordinator.get_lock("raises").acquire(blocking=False)
 
 
-def _held_locks(coordinator: Coordinator) -> list[Any]:
-    return sorted(coordinator._holds, key=lambda hold: hold.acquired_at)
+def _held_names(coordinator: Coordinator) -> tuple[str, ...]:
+    return coordinator.statistics().held_names
 
 
 @synchronized("module-level-{n}", blocking=2.5)

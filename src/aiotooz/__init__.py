@@ -1,8 +1,7 @@
 """aiotooz: asyncio-native distributed locks on every tooz backend."""
 
 from ._coordinator import Coordinator as Coordinator
-from ._coordinator import get_default_coordinator as get_default_coordinator
-from ._coordinator import set_default_coordinator as set_default_coordinator
+from ._coordinator import CoordinatorStatistics as CoordinatorStatistics
 from ._exceptions import BackendUnavailable as BackendUnavailable
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import CoordinationError as CoordinationError
@@ -13,6 +12,8 @@ from ._exceptions import LockNameError as LockNameError
 from ._exceptions import LockNotHeld as LockNotHeld
 from ._exceptions import UnsupportedOperation as UnsupportedOperation
 from ._lock import Lock as Lock
+from ._process import get_default_coordinator as get_default_coordinator
+from ._process import set_default_coordinator as set_default_coordinator
 from ._settings import CoordinationSettings as CoordinationSettings
 from ._synchronized import synchronized as synchronized
 
@@ -22,6 +23,7 @@ __all__ = [
     "CoordinationError",
     "CoordinationSettings",
     "Coordinator",
+    "CoordinatorStatistics",
     "Lock",
     "LockAcquireFailed",
     "LockCreationFailed",
@@ -33,3 +35,16 @@ __all__ = [
     "set_default_coordinator",
     "synchronized",
 ]
+
+
+def _report_the_package_as_their_module() -> None:
+    # Public names say they come from `aiotooz`, not from the private module that
+    # defines them (as anyio's fix_package_names does): reprs, docs and pickles show the
+    # import path users write.
+    for name in __all__:
+        value = globals()[name]
+        if getattr(value, "__module__", "").startswith("aiotooz."):
+            value.__module__ = __name__
+
+
+_report_the_package_as_their_module()

@@ -1,90 +1,60 @@
-"""The coordinator: one connection to a backend, its background tasks, and its locks."""
+"""The coordinator: one connection to a backend, kept alive, and the locks taken through it."""
 
 from __future__ import annotations
 
 import math
 import random
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, final
+from typing import final
 
 import anyio
 
-from ._backend import Backend, BackendLock
+from ._connection import Connection
 from ._exceptions import (
     BackendUnavailable,
     ConfigurationError,
     CoordinationError,
-    LockAcquireFailed,
     LockCreationFailed,
 )
+from ._lock import Lock
+from ._locktable import LockTable
 from ._logging import get_logger
-from ._names import backend_key, check_prefix
-from ._queue import KeyQueue
+from ._names import check_prefix
+from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
 from ._tasks import BackgroundTask, spawn
 
-if TYPE_CHECKING:
-    from ._lock import Lock
+__all__ = ["Coordinator", "CoordinatorStatistics"]
 
-__all__ = ["Coordinator", "Hold", "get_default_coordinator", "set_default_coordinator"]
-
-# While another process holds the key, the task at the head of the local queue retries
-# with a short non-blocking try, backing off from _POLL_FIRST to _POLL_CAP seconds.
-# The cap bounds the hand-off latency between processes; a try costs one thread hop and
-# one backend round trip, and only one task per key per process is trying.
-_POLL_FIRST = 0.002
-_POLL_CAP = 0.05
-
-#: The least time a try is given before a waiter's deadline gives it up: a healthy try
-#: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
-_TRY_FLOOR: Final = 0.05
-
-#: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
-TRY_ONCE: Final = -math.inf
-
-# When a task releases a lock that other tasks of this process are waiting for, the
-# backend lock is handed straight to the next of them, without a backend round trip, at
-# most this many times in a row; then it is released at the backend, and other
-# processes have their chance.
-_MAX_LOCAL_HANDOFFS: Final = 8
-
-# The lease rule: a held lock whose last successful refresh is older than this share of
-# its TTL is declared lost, so that its holder stops *before* the backend could expire
-# it and grant it to another process. The heartbeat must beat well inside it.
-_LEASE_SHARE: Final = 0.75
+#: The heartbeat runs early (a try failed: is the connection gone?) at most this often,
+#: so that waiters polling a failing backend do not turn it into a flood.
+_EARLY_BEAT_INTERVAL = 0.1
 
 
 @final
-@dataclass(eq=False)
-class Hold:
-    """One lock held through a coordinator: its key, its backend lock, and since when."""
+@dataclass(frozen=True)
+class CoordinatorStatistics:
+    """What a coordinator holds and does now, from :meth:`Coordinator.statistics`."""
 
-    coordinator: Coordinator
-    name: str
-    key: str
-    queue: KeyQueue
-    backend_lock: BackendLock
-    #: When the try that was granted began: the earliest the backend can have started
-    #: the lock's TTL.
-    lease_start: float
-    acquired_at: float
-    #: How many local hand-offs in a row brought the backend lock to this hold.
-    handoffs: int = 0
-    #: Why the lock is known to be gone, or ``None`` while it is believed held.
-    lost_reason: str | None = None
-    released: bool = False
-    #: Called once when the lock is lost (``async with`` cancels its body through it).
-    on_lost: Callable[[], object] | None = None
-    #: Set when the lock is lost or released; made on demand by ``wait_lost()``.
-    ended: anyio.Event | None = None
-
-    @property
-    def lost(self) -> bool:
-        """The lock is known to be gone."""
-        return self.lost_reason is not None
+    #: Locks held at the backend through this coordinator (by a task, or being handed
+    #: from one task to the next).
+    locks_held: int
+    #: Lock names that tasks of this coordinator wait for.
+    names_waited_for: int
+    #: Tasks waiting for a lock that another task or process holds.
+    tasks_waiting: int
+    #: Worker threads of the current connection that are alive.
+    threads: int
+    #: Started, and not in the middle of reconnecting.
+    connected: bool
+    #: Reconnects since the coordinator was created.
+    reconnects: int
+    #: Locks lost while held, since the coordinator was created.
+    locks_lost: int
+    #: The names held by tasks now, in the order they were acquired.
+    held_names: tuple[str, ...]
 
 
 @final
@@ -119,23 +89,18 @@ class Coordinator:
         self.agent_id = agent_id or str(uuid.uuid4())
         self.member_id = self.prefix + self.agent_id
         self.settings = settings if settings is not None else CoordinationSettings()
-        self._backend: Backend | None = None
+        self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
+        #: The held-lock table (package-internal: :class:`~aiotooz.Lock` uses it).
+        self.lock_table = LockTable(self, self.prefix, self.__repr__, self._log)
+        self._connection: Connection | None = None
+        self._started = False
         # Set and replaced whenever the connection state changes (see _state_changed).
         self._state_event: anyio.Event | None = None
         self._background: list[BackgroundTask] = []
-        # Set to make the heartbeat run before its time (see _beat_now).
+        # Set to make the heartbeat run before its time (see beat_now).
         self._beat_event: anyio.Event | None = None
         self._last_beat = -math.inf
-        self._started = False
-        # When the last heartbeat that succeeded began (or the connection was made): every
-        # lock held through the current connection was refreshed no earlier than this.
-        self._last_refresh = -math.inf
-        self._queues: dict[str, KeyQueue] = {}
-        self._holds: set[Hold] = set()
-        # Backend locks being handed from a releasing task to the next local waiter:
-        # key -> the hold that released it. Taken by whoever owns the key's queue next.
-        self._handed_over: dict[str, Hold] = {}
-        self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
+        self._reconnects = 0
 
     def __repr__(self) -> str:
         state = "started" if self._started else "stopped"
@@ -144,7 +109,7 @@ class Coordinator:
             f"backend={self.settings.redacted_backend_url!r} {state}>"
         )
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------
 
     @property
     def is_started(self) -> bool:
@@ -154,7 +119,44 @@ class Coordinator:
     @property
     def is_connected(self) -> bool:
         """Started, and not in the middle of reconnecting to the backend."""
-        return self._started and self._backend is not None
+        return self._started and self._connection is not None
+
+    @property
+    def connection(self) -> Connection | None:
+        """The live connection (package-internal), ``None`` while reconnecting or stopped."""
+        return self._connection
+
+    def statistics(self) -> CoordinatorStatistics:
+        """What this coordinator holds and does now (see :class:`CoordinatorStatistics`)."""
+        table = self.lock_table
+        return CoordinatorStatistics(
+            locks_held=table.held,
+            names_waited_for=table.names_waited_for,
+            tasks_waiting=table.tasks_waiting,
+            threads=self._connection.threads if self._connection is not None else 0,
+            connected=self.is_connected,
+            reconnects=self._reconnects,
+            locks_lost=table.lost_count,
+            held_names=table.held_names(),
+        )
+
+    async def wait_connected(self) -> None:
+        """Wait until the coordinator is started and connected to its backend."""
+        while not self.is_connected:
+            await self.next_state_change()
+
+    async def next_state_change(self) -> None:
+        """Wait for the next start, stop, disconnect or reconnect (package-internal)."""
+        if self._state_event is None:
+            self._state_event = anyio.Event()
+        await self._state_event.wait()
+
+    def _state_changed(self) -> None:
+        if self._state_event is not None:
+            self._state_event.set()
+            self._state_event = None
+
+    # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect to the backend and start the heartbeat. Does nothing if started.
@@ -166,33 +168,34 @@ class Coordinator:
         if self._started:
             return
         connecting = anyio.current_time()
-        backend = await Backend.connect(
-            self.settings.backend_url, self.member_id, self.settings.call_timeout
-        )
-        ttl = backend.lock_ttl
+        connection = await self._connect()
+        ttl = connection.lock_ttl
         if ttl is not None and self.settings.heartbeat >= ttl / 2:
-            await backend.close()
+            await connection.close()
             raise ConfigurationError(
                 f"heartbeat ({self.settings.heartbeat} s) must be under half the lock TTL "
                 f"this backend guarantees ({ttl:g} s), or held locks would expire between "
                 "beats: lower AIOTOOZ_HEARTBEAT or raise the URL's lock_timeout"
             )
-        self._backend = backend
-        self._last_refresh = connecting
+        self._connection = connection
+        self.lock_table.last_refresh = connecting
         self._started = True
         self._state_changed()
-        if backend.requires_beating:
+        if connection.requires_beating:
             self._background.append(
                 spawn(self._beat_forever, name=f"aiotooz heartbeat {self.member_id}")
             )
         if ttl is not None:
             self._background.append(
-                spawn(lambda: self._watch_leases(ttl), name=f"aiotooz leases {self.member_id}")
+                spawn(
+                    lambda: self.lock_table.watch_leases(ttl),
+                    name=f"aiotooz leases {self.member_id}",
+                )
             )
         self._log.info(
             "coordinator started",
             backend_url=self.settings.redacted_backend_url,
-            heartbeat=backend.requires_beating,
+            heartbeat=connection.requires_beating,
         )
 
     async def stop(self) -> None:
@@ -215,27 +218,12 @@ class Coordinator:
                 task.cancel()
             for task in background:
                 await task.wait()
-            holds = list(self._holds)
-            for hold in holds:
-                self._declare_lost(hold, "the coordinator stopped")
-            # Each release is bounded by the call timeout; all of them by one more, past
-            # which the rest are given up here and end with their TTL or session.
-            with anyio.move_on_after(self.settings.call_timeout):
-                for hold in holds:
-                    await self._release(hold)
-                for handed in list(self._handed_over.values()):
-                    await self._release_backend(handed.backend_lock, handed.name, lost=True)
-            for hold in holds:
-                if not hold.released:
-                    hold.released = True
-                    self._holds.discard(hold)
-                    self._give_back(hold.key, hold.queue)
-            self._handed_over.clear()
-            backend, self._backend = self._backend, None
-            if backend is not None:
-                await backend.close()
+            await self.lock_table.release_all(within=self.settings.call_timeout)
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                await connection.close()
         self._state_changed()
-        if _default is self:
+        if is_default(self):
             set_default_coordinator(None)
         self._log.info("coordinator stopped")
 
@@ -251,24 +239,6 @@ class Coordinator:
     ) -> None:
         await self.stop()
 
-    async def wait_connected(self) -> None:
-        """Wait until the coordinator is started and connected to its backend."""
-        while not self.is_connected:
-            await self._next_state_change()
-
-    async def _next_state_change(self) -> None:
-        if self._state_event is None:
-            self._state_event = anyio.Event()
-        await self._state_event.wait()
-
-    def _state_changed(self) -> None:
-        """Wake everything waiting for a start, stop, disconnect or reconnect."""
-        if self._state_event is not None:
-            self._state_event.set()
-            self._state_event = None
-
-    # -- locks ---------------------------------------------------------------------
-
     def get_lock(self, name: str) -> Lock:
         """A :class:`~aiotooz.Lock` named ``name`` on this coordinator.
 
@@ -276,8 +246,6 @@ class Coordinator:
             LockCreationFailed: the coordinator is not started.
             LockNameError: ``name`` is not a non-empty ``str``.
         """
-        from ._lock import Lock
-
         if not self._started:
             raise LockCreationFailed(
                 f"{self!r} is not started: use 'async with coordinator:' or "
@@ -285,269 +253,19 @@ class Coordinator:
             )
         return Lock(name, coordinator=self)
 
-    async def _acquire(self, name: str, deadline: float | None) -> Hold | None:
-        """Take ``name`` through the local queue and then the backend.
+    # -- heartbeat and reconnect ---------------------------------------------------------
 
-        ``deadline`` is an ``anyio.current_time()`` instant, or ``None`` to wait for as
-        long as it takes; a deadline in the past means "try once". Returns ``None`` if
-        the deadline passed first.
-        """
-        self._check_started()
-        key = backend_key(self.prefix, name, self._reserved_keys())
-        task = anyio.get_current_task().id
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = KeyQueue()
-        elif queue.owner == task and deadline != TRY_ONCE:
-            # Any wait would be a wait for this very task: refuse it at once, timed or not.
-            raise LockAcquireFailed(
-                f"lock {name!r} is already held by this task: aiotooz locks are not "
-                "reentrant (acquiring it again would wait for itself)"
-            )
-        started = anyio.current_time()
-        granted: tuple[BackendLock, float] | None = None
-        previous: Hold | None = None
-        try:
-            if not await queue.take(task, deadline):
-                return None
-            previous = self._take_handed_over(key)
-            if previous is not None:
-                granted = previous.backend_lock, previous.lease_start
-            else:
-                granted = await self._acquire_backend(key, deadline)
-        except BaseException:
-            if queue.owner == task:
-                self._give_back(key, queue)
-            if queue.owner is None:
-                # Cancelled as the lock was handed to us, with nobody left to pass it to.
-                orphan = self._handed_over.pop(key, None)
-                if orphan is not None:
-                    with anyio.CancelScope(shield=True):
-                        await self._release_backend(orphan.backend_lock, name)
-            raise
-        finally:
-            if queue.idle:
-                self._queues.pop(key, None)
-        if granted is None:
-            self._give_back(key, queue)
-            return None
-        backend_lock, lease_start = granted
-        now = anyio.current_time()
-        hold = Hold(
-            coordinator=self,
-            name=name,
-            key=key,
-            queue=queue,
-            backend_lock=backend_lock,
-            lease_start=lease_start,
-            acquired_at=now,
-            handoffs=previous.handoffs + 1 if previous is not None else 0,
-        )
-        self._holds.add(hold)
-        self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
-        return hold
-
-    async def _acquire_backend(
-        self, key: str, deadline: float | None
-    ) -> tuple[BackendLock, float] | None:
-        """Try the backend until granted or ``deadline``; the lock and when its try began."""
-        delay = _POLL_FIRST
-        backend_lock: BackendLock | None = None
-        while True:
-            backend = await self._connected_backend(deadline)
-            if backend is None:
-                return None
-            if backend_lock is None or backend_lock.backend is not backend:
-                backend_lock = backend.lock(key)
-            tried_at = anyio.current_time()
-            wait = None
-            if deadline is not None and deadline != TRY_ONCE:
-                # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
-                wait = max(deadline - tried_at, _TRY_FLOOR)
-            try:
-                if await backend.try_acquire(backend_lock, wait):
-                    # stop() may have run while the try was in its worker thread.
-                    self._check_started()
-                    return backend_lock, tried_at
-            except BackendUnavailable as exc:
-                if deadline == TRY_ONCE:
-                    raise
-                # A patient waiter rides out a failing backend: the heartbeat checks the
-                # connection now (and reconnects if it is gone), and the try is repeated.
-                self._log.debug("lock try failed; trying again", key=key, error=str(exc))
-                self._beat_now()
-            except BaseException:
-                # Granted in the worker thread while we were being cancelled or failing:
-                # give it back, or it would stay held with nobody to release it.
-                if backend_lock.held:
-                    with anyio.CancelScope(shield=True):
-                        await self._release_backend(backend_lock, key)
-                raise
-            pause = delay * random.uniform(0.5, 1.0)
-            if deadline is not None:
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
-                    return None
-                pause = min(pause, remaining)
-            await anyio.sleep(pause)
-            delay = min(delay * 2, _POLL_CAP)
-
-    async def _connected_backend(self, deadline: float | None) -> Backend | None:
-        """The live backend, waiting for a reconnect in progress until ``deadline``."""
-        while True:
-            self._check_started()
-            if self._backend is not None:
-                return self._backend
-            if deadline == TRY_ONCE:
-                raise BackendUnavailable(
-                    f"{self!r} is reconnecting to its backend; try again later"
-                )
-            if deadline is None:
-                await self._next_state_change()
-                continue
-            remaining = deadline - anyio.current_time()
-            if remaining <= 0:
-                return None
-            with anyio.move_on_after(remaining):
-                await self._next_state_change()
-
-    async def _release(self, hold: Hold) -> None:
-        """Release ``hold`` at the backend, then hand the key to the next local waiter.
-
-        A lost lock is still released at the backend when it was taken through the
-        current connection: tooz's release checks ownership (token, lease, member id),
-        and it stops tooz from refreshing the lock in later beats.
-        """
-        if hold.released:
-            return
-        hold.released = True
-        self._holds.discard(hold)
-        if hold.ended is not None:
-            hold.ended.set()
-        if self._can_hand_over(hold):
-            self._handed_over[hold.key] = hold
-            self._give_back(hold.key, hold.queue)
-            return
-        try:
-            if hold.backend_lock.backend is self._backend:
-                # Not shielded: a cancelled caller (or one whose backend hangs) stops
-                # waiting, and the release still runs in its worker thread.
-                await self._release_backend(hold.backend_lock, hold.name, hold.lost)
-        finally:
-            self._give_back(hold.key, hold.queue)
-            self._log.debug(
-                "lock released",
-                lock=hold.name,
-                lost=hold.lost_reason,
-                held=round(anyio.current_time() - hold.acquired_at, 6),
-            )
-
-    def _can_hand_over(self, hold: Hold) -> bool:
-        """Whether the next local waiter may take ``hold``'s backend lock as it is."""
-        return (
-            hold.queue.waiting > 0
-            and hold.handoffs < _MAX_LOCAL_HANDOFFS
-            and hold.backend_lock.backend is self._backend
-            and self._started
-            and not self._check_lease(hold, anyio.current_time())
+    async def _connect(self) -> Connection:
+        return await Connection.connect(
+            self.settings.backend_url, self.member_id, self.settings.call_timeout
         )
 
-    def _take_handed_over(self, key: str) -> Hold | None:
-        """The hold whose backend lock was handed to the new owner of ``key``, if any.
-
-        A lock handed over through a connection that has since been replaced is gone.
-        """
-        previous = self._handed_over.pop(key, None)
-        if previous is None or previous.backend_lock.backend is not self._backend:
-            return None
-        return previous
-
-    async def _release_backend(
-        self, backend_lock: BackendLock, name: str, lost: bool = False
-    ) -> None:
-        try:
-            released = await backend_lock.backend.release(backend_lock)
-        except CoordinationError as exc:
-            # Nothing the caller could do: the lock ends with its TTL or session.
-            self._log.warning("backend release failed", lock=name, error=str(exc))
-            return
-        if not released and not lost:
-            self._log.warning("lock was no longer held at the backend when released", lock=name)
-
-    # -- lock loss -----------------------------------------------------------------
-
-    def _declare_lost(self, hold: Hold, reason: str) -> None:
-        """Record that ``hold`` is gone and tell its holder (once)."""
-        if hold.lost or hold.released:
-            return
-        hold.lost_reason = reason
-        self._log.warning(
-            "lock lost",
-            lock=hold.name,
-            reason=reason,
-            held=round(anyio.current_time() - hold.acquired_at, 6),
-        )
-        if hold.ended is not None:
-            hold.ended.set()
-        if hold.on_lost is not None:
-            hold.on_lost()
-
-    def _check_lease(self, hold: Hold, now: float) -> bool:
-        """Apply the lease rule to ``hold`` now; ``True`` if it is (now) lost."""
-        if hold.lost:
-            return True
-        ttl = hold.backend_lock.backend.lock_ttl
-        if ttl is None or hold.released:
-            return False
-        refreshed = max(hold.lease_start, self._last_refresh)
-        if now - refreshed <= ttl * _LEASE_SHARE:
-            return False
-        self._declare_lost(
-            hold,
-            f"no refresh reached the backend for {now - refreshed:.1f} s of the lock's "
-            f"{ttl:g} s TTL (backend unreachable, or the event loop was blocked)",
-        )
-        return True
-
-    async def _wait_ended(self, hold: Hold) -> None:
-        if hold.lost or hold.released:
-            return
-        if hold.ended is None:
-            hold.ended = anyio.Event()
-        await hold.ended.wait()
-
-    async def _watch_leases(self, ttl: float) -> None:
-        """Apply the lease rule often enough (a twentieth of the TTL) to act in time."""
-        while True:
-            await anyio.sleep(ttl / 20)
-            now = anyio.current_time()
-            for hold in list(self._holds):
-                self._check_lease(hold, now)
-
-    def _give_back(self, key: str, queue: KeyQueue) -> None:
-        queue.give_back()
-        if queue.idle and self._queues.get(key) is queue:
-            del self._queues[key]
-
-    def _check_started(self) -> None:
-        if not self._started:
-            raise LockCreationFailed(
-                f"{self!r} is not started: use 'async with coordinator:' or "
-                "'await coordinator.start()' before taking locks"
-            )
-
-    def _reserved_keys(self) -> frozenset[str]:
-        return self._backend.reserved_keys if self._backend is not None else frozenset()
-
-    # -- heartbeat and reconnect ---------------------------------------------------
-
-    def _beat_now(self) -> None:
-        """Have the heartbeat run soon (a try failed: is the connection gone?).
-
-        At most every 0.1 s, so that waiters polling a failing backend do not turn the
-        heartbeat into a flood.
-        """
-        if self._beat_event is not None and anyio.current_time() - self._last_beat >= 0.1:
+    def beat_now(self) -> None:
+        """Have the heartbeat run soon (package-internal: a try failed; is it gone?)."""
+        if (
+            self._beat_event is not None
+            and anyio.current_time() - self._last_beat >= _EARLY_BEAT_INTERVAL
+        ):
             self._beat_event.set()
 
     async def _beat_forever(self) -> None:
@@ -555,44 +273,40 @@ class Coordinator:
             self._beat_event = anyio.Event()
             with anyio.move_on_after(self.settings.heartbeat):
                 await self._beat_event.wait()
-            backend = self._backend
-            if backend is None:
+            connection = self._connection
+            if connection is None:
                 continue
-            holds = [
-                hold
-                for hold in self._holds
-                if hold.backend_lock.backend is backend and not hold.lost
-            ]
-            beat_started = self._last_beat = anyio.current_time()
             try:
-                owned = await backend.heartbeat([hold.backend_lock for hold in holds])
-                if backend is self._backend:
-                    self._last_refresh = beat_started
-                for hold, still_ours in zip(holds, owned, strict=True):
-                    if still_ours is False:
-                        self._declare_lost(
-                            hold, "the backend says another owner has it, or it expired"
-                        )
+                await self._beat(connection)
             except BackendUnavailable as exc:
                 self._log.warning("heartbeat failed; reconnecting", error=str(exc))
-                await self._reconnect(backend)
+                await self._reconnect(connection)
             except CoordinationError as exc:
                 self._log.warning("heartbeat failed", error=str(exc))
             except Exception:
-                # A bug here must not crash the task group, which would cancel the
-                # application code running between start() and stop().
+                # A bug here must not end the heartbeat: there is nobody to raise it to.
                 self._log.exception("heartbeat crashed; still beating")
 
-    async def _reconnect(self, old: Backend) -> None:
+    async def _beat(self, connection: Connection) -> None:
+        holds = self.lock_table.holds_through(connection)
+        started = self._last_beat = anyio.current_time()
+        owned = await connection.heartbeat([hold.handle for hold in holds])
+        if connection is self._connection:
+            self.lock_table.last_refresh = started
+        for hold, still_ours in zip(holds, owned, strict=True):
+            if still_ours is False:
+                self.lock_table.declare_lost(
+                    hold, "the backend says another owner has it, or it expired"
+                )
+
+    async def _reconnect(self, old: Connection) -> None:
         """Replace ``old`` with a new connection, backing off with jitter between tries.
 
-        Locks held through ``old`` are marked lost: a new connection does not own them.
+        Locks held through ``old`` are lost: a new connection does not own them.
         """
-        self._backend = None
+        self._connection = None
         self._state_changed()
-        for hold in list(self._holds):
-            if hold.backend_lock.backend is old:
-                self._declare_lost(hold, "the connection to the backend failed")
+        self.lock_table.declare_lost_through(old, "the connection to the backend failed")
         await old.close()
         base = self.settings.initial_reconnect_backoff
         cap = self.settings.max_reconnect_backoff
@@ -602,9 +316,7 @@ class Coordinator:
             attempt += 1
             connecting = anyio.current_time()
             try:
-                backend = await Backend.connect(
-                    self.settings.backend_url, self.member_id, self.settings.call_timeout
-                )
+                connection = await self._connect()
             except CoordinationError as exc:
                 backoff = min(cap, random.uniform(base, backoff * 3))
                 self._log.warning(
@@ -615,39 +327,9 @@ class Coordinator:
                 )
                 await anyio.sleep(backoff)
                 continue
-            self._backend = backend
-            self._last_refresh = connecting
+            self._connection = connection
+            self.lock_table.last_refresh = connecting
+            self._reconnects += 1
             self._state_changed()
             self._log.info("reconnected to backend", attempt=attempt)
             return
-
-
-_default: Coordinator | None = None
-
-
-def set_default_coordinator(coordinator: Coordinator | None) -> Coordinator | None:
-    """Make ``coordinator`` the process-wide default; returns the previous default.
-
-    :class:`~aiotooz.Lock` and :func:`~aiotooz.synchronized` without a ``coordinator``
-    look the default up each time they acquire, so a coordinator installed later (in an
-    application's startup) serves functions decorated at import time. A coordinator that
-    is the default uninstalls itself when it stops. ``None`` uninstalls.
-    """
-    global _default
-    previous, _default = _default, coordinator
-    return previous
-
-
-def get_default_coordinator() -> Coordinator:
-    """The coordinator installed with :func:`set_default_coordinator`.
-
-    Raises:
-        LockCreationFailed: none is installed.
-    """
-    if _default is None:
-        raise LockCreationFailed(
-            "no coordinator given and no default coordinator installed: pass "
-            "coordinator=..., or call aiotooz.set_default_coordinator(coordinator) "
-            "after starting one"
-        )
-    return _default

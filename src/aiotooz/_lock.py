@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import anyio
 
-from ._coordinator import TRY_ONCE, Coordinator, Hold, get_default_coordinator
 from ._exceptions import ConfigurationError, LockAcquireFailed, LockLost, LockNotHeld
+from ._locktable import FOREVER, TRY_ONCE, Hold, LockTable
 from ._names import check_name, format_name
+from ._process import get_default_coordinator
+
+if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
+    from ._coordinator import Coordinator
 
 __all__ = ["Blocking", "Lock", "check_blocking", "deadline_for"]
 
@@ -38,18 +42,20 @@ def check_blocking(blocking: object) -> float | bool:
     )
 
 
-def deadline_for(blocking: object) -> float | None:
+def deadline_for(blocking: object) -> float:
     """Turn a ``blocking`` argument into an ``anyio.current_time()`` deadline.
+
+    ``FOREVER`` (``math.inf``) waits as long as it takes; ``TRY_ONCE`` tries once.
 
     Raises:
         ConfigurationError: ``blocking`` is not a bool or a non-negative number.
     """
     checked = check_blocking(blocking)
     if checked is True:
-        return None
+        return FOREVER
     if checked is False:
         return TRY_ONCE
-    return None if math.isinf(checked) else anyio.current_time() + checked
+    return FOREVER if math.isinf(checked) else anyio.current_time() + checked
 
 
 @final
@@ -85,7 +91,15 @@ class Lock:
         LockNameError: ``name`` is not a non-empty ``str`` or a field is missing.
     """
 
-    __slots__ = ("_cancel_on_loss", "_coordinator", "_hold", "_lost_reason", "_scope", "name")
+    __slots__ = (
+        "_cancel_on_loss",
+        "_coordinator",
+        "_hold",
+        "_lost_reason",
+        "_scope",
+        "_table",
+        "name",
+    )
 
     def __init__(
         self,
@@ -99,6 +113,8 @@ class Lock:
         self._coordinator = coordinator
         self._cancel_on_loss = cancel_on_loss
         self._hold: Hold | None = None
+        #: The lock table of the coordinator that granted ``_hold``.
+        self._table: LockTable | None = None
         self._lost_reason: str | None = None
         self._scope: anyio.CancelScope | None = None
 
@@ -122,10 +138,10 @@ class Lock:
         Reading it also applies the lease rule on the spot, so a holder that checks it
         right before a critical write is told even if the watchdog has not run yet.
         """
-        hold = self._hold
-        if hold is None:
+        hold, table = self._hold, self._table
+        if hold is None or table is None:
             return self._lost_reason is not None
-        return hold.coordinator._check_lease(hold, anyio.current_time())
+        return table.check_lease(hold, anyio.current_time())
 
     @property
     def lost_reason(self) -> str | None:
@@ -138,10 +154,10 @@ class Lock:
         Raises:
             LockNotHeld: this lock object does not hold the lock.
         """
-        hold = self._hold
-        if hold is None:
+        hold, table = self._hold, self._table
+        if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be lost")
-        await hold.coordinator._wait_ended(hold)
+        await table.wait_ended(hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:
         """Take the lock.
@@ -161,10 +177,11 @@ class Lock:
                 the coordinator is reconnecting.
         """
         deadline = deadline_for(blocking)
-        hold = await self.coordinator._acquire(self.name, deadline)
+        table = self.coordinator.lock_table
+        hold = await table.acquire(self.name, deadline)
         if hold is None:
             return False
-        self._hold = hold
+        self._hold, self._table = hold, table
         self._lost_reason = None
         return True
 
@@ -180,10 +197,11 @@ class Lock:
             LockNotHeld: this lock object does not hold the lock.
         """
         hold, self._hold = self._hold, None
-        if hold is None:
+        table, self._table = self._table, None
+        if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be released")
         self._lost_reason = hold.lost_reason
-        await hold.coordinator._release(hold)
+        await table.release(hold)
 
     def __call__(self, blocking: Blocking = True) -> _LockContext:
         """``async with lock(blocking=2.5):`` takes the lock with that budget or raises."""

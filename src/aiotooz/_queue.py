@@ -48,8 +48,8 @@ class KeyQueue:
         """How many tasks wait behind the owner."""
         return len(self._waiters)
 
-    async def take(self, task: int, deadline: float | None) -> bool:
-        """Become the owner; wait in line until ``deadline`` (``None``: forever).
+    async def take(self, task: int, deadline: float) -> bool:
+        """Become the owner; wait in line until ``deadline`` (``math.inf``: forever).
 
         Returns ``False`` if the deadline passed first. Cancellation while waiting
         leaves the queue as if this task had never come, even if ownership was handed
@@ -58,16 +58,13 @@ class KeyQueue:
         if self.owner is None and not self._waiters:
             self.owner = task
             return True
-        if deadline is not None and deadline <= anyio.current_time():
+        if deadline <= anyio.current_time():
             return False
         waiter = _Waiter(task)
         self._waiters.append(waiter)
         try:
-            if deadline is None:
+            with anyio.move_on_after(deadline - anyio.current_time()):  # inf: no limit
                 await waiter.event.wait()
-            else:
-                with anyio.move_on_after(deadline - anyio.current_time()):
-                    await waiter.event.wait()
         except BaseException:
             self._leave(waiter)
             raise

@@ -39,7 +39,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - depends on what is inst
         name=exc.name,
     ) from exc
 
-from ._coordinator import Coordinator, get_default_coordinator, set_default_coordinator
+from ._coordinator import Coordinator
+from ._process import get_default_coordinator, set_default_coordinator
 from ._settings import CoordinationSettings
 
 __all__ = [

@@ -36,8 +36,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from ._coordinator import Coordinator, get_default_coordinator, set_default_coordinator
+from ._coordinator import Coordinator
 from ._exceptions import LockCreationFailed
+from ._process import get_default_coordinator, set_default_coordinator
 from ._settings import CoordinationSettings
 
 __all__ = [

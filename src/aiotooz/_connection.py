@@ -1,0 +1,384 @@
+"""One connection to a backend: a started tooz coordinator, its driver, and its lanes.
+
+This and the driver layer (:mod:`aiotooz._drivers`) are the only modules that touch
+tooz. Every driver call runs in a worker thread of the connection's own lanes (see
+:mod:`aiotooz._bridge`): the *acquire* lane runs short, non-blocking tries (never a
+wait: waiting is done in async code by :mod:`aiotooz._locktable`, so no thread is ever
+parked on a busy lock); the *control* lane runs releases, heartbeats and the stop, so
+that they never queue behind tries. A driver whose calls are local system calls
+(``Capability.LOCAL_CALLS``: ``fcntl`` on a local file) has its tries and releases run
+on the event loop itself, cheaper than any thread hop, until they prove slow.
+
+Every tooz or client-library exception is translated here, once, into the
+:mod:`aiotooz._exceptions` tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar, final
+
+import anyio
+import anyio.lowlevel
+import tooz
+import tooz.coordination
+
+from ._bridge import CallTimedOut, Lane, LaneClosed, Schedule, loop_scheduler, run_in_lane
+from ._drivers import Capability, Driver, driver_class, known_schemes
+from ._exceptions import (
+    BackendUnavailable,
+    ConfigurationError,
+    CoordinationError,
+    UnsupportedOperation,
+)
+from ._urls import redact_url, scheme_of
+
+__all__ = ["Connection", "LockHandle", "translate"]
+
+T = TypeVar("T")
+
+#: An inline call slower than this (seconds) counts as slow; after ``_INLINE_STRIKES``
+#: slow calls in a row (a lock directory on a slow or network file system) the
+#: connection sends its calls to the worker lanes for good.
+_INLINE_LIMIT: Final = 0.002
+_INLINE_STRIKES: Final = 3
+
+
+def translate(exc: BaseException, action: str, url: str) -> CoordinationError:
+    """Map a tooz or client-library exception to ours (the one place this happens)."""
+    where = f"{action} on {redact_url(url)}"
+    if isinstance(exc, CoordinationError):
+        return exc
+    if isinstance(exc, tooz.NotImplemented):
+        return UnsupportedOperation(f"{where}: the backend does not support this ({exc})")
+    if isinstance(exc, tooz.coordination.ToozConnectionError):
+        return BackendUnavailable(f"{where}: cannot reach the backend ({exc})")
+    if isinstance(exc, tooz.ToozError):
+        return BackendUnavailable(f"{where}: the backend failed ({exc})")
+    # Raw client-library and OS errors that tooz lets through (kazoo, etcd3gw, OSError).
+    return BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _install_hint(driver: type[Driver], scheme: str, module: str | None) -> str:
+    if driver.extra is not None:
+        return f"pip install 'aiotooz[{driver.extra}]'"
+    return f"pip install {module or scheme}"
+
+
+def _load(url: str, member_id: str, call_timeout: float) -> Driver:
+    """Create the tooz coordinator for ``url`` and wrap it in its driver (not started)."""
+    scheme = scheme_of(url)
+    shown = redact_url(url)
+    if scheme not in known_schemes():
+        raise ConfigurationError(
+            f"unknown backend scheme {scheme!r} in {shown}; "
+            f"use one of: {', '.join(known_schemes())}"
+        )
+    driver = driver_class(scheme)
+    options: dict[str, Any] = driver.options(
+        urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    )
+    try:
+        coordinator = tooz.coordination.get_coordinator(url, member_id.encode(), **options)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the {scheme!r} backend needs a client library that is not installed "
+            f"({exc}); install it with: {_install_hint(driver, scheme, exc.name)}"
+        ) from exc
+    except RuntimeError as exc:
+        # stevedore's NoMatches: the driver is registered but failed to load.
+        raise ConfigurationError(
+            f"the {scheme!r} backend could not be loaded ({exc}); its client library "
+            f"may be missing: {_install_hint(driver, scheme, None)}"
+        ) from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"bad backend URL {shown}: {exc}") from exc
+    except Exception as exc:
+        raise translate(exc, "loading the driver", url) from exc
+    return driver(coordinator, call_timeout)
+
+
+@final
+class LockHandle:
+    """One backend lock for one key, as held (or tried) through one :class:`Connection`.
+
+    ``held`` is true from the moment a try's grant reaches its caller until release. A
+    grant that comes after its caller stopped waiting never reaches it: the worker
+    thread releases that lock itself.
+    """
+
+    __slots__ = ("_tooz_lock", "connection", "held", "key")
+
+    def __init__(self, connection: Connection, key: str) -> None:
+        self.connection = connection
+        self.key = key
+        self.held = False
+        self._tooz_lock: Any = None
+
+
+@final
+class Connection:
+    """One started tooz coordinator, its driver, and the worker lanes that call it.
+
+    Use :meth:`connect` to make one. Every call waits at most ``call_timeout`` seconds
+    for the backend (and not at all once its caller is cancelled).
+    """
+
+    def __init__(self, driver: Driver, url: str, schedule: Schedule) -> None:
+        self.driver = driver
+        self.url = url
+        self.call_timeout = driver.call_timeout
+        self.capabilities = driver.capabilities
+        self.requires_beating = driver.requires_beating
+        self.reserved_keys = driver.reserved_keys
+        #: Seconds a held lock is guaranteed to outlive its last refresh; ``None`` where
+        #: locks live as long as the connection (no ``Capability.EXPIRES``).
+        self.lock_ttl = driver.lock_ttl if Capability.EXPIRES in driver.capabilities else None
+        scheme = scheme_of(url)
+        self._acquire_lane = Lane(f"aiotooz-acquire {scheme}", 2)
+        self._control_lane = Lane(f"aiotooz-control {scheme}", 2)
+        self._schedule = schedule
+        self._inline = Capability.LOCAL_CALLS in driver.capabilities
+        self._slow_inline_calls = 0
+
+    @classmethod
+    async def connect(cls, url: str, member_id: str, call_timeout: float) -> Connection:
+        """Create and start a tooz coordinator for ``url`` in a worker thread.
+
+        Raises:
+            ConfigurationError: the URL, scheme or client library is wrong.
+            BackendUnavailable: the backend cannot be reached within ``call_timeout``.
+        """
+        url = driver_class(scheme_of(url)).prepare_url(url)
+
+        def start() -> Driver:
+            driver = _load(url, member_id, call_timeout)
+            driver.configure()
+            try:
+                driver.start()
+            except Exception as exc:
+                raise translate(exc, "connecting", url) from exc
+            return driver
+
+        def stop_late(driver: Driver) -> None:
+            driver.stop()  # connected after the caller gave up: nobody will use it
+
+        # A lane of its own: connecting may hang for the client's connect timeout on an
+        # unreachable host, and must not hold up releases while it does.
+        lane = Lane(f"aiotooz-connect {scheme_of(url)}", 1)
+        schedule = loop_scheduler()
+        try:
+            driver = await run_in_lane(lane, schedule, start, call_timeout, stop_late)
+        except CallTimedOut:
+            raise BackendUnavailable(
+                f"connecting on {redact_url(url)}: no answer within {call_timeout:g} s "
+                "(AIOTOOZ_CALL_TIMEOUT)"
+            ) from None
+        finally:
+            lane.close(schedule)  # its thread exits once done; nobody needs to wait
+        return cls(driver, url, schedule)
+
+    @property
+    def threads(self) -> int:
+        """How many worker threads of this connection are alive."""
+        return len(self._acquire_lane.threads) + len(self._control_lane.threads)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        lane: Lane,
+        action: str,
+        func: Callable[[], T],
+        *,
+        wait: float | None = None,
+        abandoned: Callable[[T], object] | None = None,
+        must_run: bool = False,
+    ) -> T:
+        """Run ``func`` in ``lane``, waiting at most ``wait`` or the call timeout.
+
+        Raises:
+            CallTimedOut: only when ``wait`` is given and shorter than the call timeout
+                (the caller's own deadline passed first).
+            BackendUnavailable: the backend failed, did not answer within the call
+                timeout, or the connection is closed.
+        """
+        limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
+        try:
+            return await run_in_lane(lane, self._schedule, func, limit, abandoned, must_run)
+        except LaneClosed:
+            raise BackendUnavailable(
+                f"{action} on {redact_url(self.url)}: the connection is closed"
+            ) from None
+        except CallTimedOut:
+            if limit < self.call_timeout:
+                raise
+            raise BackendUnavailable(
+                f"{action} on {redact_url(self.url)}: no answer within "
+                f"{self.call_timeout:g} s (AIOTOOZ_CALL_TIMEOUT)"
+            ) from None
+        except CoordinationError:
+            raise
+        except Exception as exc:
+            raise translate(exc, action, self.url) from exc
+
+    async def _call_inline(self, action: str, func: Callable[[], T], must_run: bool = False) -> T:
+        """Run a microsecond, never-waiting call on the event loop thread itself.
+
+        A checkpoint comes first, as with any await, so no cancellation can come between
+        the call and its outcome reaching the caller. A call that ``must_run`` (a
+        release, which a cancellation must not skip) has its checkpoint after it.
+        """
+        if not must_run:
+            await anyio.lowlevel.checkpoint()
+        try:
+            return self._run_inline(action, func)
+        finally:
+            if must_run:
+                await anyio.lowlevel.checkpoint()
+
+    def _run_inline(self, action: str, func: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        try:
+            return func()
+        except CoordinationError:
+            raise
+        except Exception as exc:
+            raise translate(exc, action, self.url) from exc
+        finally:
+            if time.perf_counter() - started <= _INLINE_LIMIT:
+                self._slow_inline_calls = 0
+            else:
+                self._slow_inline_calls += 1
+                if self._slow_inline_calls >= _INLINE_STRIKES:
+                    self._inline = False
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def lock(self, key: str) -> LockHandle:
+        """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
+        return LockHandle(self, key)
+
+    async def try_acquire(self, handle: LockHandle, wait: float | None = None) -> bool:
+        """Try once to take ``handle``'s lock without waiting; ``True`` if it is now held.
+
+        Args:
+            handle: the handle to try.
+            wait: seconds the caller can spend on this try at most (its deadline); past
+                them the try counts as not granted, and if the backend grants it later,
+                the lock is released again in the worker thread.
+
+        Raises:
+            UnsupportedOperation: the backend cannot lock this key.
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        problem = self.driver.key_problem(handle.key)
+        if problem is not None:
+            raise UnsupportedOperation(f"cannot lock key {handle.key!r}: {problem}")
+        # The tooz lock object this try uses. A try given up may still be running in its
+        # worker thread with it: the handle then gets a fresh one for its next try.
+        tried: list[Any] = []
+
+        def attempt() -> bool:
+            tooz_lock = handle._tooz_lock
+            if tooz_lock is None:
+                tooz_lock = self.driver.get_lock(handle.key)
+            tried.append(tooz_lock)
+            return self.driver.try_acquire(tooz_lock, handle.key)
+
+        def release_late(granted: bool) -> None:
+            if granted:
+                self.driver.release(tried[0])
+
+        action = f"acquiring {handle.key!r}"
+        if self._inline:
+            granted = await self._call_inline(action, attempt)
+        else:
+            try:
+                granted = await self._call(
+                    self._acquire_lane, action, attempt, wait=wait, abandoned=release_late
+                )
+            except CallTimedOut:
+                handle._tooz_lock = None
+                return False
+            except BaseException:
+                if tried:
+                    handle._tooz_lock = None  # cancelled or failed: the object may be in use
+                raise
+        handle._tooz_lock = tried[0]
+        handle.held = granted
+        return granted
+
+    async def release(self, handle: LockHandle) -> bool:
+        """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.
+
+        A caller that is cancelled, or waits longer than the call timeout, stops waiting;
+        the release still runs (even if it was still queued), in its worker thread.
+
+        Raises:
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        tooz_lock = handle._tooz_lock
+        if not handle.held or tooz_lock is None:
+            return False
+        handle.held = False
+        action = f"releasing {handle.key!r}"
+        if self._inline:
+            return await self._call_inline(
+                action, lambda: self.driver.release(tooz_lock), must_run=True
+            )
+        return await self._call(
+            self._control_lane, action, lambda: self.driver.release(tooz_lock), must_run=True
+        )
+
+    async def heartbeat(self, handles: Sequence[LockHandle] = ()) -> list[bool | None]:
+        """Send one heartbeat (refreshing TTL locks), then ask who owns ``handles``.
+
+        A beat that returns normally proves nothing about the locks (tooz's redis and
+        memcached drivers swallow a failed refresh, its etcd driver ignores one), so each
+        is checked where the driver ``KNOWS_OWNER``.
+
+        Returns:
+            For each handle: ``True`` still ours, ``False`` no longer ours, ``None`` the
+            driver cannot tell.
+
+        Raises:
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        knows_owner = Capability.KNOWS_OWNER in self.capabilities
+
+        def beat() -> list[bool | None]:
+            self.driver.heartbeat()
+            return [
+                self.driver.still_owner(handle._tooz_lock)
+                if knows_owner and handle._tooz_lock is not None
+                else None
+                for handle in handles
+            ]
+
+        return await self._call(self._control_lane, "heartbeat", beat)
+
+    async def close(self) -> None:
+        """Stop the tooz coordinator and the worker threads; errors are swallowed.
+
+        Bounded by the call timeout: a backend that does not answer is left behind.
+        """
+        answered = True
+        try:
+            await run_in_lane(
+                self._control_lane, self._schedule, self.driver.stop, self.call_timeout
+            )
+        except CallTimedOut:
+            answered = False
+        except Exception:
+            pass
+        orders = self._acquire_lane.close(self._schedule) + self._control_lane.close(self._schedule)
+        if not answered:
+            return  # a call is stuck in the driver: its thread exits when it returns
+        # Every thread exits once the calls queued before its exit order are done.
+        with anyio.move_on_after(self.call_timeout, shield=True), contextlib.suppress(Exception):
+            for order in orders:
+                await order.done.wait()

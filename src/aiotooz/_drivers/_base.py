@@ -1,0 +1,162 @@
+"""The driver interface: how aiotooz uses one tooz backend, with plain-tooz defaults.
+
+A driver wraps one started tooz coordinator and says what aiotooz must do differently
+on its backend: how to try a lock once without waiting, release it, beat, tell whether
+a held lock is still ours, how long a lock outlives its last refresh. Every method has
+a default that is the plain tooz call, so a tooz backend without a module here still
+works as far as tooz goes. Driver methods run in worker threads (or, for drivers with
+``inline_calls``, on the event loop) and may raise anything: the connection translates
+errors, once.
+
+A driver also *declares* what it can do (:class:`Capability`), so that the layers above
+ask the driver instead of comparing scheme strings. Adding a capability means adding it
+here with a default that says "not here", and overriding it in the drivers that have it.
+"""
+
+from __future__ import annotations
+
+import enum
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import tooz
+import tooz.coordination
+
+__all__ = ["Capability", "Driver", "client_timeout_options"]
+
+#: Exceptions that mean "not acquired within the time given" on some drivers
+#: (tenacity's RetryError on memcached and etcd3gw, kazoo's LockTimeout on ZooKeeper).
+_NOT_ACQUIRED_NAMES = frozenset({"RetryError", "LockTimeout"})
+
+
+class Capability(enum.Enum):
+    """Something a driver can do, declared in its ``capabilities``."""
+
+    #: A held lock expires unless it is refreshed by heartbeats (see ``lock_ttl``); the
+    #: lease rule applies to it.
+    EXPIRES = "expires"
+    #: The driver can tell whether a held lock is still ours (``still_owner``).
+    KNOWS_OWNER = "knows owner"
+    #: A try and a release are local system calls of microseconds: they may run on the
+    #: event loop itself instead of a worker thread.
+    LOCAL_CALLS = "local calls"
+
+
+class Driver:
+    """The plain-tooz behaviour; one subclass per backend overrides what differs.
+
+    Args:
+        coordinator: the tooz coordinator (created, not yet started).
+        call_timeout: the longest a caller waits for one call (see the settings).
+    """
+
+    #: The ``pip install aiotooz[<extra>]`` that brings the client library, if any.
+    extra: ClassVar[str | None] = None
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    #: Driver options aiotooz sets unless the URL's query sets them.
+    default_options: ClassVar[Mapping[str, str]] = {}
+    #: Keys the driver keeps for itself; a lock name on one of them is mapped instead.
+    reserved_keys: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
+        self.tooz = coordinator
+        self.call_timeout = call_timeout
+
+    # -- before connecting (class methods: no connection yet) --------------------------
+
+    @classmethod
+    def check_url(cls, parts: urllib.parse.SplitResult) -> None:
+        """Refuse a URL that cannot work on this backend (``ValueError``, no URL echoed)."""
+
+    @classmethod
+    def prepare_url(cls, url: str) -> str:
+        """The URL as handed to tooz."""
+        return url
+
+    @classmethod
+    def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
+        """The options aiotooz adds to a URL's own (which always win)."""
+        return {name: value for name, value in cls.default_options.items() if name not in query}
+
+    @classmethod
+    def key_problem(cls, key: str) -> str | None:
+        """Why ``key`` cannot be locked on this backend, or ``None`` if it can."""
+        return None
+
+    def configure(self) -> None:
+        """Check and adjust the tooz coordinator before it starts (in a worker thread).
+
+        Raises:
+            ConfigurationError: an option the backend cannot honour.
+        """
+
+    # -- the connection ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.tooz.start(start_heart=False)
+
+    def stop(self) -> None:
+        if self.tooz.is_started:
+            self.tooz.stop()
+
+    @property
+    def requires_beating(self) -> bool:
+        """Whether the backend needs heartbeats to keep the connection or locks alive."""
+        return bool(self.tooz.requires_beating)
+
+    @property
+    def lock_ttl(self) -> float | None:
+        """Seconds a held lock is guaranteed to outlive its last refresh at the backend.
+
+        ``None`` where locks live as long as the connection or process (no ``EXPIRES``).
+        """
+        return None
+
+    def heartbeat(self) -> None:
+        """One heartbeat: prove the connection is alive and refresh TTL locks."""
+        self.tooz.heartbeat()
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def get_lock(self, key: str) -> Any:
+        """A tooz lock object for ``key`` (an ASCII key, see ``aiotooz._names``)."""
+        return self.tooz.get_lock(key.encode("ascii"))
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        """Try once to take ``lock``, never waiting; ``True`` if it is now held."""
+        try:
+            return bool(lock.acquire(blocking=False))
+        except Exception as exc:
+            if type(exc).__name__ in _NOT_ACQUIRED_NAMES:
+                return False
+            raise
+
+    def release(self, lock: Any) -> bool:
+        """Release ``lock``; ``False`` if the backend says it was no longer ours."""
+        return bool(lock.release())
+
+    def still_owner(self, lock: Any) -> bool | None:
+        """Whether ``lock`` is still ours at the backend; ``None`` if it cannot tell."""
+        try:
+            return bool(lock.is_still_owner())
+        except tooz.NotImplemented:
+            return None
+
+
+#: The TTL options tooz derives from ``timeout`` on the memcached and etcd drivers.
+_TTL_OPTIONS = ("lock_timeout", "membership_timeout", "leader_timeout")
+
+
+def client_timeout_options(query: Mapping[str, list[str]]) -> dict[str, str]:
+    """A 2 s client ``timeout`` unless the URL sets one, keeping tooz's 30 s TTLs.
+
+    memcached's and etcd's drivers take ``timeout`` for the client's socket waits *and*
+    as the default of their TTLs: when aiotooz sets it, the TTLs the URL leaves unset
+    keep tooz's default of 30 s; when the URL sets it, tooz's own rule applies.
+    """
+    if "timeout" in query:
+        return {}
+    options = {"timeout": "2"}
+    options.update({name: "30" for name in _TTL_OPTIONS if name not in query})
+    return options

@@ -1,0 +1,72 @@
+"""The file backend: ``fcntl`` locks on files in one directory (the embedded default)."""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from typing import Any, ClassVar
+
+from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
+from ._base import Capability, Driver
+
+__all__ = ["FileDriver"]
+
+
+class FileDriver(Driver):
+    """tooz's file driver, with one lock object per lock file and its flaws mended.
+
+    * The directory is resolved (symlinks, ``.``, ``..``) before tooz sees it: tooz
+      refuses every lock of a directory spelled with ``.`` or ``..`` ("outside of
+      parent directory").
+    * The driver locks with ``fcntl.lockf``, and POSIX drops *all* of a process's locks
+      on a file when *any* of its descriptors for that file is closed. Two tooz lock
+      objects for one file (two coordinators on one directory, perhaps under two
+      spellings: ``/var/lock`` and ``/run/lock``) would each open it, and closing the
+      idle one would silently free the other's lock. So the process keeps one lock
+      object per file, keyed by the directory's device and inode and the file's name
+      (``aiotooz._process.FILE_LOCKS``), shared by every coordinator; creating it under
+      one mutex also closes tooz's non-atomic barrier creation race.
+    """
+
+    capabilities = frozenset({Capability.LOCAL_CALLS})
+    #: The driver's own group and tmp directories.
+    reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp"})
+
+    @classmethod
+    def check_url(cls, parts: urllib.parse.SplitResult) -> None:
+        if not parts.path:
+            raise ValueError("a file:// URL needs a directory path, e.g. 'file:///var/lock/app'")
+
+    @classmethod
+    def prepare_url(cls, url: str) -> str:
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit(parts._replace(path=os.path.realpath(parts.path)))
+
+    def get_lock(self, key: str) -> Any:
+        with FILE_LOCKS_GUARD:
+            info = os.stat(self.tooz._dir)  # type: ignore[attr-defined]
+            # A new lock object has not opened its file yet, so dropping it is free.
+            return FILE_LOCKS.setdefault((info.st_dev, info.st_ino, key), super().get_lock(key))
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        """One try, holding the path's barrier throughout (tooz's acquire re-enters it).
+
+        * A try that loses to another process still counts a reference in tooz
+          (``ref``), so after the next acquire and release the lock object believes it
+          is held and never closes its file: the count is put back.
+        * fasteners keeps the lock file open after a failed try; closing it is safe
+          because no thread of this process holds the file (see the class docstring).
+        """
+        barrier = lock._barrier
+        with barrier.cond:
+            if barrier.owner is not None:
+                return False  # held in this process, by another coordinator
+            references = lock.ref
+            if lock.acquire(blocking=False):
+                return True
+            lock.ref = references
+            lock._lock._do_close()
+            return False
+
+    def still_owner(self, lock: Any) -> bool | None:
+        return None  # the file driver only echoes its own flag

@@ -1,0 +1,44 @@
+"""The ipc backend: System V semaphores, one per lock, on this machine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Driver
+
+__all__ = ["IpcDriver"]
+
+
+class IpcDriver(Driver):
+    """tooz's ipc driver, with a non-blocking try it cannot do itself here."""
+
+    extra = "ipc"
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        """One non-blocking try, with tooz's own algorithm on the same semaphore key.
+
+        tooz's ipc driver refuses anything but a wait forever when ``sysv_ipc`` lacks
+        semaphore timeouts (it does on Linux builds). This uses ``IPC_NOWAIT`` instead of
+        a timeout, so plain tooz ipc users and aiotooz exclude each other; tooz's
+        ``release()`` then works unchanged.
+        """
+        import sysv_ipc
+
+        while True:
+            try:
+                semaphore = sysv_ipc.Semaphore(lock.key, flags=sysv_ipc.IPC_CREX, initial_value=1)
+            except sysv_ipc.ExistentialError:
+                try:
+                    semaphore = sysv_ipc.Semaphore(lock.key)
+                except sysv_ipc.ExistentialError:
+                    continue  # removed by its holder's release in between: start over
+            semaphore.undo = True  # the kernel gives it back if this process dies
+            semaphore.block = False  # IPC_NOWAIT: BusyError instead of a wait
+            try:
+                semaphore.acquire()
+            except sysv_ipc.BusyError:
+                return False
+            except sysv_ipc.ExistentialError:
+                continue
+            lock._lock = semaphore
+            return True

@@ -1,0 +1,42 @@
+"""The memcached backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .._exceptions import ConfigurationError
+from ._base import Capability, Driver, client_timeout_options
+
+__all__ = ["MemcachedDriver"]
+
+#: memcached expires items in whole seconds, by a clock that ticks once a second: an item
+#: stored with ``expire=N`` can vanish as early as ``N - 1`` seconds later.
+_EARLY_EXPIRY = 1.0
+
+
+class MemcachedDriver(Driver):
+    """memcached locks: an item that expires after ``lock_timeout`` seconds.
+
+    The item is touched each beat, and owned by the coordinator's member id.
+    """
+
+    extra = "memcached"
+    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER})
+
+    @classmethod
+    def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
+        """A bounded client timeout, so that a dead or hung server is noticed in seconds."""
+        return client_timeout_options(query)
+
+    @property
+    def lock_ttl(self) -> float:
+        """The lock timeout less the second memcached may expire it early by."""
+        return float(self.tooz.lock_timeout) - _EARLY_EXPIRY  # type: ignore[attr-defined]
+
+    def configure(self) -> None:
+        if self.lock_ttl < 1:
+            raise ConfigurationError(
+                f"lock_timeout={self.tooz.lock_timeout} is too short: memcached "  # type: ignore[attr-defined]
+                "expires locks in whole seconds and up to 1 s early, so a lock must live at "
+                "least 2 s (and then only 1 s is guaranteed); use lock_timeout=3 or more"
+            )

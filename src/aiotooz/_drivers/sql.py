@@ -1,0 +1,149 @@
+"""The PostgreSQL and MySQL backends: locks of the database server, held by a session."""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Any
+
+import tooz.coordination
+
+from .._exceptions import UnsupportedOperation
+from ._base import Driver
+
+__all__ = ["MySQLDriver", "PostgreSQLDriver"]
+
+#: Whether another session holds the advisory lock tooz takes with two int4 keys.
+_PG_HELD_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid = %s AND objid = %s AND objsubid = 2)"
+)
+
+
+class _SQLDriver(Driver):
+    """What the two database drivers share: a look before each try.
+
+    tooz's postgresql and mysql drivers open a connection for every try and close it when
+    the try fails: a waiter polling every 50 ms would open 20 connections a second. The
+    driver's own connection (opened at start, unused by locks) tells a taken lock without
+    one; only a lock that looks free is tried. Any trouble with that connection means
+    "not known", and the real try decides.
+    """
+
+    def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
+        super().__init__(coordinator, call_timeout)
+        #: Serialises the driver's own connection, which is not thread-safe.
+        self._look_guard = threading.Lock()
+
+    def taken(self, lock: Any) -> bool:
+        """Whether the database shows ``lock`` taken (by any session)."""
+        with self._look_guard:
+            try:
+                return self._look(self.tooz, lock)
+            except Exception:
+                return False
+
+    @abc.abstractmethod
+    def _look(self, driver: Any, lock: Any) -> bool:
+        """Ask on the driver's own connection whether ``lock`` is taken."""
+
+
+class PostgreSQLDriver(_SQLDriver):
+    """PostgreSQL advisory locks (tooz maps each name to one of 65,536 of them)."""
+
+    extra = "postgresql"
+
+    def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
+        super().__init__(coordinator, call_timeout)
+        #: advisory lock (tooz's 2-byte key) -> our key held on it.
+        self._held: dict[bytes, str] = {}
+        self._held_guard = threading.Lock()
+
+    def _look(self, driver: Any, lock: Any) -> bool:
+        if driver._conn.closed:
+            driver._conn = driver.get_connection(driver._parsed_url, driver._options)
+        driver._conn.autocommit = True
+        with driver._conn.cursor() as cursor:
+            cursor.execute(_PG_HELD_SQL, tuple(lock.key))
+            row = cursor.fetchone()
+        return bool(row and row[0])
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        """One try, refusing a name that would wait for its own holder.
+
+        tooz maps each name to one of only 65,536 advisory locks (2 bytes of its MD5).
+        Two keys on one advisory lock exclude each other, and since tooz takes each lock
+        on a connection of its own, a task holding one and asking for the other would
+        wait for itself forever. Through one coordinator that is an error instead.
+        """
+        advisory = bytes(lock.key)
+        with self._held_guard:
+            other = self._held.get(advisory)
+        if other is not None and other != key:
+            raise UnsupportedOperation(
+                f"the postgresql backend cannot hold {key!r} while this coordinator holds "
+                f"{other!r}: tooz maps both to advisory lock {tuple(advisory)} (it has only "
+                "65,536 of them), so waiting would never end; use other names or another "
+                "backend"
+            )
+        if self.taken(lock):
+            return False
+        granted = bool(lock.acquire(blocking=False))
+        if granted:
+            with self._held_guard:
+                self._held[advisory] = key
+        return granted
+
+    def release(self, lock: Any) -> bool:
+        with self._held_guard:
+            self._held.pop(bytes(lock.key), None)
+        return super().release(lock)
+
+
+class MySQLDriver(_SQLDriver):
+    """MySQL/MariaDB named locks (``GET_LOCK``), each on a connection of its own.
+
+    tooz sets no read or write timeout on its PyMySQL connections, so a server that
+    accepts but never answers would park the calling thread forever: every connection
+    gets the call timeout as both. (psycopg2 has no such option: on PostgreSQL only the
+    connection's call timeout bounds a call.)
+    """
+
+    extra = "mysql"
+
+    @classmethod
+    def key_problem(cls, key: str) -> str | None:
+        if len(key) <= 64:
+            return None
+        return (
+            f"MySQL lock names are at most 64 characters and this one has {len(key)}; use a "
+            "coordinator prefix of at most 7 characters (keys are at most len(prefix) + 57 "
+            "characters)"
+        )
+
+    def start(self) -> None:
+        super().start()
+        self._bound(self.tooz._conn)  # type: ignore[attr-defined]
+
+    def _bound(self, connection: Any) -> None:
+        # PyMySQL applies these on every read and write of a connected socket.
+        connection._read_timeout = connection._write_timeout = self.call_timeout
+
+    def get_lock(self, key: str) -> Any:
+        lock = super().get_lock(key)
+        self._bound(lock._conn)
+        return lock
+
+    def _look(self, driver: Any, lock: Any) -> bool:
+        if not driver._conn.open:
+            driver._conn.connect()
+        with driver._conn.cursor() as cursor:
+            cursor.execute("SELECT IS_FREE_LOCK(%s)", (lock.name,))
+            row = cursor.fetchone()
+        return row is not None and row[0] == 0
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        if self.taken(lock):
+            return False
+        return super().try_acquire(lock, key)

@@ -1,0 +1,64 @@
+"""The ZooKeeper backend (tooz's kazoo driver)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tooz.coordination
+
+from ._base import Capability, Driver
+
+__all__ = ["ZooKeeperDriver"]
+
+
+class ZooKeeperDriver(Driver):
+    """ZooKeeper locks: ephemeral nodes that live as long as the kazoo session.
+
+    kazoo queues a call made while it reconnects, and its synchronous API waits for the
+    answer with no timeout: with the server down, a heartbeat, try or release would park
+    its worker thread until the server came back. Every call is refused while kazoo is
+    not connected instead.
+    """
+
+    extra = "zookeeper"
+    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER})
+
+    @property
+    def _client(self) -> Any:
+        return self.tooz._coord  # type: ignore[attr-defined]
+
+    @property
+    def lock_ttl(self) -> float:
+        """The session timeout: the one the server negotiated, if it is shorter."""
+        negotiated = self._client._session_timeout / 1000  # kazoo keeps milliseconds
+        return min(float(self.tooz.timeout), float(negotiated))  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        super().stop()
+        # tooz stops its kazoo client but never closes it, leaking a socket pair.
+        self._client.close()
+
+    def _check_connected(self) -> None:
+        state = self._client.state
+        if state != "CONNECTED":
+            raise tooz.coordination.ToozConnectionError(f"the ZooKeeper session is {state}")
+
+    def heartbeat(self) -> None:
+        """A read that proves the session, with a deadline of half the session."""
+        self._check_connected()
+        deadline = self.lock_ttl / 2
+        try:
+            self._client.exists_async("/").get(timeout=deadline)
+        except self._client.handler.timeout_exception as exc:
+            raise tooz.coordination.ToozConnectionError(
+                f"ZooKeeper did not answer within {deadline:g} s"
+            ) from exc
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        self._check_connected()
+        return super().try_acquire(lock, key)
+
+    def release(self, lock: Any) -> bool:
+        # The lock node is ephemeral: it goes with the session if we cannot release it.
+        self._check_connected()
+        return super().release(lock)

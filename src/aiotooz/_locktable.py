@@ -1,0 +1,441 @@
+"""The lock table: every lock a coordinator holds or waits for, and the rules for them.
+
+Glossary:
+
+* *name*: what the user calls a lock; *key*: what the backend calls it (see
+  :mod:`aiotooz._names`, which maps one to the other).
+* *hold*: one lock held through a coordinator by one task (:class:`Hold`).
+* *local queue*: tasks of this process that want one key line up in a
+  :class:`~aiotooz._queue.KeyQueue`; only the task at its head talks to the backend.
+* *hand-off*: a task that releases a key others of this process wait for passes the
+  backend lock straight to the next of them, with no backend round trip, at most
+  ``MAX_LOCAL_HANDOFFS`` times in a row (then other processes get their chance).
+* *lease rule*: a held lock whose last refresh at the backend is older than
+  ``LEASE_SHARE`` of its TTL is declared lost, before the backend could expire it and
+  grant it to someone else.
+* *lost*: the lock is known to be gone (expired, taken over, its connection failed, the
+  coordinator stopped); its holder is told (``Hold.on_lost``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, final
+
+import anyio
+
+from ._connection import Connection, LockHandle
+from ._exceptions import (
+    BackendUnavailable,
+    CoordinationError,
+    LockAcquireFailed,
+    LockCreationFailed,
+)
+from ._names import backend_key
+from ._queue import KeyQueue
+
+__all__ = ["FOREVER", "MAX_LOCAL_HANDOFFS", "TRY_ONCE", "Hold", "LockTable", "TableOwner"]
+
+#: The deadline of a wait as long as it takes.
+FOREVER: Final = math.inf
+#: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
+TRY_ONCE: Final = -math.inf
+
+# While another process holds the key, the task at the head of the local queue retries
+# with a short non-blocking try, backing off from _POLL_FIRST to _POLL_CAP seconds. The
+# cap bounds the hand-off latency between processes; only one task per key per process
+# is trying.
+_POLL_FIRST: Final = 0.002
+_POLL_CAP: Final = 0.05
+
+#: The least time a try is given before a waiter's deadline gives it up: a healthy try
+#: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
+_TRY_FLOOR: Final = 0.05
+
+#: Local hand-offs in a row before the backend lock is released for other processes.
+MAX_LOCAL_HANDOFFS: Final = 8
+
+#: The lease rule's share of the TTL. The heartbeat must beat well inside it.
+LEASE_SHARE: Final = 0.75
+
+
+class TableOwner(Protocol):
+    """What the lock table needs of its coordinator."""
+
+    @property
+    def connection(self) -> Connection | None:
+        """The live connection, ``None`` while reconnecting or stopped."""
+
+    @property
+    def is_started(self) -> bool: ...
+
+    async def next_state_change(self) -> None:
+        """Wait for a start, stop, disconnect or reconnect."""
+
+    def beat_now(self) -> None:
+        """Have the heartbeat check the connection soon."""
+
+
+@final
+@dataclass(eq=False)
+class Hold:
+    """One lock held through a coordinator: its key, its backend lock, and since when."""
+
+    name: str
+    key: str
+    queue: KeyQueue
+    handle: LockHandle
+    #: When the try that was granted began: the earliest the backend can have started
+    #: the lock's TTL.
+    lease_start: float
+    acquired_at: float
+    #: How many local hand-offs in a row brought the backend lock to this hold.
+    handoffs: int = 0
+    #: Why the lock is known to be gone, or ``None`` while it is believed held.
+    lost_reason: str | None = None
+    released: bool = False
+    #: Called once when the lock is lost (``async with`` cancels its body through it).
+    on_lost: Callable[[], object] | None = None
+    #: Set when the lock is lost or released; made on demand by ``wait_ended()``.
+    ended: anyio.Event | None = None
+
+    @property
+    def lost(self) -> bool:
+        """The lock is known to be gone."""
+        return self.lost_reason is not None
+
+
+@final
+class LockTable:
+    """The locks of one coordinator: acquire, poll, release, hand-off, loss.
+
+    Args:
+        owner: the coordinator (its connection and lifecycle).
+        prefix: prepended to every lock name's key.
+        describe: says which coordinator this is, for errors.
+        log: the coordinator's bound logger.
+    """
+
+    def __init__(
+        self, owner: TableOwner, prefix: str, describe: Callable[[], str], log: Any
+    ) -> None:
+        self._owner = owner
+        self._prefix = prefix
+        self._describe = describe
+        self._log = log
+        self._queues: dict[str, KeyQueue] = {}
+        self._holds: set[Hold] = set()
+        # Backend locks being handed from a releasing task to the next local waiter:
+        # key -> the hold that released it. Taken by whoever owns the key's queue next.
+        self._handed_over: dict[str, Hold] = {}
+        #: When the last heartbeat that succeeded began (or the connection was made):
+        #: every lock held through the current connection was refreshed no earlier.
+        self.last_refresh = -math.inf
+        self.lost_count = 0
+
+    # -- what is held and waited for ---------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Backend locks held: by tasks, or being handed from one task to the next."""
+        return len(self._holds) + len(self._handed_over)
+
+    @property
+    def names_waited_for(self) -> int:
+        return sum(1 for queue in self._queues.values() if queue.waiting)
+
+    @property
+    def tasks_waiting(self) -> int:
+        return sum(queue.waiting for queue in self._queues.values())
+
+    def holds_through(self, connection: Connection) -> list[Hold]:
+        """The holds taken through ``connection`` that are not known to be lost."""
+        return [h for h in self._holds if h.handle.connection is connection and not h.lost]
+
+    def held_names(self) -> tuple[str, ...]:
+        """The names held by tasks now, in the order they were acquired."""
+        return tuple(h.name for h in sorted(self._holds, key=lambda h: h.acquired_at))
+
+    # -- acquire -------------------------------------------------------------------------
+
+    async def acquire(self, name: str, deadline: float) -> Hold | None:
+        """Take ``name`` through the local queue and then the backend.
+
+        ``deadline`` is an ``anyio.current_time()`` instant, ``FOREVER``, or
+        ``TRY_ONCE``. Returns ``None`` if the deadline passed first.
+
+        Raises:
+            LockAcquireFailed: this task holds ``name`` already (a wait would be a wait
+                for itself).
+        """
+        self._check_started()
+        key = backend_key(self._prefix, name, self._reserved_keys())
+        task = anyio.get_current_task().id
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = KeyQueue()
+        elif queue.owner == task and deadline != TRY_ONCE:
+            raise LockAcquireFailed(
+                f"lock {name!r} is already held by this task: aiotooz locks are not "
+                "reentrant (acquiring it again would wait for itself)"
+            )
+        started = anyio.current_time()
+        granted: tuple[LockHandle, float] | None = None
+        previous: Hold | None = None
+        try:
+            if not await queue.take(task, deadline):
+                return None
+            previous = self._take_handed_over(key)
+            if previous is not None:
+                granted = previous.handle, previous.lease_start
+            else:
+                granted = await self._acquire_at_backend(key, deadline)
+        except BaseException:
+            if queue.owner == task:
+                self._give_back(key, queue)
+            if queue.owner is None:
+                # Cancelled as the lock was handed to us, with nobody left to pass it to.
+                orphan = self._handed_over.pop(key, None)
+                if orphan is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._release_at_backend(orphan.handle, name)
+            raise
+        finally:
+            if queue.idle:
+                self._queues.pop(key, None)
+        if granted is None:
+            self._give_back(key, queue)
+            return None
+        handle, lease_start = granted
+        now = anyio.current_time()
+        hold = Hold(
+            name=name,
+            key=key,
+            queue=queue,
+            handle=handle,
+            lease_start=lease_start,
+            acquired_at=now,
+            handoffs=previous.handoffs + 1 if previous is not None else 0,
+        )
+        self._holds.add(hold)
+        self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
+        return hold
+
+    async def _acquire_at_backend(
+        self, key: str, deadline: float
+    ) -> tuple[LockHandle, float] | None:
+        """Try the backend until granted or ``deadline``; the lock and when its try began."""
+        delay = _POLL_FIRST
+        handle: LockHandle | None = None
+        while True:
+            connection = await self._connected(deadline)
+            if connection is None:
+                return None
+            if handle is None or handle.connection is not connection:
+                handle = connection.lock(key)
+            tried_at = anyio.current_time()
+            # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
+            wait = None if math.isinf(deadline) else max(deadline - tried_at, _TRY_FLOOR)
+            try:
+                if await connection.try_acquire(handle, wait):
+                    # stop() may have run while the try was in its worker thread.
+                    self._check_started()
+                    return handle, tried_at
+            except BackendUnavailable as exc:
+                if deadline == TRY_ONCE:
+                    raise
+                # A patient waiter rides out a failing backend: the heartbeat checks the
+                # connection now (and reconnects if it is gone), and the try is repeated.
+                self._log.debug("lock try failed; trying again", key=key, error=str(exc))
+                self._owner.beat_now()
+            except BaseException:
+                # Granted, but we are being cancelled or failing: give it back, or it
+                # would stay held with nobody to release it.
+                if handle.held:
+                    with anyio.CancelScope(shield=True):
+                        await self._release_at_backend(handle, key)
+                raise
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return None
+            await anyio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
+            delay = min(delay * 2, _POLL_CAP)
+
+    async def _connected(self, deadline: float) -> Connection | None:
+        """The live connection, waiting for a reconnect in progress until ``deadline``."""
+        while True:
+            self._check_started()
+            connection = self._owner.connection
+            if connection is not None:
+                return connection
+            if deadline == TRY_ONCE:
+                raise BackendUnavailable(
+                    f"{self._describe()} is reconnecting to its backend; try again later"
+                )
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return None
+            with anyio.move_on_after(remaining):
+                await self._owner.next_state_change()
+
+    # -- release -------------------------------------------------------------------------
+
+    async def release(self, hold: Hold) -> None:
+        """Release ``hold`` at the backend, then hand the key to the next local waiter.
+
+        A lost lock is still released at the backend when it was taken through the
+        current connection: the driver's release checks ownership (token, lease, member
+        id), and it stops tooz from refreshing the lock in later beats.
+        """
+        if hold.released:
+            return
+        hold.released = True
+        self._holds.discard(hold)
+        if hold.ended is not None:
+            hold.ended.set()
+        if self._can_hand_over(hold):
+            self._handed_over[hold.key] = hold
+            self._give_back(hold.key, hold.queue)
+            return
+        try:
+            if hold.handle.connection is self._owner.connection:
+                # Not shielded: a cancelled caller (or one whose backend hangs) stops
+                # waiting, and the release still runs in its worker thread.
+                await self._release_at_backend(hold.handle, hold.name, hold.lost)
+        finally:
+            self._give_back(hold.key, hold.queue)
+            self._log.debug(
+                "lock released",
+                lock=hold.name,
+                lost=hold.lost_reason,
+                held=round(anyio.current_time() - hold.acquired_at, 6),
+            )
+
+    async def release_all(self, within: float) -> None:
+        """On stop: declare every hold lost and release it, all within ``within`` s.
+
+        Past the bound the rest are given up here and end with their TTL or session.
+        """
+        holds = list(self._holds)
+        for hold in holds:
+            self.declare_lost(hold, "the coordinator stopped")
+        with anyio.move_on_after(within):
+            for hold in holds:
+                await self.release(hold)
+            for handed in list(self._handed_over.values()):
+                await self._release_at_backend(handed.handle, handed.name, lost=True)
+        for hold in holds:
+            if not hold.released:
+                hold.released = True
+                self._holds.discard(hold)
+                self._give_back(hold.key, hold.queue)
+        self._handed_over.clear()
+
+    def _can_hand_over(self, hold: Hold) -> bool:
+        """Whether the next local waiter may take ``hold``'s backend lock as it is."""
+        return (
+            hold.queue.waiting > 0
+            and hold.handoffs < MAX_LOCAL_HANDOFFS
+            and hold.handle.connection is self._owner.connection
+            and self._owner.is_started
+            and not self.check_lease(hold, anyio.current_time())
+        )
+
+    def _take_handed_over(self, key: str) -> Hold | None:
+        """The hold whose backend lock was handed to the new owner of ``key``, if any.
+
+        A lock handed over through a connection that has since been replaced is gone.
+        """
+        previous = self._handed_over.pop(key, None)
+        if previous is None or previous.handle.connection is not self._owner.connection:
+            return None
+        return previous
+
+    async def _release_at_backend(self, handle: LockHandle, name: str, lost: bool = False) -> None:
+        try:
+            released = await handle.connection.release(handle)
+        except CoordinationError as exc:
+            # Nothing the caller could do: the lock ends with its TTL or session.
+            self._log.warning("backend release failed", lock=name, error=str(exc))
+            return
+        if not released and not lost:
+            self._log.warning("lock was no longer held at the backend when released", lock=name)
+
+    # -- loss ----------------------------------------------------------------------------
+
+    def declare_lost(self, hold: Hold, reason: str) -> None:
+        """Record that ``hold`` is gone and tell its holder (once)."""
+        if hold.lost or hold.released:
+            return
+        hold.lost_reason = reason
+        self.lost_count += 1
+        self._log.warning(
+            "lock lost",
+            lock=hold.name,
+            reason=reason,
+            held=round(anyio.current_time() - hold.acquired_at, 6),
+        )
+        if hold.ended is not None:
+            hold.ended.set()
+        if hold.on_lost is not None:
+            hold.on_lost()
+
+    def declare_lost_through(self, connection: Connection, reason: str) -> None:
+        """Every hold taken through ``connection`` is lost (it failed or was replaced)."""
+        for hold in list(self._holds):
+            if hold.handle.connection is connection:
+                self.declare_lost(hold, reason)
+
+    def check_lease(self, hold: Hold, now: float) -> bool:
+        """Apply the lease rule to ``hold`` now; ``True`` if it is (now) lost."""
+        if hold.lost:
+            return True
+        ttl = hold.handle.connection.lock_ttl
+        if ttl is None or hold.released:
+            return False
+        refreshed = max(hold.lease_start, self.last_refresh)
+        if now - refreshed <= ttl * LEASE_SHARE:
+            return False
+        self.declare_lost(
+            hold,
+            f"no refresh reached the backend for {now - refreshed:.1f} s of the lock's "
+            f"{ttl:g} s TTL (backend unreachable, or the event loop was blocked)",
+        )
+        return True
+
+    async def wait_ended(self, hold: Hold) -> None:
+        """Wait until ``hold`` is lost or released."""
+        if hold.lost or hold.released:
+            return
+        if hold.ended is None:
+            hold.ended = anyio.Event()
+        await hold.ended.wait()
+
+    async def watch_leases(self, ttl: float) -> None:
+        """Apply the lease rule often enough (a twentieth of the TTL) to act in time."""
+        while True:
+            await anyio.sleep(ttl / 20)
+            now = anyio.current_time()
+            for hold in list(self._holds):
+                self.check_lease(hold, now)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _give_back(self, key: str, queue: KeyQueue) -> None:
+        queue.give_back()
+        if queue.idle and self._queues.get(key) is queue:
+            del self._queues[key]
+
+    def _check_started(self) -> None:
+        if not self._owner.is_started:
+            raise LockCreationFailed(
+                f"{self._describe()} is not started: use 'async with coordinator:' or "
+                "'await coordinator.start()' before taking locks"
+            )
+
+    def _reserved_keys(self) -> frozenset[str]:
+        connection = self._owner.connection
+        return connection.reserved_keys if connection is not None else frozenset()

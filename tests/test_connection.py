@@ -1,0 +1,165 @@
+"""A connection: its lanes around the driver, errors translated, no thread left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import anyio
+import pytest
+
+from aiotooz import BackendUnavailable, Coordinator, Lock
+from aiotooz import _connection as connection_module
+from aiotooz._connection import Connection
+from aiotooz._drivers import Capability
+
+from .conftest import make_coordinator
+
+
+def _aiotooz_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("aiotooz")}
+
+
+def _connection(coordinator: Coordinator) -> Connection:
+    connection = coordinator.connection
+    assert connection is not None
+    return connection
+
+
+async def test_no_thread_stays_parked_after_a_coordinator_stops(
+    backend_url: str, prefix: str
+) -> None:
+    before = set(threading.enumerate())
+    async with make_coordinator(backend_url, prefix) as coordinator:
+
+        async def contender() -> None:
+            for _ in range(5):
+                async with Lock("busy", coordinator=coordinator):
+                    await anyio.sleep(0.001)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(contender)
+        await _connection(coordinator).heartbeat()  # the file backend's tries run inline
+        assert coordinator.statistics().threads > 0
+    assert coordinator.statistics().threads == 0
+    # stop() waited for every lane thread to leave its loop; give them a moment to return.
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("aiotooz"):
+            thread.join(2)
+    left = {t.name for t in set(threading.enumerate()) - before}
+    # The event loops' own idle thread caches (trio's, the test runner's) are not ours.
+    assert {name for name in left if not name.startswith(("Trio thread", "asyncio_"))} == set()
+
+
+async def test_releases_never_queue_behind_acquire_tries(file_url: str, prefix: str) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        connection = _connection(coordinator)
+        gate = threading.Event()
+        async with anyio.create_task_group() as group:
+            # Fill every thread of the acquire lane, and queue one more behind them.
+            for _ in range(connection._acquire_lane.size + 1):
+                group.start_soon(connection._call, connection._acquire_lane, "stuck", gate.wait)
+            await anyio.sleep(0.05)
+            with anyio.fail_after(2):
+                assert await connection._call(connection._control_lane, "x", lambda: 42) == 42
+            gate.set()
+
+
+async def test_a_call_that_never_answers_fails_after_the_call_timeout(
+    file_url: str, prefix: str
+) -> None:
+    async with make_coordinator(file_url, prefix, call_timeout=0.2) as coordinator:
+        connection = _connection(coordinator)
+        gate = threading.Event()
+        try:
+            with anyio.fail_after(3):
+                with pytest.raises(BackendUnavailable, match=r"no answer within 0.2 s"):
+                    await connection._call(connection._control_lane, "releasing", gate.wait)
+        finally:
+            gate.set()
+
+
+async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
+    backend_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The try is slowed down in its worker thread and cancelled meanwhile: the lock the
+    worker got must be given back, so another process can take it."""
+    slow: list[Callable[[], object]] = []
+    entered = threading.Event()
+    original = connection_module.run_in_lane  # type: ignore[attr-defined]
+
+    async def slow_run(
+        lane: object, schedule: object, func: Callable[[], object], *args: object
+    ) -> object:
+        def slowly() -> object:
+            entered.set()
+            time.sleep(0.1)
+            return func()
+
+        if getattr(lane, "name", "").startswith("aiotooz-acquire"):
+            slow.append(func)
+            return await original(lane, schedule, slowly, *args)  # type: ignore[arg-type]
+        return await original(lane, schedule, func, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(connection_module, "run_in_lane", slow_run)
+    async with make_coordinator(backend_url, prefix) as coordinator:
+        _connection(coordinator)._inline = False  # through the lanes, to be slowed
+        lock = Lock("mid-try", coordinator=coordinator)
+        with anyio.move_on_after(0.03) as scope:
+            await lock.acquire()
+        assert scope.cancelled_caught
+        assert entered.is_set() and slow
+        assert not lock.locked()
+        assert coordinator.statistics().locks_held == 0
+        monkeypatch.setattr(connection_module, "run_in_lane", original)
+        # The worker got the lock after its taker left, and released it itself.
+        assert await Lock("mid-try", coordinator=coordinator).acquire(blocking=5)
+
+
+async def test_errors_in_the_worker_are_translated(file_url: str, prefix: str) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        connection = _connection(coordinator)
+
+        def fail() -> None:
+            raise OSError("disk on fire")
+
+        with pytest.raises(BackendUnavailable, match="disk on fire") as info:
+            await connection._call(connection._acquire_lane, "trying", fail)
+        assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_calls_after_close_fail_cleanly(file_url: str, prefix: str) -> None:
+    coordinator = make_coordinator(file_url, prefix)
+    await coordinator.start()
+    connection = _connection(coordinator)
+    await coordinator.stop()
+    with pytest.raises(BackendUnavailable, match="closed"):
+        await connection._call(connection._control_lane, "releasing", lambda: None)
+    assert connection.threads == 0
+
+
+async def test_file_tries_and_releases_run_inline_until_they_are_slow(
+    file_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        connection = _connection(coordinator)
+        assert Capability.LOCAL_CALLS in connection.capabilities
+        for _ in range(3):
+            async with Lock("inline", coordinator=coordinator):
+                pass
+        assert connection.threads == 0
+        # Calls that are slow on the loop (a network file system, say) go back to threads.
+        monkeypatch.setattr(connection_module, "_INLINE_LIMIT", -1.0)
+        for _ in range(connection_module._INLINE_STRIKES):
+            async with Lock("inline", coordinator=coordinator):
+                pass
+        async with Lock("inline", coordinator=coordinator):
+            pass
+        assert connection.threads > 0
+
+
+async def test_redis_calls_never_run_inline(redis_url: str, prefix: str) -> None:
+    async with make_coordinator(redis_url, prefix) as coordinator:
+        assert Capability.LOCAL_CALLS not in _connection(coordinator).capabilities
