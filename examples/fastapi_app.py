@@ -20,7 +20,6 @@ httpx, and prints what happened.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-import structlog
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
@@ -36,8 +34,6 @@ from pydantic import BaseModel
 
 from aiotooz import LockAcquireFailed, synchronized
 from aiotooz.fastapi import CoordinatorDep, coordinator_lifespan
-
-structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 COUNTERS_DIR = Path(
     os.environ.get("COUNTERS_DIR") or Path(tempfile.gettempdir()) / "aiotooz-example-counters"

@@ -7,17 +7,12 @@ Start it in two terminals at once to see the workers of both processes take turn
 
 from __future__ import annotations
 
-import logging
 import os
 
 import anyio
 import anyio.lowlevel
-import structlog
 
 from aiotooz import CoordinationSettings, Coordinator
-
-# aiotooz logs through structlog and never configures it: that is the application's job.
-structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 async def worker(coordinator: Coordinator, number: int, rounds: int) -> None:

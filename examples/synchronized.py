@@ -6,16 +6,12 @@ coordinator is looked up at each call, so one installed at startup serves them a
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import anyio
-import structlog
 
 import aiotooz
 from aiotooz import Coordinator, synchronized
-
-structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 @dataclass

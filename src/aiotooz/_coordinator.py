@@ -195,7 +195,7 @@ class Coordinator:
         self._log.info(
             "coordinator started",
             backend_url=self.settings.redacted_backend_url,
-            heartbeat=connection.requires_beating,
+            heartbeat=self.settings.heartbeat if connection.requires_beating else None,
         )
 
     async def stop(self) -> None:

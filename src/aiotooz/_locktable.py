@@ -23,7 +23,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, final
+from typing import Final, Protocol, final
 
 import anyio
 
@@ -34,6 +34,7 @@ from ._exceptions import (
     LockAcquireFailed,
     LockCreationFailed,
 )
+from ._logging import Logger
 from ._names import backend_key
 from ._queue import KeyQueue
 
@@ -120,7 +121,7 @@ class LockTable:
     """
 
     def __init__(
-        self, owner: TableOwner, prefix: str, describe: Callable[[], str], log: Any
+        self, owner: TableOwner, prefix: str, describe: Callable[[], str], log: Logger
     ) -> None:
         self._owner = owner
         self._prefix = prefix
