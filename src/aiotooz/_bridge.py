@@ -38,8 +38,10 @@ __all__ = [
     "Lane",
     "LaneClosed",
     "Schedule",
+    "call_soon",
     "loop_scheduler",
     "run_in_lane",
+    "running_on_asyncio",
 ]
 
 T = TypeVar("T")
@@ -58,6 +60,13 @@ _WITHDRAWN: Final = 2
 #: worker hands the call's outcome to the job's ``abandoned`` callback instead.
 _ABANDONED: Final = 3
 _DONE: Final = 4
+
+
+def running_on_asyncio() -> bool:
+    """Whether the current event loop is asyncio's (not trio's)."""
+    token = anyio.lowlevel.current_token()
+    native = getattr(token, "native_token", token)  # anyio < 4.11 returns it as is
+    return hasattr(native, "create_task")
 
 
 def loop_scheduler() -> Schedule:
@@ -280,3 +289,17 @@ def _give_up(lane: Lane, job: _Job, must_run: bool) -> None:
     cleanup = job.abandoned
     with contextlib.suppress(LaneClosed):
         lane.submit(_Job(lambda: _clean_up(cleanup, result), job.schedule))
+
+
+def call_soon(lane: Lane, schedule: Schedule, func: Callable[[], object]) -> None:
+    """Run ``func`` on ``lane`` with nobody waiting for it; its errors are dropped.
+
+    For clean-ups that must happen but that no caller can wait for (a lock that may
+    have been granted to a caller who left). Nothing runs if the lane is closed.
+    """
+
+    def quietly() -> None:
+        _clean_up(lambda _: func(), None)
+
+    with contextlib.suppress(LaneClosed):
+        lane.submit(_Job(quietly, schedule))

@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar, final
 
 import anyio
@@ -26,7 +27,16 @@ import anyio.lowlevel
 import tooz
 import tooz.coordination
 
-from ._bridge import CallTimedOut, Lane, LaneClosed, Schedule, loop_scheduler, run_in_lane
+from ._bridge import (
+    CallTimedOut,
+    Lane,
+    LaneClosed,
+    Schedule,
+    call_soon,
+    loop_scheduler,
+    run_in_lane,
+    running_on_asyncio,
+)
 from ._drivers import Capability, Driver, driver_class, known_schemes
 from ._exceptions import (
     BackendUnavailable,
@@ -39,6 +49,10 @@ from ._urls import redact_url, scheme_of
 __all__ = ["Connection", "LockHandle", "translate"]
 
 T = TypeVar("T")
+
+#: How many recently used tooz lock objects a connection keeps, by key: making one costs
+#: more than a try on some drivers (the file driver builds a path and a fasteners lock).
+_LOCK_OBJECTS_KEPT: Final = 128
 
 #: An inline call slower than this (seconds) counts as slow; after ``_INLINE_STRIKES``
 #: slow calls in a row (a lock directory on a slow or network file system) the
@@ -143,6 +157,14 @@ class Connection:
         self._schedule = schedule
         self._inline = Capability.LOCAL_CALLS in driver.capabilities
         self._slow_inline_calls = 0
+        #: Tries and releases on the event loop through the driver's asyncio client.
+        self._native = (
+            Capability.NATIVE_ASYNC in driver.capabilities
+            and running_on_asyncio()
+            and driver.native_async_ready()
+        )
+        # Touched on the event loop thread only (never by a worker).
+        self._lock_objects: OrderedDict[str, Any] = OrderedDict()
 
     @classmethod
     async def connect(cls, url: str, member_id: str, call_timeout: float) -> Connection:
@@ -240,6 +262,43 @@ class Connection:
             if must_run:
                 await anyio.lowlevel.checkpoint()
 
+    async def _call_native(
+        self,
+        action: str,
+        call: Callable[[], Awaitable[T]],
+        wait: float | None,
+        on_give_up: Callable[[], object],
+    ) -> T:
+        """Run a driver's call on the event loop, waiting at most ``wait`` or the call timeout.
+
+        A call given up on — cancelled, past its time, or failed mid-flight — may have
+        reached the backend: ``on_give_up`` (a blocking release, which only frees what
+        is still ours) then runs in a worker thread, so no grant is ever left behind.
+
+        Raises:
+            CallTimedOut: only when ``wait`` is given and shorter than the call timeout.
+            BackendUnavailable: the backend failed or did not answer within the call
+                timeout.
+        """
+        limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
+        try:
+            with anyio.move_on_after(limit) as scope:
+                result = await call()
+        except BaseException as exc:
+            call_soon(self._control_lane, self._schedule, on_give_up)
+            if isinstance(exc, Exception) and not isinstance(exc, CoordinationError):
+                raise translate(exc, action, self.url) from exc
+            raise
+        if scope.cancelled_caught:
+            call_soon(self._control_lane, self._schedule, on_give_up)
+            if limit < self.call_timeout:
+                raise CallTimedOut
+            raise BackendUnavailable(
+                f"{action} on {redact_url(self.url)}: no answer within "
+                f"{self.call_timeout:g} s (AIOTOOZ_CALL_TIMEOUT)"
+            )
+        return result
+
     def _run_inline(self, action: str, func: Callable[[], T]) -> T:
         started = time.perf_counter()
         try:
@@ -260,7 +319,16 @@ class Connection:
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
-        return LockHandle(self, key)
+        handle = LockHandle(self, key)
+        handle._tooz_lock = self._lock_objects.get(key)
+        return handle
+
+    def _keep(self, key: str, tooz_lock: Any) -> None:
+        objects = self._lock_objects
+        objects[key] = tooz_lock
+        objects.move_to_end(key)
+        if len(objects) > _LOCK_OBJECTS_KEPT:
+            objects.popitem(last=False)
 
     async def try_acquire(self, handle: LockHandle, wait: float | None = None) -> bool:
         """Try once to take ``handle``'s lock without waiting; ``True`` if it is now held.
@@ -294,7 +362,25 @@ class Connection:
                 self.driver.release(tried[0])
 
         action = f"acquiring {handle.key!r}"
-        if self._inline:
+        if self._native:
+            tooz_lock = handle._tooz_lock
+            if tooz_lock is None:
+                tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
+            tried.append(tooz_lock)
+            try:
+                granted = await self._call_native(
+                    action,
+                    lambda: self.driver.try_acquire_async(tooz_lock, handle.key),
+                    wait,
+                    on_give_up=lambda: self.driver.release(tooz_lock),
+                )
+            except CallTimedOut:
+                self._forget(handle)
+                return False
+            except BaseException:
+                self._forget(handle)
+                raise
+        elif self._inline:
             granted = await self._call_inline(action, attempt)
         else:
             try:
@@ -302,15 +388,21 @@ class Connection:
                     self._acquire_lane, action, attempt, wait=wait, abandoned=release_late
                 )
             except CallTimedOut:
-                handle._tooz_lock = None
+                self._forget(handle)
                 return False
             except BaseException:
                 if tried:
-                    handle._tooz_lock = None  # cancelled or failed: the object may be in use
+                    self._forget(handle)  # cancelled or failed: the object may be in use
                 raise
         handle._tooz_lock = tried[0]
+        self._keep(handle.key, tried[0])
         handle.held = granted
         return granted
+
+    def _forget(self, handle: LockHandle) -> None:
+        """The handle's tooz lock object may still be in a worker's hands: never reuse it."""
+        handle._tooz_lock = None
+        self._lock_objects.pop(handle.key, None)
 
     async def release(self, handle: LockHandle) -> bool:
         """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.
@@ -326,6 +418,13 @@ class Connection:
             return False
         handle.held = False
         action = f"releasing {handle.key!r}"
+        if self._native:
+            return await self._call_native(
+                action,
+                lambda: self.driver.release_async(tooz_lock),
+                None,
+                on_give_up=lambda: self.driver.release(tooz_lock),
+            )
         if self._inline:
             return await self._call_inline(
                 action, lambda: self.driver.release(tooz_lock), must_run=True
@@ -366,6 +465,10 @@ class Connection:
 
         Bounded by the call timeout: a backend that does not answer is left behind.
         """
+        if self._native:
+            with anyio.move_on_after(self.call_timeout, shield=True):
+                with contextlib.suppress(Exception):
+                    await self.driver.close_async()
         answered = True
         try:
             await run_in_lane(

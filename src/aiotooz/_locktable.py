@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol, final
@@ -92,6 +93,7 @@ class Hold:
     #: When the try that was granted began: the earliest the backend can have started
     #: the lock's TTL.
     lease_start: float
+    #: ``time.perf_counter()`` when it was granted (for logs and ordering only).
     acquired_at: float
     #: How many local hand-offs in a row brought the backend lock to this hold.
     handoffs: int = 0
@@ -183,7 +185,7 @@ class LockTable:
                 f"lock {name!r} is already held by this task: aiotooz locks are not "
                 "reentrant (acquiring it again would wait for itself)"
             )
-        started = anyio.current_time()
+        started = time.perf_counter()
         granted: tuple[LockHandle, float] | None = None
         previous: Hold | None = None
         try:
@@ -211,7 +213,7 @@ class LockTable:
             self._give_back(key, queue)
             return None
         handle, lease_start = granted
-        now = anyio.current_time()
+        now = time.perf_counter()
         hold = Hold(
             name=name,
             key=key,
@@ -312,7 +314,7 @@ class LockTable:
                 "lock released",
                 lock=hold.name,
                 lost=hold.lost_reason,
-                held=round(anyio.current_time() - hold.acquired_at, 6),
+                held=round(time.perf_counter() - hold.acquired_at, 6),
             )
 
     async def release_all(self, within: float) -> None:
@@ -377,7 +379,7 @@ class LockTable:
             "lock lost",
             lock=hold.name,
             reason=reason,
-            held=round(anyio.current_time() - hold.acquired_at, 6),
+            held=round(time.perf_counter() - hold.acquired_at, 6),
         )
         if hold.ended is not None:
             hold.ended.set()

@@ -41,6 +41,11 @@ class Capability(enum.Enum):
     #: A try and a release are local system calls of microseconds: they may run on the
     #: event loop itself instead of a worker thread.
     LOCAL_CALLS = "local calls"
+    #: On an asyncio event loop, a try and a release can run on the loop itself through
+    #: an asyncio client of the backend (``try_acquire_async``, ``release_async``), with
+    #: no thread hop; elsewhere (trio, or a set-up the asyncio client cannot serve) they
+    #: go through worker threads as for any driver.
+    NATIVE_ASYNC = "native async"
 
 
 class Driver:
@@ -135,6 +140,27 @@ class Driver:
     def release(self, lock: Any) -> bool:
         """Release ``lock``; ``False`` if the backend says it was no longer ours."""
         return bool(lock.release())
+
+    # -- on the event loop (drivers with ``Capability.NATIVE_ASYNC``) ---------------------
+
+    def native_async_ready(self) -> bool:
+        """Whether this connection's set-up can be served by the asyncio client."""
+        return False
+
+    async def try_acquire_async(self, lock: Any, key: str) -> bool:
+        """``try_acquire`` on the event loop.
+
+        A caller that gives up on it mid-flight has ``release`` (the blocking one) run
+        for it in a worker thread.
+        """
+        raise NotImplementedError
+
+    async def release_async(self, lock: Any) -> bool:
+        """``release`` on the event loop."""
+        raise NotImplementedError
+
+    async def close_async(self) -> None:
+        """Close what the asyncio client opened (on the event loop)."""
 
     def still_owner(self, lock: Any) -> bool | None:
         """Whether ``lock`` is still ours at the backend; ``None`` if it cannot tell."""

@@ -42,11 +42,19 @@ class FileDriver(Driver):
         parts = urllib.parse.urlsplit(url)
         return urllib.parse.urlunsplit(parts._replace(path=os.path.realpath(parts.path)))
 
+    def start(self) -> None:
+        super().start()
+        info = os.stat(self.tooz._dir)  # type: ignore[attr-defined]  # made by start()
+        self._directory = (info.st_dev, info.st_ino)
+
     def get_lock(self, key: str) -> Any:
+        identity = (*self._directory, key)
         with FILE_LOCKS_GUARD:
-            info = os.stat(self.tooz._dir)  # type: ignore[attr-defined]
-            # A new lock object has not opened its file yet, so dropping it is free.
-            return FILE_LOCKS.setdefault((info.st_dev, info.st_ino, key), super().get_lock(key))
+            lock = FILE_LOCKS.get(identity)
+            if lock is None:
+                # A new lock object has not opened its file yet: nothing to close.
+                lock = FILE_LOCKS[identity] = super().get_lock(key)
+            return lock
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One try, holding the path's barrier throughout (tooz's acquire re-enters it).
