@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from .conftest import missing_backend
+from .helpers import missing_backend
 
 __all__ = [
     "SERVERS",

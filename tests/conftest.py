@@ -1,45 +1,30 @@
-"""Shared fixtures: real backends (the file backend and a Redis server), never mocks."""
+"""Fixtures and hooks only: real backends (the file backend, Redis, private servers for
+every other tooz backend), never mocks. The plain helpers are in tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aiotooz import CoordinationSettings, Coordinator
+from aiotooz import Coordinator
 
-REDIS_URL = os.environ.get("AIOTOOZ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
-TESTS = Path(__file__).parent
-
-
-def require_all_backends() -> bool:
-    """Under CI a missing backend fails the run instead of skipping."""
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"} or bool(
-        os.environ.get("AIOTOOZ_REQUIRE_ALL_BACKENDS")
-    )
-
-
-def missing_backend(reason: str) -> None:
-    if require_all_backends():
-        pytest.fail(f"{reason} (CI / AIOTOOZ_REQUIRE_ALL_BACKENDS requires every backend)")
-    pytest.skip(reason)
-
-
-def _reachable(url: str) -> bool:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1):
-            return True
-    except OSError:
-        return False
+from .helpers import (
+    ALL_BACKENDS,
+    HANDOFF_LATENCIES,
+    REDIS_URL,
+    SEED_VARIABLE,
+    SERVER_OF,
+    ServerPool,
+    _reachable,
+    make_coordinator,
+    missing_backend,
+    seed_for_this_run,
+    url_for,
+)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -72,63 +57,45 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}-"
 
 
-def make_coordinator(url: str, prefix: str, **settings: Any) -> Coordinator:
-    return Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url, **settings))
-
-
 @pytest.fixture
 async def coordinator(backend_url: str, prefix: str) -> AsyncIterator[Coordinator]:
     async with make_coordinator(backend_url, prefix) as started:
         yield started
 
 
+# -- random draws that a failed run can repeat ----------------------------------------------
+
+_SEED = pytest.StashKey[int]()
+
+
 @pytest.fixture
-def worker_cmd() -> Iterator[list[str]]:
-    """The command line that runs tests/worker.py in a fresh interpreter."""
-    yield [sys.executable, str(TESTS / "worker.py")]
+def seed(request: pytest.FixtureRequest) -> int:
+    """The seed of this test's random draws: ``AIOTOOZ_TEST_SEED`` if set, else a fresh one.
+
+    Draw from ``random.Random(seed)``, never from ``random``'s global state. A failed
+    test's report shows the seed (a "seed" section, see ``pytest_runtest_makereport``):
+    rerun with ``AIOTOOZ_TEST_SEED=<seed>`` to draw the same. (Not ``record_property``:
+    with the default xunit2 JUnit XML it warns, and warnings are errors here.)
+    """
+    value = seed_for_this_run()
+    request.node.stash[_SEED] = value
+    return value
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and _SEED in item.stash:
+        seed = item.stash[_SEED]
+        report.sections.append(
+            ("seed", f"random.Random({seed}); rerun with {SEED_VARIABLE}={seed}")
+        )
+    return report
 
 
 # -- every backend, on private servers (the conformance suite) ---------------------------
-
-#: Every tooz backend aiotooz supports, as the conformance suite's parameters.
-ALL_BACKENDS = [
-    "file",
-    "ipc",
-    "redis",
-    "memcached",
-    "zookeeper",
-    "etcd3+http",
-    "postgresql",
-    "mysql",
-]
-#: The private server each backend needs (tests/_servers.py); file and ipc need none.
-_SERVER_OF = {"etcd3+http": "etcd"}
-
-
-class ServerPool:
-    """Private servers for the whole test session, each started when a test first needs it."""
-
-    def __init__(self, root: Path) -> None:
-        self._root = root
-        self._servers: dict[str, Any] = {}
-
-    def get(self, name: str) -> Any:
-        """The running private server for backend ``name`` (tests/_servers.py)."""
-        from ._servers import SERVERS
-
-        server = self._servers.get(name)
-        if server is None:
-            workdir = self._root / name
-            workdir.mkdir(parents=True, exist_ok=True)
-            server = SERVERS[name](workdir)  # skips (fails under CI) without the binary
-            self._servers[name] = server
-        if not server.running:
-            server.start()
-        return server
-
-    def close(self) -> None:
-        for server in self._servers.values():
-            server.close()
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +119,7 @@ def private_server(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
     servers: list[Any] = []
 
     def start(name: str) -> Any:
-        server = SERVERS[_SERVER_OF.get(name, name)](tmp_path / f"server-{len(servers)}")
+        server = SERVERS[SERVER_OF.get(name, name)](tmp_path / f"server-{len(servers)}")
         servers.append(server)
         server.start()
         return server
@@ -170,19 +137,6 @@ def private_redis(private_server: Callable[[str], Any]) -> Any:
     return private_server("redis")
 
 
-def url_for(backend: str, pool: ServerPool, tmp_path: Path) -> str:
-    """The URL of ``backend``: a temporary directory, ``ipc://``, or a private server."""
-    if backend == "file":
-        return (tmp_path / "locks").as_uri()
-    if backend == "ipc":
-        try:
-            import sysv_ipc  # noqa: F401
-        except ImportError:
-            missing_backend("sysv_ipc is not installed (pip install 'aiotooz[ipc]')")
-        return "ipc://"
-    return str(pool.get(_SERVER_OF.get(backend, backend)).url)
-
-
 @pytest.fixture(params=ALL_BACKENDS)
 def any_backend(request: pytest.FixtureRequest) -> str:
     """The backend's name; tests using it run once per tooz backend."""
@@ -193,11 +147,6 @@ def any_backend(request: pytest.FixtureRequest) -> str:
 def any_backend_url(any_backend: str, server_pool: ServerPool, tmp_path: Path) -> str:
     """Each test using this runs on every tooz backend, on private servers."""
     return url_for(any_backend, server_pool, tmp_path)
-
-
-#: Cross-process hand-off latencies measured by the conformance suite (seconds), per
-#: backend; printed at the end of the run (README's backend table quotes them).
-HANDOFF_LATENCIES: dict[str, list[float]] = {}
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -12,7 +12,7 @@ from aiotooz import Lock
 
 from ._procs import holding_process
 from ._servers import PrivateRedis
-from .conftest import make_coordinator
+from .helpers import make_coordinator
 
 
 def _calls(url: str, command: str) -> int:

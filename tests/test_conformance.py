@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import socket
 import statistics
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -24,12 +22,9 @@ import pytest
 
 from aiotooz import Coordinator, Lock, LockAcquireFailed, UnsupportedOperation
 
-from ._procs import holding_process, run_worker
+from ._procs import Worker, holding_process, run_worker, worker_process
 from ._servers import PrivateServer
-from .conftest import HANDOFF_LATENCIES, ServerPool, make_coordinator, url_for
-from .test_names import HOSTILE_NAMES
-
-HOLDER = str(Path(__file__).with_name("_holder.py"))
+from .helpers import HANDOFF_LATENCIES, HOSTILE_NAMES, ServerPool, make_coordinator, url_for
 
 
 @pytest.fixture
@@ -57,53 +52,6 @@ def _prefix_without_pg_collisions(names: list[str]) -> str:
         if len(keys) == len(names):
             return prefix
     raise AssertionError("no prefix found")
-
-
-class Holder:
-    """A process that takes and releases one lock when told (tests/_holder.py)."""
-
-    def __init__(self, url: str, prefix: str, name: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, HOLDER, url, prefix, name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def send(self, command: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-
-    def expect(self, answer: str) -> None:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if line != answer:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"holder said {line!r}, not {answer!r}: {err}")
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@contextmanager
-def holder_process(url: str, prefix: str, name: str) -> Iterator[Holder]:
-    holder = Holder(url, prefix, name)
-    try:
-        yield holder
-    finally:
-        holder.close()
 
 
 @asynccontextmanager
@@ -142,9 +90,10 @@ async def test_tasks_of_one_process_exclude_each_other(any_backend_url: str, pre
 
 
 def test_processes_exclude_each_other(any_backend_url: str, prefix: str, tmp_path: Path) -> None:
+    """Processes of several tasks each do read-sleep-write increments under one lock."""
     counter = tmp_path / "counter"
     counter.write_text("0")
-    processes, tasks, rounds = 3, 3, 4
+    processes, tasks, rounds = 4, 5, 5
     args = ("count", any_backend_url, prefix, "shared", str(counter), str(tasks), str(rounds))
 
     async def main() -> None:
@@ -167,7 +116,7 @@ async def test_budgets_and_handoff_while_another_process_holds(
     The hand-off latency (holder told to release -> waiter holds) is recorded for the
     summary at the end of the run, and README's backend table.
     """
-    with holder_process(any_backend_url, prefix, "busy") as holder:
+    with worker_process("serve", any_backend_url, prefix, "busy") as holder:
         holder.send("acquire")
         await anyio.to_thread.run_sync(holder.expect, "held")
         async with started(any_backend_url, prefix) as coordinator:
@@ -272,15 +221,18 @@ def test_stop_releases_held_locks(any_backend_url: str, prefix: str) -> None:
 
 
 async def test_hostile_names_lock_distinctly(any_backend_url: str) -> None:
+    """Each hostile name is a lock of its own, at the backend and in the coordinator."""
     prefix = _prefix_without_pg_collisions(HOSTILE_NAMES)
     async with (
         started(any_backend_url, prefix) as first,
         started(any_backend_url, prefix) as second,
     ):
         held = [first.get_lock(name) for name in HOSTILE_NAMES]
-        for lock in held:
+        for lock in held:  # all at once: no two names share a key
             assert await lock.acquire(blocking=False), lock.name
         for name in HOSTILE_NAMES:
+            # Refused by the coordinator holding it, and by the backend for another.
+            assert await Lock(name, coordinator=first).acquire(blocking=False) is False, name
             assert await second.get_lock(name).acquire(blocking=False) is False, name
         for lock in held:
             await lock.release()
@@ -291,20 +243,40 @@ async def test_hostile_names_lock_distinctly(any_backend_url: str) -> None:
             await lock.release()
 
 
-def test_plain_tooz_holder_excludes_aiotooz(any_backend_url: str, prefix: str) -> None:
-    """Plain ASCII names are plain tooz's keys, on every backend (ipc: the same semaphore)."""
+async def test_plain_tooz_and_aiotooz_exclude_each_other(any_backend_url: str, prefix: str) -> None:
+    """Plain ASCII names are plain tooz's keys, on every backend (ipc: the same semaphore).
 
-    async def try_once() -> bool:
-        async with started(any_backend_url, prefix) as coordinator:
-            lock = coordinator.get_lock("volume-42")
-            if await lock.acquire(blocking=False):
+    A plain tooz holder keeps aiotooz out; an aiotooz holder keeps a plain tooz process
+    waiting (a blocking acquire: tooz's ipc driver cannot try without waiting) until it
+    releases, and then that process holds the lock.
+    """
+    async with started(any_backend_url, prefix) as coordinator:
+        lock = coordinator.get_lock("volume-42")
+        with worker_process("tooz-hold", any_backend_url, prefix, "volume-42") as tooz:
+            await anyio.to_thread.run_sync(tooz.expect, "waiting")
+            await anyio.to_thread.run_sync(tooz.expect, "held")
+            assert await lock.acquire(blocking=False) is False
+        # Its input closed: the plain tooz process released the lock and exited.
+        assert await lock.acquire(blocking=False) is True
+
+        with worker_process("tooz-hold", any_backend_url, prefix, "volume-42") as tooz:
+            await anyio.to_thread.run_sync(tooz.expect, "waiting")
+            granted = anyio.Event()
+
+            async def until_granted(tooz: Worker) -> None:
+                await anyio.to_thread.run_sync(tooz.expect, "held", abandon_on_cancel=True)
+                granted.set()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(until_granted, tooz)
+                await anyio.sleep(1.5)  # plain tooz retries at least every second
+                assert not granted.is_set(), "plain tooz got a lock aiotooz holds"
                 await lock.release()
-                return True
-            return False
-
-    with holding_process("tooz-hold", any_backend_url, prefix, "volume-42"):
-        assert anyio.run(try_once) is False
-    assert anyio.run(try_once) is True
+                with anyio.fail_after(20):
+                    await granted.wait()
+            assert await lock.acquire(blocking=False) is False
+        assert await lock.acquire(blocking=False) is True
+        await lock.release()
 
 
 # -- what some backends cannot do: typed errors ---------------------------------------------
@@ -372,16 +344,18 @@ def test_etcd_waiting_leaks_no_leases(server_pool: ServerPool, tmp_path: Path, p
     url = url_for("etcd3+http", server_pool, tmp_path)
     endpoint = url.replace("etcd3+http", "http") + "/v3/lease/leases"
 
-    def leases() -> int:
+    def leases() -> set[str]:
         request = urllib.request.Request(endpoint, data=b"{}", method="POST")
         with urllib.request.urlopen(request, timeout=5) as response:
-            return len(json.load(response).get("leases", []))
+            return {lease["ID"] for lease in json.load(response).get("leases", [])}
 
     async def wait_in_vain() -> int:
         async with started(url, prefix) as coordinator:
             before = leases()  # the coordinator's own membership lease included
             assert await coordinator.get_lock("leases").acquire(blocking=1.0) is False
-            return leases() - before
+            # New leases only: plain tooz processes of earlier tests leave leases that
+            # expire meanwhile (tests/worker.py tooz-hold, waiting).
+            return len(leases() - before)
 
     with holding_process("hold", url, prefix, "leases"):
         assert anyio.run(wait_in_vain) == 0  # after some 20 tries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -14,7 +15,8 @@ from aiotooz import _connection as connection_module
 from aiotooz._connection import Connection
 from aiotooz._drivers import Capability
 
-from .conftest import make_coordinator
+from ._proxy import DelayProxy
+from .helpers import make_coordinator
 
 
 def _aiotooz_threads() -> set[threading.Thread]:
@@ -105,7 +107,8 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
 
     monkeypatch.setattr(connection_module, "run_in_lane", slow_run)
     async with make_coordinator(backend_url, prefix) as coordinator:
-        _connection(coordinator)._inline = False  # through the lanes, to be slowed
+        # Through the lanes, to be slowed (not inline on file, not native on Redis).
+        _connection(coordinator)._inline = _connection(coordinator)._native = False
         lock = Lock("mid-try", coordinator=coordinator)
         with anyio.move_on_after(0.03) as scope:
             await lock.acquire()
@@ -163,3 +166,40 @@ async def test_file_tries_and_releases_run_inline_until_they_are_slow(
 async def test_redis_calls_never_run_inline(redis_url: str, prefix: str) -> None:
     async with make_coordinator(redis_url, prefix) as coordinator:
         assert Capability.LOCAL_CALLS not in _connection(coordinator).capabilities
+
+
+async def test_a_grant_that_reaches_redis_after_its_taker_left_is_released(
+    redis_url: str, prefix: str
+) -> None:
+    """Through a proxy that delays every chunk 0.1 s, the taker gives up (cancelled)
+    while its SET is on the wire: the lock the server grants must be released, on the
+    event loop's asyncio client (asyncio) as through the worker threads (trio)."""
+    parts = urlsplit(redis_url)
+    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.1) as proxy:
+        slow_url = f"redis://127.0.0.1:{proxy.port}"
+        async with (
+            make_coordinator(slow_url, prefix) as slow,
+            make_coordinator(redis_url, prefix) as direct,
+        ):
+            lock = Lock("late-grant", coordinator=slow)
+            with anyio.move_on_after(0.15) as scope:  # after connecting, mid-try
+                await lock.acquire()
+            assert scope.cancelled_caught
+            assert not lock.locked()
+            # Granted at the server after the taker left, then released for it.
+            other = Lock("late-grant", coordinator=direct)
+            assert await other.acquire(blocking=10)
+            await other.release()
+
+
+async def test_redis_runs_on_the_event_loop_on_asyncio_only(
+    redis_url: str, prefix: str, anyio_backend: str
+) -> None:
+    async with make_coordinator(redis_url, prefix) as coordinator:
+        assert _connection(coordinator)._native is (anyio_backend == "asyncio")
+        for _ in range(3):
+            async with Lock("native", coordinator=coordinator):
+                pass
+        # No worker thread was needed for the tries and releases on asyncio.
+        if anyio_backend == "asyncio":
+            assert _connection(coordinator)._acquire_lane.threads == frozenset()

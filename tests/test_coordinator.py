@@ -10,7 +10,7 @@ from aiotooz import BackendUnavailable, Lock
 
 from ._procs import run_worker
 from ._servers import PrivateRedis
-from .conftest import make_coordinator
+from .helpers import make_coordinator
 
 
 async def test_heartbeat_keeps_a_ttl_lock_held(redis_url: str, prefix: str) -> None:

@@ -25,9 +25,9 @@ import pytest
 
 from aiotooz import BackendUnavailable, Lock, LockLost
 
-from ._procs import WORKER, holding_process, run_worker
+from ._procs import Worker, holding_process, run_worker
 from ._servers import SERVERS, PrivateServer
-from .conftest import ServerPool, make_coordinator, url_for
+from .helpers import ServerPool, make_coordinator, url_for
 
 
 @dataclass(frozen=True)
@@ -74,24 +74,14 @@ class _Waiter:
     """Another process waiting for the lock; it reports when it was granted it."""
 
     def __init__(self, url: str, prefix: str, name: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, WORKER, "grant", url, prefix, name],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "waiting"
+        self.worker = Worker("grant", url, prefix, name)
+        self.worker.expect("waiting")
 
     def granted_at(self, timeout: float) -> float:
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, f"the waiter crashed: {err[-3000:]}"
-        return float(out.strip())
+        return float(self.worker.finish(timeout))
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
+        self.worker.close(grace=0)  # still waiting: killed
 
 
 @pytest.mark.parametrize("kind", ["kill", "pause"])

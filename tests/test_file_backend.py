@@ -9,7 +9,7 @@ import anyio
 from aiotooz import Lock
 
 from ._procs import run_worker
-from .conftest import make_coordinator
+from .helpers import make_coordinator
 
 
 async def test_one_directory_under_two_spellings_is_one_lock(tmp_path: Path, prefix: str) -> None:

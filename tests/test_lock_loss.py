@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +14,10 @@ from structlog.testing import capture_logs
 
 from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 
-from ._procs import WORKER, run_worker
+from ._procs import run_worker, worker_process
 from ._proxy import DelayProxy
 from ._servers import PrivateRedis
-from .conftest import ServerPool, make_coordinator, url_for
+from .helpers import ServerPool, make_coordinator, url_for
 
 
 def _redis_key(prefix: str, name: str) -> bytes:
@@ -158,28 +156,21 @@ async def test_a_hung_server_stops_the_holder_before_anyone_else_gets_the_lock(
     with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.0) as proxy:
         holder_url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=3"
         async with make_coordinator(holder_url, prefix, heartbeat=0.5) as coordinator:
-            waiter = subprocess.Popen(  # noqa: ASYNC220 - started once, read in a thread
-                [sys.executable, WORKER, "grant", f"{redis_url}?lock_timeout=3", prefix, "hung"],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                with pytest.raises(LockLost):
-                    async with coordinator.get_lock("hung"):
-                        assert waiter.stdout is not None
-                        assert waiter.stdout.readline().strip() == "waiting"
-                        proxy.freeze()
-                        try:
-                            await anyio.sleep(30)
-                        finally:
-                            lost_at = time.time()
-                out, _ = await anyio.to_thread.run_sync(lambda: waiter.communicate(timeout=30))
-            finally:
-                if waiter.poll() is None:
-                    waiter.kill()
-                    waiter.wait()
-                proxy.thaw()
-    granted_at = float(out.strip())
+            waiter_url = f"{redis_url}?lock_timeout=3"
+            with worker_process("grant", waiter_url, prefix, "hung", grace=0) as waiter:
+                try:
+                    with pytest.raises(LockLost):
+                        async with coordinator.get_lock("hung"):
+                            waiter.expect("waiting")
+                            proxy.freeze()
+                            try:
+                                await anyio.sleep(30)
+                            finally:
+                                lost_at = time.time()
+                    out = await anyio.to_thread.run_sync(waiter.finish, 30)
+                finally:
+                    proxy.thaw()
+    granted_at = float(out)
     assert lost_at < granted_at, (lost_at, granted_at)
 
 

@@ -1,4 +1,8 @@
-"""Lock names: any str works, distinct names never share a key, none escapes the directory."""
+"""Lock names: any str works, distinct names never share a key, none escapes the directory.
+
+That hostile names lock distinctly, and that plain names are plain tooz's keys, is
+checked on every backend by tests/test_conformance.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import os
 import re
 from pathlib import Path
 
-import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,29 +17,7 @@ from hypothesis import strategies as st
 from aiotooz import Coordinator, Lock, LockNameError, synchronized
 from aiotooz._names import MAX_NAME_LENGTH, MAX_PLAIN_LENGTH, backend_key
 
-from ._procs import holding_process
-from .conftest import make_coordinator
-
-HOSTILE_NAMES = [
-    "volume-42",
-    "ümlaut-ß-名前-🔒",
-    "a/b",
-    "a_b",
-    "a b",
-    "..",
-    ".",
-    "../x",
-    "..%2Fx",
-    "/etc/passwd",
-    "x" * 1000,
-    "x" * 999 + "y",
-    "groups",
-    "tmp",
-    ".driver_lock",
-    "{not-a-field}",
-    "\x00nul",
-    "\ud800",  # a lone surrogate is a str too
-]
+from .helpers import HOSTILE_NAMES, make_coordinator
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9._~-]+")
 
@@ -68,16 +49,6 @@ def test_every_key_is_backend_safe(name: str) -> None:
     assert len(key) <= MAX_PLAIN_LENGTH
     assert not key.startswith(".") and "/" not in key
     assert key not in {".", ".."}
-
-
-async def test_hostile_names_lock_distinctly(coordinator: Coordinator) -> None:
-    locks = [coordinator.get_lock(name) for name in HOSTILE_NAMES]
-    for lock in locks:
-        assert await lock.acquire(blocking=False), lock.name
-    for lock in locks:
-        assert await Lock(lock.name, coordinator=coordinator).acquire(blocking=False) is False
-    for lock in locks:
-        await lock.release()
 
 
 async def test_no_name_escapes_the_file_backend_directory(tmp_path: Path, prefix: str) -> None:
@@ -118,36 +89,6 @@ def test_format_names_from_data() -> None:
         Lock("share-{share.id}", {})
     with pytest.raises(LockNameError, match="AttributeError"):
         Lock("share-{share.nope}", {"share": Share()})
-
-
-async def test_plain_tooz_and_aiotooz_exclude_each_other(backend_url: str, prefix: str) -> None:
-    async with make_coordinator(backend_url, prefix) as coordinator:
-        with holding_process("tooz-hold", backend_url, prefix, "volume-42"):
-            assert await coordinator.get_lock("volume-42").acquire(blocking=False) is False
-        lock = coordinator.get_lock("volume-42")
-        assert await lock.acquire(blocking=False) is True
-        outcome = await anyio.to_thread.run_sync(_plain_tooz_try, backend_url, prefix + "volume-42")
-        assert outcome is False
-        await lock.release()
-        assert await anyio.to_thread.run_sync(_plain_tooz_try, backend_url, prefix + "volume-42")
-
-
-def _plain_tooz_try(url: str, key: str) -> bool:
-    """One non-blocking try through plain tooz, in its own process for the file backend."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; from tooz import coordination as c\n"
-        "d = c.get_coordinator(sys.argv[1], b'plain'); d.start()\n"
-        "l = d.get_lock(sys.argv[2].encode()); ok = l.acquire(blocking=False)\n"
-        "print(ok); ok and l.release(); d.stop()\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code, url, key], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip() == "True"
 
 
 SECRET = "hunter2"

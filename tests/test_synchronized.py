@@ -18,7 +18,7 @@ from aiotooz import (
     synchronized,
 )
 
-from .conftest import make_coordinator
+from .helpers import make_coordinator
 
 
 @dataclass

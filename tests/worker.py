@@ -1,8 +1,16 @@
 """A separate process for the cross-process tests: python worker.py COMMAND URL PREFIX NAME ...
 
+Driven through tests/_procs.py. Every command that waits for a lock prints "waiting"
+first; stdout carries only the protocol's lines (logs go to stderr).
+
 Commands:
   count URL PREFIX NAME COUNTER TASKS ROUNDS   read-sleep-write increments under the lock
   hold URL PREFIX NAME                         take the lock, print "held", hold until stdin closes
+  serve URL PREFIX NAME                        on each stdin line "acquire" take the lock (waiting
+                                               as long as it takes) and print "held"; on
+                                               "release" release it and print "released"; stop
+                                               at the end of input (times hand-offs without
+                                               process start-up)
   try URL PREFIX NAME                          print "acquired" or "busy" for one blocking=False try
   grant URL PREFIX NAME                        wait for the lock; print when (wall clock) granted
   tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
@@ -48,9 +56,23 @@ async def count(url: str, prefix: str, name: str, counter: str, tasks: str, roun
 
 
 async def hold(url: str, prefix: str, name: str) -> None:
-    async with _coordinator(url, prefix) as coordinator, Lock(name, coordinator=coordinator):
-        print("held", flush=True)
-        await anyio.to_thread.run_sync(sys.stdin.read)
+    async with _coordinator(url, prefix) as coordinator:
+        print("waiting", flush=True)
+        async with Lock(name, coordinator=coordinator):
+            print("held", flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+async def serve(url: str, prefix: str, name: str) -> None:
+    async with _coordinator(url, prefix) as coordinator:
+        lock = Lock(name, coordinator=coordinator)
+        while line := await anyio.to_thread.run_sync(sys.stdin.readline):
+            if line.strip() == "acquire":
+                await lock.acquire()
+                print("held", flush=True)
+            elif line.strip() == "release":
+                await lock.release()
+                print("released", flush=True)
 
 
 async def try_once(url: str, prefix: str, name: str) -> None:
@@ -76,6 +98,7 @@ def tooz_hold(url: str, prefix: str, name: str) -> None:
     driver = coordination.get_coordinator(url, b"plain-tooz")
     driver.start()
     lock = driver.get_lock((prefix + name).encode("ascii"))
+    print("waiting", flush=True)
     assert lock.acquire(blocking=True)
     print("held", flush=True)
     sys.stdin.read()
@@ -91,6 +114,7 @@ def main() -> None:
     commands: dict[str, Callable[..., Awaitable[None]]] = {
         "count": count,
         "hold": hold,
+        "serve": serve,
         "try": try_once,
         "grant": grant,
     }

@@ -46,7 +46,7 @@ from ._exceptions import (
 )
 from ._urls import redact_url, scheme_of
 
-__all__ = ["Connection", "LockHandle", "translate"]
+__all__ = ["Connection", "LockHandle", "open_connection", "translate"]
 
 T = TypeVar("T")
 
@@ -116,6 +116,20 @@ def _load(url: str, member_id: str, call_timeout: float) -> Driver:
 
 
 @final
+class _LockObjects(OrderedDict[str, Any]):
+    """Recently used tooz lock objects by key, at most ``_LOCK_OBJECTS_KEPT`` of them.
+
+    Touched on the event loop thread only, never by a worker.
+    """
+
+    def keep(self, key: str, tooz_lock: Any) -> None:
+        self[key] = tooz_lock
+        self.move_to_end(key)
+        if len(self) > _LOCK_OBJECTS_KEPT:
+            self.popitem(last=False)
+
+
+@final
 class LockHandle:
     """One backend lock for one key, as held (or tried) through one :class:`Connection`.
 
@@ -137,7 +151,7 @@ class LockHandle:
 class Connection:
     """One started tooz coordinator, its driver, and the worker lanes that call it.
 
-    Use :meth:`connect` to make one. Every call waits at most ``call_timeout`` seconds
+    Use :func:`open_connection` to make one. Every call waits at most ``call_timeout`` seconds
     for the backend (and not at all once its caller is cancelled).
     """
 
@@ -163,45 +177,7 @@ class Connection:
             and running_on_asyncio()
             and driver.native_async_ready()
         )
-        # Touched on the event loop thread only (never by a worker).
-        self._lock_objects: OrderedDict[str, Any] = OrderedDict()
-
-    @classmethod
-    async def connect(cls, url: str, member_id: str, call_timeout: float) -> Connection:
-        """Create and start a tooz coordinator for ``url`` in a worker thread.
-
-        Raises:
-            ConfigurationError: the URL, scheme or client library is wrong.
-            BackendUnavailable: the backend cannot be reached within ``call_timeout``.
-        """
-        url = driver_class(scheme_of(url)).prepare_url(url)
-
-        def start() -> Driver:
-            driver = _load(url, member_id, call_timeout)
-            driver.configure()
-            try:
-                driver.start()
-            except Exception as exc:
-                raise translate(exc, "connecting", url) from exc
-            return driver
-
-        def stop_late(driver: Driver) -> None:
-            driver.stop()  # connected after the caller gave up: nobody will use it
-
-        # A lane of its own: connecting may hang for the client's connect timeout on an
-        # unreachable host, and must not hold up releases while it does.
-        lane = Lane(f"aiotooz-connect {scheme_of(url)}", 1)
-        schedule = loop_scheduler()
-        try:
-            driver = await run_in_lane(lane, schedule, start, call_timeout, stop_late)
-        except CallTimedOut:
-            raise BackendUnavailable(
-                f"connecting on {redact_url(url)}: no answer within {call_timeout:g} s "
-                "(AIOTOOZ_CALL_TIMEOUT)"
-            ) from None
-        finally:
-            lane.close(schedule)  # its thread exits once done; nobody needs to wait
-        return cls(driver, url, schedule)
+        self._lock_objects = _LockObjects()
 
     @property
     def threads(self) -> int:
@@ -247,20 +223,14 @@ class Connection:
         except Exception as exc:
             raise translate(exc, action, self.url) from exc
 
-    async def _call_inline(self, action: str, func: Callable[[], T], must_run: bool = False) -> T:
+    async def _call_inline(self, action: str, func: Callable[[], T]) -> T:
         """Run a microsecond, never-waiting call on the event loop thread itself.
 
         A checkpoint comes first, as with any await, so no cancellation can come between
-        the call and its outcome reaching the caller. A call that ``must_run`` (a
-        release, which a cancellation must not skip) has its checkpoint after it.
+        the call and its outcome reaching the caller.
         """
-        if not must_run:
-            await anyio.lowlevel.checkpoint()
-        try:
-            return self._run_inline(action, func)
-        finally:
-            if must_run:
-                await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+        return self._run_inline(action, func)
 
     async def _call_native(
         self,
@@ -322,13 +292,6 @@ class Connection:
         handle = LockHandle(self, key)
         handle._tooz_lock = self._lock_objects.get(key)
         return handle
-
-    def _keep(self, key: str, tooz_lock: Any) -> None:
-        objects = self._lock_objects
-        objects[key] = tooz_lock
-        objects.move_to_end(key)
-        if len(objects) > _LOCK_OBJECTS_KEPT:
-            objects.popitem(last=False)
 
     async def try_acquire(self, handle: LockHandle, wait: float | None = None) -> bool:
         """Try once to take ``handle``'s lock without waiting; ``True`` if it is now held.
@@ -395,7 +358,7 @@ class Connection:
                     self._forget(handle)  # cancelled or failed: the object may be in use
                 raise
         handle._tooz_lock = tried[0]
-        self._keep(handle.key, tried[0])
+        self._lock_objects.keep(handle.key, tried[0])
         handle.held = granted
         return granted
 
@@ -418,20 +381,24 @@ class Connection:
             return False
         handle.held = False
         action = f"releasing {handle.key!r}"
-        if self._native:
-            return await self._call_native(
-                action,
-                lambda: self.driver.release_async(tooz_lock),
-                None,
-                on_give_up=lambda: self.driver.release(tooz_lock),
-            )
         if self._inline:
-            return await self._call_inline(
-                action, lambda: self.driver.release(tooz_lock), must_run=True
+            # No checkpoint: a release must not be skipped by a cancellation, and like
+            # anyio's and trio's own locks it does not need to be one (a try is).
+            return self._run_inline(action, lambda: self.driver.release(tooz_lock))
+        try:
+            if self._native:
+                return await self._call_native(
+                    action,
+                    lambda: self.driver.release_async(tooz_lock),
+                    None,
+                    on_give_up=lambda: self.driver.release(tooz_lock),
+                )
+            return await self._call(
+                self._control_lane, action, lambda: self.driver.release(tooz_lock), must_run=True
             )
-        return await self._call(
-            self._control_lane, action, lambda: self.driver.release(tooz_lock), must_run=True
-        )
+        except BaseException:
+            self._forget(handle)  # the release may still be running with the object
+            raise
 
     async def heartbeat(self, handles: Sequence[LockHandle] = ()) -> list[bool | None]:
         """Send one heartbeat (refreshing TTL locks), then ask who owns ``handles``.
@@ -461,27 +428,64 @@ class Connection:
         return await self._call(self._control_lane, "heartbeat", beat)
 
     async def close(self) -> None:
-        """Stop the tooz coordinator and the worker threads; errors are swallowed.
+        """Let the calls in flight end, then stop the tooz coordinator; errors are swallowed.
 
-        Bounded by the call timeout: a backend that does not answer is left behind.
+        Each step is bounded by the call timeout: a backend that does not answer is left
+        behind (its stuck worker thread exits when the call returns).
         """
         if self._native:
             with anyio.move_on_after(self.call_timeout, shield=True):
                 with contextlib.suppress(Exception):
                     await self.driver.close_async()
-        answered = True
-        try:
-            await run_in_lane(
-                self._control_lane, self._schedule, self.driver.stop, self.call_timeout
-            )
-        except CallTimedOut:
-            answered = False
-        except Exception:
-            pass
+        # Calls given up on (a heartbeat cancelled by stop(), say) may still run: the
+        # driver must not be stopped under them (a client checked out of a pool while
+        # the pool closes is never closed). Every thread exits once its queue is done.
         orders = self._acquire_lane.close(self._schedule) + self._control_lane.close(self._schedule)
-        if not answered:
-            return  # a call is stuck in the driver: its thread exits when it returns
-        # Every thread exits once the calls queued before its exit order are done.
-        with anyio.move_on_after(self.call_timeout, shield=True), contextlib.suppress(Exception):
+        with anyio.move_on_after(self.call_timeout, shield=True):
             for order in orders:
                 await order.done.wait()
+        lane = Lane(f"aiotooz-close {scheme_of(self.url)}", 1)
+        try:
+            with anyio.CancelScope(shield=True):
+                await run_in_lane(lane, self._schedule, self.driver.stop, self.call_timeout)
+        except Exception:
+            pass
+        finally:
+            lane.close(self._schedule)
+
+
+async def open_connection(url: str, member_id: str, call_timeout: float) -> Connection:
+    """Create and start a tooz coordinator for ``url`` in a worker thread.
+
+    Raises:
+        ConfigurationError: the URL, scheme or client library is wrong.
+        BackendUnavailable: the backend cannot be reached within ``call_timeout``.
+    """
+    url = driver_class(scheme_of(url)).prepare_url(url)
+
+    def start() -> Driver:
+        driver = _load(url, member_id, call_timeout)
+        driver.configure()
+        try:
+            driver.start()
+        except Exception as exc:
+            raise translate(exc, "connecting", url) from exc
+        return driver
+
+    def stop_late(driver: Driver) -> None:
+        driver.stop()  # connected after the caller gave up: nobody will use it
+
+    # A lane of its own: connecting may hang for the client's connect timeout on an
+    # unreachable host, and must not hold up releases while it does.
+    lane = Lane(f"aiotooz-connect {scheme_of(url)}", 1)
+    schedule = loop_scheduler()
+    try:
+        driver = await run_in_lane(lane, schedule, start, call_timeout, stop_late)
+    except CallTimedOut:
+        raise BackendUnavailable(
+            f"connecting on {redact_url(url)}: no answer within {call_timeout:g} s "
+            "(AIOTOOZ_CALL_TIMEOUT)"
+        ) from None
+    finally:
+        lane.close(schedule)  # its thread exits once done; nobody needs to wait
+    return Connection(driver, url, schedule)

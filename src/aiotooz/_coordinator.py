@@ -11,7 +11,7 @@ from typing import final
 
 import anyio
 
-from ._connection import Connection
+from ._connection import Connection, open_connection
 from ._exceptions import (
     BackendUnavailable,
     ConfigurationError,
@@ -24,7 +24,7 @@ from ._logging import get_logger
 from ._names import check_prefix
 from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
-from ._tasks import BackgroundTask, spawn
+from ._tasks import BackgroundTask, spawn, task_id_getter
 
 __all__ = ["Coordinator", "CoordinatorStatistics"]
 
@@ -179,6 +179,7 @@ class Coordinator:
             )
         self._connection = connection
         self.lock_table.last_refresh = connecting
+        self.lock_table.task_id = task_id_getter()
         self._started = True
         self._state_changed()
         if connection.requires_beating:
@@ -256,7 +257,7 @@ class Coordinator:
     # -- heartbeat and reconnect ---------------------------------------------------------
 
     async def _connect(self) -> Connection:
-        return await Connection.connect(
+        return await open_connection(
             self.settings.backend_url, self.member_id, self.settings.call_timeout
         )
 

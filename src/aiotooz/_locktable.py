@@ -57,6 +57,9 @@ _POLL_CAP: Final = 0.05
 #: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
 _TRY_FLOOR: Final = 0.05
 
+#: How many name -> key mappings a table keeps.
+_KEYS_KEPT: Final = 1024
+
 #: Local hand-offs in a row before the backend lock is released for other processes.
 MAX_LOCAL_HANDOFFS: Final = 8
 
@@ -138,6 +141,10 @@ class LockTable:
         #: every lock held through the current connection was refreshed no earlier.
         self.last_refresh = -math.inf
         self.lost_count = 0
+        #: The current task's id; picked for the event loop when the coordinator starts.
+        self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
+        # name -> key, for names used again and again (bounded: cleared when full).
+        self._keys: dict[str, str] = {}
 
     # -- what is held and waited for ---------------------------------------------------
 
@@ -175,8 +182,12 @@ class LockTable:
                 for itself).
         """
         self._check_started()
-        key = backend_key(self._prefix, name, self._reserved_keys())
-        task = anyio.get_current_task().id
+        key = self._keys.get(name)
+        if key is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            key = self._keys[name] = backend_key(self._prefix, name, self._reserved_keys())
+        task = self.task_id()
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = KeyQueue()

@@ -1,0 +1,139 @@
+"""Plain helpers the tests share: no fixtures and no hooks here (those are in conftest.py).
+
+Real backends only, never mocks: the file backend, a Redis server, and private servers
+(tests/_servers.py) for every other tooz backend.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from aiotooz import CoordinationSettings, Coordinator
+
+REDIS_URL = os.environ.get("AIOTOOZ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+#: Every tooz backend aiotooz supports, as the conformance suite's parameters.
+ALL_BACKENDS = [
+    "file",
+    "ipc",
+    "redis",
+    "memcached",
+    "zookeeper",
+    "etcd3+http",
+    "postgresql",
+    "mysql",
+]
+#: The private server a backend needs, where its name differs (tests/_servers.py SERVERS);
+#: file and ipc need none.
+SERVER_OF = {"etcd3+http": "etcd"}
+
+#: Cross-process hand-off latencies measured by the conformance suite (seconds), per
+#: backend; conftest.py prints them at the end of the run (README's backend table quotes
+#: them).
+HANDOFF_LATENCIES: dict[str, list[float]] = {}
+
+#: Lock names that are hard on backends: separators, dots, reserved words, lengths,
+#: non-ASCII and non-characters. Each must lock a key of its own on every backend.
+HOSTILE_NAMES = [
+    "volume-42",
+    "ümlaut-ß-名前-🔒",
+    "a/b",
+    "a_b",
+    "a b",
+    "..",
+    ".",
+    "../x",
+    "..%2Fx",
+    "/etc/passwd",
+    "x" * 1000,
+    "x" * 999 + "y",
+    "groups",
+    "tmp",
+    ".driver_lock",
+    "{not-a-field}",
+    "\x00nul",
+    "\ud800",  # a lone surrogate is a str too
+]
+
+#: The environment variable that fixes the seed of the tests' random draws (``rng``).
+SEED_VARIABLE = "AIOTOOZ_TEST_SEED"
+
+
+def require_all_backends() -> bool:
+    """Under CI a missing backend fails the run instead of skipping."""
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"} or bool(
+        os.environ.get("AIOTOOZ_REQUIRE_ALL_BACKENDS")
+    )
+
+
+def missing_backend(reason: str) -> None:
+    """Skip the test for a backend this machine lacks (fail under CI)."""
+    if require_all_backends():
+        pytest.fail(f"{reason} (CI / AIOTOOZ_REQUIRE_ALL_BACKENDS requires every backend)")
+    pytest.skip(reason)
+
+
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1):
+            return True
+    except OSError:
+        return False
+
+
+def make_coordinator(url: str, prefix: str, **settings: Any) -> Coordinator:
+    """A coordinator (not started) on ``url`` with ``prefix`` and ``settings``."""
+    return Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url, **settings))
+
+
+def seed_for_this_run() -> int:
+    """``AIOTOOZ_TEST_SEED`` if set (to reproduce a run), else a fresh random seed."""
+    fixed = os.environ.get(SEED_VARIABLE, "").strip()
+    return int(fixed, 0) if fixed else random.randrange(2**32)
+
+
+class ServerPool:
+    """Private servers for the whole test session, each started when a test first needs it."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._servers: dict[str, Any] = {}
+
+    def get(self, name: str) -> Any:
+        """The running private server for backend ``name`` (tests/_servers.py)."""
+        from ._servers import SERVERS  # _servers imports missing_backend from here
+
+        server = self._servers.get(name)
+        if server is None:
+            workdir = self._root / name
+            workdir.mkdir(parents=True, exist_ok=True)
+            server = SERVERS[name](workdir)  # skips (fails under CI) without the binary
+            self._servers[name] = server
+        if not server.running:
+            server.start()
+        return server
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.close()
+
+
+def url_for(backend: str, pool: ServerPool, tmp_path: Path) -> str:
+    """The URL of ``backend``: a temporary directory, ``ipc://``, or a private server."""
+    if backend == "file":
+        return (tmp_path / "locks").as_uri()
+    if backend == "ipc":
+        try:
+            import sysv_ipc  # noqa: F401
+        except ImportError:
+            missing_backend("sysv_ipc is not installed (pip install 'aiotooz[ipc]')")
+        return "ipc://"
+    return str(pool.get(SERVER_OF.get(backend, backend)).url)
