@@ -218,9 +218,9 @@ async def hop_executor(n: int) -> float:
 # -- uncontended -------------------------------------------------------------------
 
 
-async def cycles_aiotooz(url: str, n: int) -> float:
+async def cycles_aiotooz(url: str, n: int, fencing: bool = False) -> float:
     async with coordinator(url) as coord:
-        lock = coord.get_lock("uncontended")
+        lock = Lock("uncontended", coordinator=coord, fencing=fencing)
         for _ in range(min(50, n)):
             async with lock:
                 pass
@@ -567,6 +567,10 @@ def main() -> None:
                         lambda u=url: run_async(cycles_aiotooz, u, p.cycles, backend="trio"),
                     )
                     step(
+                        f"cycles/{name}/aiotooz-fenced/{rnd}",
+                        lambda u=url: run_async(cycles_aiotooz, u, p.cycles, True),
+                    )
+                    step(
                         f"cycles/{name}/naive/{rnd}",
                         lambda u=url: run_async(cycles_naive, u, p.cycles),
                     )
@@ -691,6 +695,7 @@ def render(r: dict[str, Any]) -> str:
     labels = {
         "aiotooz": "aiotooz (asyncio)",
         "aiotooz-trio": "aiotooz (trio)",
+        "aiotooz-fenced": "aiotooz, fencing=True (asyncio)",
         "tooz": "raw sync tooz",
         "naive": "naive to_thread wrapper",
         "redis-py": "redis-py asyncio Lock",

@@ -14,6 +14,8 @@ Commands:
   try URL PREFIX NAME                          print "acquired" or "busy" for one blocking=False try
   grant URL PREFIX NAME                        wait for the lock; print when (wall clock) granted
   tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
+  fence URL PREFIX NAME TIMES                  take the lock with fencing TIMES times (one
+                                               coordinator); print each grant's token
 """
 
 from __future__ import annotations
@@ -92,6 +94,13 @@ async def grant(url: str, prefix: str, name: str) -> None:
             print(f"{time.time():.6f}", flush=True)
 
 
+async def fence(url: str, prefix: str, name: str, times: str) -> None:
+    async with _coordinator(url, prefix) as coordinator:
+        for _ in range(int(times)):
+            async with Lock(name, coordinator=coordinator, fencing=True) as lock:
+                print(lock.fencing_token, flush=True)
+
+
 def tooz_hold(url: str, prefix: str, name: str) -> None:
     from tooz import coordination
 
@@ -117,6 +126,7 @@ def main() -> None:
         "serve": serve,
         "try": try_once,
         "grant": grant,
+        "fence": fence,
     }
     anyio.run(commands[command], *args)
 

@@ -12,6 +12,7 @@ from ._exceptions import LockNameError as LockNameError
 from ._exceptions import LockNotHeld as LockNotHeld
 from ._exceptions import UnsupportedOperation as UnsupportedOperation
 from ._lock import Lock as Lock
+from ._lock import fencing_token as fencing_token
 from ._process import get_default_coordinator as get_default_coordinator
 from ._process import set_default_coordinator as set_default_coordinator
 from ._settings import CoordinationSettings as CoordinationSettings
@@ -31,6 +32,7 @@ __all__ = [
     "LockNameError",
     "LockNotHeld",
     "UnsupportedOperation",
+    "fencing_token",
     "get_default_coordinator",
     "set_default_coordinator",
     "synchronized",

@@ -367,6 +367,27 @@ class Connection:
         handle._tooz_lock = None
         self._lock_objects.pop(handle.key, None)
 
+    async def fencing_token(self, handle: LockHandle) -> int | None:
+        """A new fencing token for the lock ``handle`` holds; ``None`` if it is not ours.
+
+        Raises:
+            UnsupportedOperation: the driver gives no fencing tokens.
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        if Capability.FENCES not in self.capabilities:
+            raise UnsupportedOperation(
+                f"the {scheme_of(self.url)!r} backend gives no fencing tokens; every backend "
+                "aiotooz knows does (file, ipc, redis, memcached, zookeeper, etcd3+http, "
+                "postgresql, mysql)"
+            )
+        tooz_lock = handle._tooz_lock
+        action = f"fencing {handle.key!r}"
+        if self._inline:
+            return await self._call_inline(action, lambda: self.driver.fencing_token(tooz_lock))
+        return await self._call(
+            self._acquire_lane, action, lambda: self.driver.fencing_token(tooz_lock)
+        )
+
     async def release(self, handle: LockHandle) -> bool:
         """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Mapping
 from types import TracebackType
@@ -17,7 +18,7 @@ from ._process import get_default_coordinator
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
     from ._coordinator import Coordinator
 
-__all__ = ["Blocking", "Lock", "check_blocking", "deadline_for"]
+__all__ = ["Blocking", "Lock", "check_blocking", "deadline_for", "fencing_token"]
 
 #: ``True`` waits as long as it takes, ``False`` tries once, a number of seconds waits
 #: at most that long.
@@ -58,6 +59,31 @@ def deadline_for(blocking: object) -> float:
     return FOREVER if math.isinf(checked) else anyio.current_time() + checked
 
 
+#: The fenced locks the current task holds in ``async with`` blocks, innermost last.
+_FENCED: contextvars.ContextVar[tuple[Lock, ...]] = contextvars.ContextVar(
+    "aiotooz_fenced", default=()
+)
+
+
+def fencing_token(name: str | None = None) -> int:
+    """The fencing token of the innermost fenced lock this task holds (or of ``name``).
+
+    For code running inside ``async with Lock(..., fencing=True):`` or a function
+    decorated with ``@synchronized(..., fencing=True)``, which has no lock object at hand.
+
+    Raises:
+        LockNotHeld: this task holds no such lock in an ``async with`` block.
+    """
+    for lock in reversed(_FENCED.get()):
+        if (name is None or lock.name == name) and lock.locked():
+            return lock.fencing_token
+    which = "no fenced lock" if name is None else f"no fenced lock named {name!r}"
+    raise LockNotHeld(
+        f"this task holds {which} in an 'async with' block or @synchronized function; "
+        "use Lock(..., fencing=True) or @synchronized(..., fencing=True)"
+    )
+
+
 @final
 class Lock:
     """A distributed lock, named by a format string, held through a coordinator.
@@ -86,6 +112,8 @@ class Lock:
         data: values for the ``{field}`` parts of ``name``.
         coordinator: the coordinator to lock through; the default one if ``None``.
         cancel_on_loss: whether losing the lock cancels the ``async with`` body.
+        fencing: take a fencing token with every grant (:attr:`fencing_token`): one
+            more call to the backend per acquire.
 
     Raises:
         LockNameError: ``name`` is not a non-empty ``str`` or a field is missing.
@@ -93,7 +121,9 @@ class Lock:
 
     __slots__ = (
         "_cancel_on_loss",
+        "_context",
         "_coordinator",
+        "_fencing",
         "_hold",
         "_lost_reason",
         "_scope",
@@ -108,10 +138,14 @@ class Lock:
         *,
         coordinator: Coordinator | None = None,
         cancel_on_loss: bool = True,
+        fencing: bool = False,
     ) -> None:
         self.name: str = check_name(name) if data is None else format_name(name, data)
         self._coordinator = coordinator
         self._cancel_on_loss = cancel_on_loss
+        self._fencing = fencing
+        #: Undoes this lock's entry in the task's stack of fenced locks (``async with``).
+        self._context: contextvars.Token[tuple[Lock, ...]] | None = None
         self._hold: Hold | None = None
         #: The lock table of the coordinator that granted ``_hold``.
         self._table: LockTable | None = None
@@ -142,6 +176,28 @@ class Lock:
         if hold is None or table is None:
             return self._lost_reason is not None
         return table.check_lease(hold, anyio.current_time())
+
+    @property
+    def fencing_token(self) -> int:
+        """The fencing token of this grant: larger than every earlier grant's of this name.
+
+        Send it with every write to the resource the lock protects, and have the resource
+        refuse writes with a token smaller than one it has seen (see the README's
+        Fencing section).
+
+        Raises:
+            LockNotHeld: the lock is not held.
+            ConfigurationError: the lock was not made with ``fencing=True``.
+        """
+        hold = self._hold
+        if hold is None:
+            raise LockNotHeld(f"lock {self.name!r} is not held, so it has no fencing token")
+        if hold.fencing_token is None:
+            raise ConfigurationError(
+                f"lock {self.name!r} has no fencing token: make it with Lock(..., "
+                "fencing=True) (or @synchronized(..., fencing=True))"
+            )
+        return hold.fencing_token
 
     @property
     def lost_reason(self) -> str | None:
@@ -178,7 +234,7 @@ class Lock:
         """
         deadline = deadline_for(blocking)
         table = self.coordinator.lock_table
-        hold = await table.acquire(self.name, deadline)
+        hold = await table.acquire(self.name, deadline, self._fencing)
         if hold is None:
             return False
         self._hold, self._table = hold, table
@@ -253,6 +309,8 @@ async def _enter(lock: Lock, blocking: Blocking) -> None:
     await _acquire_or_raise(lock, blocking)
     hold = lock._hold
     assert hold is not None
+    if lock._fencing:
+        lock._context = _FENCED.set((*_FENCED.get(), lock))
     if lock._cancel_on_loss:
         # Entered here and exited in _exit, in the same task, around the block's body.
         scope = anyio.CancelScope()
@@ -270,6 +328,9 @@ async def _exit(
     tb: TracebackType | None,
 ) -> None:
     """Release after an ``async with`` block; turn a loss into :class:`LockLost`."""
+    context, lock._context = lock._context, None
+    if context is not None:
+        _FENCED.reset(context)
     scope, lock._scope = lock._scope, None
     if scope is not None:
         # Swallows the cancellation the loss caused, and only that one.

@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol, final
+from typing import Final, Literal, Protocol, final
 
 import anyio
 
@@ -100,6 +100,8 @@ class Hold:
     acquired_at: float
     #: How many local hand-offs in a row brought the backend lock to this hold.
     handoffs: int = 0
+    #: The fencing token of this grant, if one was asked for.
+    fencing_token: int | None = None
     #: Why the lock is known to be gone, or ``None`` while it is believed held.
     lost_reason: str | None = None
     released: bool = False
@@ -171,11 +173,12 @@ class LockTable:
 
     # -- acquire -------------------------------------------------------------------------
 
-    async def acquire(self, name: str, deadline: float) -> Hold | None:
+    async def acquire(self, name: str, deadline: float, fencing: bool = False) -> Hold | None:
         """Take ``name`` through the local queue and then the backend.
 
         ``deadline`` is an ``anyio.current_time()`` instant, ``FOREVER``, or
-        ``TRY_ONCE``. Returns ``None`` if the deadline passed first.
+        ``TRY_ONCE``. Returns ``None`` if the deadline passed first. With ``fencing``,
+        every grant (a local hand-off too) gets a new token from the backend.
 
         Raises:
             LockAcquireFailed: this task holds ``name`` already (a wait would be a wait
@@ -197,16 +200,26 @@ class LockTable:
                 "reentrant (acquiring it again would wait for itself)"
             )
         started = time.perf_counter()
-        granted: tuple[LockHandle, float] | None = None
+        granted: tuple[LockHandle, float, int | None] | None = None
         previous: Hold | None = None
         try:
             if not await queue.take(task, deadline):
                 return None
             previous = self._take_handed_over(key)
             if previous is not None:
-                granted = previous.handle, previous.lease_start
-            else:
-                granted = await self._acquire_at_backend(key, deadline)
+                try:
+                    token = await self._fence(previous.handle, previous.lease_start, fencing)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._release_at_backend(previous.handle, name, lost=True)
+                    raise
+                if token is False:
+                    await self._release_at_backend(previous.handle, name, lost=True)
+                    previous = None
+                else:
+                    granted = previous.handle, previous.lease_start, token
+            if previous is None:
+                granted = await self._acquire_at_backend(key, deadline, fencing)
         except BaseException:
             if queue.owner == task:
                 self._give_back(key, queue)
@@ -223,7 +236,7 @@ class LockTable:
         if granted is None:
             self._give_back(key, queue)
             return None
-        handle, lease_start = granted
+        handle, lease_start, token = granted
         now = time.perf_counter()
         hold = Hold(
             name=name,
@@ -233,14 +246,15 @@ class LockTable:
             lease_start=lease_start,
             acquired_at=now,
             handoffs=previous.handoffs + 1 if previous is not None else 0,
+            fencing_token=token,
         )
         self._holds.add(hold)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
 
     async def _acquire_at_backend(
-        self, key: str, deadline: float
-    ) -> tuple[LockHandle, float] | None:
+        self, key: str, deadline: float, fencing: bool
+    ) -> tuple[LockHandle, float, int | None] | None:
         """Try the backend until granted or ``deadline``; the lock and when its try began."""
         delay = _POLL_FIRST
         handle: LockHandle | None = None
@@ -257,8 +271,15 @@ class LockTable:
                 if await connection.try_acquire(handle, wait):
                     # stop() may have run while the try was in its worker thread.
                     self._check_started()
-                    return handle, tried_at
+                    token = await self._fence(handle, tried_at, fencing)
+                    if token is not False:
+                        return handle, tried_at, token
+                    # Gone already (expired, or taken over): not granted after all.
+                    await self._release_at_backend(handle, key, lost=True)
             except BackendUnavailable as exc:
+                if handle.held:  # granted, but no fencing token could be had for it
+                    with anyio.CancelScope(shield=True):
+                        await self._release_at_backend(handle, key, lost=True)
                 if deadline == TRY_ONCE:
                     raise
                 # A patient waiter rides out a failing backend: the heartbeat checks the
@@ -277,6 +298,26 @@ class LockTable:
                 return None
             await anyio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
             delay = min(delay * 2, _POLL_CAP)
+
+    async def _fence(
+        self, handle: LockHandle, lease_start: float, fencing: bool
+    ) -> int | Literal[False] | None:
+        """A new fencing token for a grant (``None`` if none was asked for).
+
+        ``False`` if the lock turned out not to be ours, or the token came too late to
+        use: past the lease rule's share of the TTL, another holder may exist already.
+        """
+        if not fencing:
+            return None
+        token = await handle.connection.fencing_token(handle)
+        ttl = handle.connection.lock_ttl
+        if token is None:
+            return False
+        if ttl is not None:
+            refreshed = max(lease_start, self.last_refresh)
+            if anyio.current_time() - refreshed > ttl * LEASE_SHARE:
+                return False
+        return token
 
     async def _connected(self, deadline: float) -> Connection | None:
         """The live connection, waiting for a reconnect in progress until ``deadline``."""

@@ -24,6 +24,7 @@ def synchronized(
     blocking: Blocking = True,
     coordinator: Coordinator | None = None,
     cancel_on_loss: bool = True,
+    fencing: bool = False,
 ) -> Callable[[Callable[P, Coroutine[Any, Any, T]]], Callable[P, Coroutine[Any, Any, T]]]:
     """Run the decorated ``async def`` under a distributed lock named from its call.
 
@@ -42,6 +43,8 @@ def synchronized(
         cancel_on_loss: if the lock is lost while the function runs, cancel it and
             raise :class:`~aiotooz.LockLost` (the default); with ``False`` it runs on
             and a warning is logged.
+        fencing: take a fencing token with the lock; the function reads it with
+            :func:`aiotooz.fencing_token`.
 
     Raises:
         TypeError: the decorated function is not an ``async def``.
@@ -87,6 +90,7 @@ def synchronized(
                 format_name(name, values, where=where),
                 coordinator=coordinator,
                 cancel_on_loss=cancel_on_loss,
+                fencing=fencing,
             )
             async with lock(blocking):
                 return await func(*args, **kwargs)

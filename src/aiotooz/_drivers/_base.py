@@ -16,6 +16,8 @@ here with a default that says "not here", and overriding it in the drivers that 
 from __future__ import annotations
 
 import enum
+import os
+import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -23,7 +25,7 @@ from typing import Any, ClassVar
 import tooz
 import tooz.coordination
 
-__all__ = ["Capability", "Driver", "client_timeout_options"]
+__all__ = ["Capability", "Driver", "client_timeout_options", "clock_floor", "next_in_file"]
 
 #: Exceptions that mean "not acquired within the time given" on some drivers
 #: (tenacity's RetryError on memcached and etcd3gw, kazoo's LockTimeout on ZooKeeper).
@@ -46,6 +48,8 @@ class Capability(enum.Enum):
     #: no thread hop; elsewhere (trio, or a set-up the asyncio client cannot serve) they
     #: go through worker threads as for any driver.
     NATIVE_ASYNC = "native async"
+    #: The driver gives fencing tokens (``fencing_token``).
+    FENCES = "fences"
 
 
 class Driver:
@@ -162,6 +166,14 @@ class Driver:
     async def close_async(self) -> None:
         """Close what the asyncio client opened (on the event loop)."""
 
+    def fencing_token(self, lock: Any) -> int | None:
+        """A new fencing token for ``lock``, which we hold (``Capability.FENCES``).
+
+        Larger than every token handed out for this lock's key before, by any process.
+        ``None`` if the backend says the lock is no longer ours (then no token).
+        """
+        raise tooz.NotImplemented("fencing tokens")
+
     def still_owner(self, lock: Any) -> bool | None:
         """Whether ``lock`` is still ours at the backend; ``None`` if it cannot tell."""
         try:
@@ -186,3 +198,31 @@ def client_timeout_options(query: Mapping[str, list[str]]) -> dict[str, str]:
     options = {"timeout": "2"}
     options.update({name: "30" for name in _TTL_OPTIONS if name not in query})
     return options
+
+
+def clock_floor() -> int:
+    """The least token a counter that vanished may restart from: microseconds since 1970.
+
+    Tokens handed out before were at most the clock of their grant (or a counter one
+    past it), so a counter seeded from a later clock never goes back.
+    """
+    return time.time_ns() // 1000
+
+
+def next_in_file(path: str) -> int:
+    """Bump the counter in the file at ``path`` (made if missing); return its new value.
+
+    Only ever called by the holder of the lock the counter belongs to, so no other
+    writer races it; a file that is lost restarts from :func:`clock_floor`.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        text = os.pread(fd, 32, 0).strip()
+        token = max(int(text or 0) + 1, clock_floor())
+        data = str(token).encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    return token

@@ -20,7 +20,7 @@ class EtcdDriver(Driver):
     """
 
     extra = "etcd"
-    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER})
+    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES})
 
     @classmethod
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
@@ -69,3 +69,31 @@ class EtcdDriver(Driver):
         """
         values = self.tooz.client.get(lock._key)  # type: ignore[attr-defined]
         return bool(values) and values[0] == base64.b64decode(lock._uuid)
+
+    def fencing_token(self, lock: Any) -> int | None:
+        """The revision etcd gives a write to the lock key.
+
+        The key is written again (same value, same lease) in a transaction that first
+        checks it still holds our token; the cluster-wide revision of that write is the
+        token.
+        """
+        client = self.tooz.client  # type: ignore[attr-defined]
+        txn = {
+            "compare": [
+                {"key": lock._key_b64, "result": "EQUAL", "target": "VALUE", "value": lock._uuid}
+            ],
+            "success": [
+                {
+                    "request_put": {
+                        "key": lock._key_b64,
+                        "value": lock._uuid,
+                        "lease": lock._lease.id,
+                    }
+                }
+            ],
+            "failure": [],
+        }
+        result = client.transaction(txn)
+        if not result.get("succeeded", False):
+            return None
+        return int(result["header"]["revision"])

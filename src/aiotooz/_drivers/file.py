@@ -7,7 +7,7 @@ import urllib.parse
 from typing import Any, ClassVar
 
 from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
-from ._base import Capability, Driver
+from ._base import Capability, Driver, next_in_file
 
 __all__ = ["FileDriver"]
 
@@ -28,9 +28,9 @@ class FileDriver(Driver):
       one mutex also closes tooz's non-atomic barrier creation race.
     """
 
-    capabilities = frozenset({Capability.LOCAL_CALLS})
-    #: The driver's own group and tmp directories.
-    reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp"})
+    capabilities = frozenset({Capability.LOCAL_CALLS, Capability.FENCES})
+    #: The driver's own group and tmp directories, and aiotooz's fencing counters.
+    reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing"})
 
     @classmethod
     def check_url(cls, parts: urllib.parse.SplitResult) -> None:
@@ -75,6 +75,14 @@ class FileDriver(Driver):
             lock.ref = references
             lock._lock._do_close()
             return False
+
+    def fencing_token(self, lock: Any) -> int:
+        """A counter file per key in ``<directory>/fencing/``.
+
+        A file lock is never lost while its process lives: the holder is the owner.
+        """
+        directory, key = os.path.split(lock.name)
+        return next_in_file(os.path.join(directory, "fencing", key))
 
     def still_owner(self, lock: Any) -> bool | None:
         return None  # the file driver only echoes its own flag

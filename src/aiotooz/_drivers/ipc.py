@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
-from ._base import Driver
+from ._base import Capability, Driver, next_in_file
+
+#: Where the ipc backend's fencing counters live: one machine, like its semaphores.
+_FENCING_DIR = os.path.join(tempfile.gettempdir(), f"aiotooz-ipc-fencing-{os.getuid()}")
 
 __all__ = ["IpcDriver"]
 
@@ -13,6 +18,14 @@ class IpcDriver(Driver):
     """tooz's ipc driver, with a non-blocking try it cannot do itself here."""
 
     extra = "ipc"
+    capabilities = frozenset({Capability.FENCES})
+
+    def fencing_token(self, lock: Any) -> int:
+        """A counter file per semaphore key.
+
+        A semaphore is never lost while its process lives: the holder is the owner.
+        """
+        return next_in_file(os.path.join(_FENCING_DIR, str(lock.key)))
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One non-blocking try, with tooz's own algorithm on the same semaphore key.

@@ -30,6 +30,20 @@ _ASYNC_OPTIONS = frozenset(
 )
 
 
+#: A fencing token for a lock we hold, in one atomic step: nothing if the lock's key does
+#: not hold our token; else one more than the key's counter, or the server's clock in
+#: microseconds if that is larger (a counter lost with a restart never goes back).
+_FENCE_SCRIPT = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return false end
+local now = redis.call('time')
+local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local token = tonumber(redis.call('get', KEYS[2]) or '0') + 1
+if token < floor then token = floor end
+redis.call('set', KEYS[2], string.format('%.0f', token))
+return string.format('%.0f', token)
+"""
+
+
 class RedisDriver(Driver):
     """Redis locks: a key with a TTL of ``lock_timeout`` seconds, refreshed each beat.
 
@@ -42,7 +56,14 @@ class RedisDriver(Driver):
     """
 
     extra = "redis"
-    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.NATIVE_ASYNC})
+    capabilities = frozenset(
+        {
+            Capability.EXPIRES,
+            Capability.KNOWS_OWNER,
+            Capability.NATIVE_ASYNC,
+            Capability.FENCES,
+        }
+    )
     #: Bounded socket waits, so that a dead or hung server is noticed in seconds.
     default_options: ClassVar[Mapping[str, str]] = {
         "socket_timeout": "2",
@@ -110,6 +131,16 @@ class RedisDriver(Driver):
         finally:
             sync_lock.local.token = None
         return True
+
+    def fencing_token(self, lock: Any) -> int | None:
+        """From a counter key beside the lock's, bumped by a script that checks the lock."""
+        token = lock._lock.local.token
+        if token is None:
+            return None
+        fence_key = lock.name[: -len(b"_lock")] + b"_fence"
+        client = self.tooz._client  # type: ignore[attr-defined]
+        answer = client.eval(_FENCE_SCRIPT, 2, lock.name, fence_key, token)
+        return None if answer is None else int(answer)
 
     def _forget(self, lock: Any) -> None:
         with self._held_guard:

@@ -9,7 +9,7 @@ from typing import Any
 import tooz.coordination
 
 from .._exceptions import UnsupportedOperation
-from ._base import Driver
+from ._base import Capability, Driver
 
 __all__ = ["MySQLDriver", "PostgreSQLDriver"]
 
@@ -53,6 +53,41 @@ class PostgreSQLDriver(_SQLDriver):
     """PostgreSQL advisory locks (tooz maps each name to one of 65,536 of them)."""
 
     extra = "postgresql"
+    capabilities = frozenset({Capability.FENCES})
+
+    def fencing_token(self, lock: Any) -> int | None:
+        """``nextval`` of one sequence, on the session that holds the advisory lock.
+
+        A sequence never goes back, also across a server restart (it may skip values);
+        one sequence for all names is strictly increasing for each name too.
+        """
+        connection = lock._conn
+        if connection is None or connection.closed:
+            return None  # the session, and the lock with it, is gone
+        for attempt in range(2):
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT nextval('aiotooz_fencing')")
+                    row = cursor.fetchone()
+                connection.commit()
+                return int(row[0])
+            except Exception:
+                # Advisory locks are held by the session: a rollback keeps ours.
+                connection.rollback()
+                if attempt:
+                    raise
+                self._create_sequence(connection)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _create_sequence(connection: Any) -> None:
+        try:
+            with connection.cursor() as cursor:
+                # Two sessions creating it at once can fail with a unique violation.
+                cursor.execute("CREATE SEQUENCE IF NOT EXISTS aiotooz_fencing")
+            connection.commit()
+        except Exception:
+            connection.rollback()
 
     def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
         super().__init__(coordinator, call_timeout)
@@ -111,6 +146,7 @@ class MySQLDriver(_SQLDriver):
     """
 
     extra = "mysql"
+    capabilities = frozenset({Capability.FENCES})
 
     @classmethod
     def key_problem(cls, key: str) -> str | None:
@@ -134,6 +170,29 @@ class MySQLDriver(_SQLDriver):
         lock = super().get_lock(key)
         self._bound(lock._conn)
         return lock
+
+    def fencing_token(self, lock: Any) -> int | None:
+        """A counter row bumped on the session that holds the named lock.
+
+        InnoDB keeps it across restarts; one counter for all names is strictly
+        increasing for each name too.
+        """
+        connection = lock._conn
+        if not connection.open:
+            return None  # the session, and the lock with it, is gone
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS aiotooz_fencing "
+                "(id TINYINT PRIMARY KEY, token BIGINT NOT NULL) ENGINE=InnoDB"
+            )
+            cursor.execute(
+                "INSERT INTO aiotooz_fencing VALUES (1, LAST_INSERT_ID(1)) "
+                "ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)"
+            )
+            cursor.execute("SELECT LAST_INSERT_ID()")
+            row = cursor.fetchone()
+        connection.commit()
+        return int(row[0])
 
     def _look(self, driver: Any, lock: Any) -> bool:
         if not driver._conn.open:

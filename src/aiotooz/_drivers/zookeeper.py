@@ -21,7 +21,7 @@ class ZooKeeperDriver(Driver):
     """
 
     extra = "zookeeper"
-    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER})
+    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES})
 
     @property
     def _client(self) -> Any:
@@ -62,3 +62,21 @@ class ZooKeeperDriver(Driver):
         # The lock node is ephemeral: it goes with the session if we cannot release it.
         self._check_connected()
         return super().release(lock)
+
+    def fencing_token(self, lock: Any) -> int | None:
+        """The zxid of a write to our lock node.
+
+        ZooKeeper's transaction id grows with every write to the ensemble; the node, and
+        the token with it, is gone with our session.
+        """
+        from kazoo.exceptions import NoNodeError
+
+        self._check_connected()
+        recipe = lock._lock
+        if recipe.node is None:
+            return None
+        try:
+            stat = self._client.set(f"{recipe.path}/{recipe.node}", recipe.data)
+        except NoNodeError:
+            return None
+        return int(stat.mzxid)

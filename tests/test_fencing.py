@@ -1,0 +1,149 @@
+"""Fencing tokens: for one name, every grant's token is larger than every earlier one's.
+
+On all eight backends: across processes, coordinators, local hand-offs and restarts of
+the backend's server; a stale holder's token is smaller than its successor's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+import aiotooz
+from aiotooz import ConfigurationError, Lock, LockNotHeld, synchronized
+
+from ._procs import run_worker
+from .helpers import make_coordinator
+
+
+async def _tokens(url: str, prefix: str, name: str, times: int) -> list[int]:
+    tokens = []
+    async with make_coordinator(url, prefix) as coordinator:
+        for _ in range(times):
+            async with Lock(name, coordinator=coordinator, fencing=True) as lock:
+                tokens.append(lock.fencing_token)
+    return tokens
+
+
+async def test_tokens_grow_across_coordinators_and_processes(
+    any_backend_url: str, prefix: str
+) -> None:
+    seen: list[int] = []
+    for _ in range(3):
+        seen += await _tokens(any_backend_url, prefix, "fenced", 2)
+        out = await anyio.to_thread.run_sync(
+            run_worker, "fence", any_backend_url, prefix, "fenced", "2"
+        )
+        seen += [int(line) for line in out.split()]
+    assert len(seen) == 12
+    assert all(a < b for a, b in itertools.pairwise(seen)), seen
+
+
+async def test_a_local_hand_off_gets_a_larger_token(any_backend_url: str, prefix: str) -> None:
+    """Tasks of one process hand the backend lock on without a round trip for the lock,
+    but each grant still gets a new token."""
+    tokens: list[int] = []
+    async with make_coordinator(any_backend_url, prefix) as coordinator:
+
+        async def worker() -> None:
+            for _ in range(3):
+                async with Lock("handed", coordinator=coordinator, fencing=True) as lock:
+                    tokens.append(lock.fencing_token)
+                    await anyio.sleep(0.001)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(4):
+                group.start_soon(worker)
+    assert len(tokens) == 12
+    assert all(a < b for a, b in itertools.pairwise(tokens)), tokens
+
+
+async def test_reading_the_token_needs_a_fenced_held_lock(file_url: str, prefix: str) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        lock = Lock("plain", coordinator=coordinator, fencing=True)
+        with pytest.raises(LockNotHeld, match="not held"):
+            lock.fencing_token  # noqa: B018
+        with pytest.raises(LockNotHeld, match="no fenced lock"):
+            aiotooz.fencing_token()
+        async with Lock("unfenced", coordinator=coordinator) as unfenced:
+            with pytest.raises(ConfigurationError, match="fencing=True"):
+                unfenced.fencing_token  # noqa: B018
+            with pytest.raises(LockNotHeld):
+                aiotooz.fencing_token()
+        async with lock:
+            assert aiotooz.fencing_token() == lock.fencing_token
+            async with Lock("inner", coordinator=coordinator, fencing=True) as inner:
+                assert aiotooz.fencing_token() == inner.fencing_token
+                assert aiotooz.fencing_token("plain") == lock.fencing_token
+                with pytest.raises(LockNotHeld, match="'other'"):
+                    aiotooz.fencing_token("other")
+            assert aiotooz.fencing_token() == lock.fencing_token
+        with pytest.raises(LockNotHeld):
+            aiotooz.fencing_token()
+        with pytest.raises(LockNotHeld):
+            lock.fencing_token  # noqa: B018
+
+
+async def test_synchronized_functions_read_their_token(file_url: str, prefix: str) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+
+        @synchronized("job-{n}", coordinator=coordinator, fencing=True)
+        async def job(n: int) -> int:
+            return aiotooz.fencing_token()
+
+        first, second = await job(1), await job(1)
+        assert first < second
+
+
+@pytest.mark.parametrize(
+    "backend", ["redis", "memcached", "etcd", "zookeeper", "postgresql", "mysql"]
+)
+async def test_tokens_keep_growing_across_a_server_restart(
+    backend: str, private_server: Any, prefix: str
+) -> None:
+    """Redis (no persistence here) and memcached lose the counter with a restart: the
+    clock floor keeps tokens growing; the others keep it."""
+    server = private_server(backend)
+    url = server.url
+    before = await _tokens(url, prefix, "restarted", 2)
+    server.restart()
+    after = await _tokens(url, prefix, "restarted", 2)
+    assert before[-1] < after[0], (before, after)
+    assert after[0] < after[1]
+
+
+async def test_a_stale_holder_has_a_smaller_token_than_its_successor(
+    redis_url: str, prefix: str
+) -> None:
+    """A holder whose event loop stalls past its TTL loses the lock; the next holder's
+    token is larger, so a resource that checks tokens refuses the stale holder."""
+    url = f"{redis_url}?lock_timeout=1"
+    async with make_coordinator(url, prefix, heartbeat=0.2) as stale:
+        lock = Lock("stale", coordinator=stale, fencing=True, cancel_on_loss=False)
+        async with lock:
+            old = lock.fencing_token
+            time.sleep(1.3)  # noqa: ASYNC251 - the event loop stalls past the TTL
+            assert lock.lost
+            successor = await _tokens(redis_url, prefix, "stale", 1)
+            assert successor[0] > old
+
+
+async def test_fencing_costs_nothing_without_it(redis_url: str, prefix: str) -> None:
+    """Without fencing=True nothing extra is sent: the fence counter is never made."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        async with make_coordinator(redis_url, prefix) as coordinator:
+            async with Lock("unfenced", coordinator=coordinator):
+                pass
+        assert client.exists(f"_tooz_{prefix}unfenced_fence".encode()) == 0
+        await _tokens(redis_url, prefix, "fenced", 1)
+        assert client.exists(f"_tooz_{prefix}fenced_fence".encode()) == 1
+    finally:
+        client.delete(f"_tooz_{prefix}fenced_fence".encode())
+        client.close()
