@@ -37,7 +37,7 @@ from ._bridge import (
     run_in_lane,
     running_on_asyncio,
 )
-from ._drivers import Capability, Driver, driver_class, known_schemes
+from ._drivers import Capability, Driver, ReleaseSignal, driver_class, known_schemes
 from ._exceptions import (
     BackendUnavailable,
     ConfigurationError,
@@ -46,7 +46,7 @@ from ._exceptions import (
 )
 from ._urls import redact_url, scheme_of
 
-__all__ = ["Connection", "LockHandle", "open_connection", "translate"]
+__all__ = ["Connection", "LockHandle", "Watch", "open_connection", "translate"]
 
 T = TypeVar("T")
 
@@ -138,13 +138,48 @@ class LockHandle:
     thread releases that lock itself.
     """
 
-    __slots__ = ("_tooz_lock", "connection", "held", "key")
+    __slots__ = ("_tooz_lock", "connection", "held", "key", "woken")
 
     def __init__(self, connection: Connection, key: str) -> None:
         self.connection = connection
         self.key = key
         self.held = False
+        #: How many waiters (of other processes, as a rule) the last release woke.
+        self.woken = 0
         self._tooz_lock: Any = None
+
+
+@final
+class Watch:
+    """A waiter's watch for the releases of one key (see :meth:`Connection.watch`)."""
+
+    __slots__ = ("_arm", "_close", "active", "connection", "signal")
+
+    def __init__(
+        self,
+        connection: Connection,
+        signal: ReleaseSignal,
+        active: bool,
+        close: Callable[[], Awaitable[None]] | None = None,
+        arm: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.connection = connection
+        self.signal = signal
+        #: Whether releases fire the signal (else the waiter only polls). A watch with
+        #: nothing to arm is active from the start: try again before the first wait.
+        self.active = active
+        self._close = close
+        self._arm = arm
+
+    async def arm(self) -> bool:
+        """Before a wait: arm a one-shot watch; ``True`` if the lock looks free now."""
+        return False if self._arm is None else await self._arm()
+
+    async def close(self) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await close()
 
 
 @final
@@ -408,18 +443,58 @@ class Connection:
             return self._run_inline(action, lambda: self.driver.release(tooz_lock))
         try:
             if self._native:
-                return await self._call_native(
+                told = await self._call_native(
                     action,
                     lambda: self.driver.release_async(tooz_lock),
                     None,
                     on_give_up=lambda: self.driver.release(tooz_lock),
                 )
+                handle.woken = max(told, 0)
+                return told >= 0
             return await self._call(
                 self._control_lane, action, lambda: self.driver.release(tooz_lock), must_run=True
             )
         except BaseException:
             self._forget(handle)  # the release may still be running with the object
             raise
+
+    async def watch(self, handle: LockHandle) -> Watch:
+        """Start watching for releases of ``handle``'s key, before trying it again.
+
+        Active only where the driver ``WAKES_WAITERS`` on this event loop; otherwise
+        (and if the watch cannot be had in time) the waiter polls.
+        """
+        if Capability.WAKES_WAITERS not in self.capabilities:
+            return Watch(self, ReleaseSignal(), False)
+        tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
+        if self._native:
+            signal = None
+            with anyio.move_on_after(self.call_timeout), contextlib.suppress(Exception):
+                signal = await self.driver.watch_releases(tooz_lock)
+            if signal is not None:
+                watched = signal
+                return Watch(
+                    self, signal, True, lambda: self.driver.unwatch_releases(tooz_lock, watched)
+                )
+        if type(self.driver).arm_release_watch is Driver.arm_release_watch:
+            return Watch(self, ReleaseSignal(), False)  # only a watch on the loop, not here
+        fired = ReleaseSignal()
+        schedule = self._schedule
+
+        def fire(*_: object) -> None:  # from the driver's own thread
+            schedule(fired.fire)
+
+        async def arm() -> bool:
+            try:
+                return await self._call(
+                    self._acquire_lane,
+                    "watching",
+                    lambda: self.driver.arm_release_watch(tooz_lock, fire),
+                )
+            except CoordinationError:
+                return False  # not here, or not now: the waiter polls
+
+        return Watch(self, fired, False, arm=arm)
 
     async def heartbeat(self, handles: Sequence[LockHandle] = ()) -> list[bool | None]:
         """Send one heartbeat (refreshing TTL locks), then ask who owns ``handles``.

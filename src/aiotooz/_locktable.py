@@ -28,7 +28,7 @@ from typing import Final, Literal, Protocol, final
 
 import anyio
 
-from ._connection import Connection, LockHandle
+from ._connection import Connection, LockHandle, Watch
 from ._exceptions import (
     BackendUnavailable,
     CoordinationError,
@@ -56,6 +56,10 @@ _POLL_CAP: Final = 0.05
 #: The least time a try is given before a waiter's deadline gives it up: a healthy try
 #: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
 _TRY_FLOOR: Final = 0.05
+
+#: How long the next local waiter steps back after a release that woke waiters in
+#: other processes: long enough for a woken waiter's try on a LAN.
+_STEP_BACK: Final = 0.01
 
 #: How many name -> key mappings a table keeps.
 _KEYS_KEPT: Final = 1024
@@ -219,7 +223,10 @@ class LockTable:
                 else:
                     granted = previous.handle, previous.lease_start, token
             if previous is None:
-                granted = await self._acquire_at_backend(key, deadline, fencing)
+                granted = await self._acquire_at_backend(
+                    key, deadline, fencing, queue.step_back_until
+                )
+                queue.step_back_until = -math.inf
         except BaseException:
             if queue.owner == task:
                 self._give_back(key, queue)
@@ -253,51 +260,92 @@ class LockTable:
         return hold
 
     async def _acquire_at_backend(
-        self, key: str, deadline: float, fencing: bool
+        self, key: str, deadline: float, fencing: bool, step_back_until: float
     ) -> tuple[LockHandle, float, int | None] | None:
-        """Try the backend until granted or ``deadline``; the lock and when its try began."""
+        """Try the backend until granted or ``deadline``; the lock and when its try began.
+
+        Between tries the waiter waits for a release (where the driver can tell it) or
+        its next poll, whichever comes first: watch, then try, then wait, so that a
+        release between a failed try and the wait is never missed. Until
+        ``step_back_until`` it lets a woken waiter of another process go first.
+        """
         delay = _POLL_FIRST
         handle: LockHandle | None = None
-        while True:
-            connection = await self._connected(deadline)
-            if connection is None:
-                return None
-            if handle is None or handle.connection is not connection:
-                handle = connection.lock(key)
-            tried_at = anyio.current_time()
-            # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
-            wait = None if math.isinf(deadline) else max(deadline - tried_at, _TRY_FLOOR)
-            try:
-                if await connection.try_acquire(handle, wait):
-                    # stop() may have run while the try was in its worker thread.
-                    self._check_started()
-                    token = await self._fence(handle, tried_at, fencing)
-                    if token is not False:
-                        return handle, tried_at, token
-                    # Gone already (expired, or taken over): not granted after all.
+        watch: Watch | None = None
+        try:
+            while True:
+                connection = await self._connected(deadline)
+                if connection is None:
+                    return None
+                if handle is None or handle.connection is not connection:
+                    handle = connection.lock(key)
+                now = anyio.current_time()
+                if step_back_until > now:
+                    await anyio.sleep(min(step_back_until, deadline) - now)
+                    step_back_until = -math.inf
+                    continue
+                granted = await self._try(connection, handle, key, deadline, fencing)
+                if granted is not None:
+                    return granted
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    return None
+                if watch is None or watch.connection is not connection:
+                    if watch is not None:
+                        await watch.close()
+                    watch = await connection.watch(handle)
+                    if watch.active:
+                        continue  # watching now: try again before waiting
+                if await watch.arm():
+                    continue  # it looks free already
+                pause = delay * random.uniform(0.5, 1.0)
+                if await watch.signal.wait(min(pause, remaining)):
+                    delay = _POLL_FIRST  # woken by a release: try at once
+                else:
+                    delay = min(delay * 2, _POLL_CAP)
+        finally:
+            if watch is not None:
+                await watch.close()
+
+    async def _try(
+        self,
+        connection: Connection,
+        handle: LockHandle,
+        key: str,
+        deadline: float,
+        fencing: bool,
+    ) -> tuple[LockHandle, float, int | None] | None:
+        """One try (with its fencing token); ``None`` if not granted."""
+        tried_at = anyio.current_time()
+        # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
+        wait = None if math.isinf(deadline) else max(deadline - tried_at, _TRY_FLOOR)
+        try:
+            if await connection.try_acquire(handle, wait):
+                # stop() may have run while the try was in its worker thread.
+                self._check_started()
+                token = await self._fence(handle, tried_at, fencing)
+                if token is not False:
+                    return handle, tried_at, token
+                # Gone already (expired, or taken over): not granted after all.
+                await self._release_at_backend(handle, key, lost=True)
+        except BackendUnavailable as exc:
+            if handle.held:  # granted, but no fencing token could be had for it
+                with anyio.CancelScope(shield=True):
                     await self._release_at_backend(handle, key, lost=True)
-            except BackendUnavailable as exc:
-                if handle.held:  # granted, but no fencing token could be had for it
-                    with anyio.CancelScope(shield=True):
-                        await self._release_at_backend(handle, key, lost=True)
-                if deadline == TRY_ONCE:
-                    raise
-                # A patient waiter rides out a failing backend: the heartbeat checks the
-                # connection now (and reconnects if it is gone), and the try is repeated.
-                self._log.debug("lock try failed; trying again", key=key, error=str(exc))
-                self._owner.beat_now()
-            except BaseException:
-                # Granted, but we are being cancelled or failing: give it back, or it
-                # would stay held with nobody to release it.
-                if handle.held:
-                    with anyio.CancelScope(shield=True):
-                        await self._release_at_backend(handle, key)
+            if deadline == TRY_ONCE:
                 raise
-            remaining = deadline - anyio.current_time()
-            if remaining <= 0:
-                return None
-            await anyio.sleep(min(delay * random.uniform(0.5, 1.0), remaining))
-            delay = min(delay * 2, _POLL_CAP)
+            # A patient waiter rides out a failing backend: the heartbeat checks the
+            # connection now (and reconnects if it is gone), and the try is repeated.
+            self._log.debug("lock try failed; trying again", key=key, error=str(exc))
+            self._owner.beat_now()
+        except BaseException:
+            # Granted, but we are being cancelled or failing: give it back, or it would
+            # stay held with nobody to release it.
+            if handle.held:
+                with anyio.CancelScope(shield=True):
+                    await self._release_at_backend(handle, key)
+            raise
+        return None
 
     async def _fence(
         self, handle: LockHandle, lease_start: float, fencing: bool
@@ -360,6 +408,10 @@ class LockTable:
                 # Not shielded: a cancelled caller (or one whose backend hangs) stops
                 # waiting, and the release still runs in its worker thread.
                 await self._release_at_backend(hold.handle, hold.name, hold.lost)
+                if hold.handle.woken and hold.queue.waiting:
+                    # Fairness: waiters elsewhere were woken by this release; the next
+                    # waiter here lets them go first instead of winning the race.
+                    hold.queue.step_back_until = anyio.current_time() + _STEP_BACK
         finally:
             self._give_back(hold.key, hold.queue)
             self._log.debug(

@@ -30,9 +30,11 @@ class _Waiter:
 class KeyQueue:
     """First come, first served ownership of one key among the tasks of a process."""
 
-    __slots__ = ("_waiters", "owner")
+    __slots__ = ("_waiters", "owner", "step_back_until")
 
     def __init__(self) -> None:
+        #: Until when the next owner lets waiters of other processes go first.
+        self.step_back_until = float("-inf")
         #: The id of the task that owns the key locally (it may still be trying the
         #: backend), or ``None``.
         self.owner: int | None = None

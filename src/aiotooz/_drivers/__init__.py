@@ -11,9 +11,16 @@ import importlib
 import importlib.metadata
 import urllib.parse
 
-from ._base import Capability, Driver
+from ._base import Capability, Driver, ReleaseSignal
 
-__all__ = ["Capability", "Driver", "check_url_for_driver", "driver_class", "known_schemes"]
+__all__ = [
+    "Capability",
+    "Driver",
+    "ReleaseSignal",
+    "check_url_for_driver",
+    "driver_class",
+    "known_schemes",
+]
 
 #: scheme -> (module in this package, class). Aliases (``kazoo``, ``etcd3+https``) too.
 _REGISTRY: dict[str, tuple[str, str]] = {

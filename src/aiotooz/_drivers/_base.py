@@ -19,13 +19,21 @@ import enum
 import os
 import time
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, final
 
+import anyio
 import tooz
 import tooz.coordination
 
-__all__ = ["Capability", "Driver", "client_timeout_options", "clock_floor", "next_in_file"]
+__all__ = [
+    "Capability",
+    "Driver",
+    "ReleaseSignal",
+    "client_timeout_options",
+    "clock_floor",
+    "next_in_file",
+]
 
 #: Exceptions that mean "not acquired within the time given" on some drivers
 #: (tenacity's RetryError on memcached and etcd3gw, kazoo's LockTimeout on ZooKeeper).
@@ -50,6 +58,36 @@ class Capability(enum.Enum):
     NATIVE_ASYNC = "native async"
     #: The driver gives fencing tokens (``fencing_token``).
     FENCES = "fences"
+    #: A waiter can be woken when a lock is released: by a watch kept on the event loop
+    #: (``watch_releases``) or armed after each failed try (``arm_release_watch``);
+    #: waiters of other drivers poll.
+    WAKES_WAITERS = "wakes waiters"
+
+
+@final
+class ReleaseSignal:
+    """Fired when a lock a waiter wants may have been released: a hint, never a grant.
+
+    A fire that comes while nobody waits is kept for the next :meth:`wait`, so a release
+    between a failed try and the wait is never missed.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait at most ``seconds`` for a fire; whether one came."""
+        with anyio.move_on_after(seconds):
+            await self._event.wait()
+        fired = self._event.is_set()
+        if fired:
+            self._event = anyio.Event()
+        return fired
 
 
 class Driver:
@@ -159,12 +197,35 @@ class Driver:
         """
         raise NotImplementedError
 
-    async def release_async(self, lock: Any) -> bool:
-        """``release`` on the event loop."""
+    async def release_async(self, lock: Any) -> int:
+        """``release`` on the event loop.
+
+        Returns -1 if the lock was not ours, else how many waiters the release woke (0
+        if the driver cannot tell).
+        """
         raise NotImplementedError
 
     async def close_async(self) -> None:
         """Close what the asyncio client opened (on the event loop)."""
+
+    async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
+        """Start watching for releases of ``lock``'s key (``WAKES_WAITERS``, on the loop).
+
+        Returns once the watch is active, so that a release after this returns fires the
+        signal; ``None`` if no watch can be had now (the waiter polls).
+        """
+        return None
+
+    async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
+        """Stop the watch :meth:`watch_releases` started."""
+
+    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
+        """Have ``fire`` called, from any thread, when ``lock``'s holder lets go.
+
+        Called after a failed try, in a worker thread. ``True`` if the lock looks free
+        already (then try again at once: nothing is armed).
+        """
+        raise tooz.NotImplemented("release watches")
 
     def fencing_token(self, lock: Any) -> int | None:
         """A new fencing token for ``lock``, which we hold (``Capability.FENCES``).

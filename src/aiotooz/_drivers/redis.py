@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ._base import Capability, Driver
+import anyio
+
+from .._tasks import BackgroundTask, spawn
+from ._base import Capability, Driver, ReleaseSignal
 
 __all__ = ["RedisDriver"]
 
@@ -44,6 +48,101 @@ return string.format('%.0f', token)
 """
 
 
+#: tooz's release (delete the key if it holds our token), which also tells waiters on the
+#: key's channel; returns how many were told, or -1 if the key was not ours.
+_RELEASE_SCRIPT = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('del', KEYS[1])
+return redis.call('publish', KEYS[2], '')
+"""
+
+
+def _channel(lock: Any) -> bytes:
+    """The pub/sub channel that tells a lock's releases (tooz's key, one suffix more)."""
+    return bytes(lock.name) + b"_released"
+
+
+class _Channels:
+    """One pub/sub connection of the asyncio client: release signals per channel.
+
+    A reader task, owned by no task group (it ends with :meth:`close`), turns each
+    message into a fire of the channel's signals. If the connection breaks, every
+    signal fires (its waiter tries again, and polls from then on) and the next watch
+    opens a new one.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._pubsub: Any = None
+        self._reader: BackgroundTask | None = None
+        self._signals: dict[bytes, set[ReleaseSignal]] = {}
+        self._subscribed: dict[bytes, anyio.Event] = {}
+
+    async def watch(self, channel: bytes) -> ReleaseSignal:
+        if self._pubsub is None:
+            self._pubsub = self._client.pubsub()
+            self._reader = spawn(self._read, name="aiotooz redis release signals")
+        signal = ReleaseSignal()
+        signals = self._signals.setdefault(channel, set())
+        signals.add(signal)
+        if len(signals) == 1:
+            subscribed = self._subscribed[channel] = anyio.Event()
+            await self._pubsub.subscribe(channel)
+            await subscribed.wait()  # active at the server: a release from now fires
+        else:
+            await self._subscribed[channel].wait()
+        return signal
+
+    async def unwatch(self, channel: bytes, signal: ReleaseSignal) -> None:
+        signals = self._signals.get(channel)
+        if signals is None:
+            return
+        signals.discard(signal)
+        if not signals:
+            del self._signals[channel]
+            self._subscribed.pop(channel, None)
+            if self._pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                # A bounded wait: the connection's socket timeout must not end the read.
+                message = await self._pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                channel = message["channel"]
+                if message["type"] == "subscribe":
+                    subscribed = self._subscribed.get(channel)
+                    if subscribed is not None:
+                        subscribed.set()
+                elif message["type"] == "message":
+                    for signal in self._signals.get(channel, ()):
+                        signal.fire()
+        except Exception:  # the connection broke: everyone tries again, then polls
+            pubsub, self._pubsub = self._pubsub, None
+            for event in self._subscribed.values():
+                event.set()
+            for signals in self._signals.values():
+                for signal in signals:
+                    signal.fire()
+            self._signals.clear()
+            self._subscribed.clear()
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await reader.wait()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+
 class RedisDriver(Driver):
     """Redis locks: a key with a TTL of ``lock_timeout`` seconds, refreshed each beat.
 
@@ -62,6 +161,7 @@ class RedisDriver(Driver):
             Capability.KNOWS_OWNER,
             Capability.NATIVE_ASYNC,
             Capability.FENCES,
+            Capability.WAKES_WAITERS,
         }
     )
     #: Bounded socket waits, so that a dead or hung server is noticed in seconds.
@@ -77,6 +177,7 @@ class RedisDriver(Driver):
         self._held_guard = threading.Lock()  # never held across a network call
         self._async_client: Any = None
         self._async_release: Any = None
+        self._channels: _Channels | None = None
 
     @property
     def lock_ttl(self) -> float:
@@ -117,20 +218,17 @@ class RedisDriver(Driver):
 
     def release(self, lock: Any) -> bool:
         """Release with the lock's token (compare and delete), tooz's way but quiet."""
-        import redis.exceptions
-
         sync_lock = lock._lock
         token = sync_lock.local.token
         self._forget(lock)
         if token is None:
             return False
         try:
-            sync_lock.do_release(token)
-        except redis.exceptions.LockNotOwnedError:
-            return False
+            client = self.tooz._client  # type: ignore[attr-defined]
+            told = client.eval(_RELEASE_SCRIPT, 2, lock.name, _channel(lock), token)
         finally:
             sync_lock.local.token = None
-        return True
+        return int(told) >= 0
 
     def fencing_token(self, lock: Any) -> int | None:
         """From a counter key beside the lock's, bumped by a script that checks the lock."""
@@ -177,9 +275,7 @@ class RedisDriver(Driver):
                     connection_class=connection_class, **options
                 )
             )
-            self._async_release = self._async_client.register_script(
-                redis.lock.Lock.LUA_RELEASE_SCRIPT
-            )
+            self._async_release = self._async_client.register_script(_RELEASE_SCRIPT)
         return self._async_client
 
     async def try_acquire_async(self, lock: Any, key: str) -> bool:
@@ -197,18 +293,34 @@ class RedisDriver(Driver):
             self._held_natively.add(lock)
         return True
 
-    async def release_async(self, lock: Any) -> bool:
+    async def release_async(self, lock: Any) -> int:
+        """Release, telling waiters on the lock's channel.
+
+        Returns how many were told, or -1 if the lock was not ours.
+        """
         sync_lock = lock._lock
         token = sync_lock.local.token
         self._forget(lock)
         if token is None:
-            return False
+            return -1
         self._client()
-        released = await self._async_release(keys=[lock.name], args=[token])
+        told = await self._async_release(keys=[lock.name, _channel(lock)], args=[token])
         sync_lock.local.token = None
-        return bool(released)
+        return int(told)
+
+    async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
+        if self._channels is None:
+            self._channels = _Channels(self._client())
+        return await self._channels.watch(_channel(lock))
+
+    async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
+        if self._channels is not None:
+            await self._channels.unwatch(_channel(lock), signal)
 
     async def close_async(self) -> None:
+        channels, self._channels = self._channels, None
+        if channels is not None:
+            await channels.close()
         client, self._async_client = self._async_client, None
         if client is not None:
             await client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import tooz.coordination
@@ -9,6 +10,9 @@ import tooz.coordination
 from ._base import Capability, Driver
 
 __all__ = ["ZooKeeperDriver"]
+
+#: What kazoo's lock recipe puts in a contender node's name, before its sequence number.
+_NODE_MARK = "__lock__"
 
 
 class ZooKeeperDriver(Driver):
@@ -21,7 +25,14 @@ class ZooKeeperDriver(Driver):
     """
 
     extra = "zookeeper"
-    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES})
+    capabilities = frozenset(
+        {
+            Capability.EXPIRES,
+            Capability.KNOWS_OWNER,
+            Capability.FENCES,
+            Capability.WAKES_WAITERS,
+        }
+    )
 
     @property
     def _client(self) -> Any:
@@ -80,3 +91,25 @@ class ZooKeeperDriver(Driver):
         except NoNodeError:
             return None
         return int(stat.mzxid)
+
+    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
+        """A watch on the holder's node: the contender with the lowest sequence number.
+
+        It fires when the holder releases or its session ends; our own tries (which make
+        and delete nodes of their own) never fire it.
+        """
+        from kazoo.exceptions import NoNodeError
+
+        self._check_connected()
+        path = lock._lock.path
+        try:
+            children = self._client.get_children(path)
+        except NoNodeError:
+            return True
+        contenders = sorted(
+            (child for child in children if _NODE_MARK in child),
+            key=lambda child: child.rpartition(_NODE_MARK)[2],
+        )
+        if not contenders:
+            return True
+        return self._client.exists(f"{path}/{contenders[0]}", watch=fire) is None

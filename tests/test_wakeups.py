@@ -1,0 +1,111 @@
+"""Waiters woken by the backend, not by their next poll; fair between processes.
+
+Redis (on asyncio, through the asyncio client's pub/sub) and ZooKeeper (a watch on the
+holder's node, on both event loops) wake a waiter when the lock is released. The poll
+is pushed out to seconds here, so a hand-off that waited for it would fail the bound.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from aiotooz import Lock
+from aiotooz import _locktable as locktable
+
+from ._procs import worker_process
+from .helpers import make_coordinator
+
+
+@pytest.fixture
+def slow_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls every 5 s at best: only a wake-up hands a lock over quickly."""
+    monkeypatch.setattr(locktable, "_POLL_FIRST", 5.0)
+    monkeypatch.setattr(locktable, "_POLL_CAP", 5.0)
+
+
+async def _handoffs(url: str, prefix: str, rounds: int) -> list[float]:
+    """Seconds from one coordinator's release to another's grant, per round."""
+    latencies = []
+    async with make_coordinator(url, prefix) as first, make_coordinator(url, prefix) as second:
+        for number in range(rounds):
+            holder = Lock("handed", coordinator=first)
+            await holder.acquire()
+            granted = anyio.Event()
+            times: dict[str, float] = {}
+
+            async def wait(times: dict[str, float] = times, granted: anyio.Event = granted) -> None:
+                lock = Lock("handed", coordinator=second)
+                await lock.acquire()
+                times["granted"] = time.perf_counter()
+                await lock.release()
+                granted.set()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await anyio.sleep(0.05 + 0.01 * number)  # the waiter is waiting now
+                times["released"] = time.perf_counter()
+                await holder.release()
+                with anyio.fail_after(20):
+                    await granted.wait()
+            latencies.append(times["granted"] - times["released"])
+    return latencies
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_wakes_a_waiter_on_release(
+    redis_url: str, prefix: str, slow_polls: None
+) -> None:
+    latencies = await _handoffs(redis_url, prefix, 5)
+    assert max(latencies) < 0.5, latencies
+
+
+async def test_zookeeper_wakes_a_waiter_on_release(
+    private_server: Any, prefix: str, slow_polls: None
+) -> None:
+    server = private_server("zookeeper")
+    latencies = await _handoffs(server.url, prefix, 5)
+    assert max(latencies) < 0.5, latencies
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_without_a_wake_up_a_waiter_polls(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control: on trio, Redis waiters poll (the asyncio client is asyncio's)."""
+    monkeypatch.setattr(locktable, "_POLL_FIRST", 1.0)
+    monkeypatch.setattr(locktable, "_POLL_CAP", 1.0)
+    latencies = await _handoffs(redis_url, prefix, 2)
+    assert min(latencies) > 0.2, latencies
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_busy_process_lets_a_woken_foreign_waiter_in(redis_url: str, prefix: str) -> None:
+    """20 tasks of this process take turns on one lock (1 ms holds). A waiter in another
+    process used to wait seconds: after 8 local hand-offs the releasing process's next
+    waiter retried at once while the foreign one slept until its next poll. Now the
+    release wakes it, and the releasing process steps back."""
+    async with make_coordinator(redis_url, prefix) as coordinator:
+        stop = anyio.Event()
+
+        async def busy() -> None:
+            while not stop.is_set():
+                async with Lock("busy", coordinator=coordinator):
+                    await anyio.sleep(0.001)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(busy)
+            await anyio.sleep(0.2)
+            waits = []
+            for _ in range(3):
+                with worker_process("grant", redis_url, prefix, "busy") as waiter:
+                    await anyio.to_thread.run_sync(waiter.expect, "waiting")
+                    asked = time.time()
+                    line = await anyio.to_thread.run_sync(waiter.readline)
+                    waits.append(float(line) - asked)
+            stop.set()
+    assert max(waits) < 1.0, waits  # generous: it took 1.7-5.9 s before, ~10 ms now
