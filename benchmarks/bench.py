@@ -231,6 +231,33 @@ async def cycles_aiotooz(url: str, n: int, fencing: bool = False) -> float:
         return n / (time.perf_counter() - start)
 
 
+async def handoffs(url: str, rounds: int) -> list[float]:
+    """Seconds from one coordinator's release to a waiting coordinator's grant."""
+    latencies = []
+    async with coordinator(url) as first, coordinator(url) as second:
+        for number in range(rounds):
+            holder = Lock("handed", coordinator=first)
+            await holder.acquire()
+            times: dict[str, float] = {}
+            granted = anyio.Event()
+
+            async def wait(times: dict[str, float] = times, granted: anyio.Event = granted) -> None:
+                lock = Lock("handed", coordinator=second)
+                await lock.acquire()
+                times["granted"] = time.perf_counter()
+                await lock.release()
+                granted.set()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await anyio.sleep(0.02 + 0.003 * (number % 7))  # release at varied moments
+                times["released"] = time.perf_counter()
+                await holder.release()
+                await granted.wait()
+            latencies.append(times["granted"] - times["released"])
+    return latencies
+
+
 def cycles_tooz(url: str, n: int) -> float:
     driver = tooz_driver(url)
     try:
@@ -513,12 +540,13 @@ class Plan:
     proc_tasks: int
     proc_rounds: int
     names: int
+    handoffs: int
 
 
 def plan(quick: bool) -> Plan:
     if quick:
-        return Plan(True, 300, 200, 1, 200, 5.0, 4, 25, 1, 5_000)
-    return Plan(False, 2_000, 1_000, 3, 1_000, 60.0, 4, 100, 1, 100_000)
+        return Plan(True, 300, 200, 1, 200, 5.0, 4, 25, 1, 5_000, 10)
+    return Plan(False, 2_000, 1_000, 3, 1_000, 60.0, 4, 100, 1, 100_000, 30)
 
 
 def run_async(func: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio") -> Any:
@@ -577,6 +605,12 @@ def main() -> None:
                 step(
                     f"cycles/redis/redis-py/{rnd}",
                     lambda: run_async(cycles_redis_py, backends["redis"], p.cycles),
+                )
+            for name, url in backends.items():
+                step(f"handoff/{name}", lambda u=url: run_async(handoffs, u, p.handoffs))
+                step(
+                    f"handoff/{name}-trio",
+                    lambda u=url: run_async(handoffs, u, p.handoffs, backend="trio"),
                 )
             for name, url in backends.items():
                 step(
@@ -656,6 +690,11 @@ def summarise(p: Plan, results: dict[str, Any], redis_version: str) -> dict[str,
             k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("contention/")
         },
         "processes": {k.split("/")[1]: v for k, v in results.items() if k.startswith("processes/")},
+        "handoff": {
+            k.split("/")[1]: {"median": statistics.median(v), "max": max(v)}
+            for k, v in results.items()
+            if k.startswith("handoff/")
+        },
         "memory": {k.split("/")[1]: v for k, v in results.items() if k.startswith("memory/")},
     }
 
@@ -756,6 +795,11 @@ def render(r: dict[str, Any]) -> str:
             f"left: {x['waited_for_left']} names waited for, {x['holds_left']} holds, "
             f"{x['file_handles_left']} lock-file handles"
         )
+
+    out.append("")
+    out.append(f"Hand-off between two coordinators, release to grant ({p['handoffs']} rounds)")
+    for name, h in r["handoff"].items():
+        out.append(f"  {name:<12} median {h['median'] * ms:6.2f} ms   max {h['max'] * ms:6.2f} ms")
 
     # Verdicts.
     out.append("")

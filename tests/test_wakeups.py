@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from aiotooz import Lock
-from aiotooz import _locktable as locktable
+from aiotooz import _tries as tries
 
 from ._procs import worker_process
 from .helpers import make_coordinator
@@ -23,8 +23,8 @@ from .helpers import make_coordinator
 @pytest.fixture
 def slow_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Polls every 5 s at best: only a wake-up hands a lock over quickly."""
-    monkeypatch.setattr(locktable, "_POLL_FIRST", 5.0)
-    monkeypatch.setattr(locktable, "_POLL_CAP", 5.0)
+    monkeypatch.setattr(tries, "_POLL_FIRST", 5.0)
+    monkeypatch.setattr(tries, "_POLL_CAP", 5.0)
 
 
 async def _handoffs(url: str, prefix: str, rounds: int) -> list[float]:
@@ -76,8 +76,8 @@ async def test_without_a_wake_up_a_waiter_polls(
     redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The control: on trio, Redis waiters poll (the asyncio client is asyncio's)."""
-    monkeypatch.setattr(locktable, "_POLL_FIRST", 1.0)
-    monkeypatch.setattr(locktable, "_POLL_CAP", 1.0)
+    monkeypatch.setattr(tries, "_POLL_FIRST", 1.0)
+    monkeypatch.setattr(tries, "_POLL_CAP", 1.0)
     latencies = await _handoffs(redis_url, prefix, 2)
     assert min(latencies) > 0.2, latencies
 

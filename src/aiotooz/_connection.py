@@ -182,37 +182,22 @@ class Watch:
                 await close()
 
 
-@final
-class Connection:
-    """One started tooz coordinator, its driver, and the worker lanes that call it.
+class _Caller:
+    """How a connection calls its driver: on worker lanes, inline, or on the loop.
 
-    Use :func:`open_connection` to make one. Every call waits at most ``call_timeout`` seconds
-    for the backend (and not at all once its caller is cancelled).
+    Every call waits at most the call timeout (and not at all once its caller is
+    cancelled); errors are translated here, once.
     """
 
-    def __init__(self, driver: Driver, url: str, schedule: Schedule) -> None:
-        self.driver = driver
+    def __init__(self, url: str, call_timeout: float, schedule: Schedule, inline: bool) -> None:
         self.url = url
-        self.call_timeout = driver.call_timeout
-        self.capabilities = driver.capabilities
-        self.requires_beating = driver.requires_beating
-        self.reserved_keys = driver.reserved_keys
-        #: Seconds a held lock is guaranteed to outlive its last refresh; ``None`` where
-        #: locks live as long as the connection (no ``Capability.EXPIRES``).
-        self.lock_ttl = driver.lock_ttl if Capability.EXPIRES in driver.capabilities else None
+        self.call_timeout = call_timeout
         scheme = scheme_of(url)
         self._acquire_lane = Lane(f"aiotooz-acquire {scheme}", 2)
         self._control_lane = Lane(f"aiotooz-control {scheme}", 2)
         self._schedule = schedule
-        self._inline = Capability.LOCAL_CALLS in driver.capabilities
+        self._inline = inline
         self._slow_inline_calls = 0
-        #: Tries and releases on the event loop through the driver's asyncio client.
-        self._native = (
-            Capability.NATIVE_ASYNC in driver.capabilities
-            and running_on_asyncio()
-            and driver.native_async_ready()
-        )
-        self._lock_objects = _LockObjects()
 
     @property
     def threads(self) -> int:
@@ -321,6 +306,34 @@ class Connection:
                     self._inline = False
 
     # -- locks ---------------------------------------------------------------------------
+
+
+@final
+class Connection(_Caller):
+    """One started tooz coordinator, its driver, and the worker lanes that call it.
+
+    Use :func:`open_connection` to make one. Every call waits at most ``call_timeout``
+    seconds for the backend (and not at all once its caller is cancelled).
+    """
+
+    def __init__(self, driver: Driver, url: str, schedule: Schedule) -> None:
+        super().__init__(
+            url, driver.call_timeout, schedule, Capability.LOCAL_CALLS in driver.capabilities
+        )
+        self.driver = driver
+        self.capabilities = driver.capabilities
+        self.requires_beating = driver.requires_beating
+        self.reserved_keys = driver.reserved_keys
+        #: Seconds a held lock is guaranteed to outlive its last refresh; ``None`` where
+        #: locks live as long as the connection (no ``Capability.EXPIRES``).
+        self.lock_ttl = driver.lock_ttl if Capability.EXPIRES in driver.capabilities else None
+        #: Tries and releases on the event loop through the driver's asyncio client.
+        self._native = (
+            Capability.NATIVE_ASYNC in driver.capabilities
+            and running_on_asyncio()
+            and driver.native_async_ready()
+        )
+        self._lock_objects = _LockObjects()
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""

@@ -20,42 +20,26 @@ Glossary:
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, final
+from typing import Final, final
 
 import anyio
 
-from ._connection import Connection, LockHandle, Watch
+from ._connection import Connection, LockHandle
 from ._exceptions import (
-    BackendUnavailable,
-    CoordinationError,
     LockAcquireFailed,
-    LockCreationFailed,
 )
 from ._logging import Logger
 from ._names import backend_key
 from ._queue import KeyQueue
+from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, TableOwner
 
 __all__ = ["FOREVER", "MAX_LOCAL_HANDOFFS", "TRY_ONCE", "Hold", "LockTable", "TableOwner"]
 
 #: The deadline of a wait as long as it takes.
 FOREVER: Final = math.inf
-#: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
-TRY_ONCE: Final = -math.inf
-
-# While another process holds the key, the task at the head of the local queue retries
-# with a short non-blocking try, backing off from _POLL_FIRST to _POLL_CAP seconds. The
-# cap bounds the hand-off latency between processes; only one task per key per process
-# is trying.
-_POLL_FIRST: Final = 0.002
-_POLL_CAP: Final = 0.05
-
-#: The least time a try is given before a waiter's deadline gives it up: a healthy try
-#: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
-_TRY_FLOOR: Final = 0.05
 
 #: How long the next local waiter steps back after a release that woke waiters in
 #: other processes: long enough for a woken waiter's try on a LAN.
@@ -66,26 +50,6 @@ _KEYS_KEPT: Final = 1024
 
 #: Local hand-offs in a row before the backend lock is released for other processes.
 MAX_LOCAL_HANDOFFS: Final = 8
-
-#: The lease rule's share of the TTL. The heartbeat must beat well inside it.
-LEASE_SHARE: Final = 0.75
-
-
-class TableOwner(Protocol):
-    """What the lock table needs of its coordinator."""
-
-    @property
-    def connection(self) -> Connection | None:
-        """The live connection, ``None`` while reconnecting or stopped."""
-
-    @property
-    def is_started(self) -> bool: ...
-
-    async def next_state_change(self) -> None:
-        """Wait for a start, stop, disconnect or reconnect."""
-
-    def beat_now(self) -> None:
-        """Have the heartbeat check the connection soon."""
 
 
 @final
@@ -151,6 +115,7 @@ class LockTable:
         self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
         # name -> key, for names used again and again (bounded: cleared when full).
         self._keys: dict[str, str] = {}
+        self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
 
     # -- what is held and waited for ---------------------------------------------------
 
@@ -188,7 +153,7 @@ class LockTable:
             LockAcquireFailed: this task holds ``name`` already (a wait would be a wait
                 for itself).
         """
-        self._check_started()
+        self._tries.check_started()
         key = self._keys.get(name)
         if key is None:
             if len(self._keys) >= _KEYS_KEPT:
@@ -212,20 +177,18 @@ class LockTable:
             previous = self._take_handed_over(key)
             if previous is not None:
                 try:
-                    token = await self._fence(previous.handle, previous.lease_start, fencing)
+                    token = await self._tries.fence(previous.handle, previous.lease_start, fencing)
                 except BaseException:
                     with anyio.CancelScope(shield=True):
-                        await self._release_at_backend(previous.handle, name, lost=True)
+                        await self._tries.release(previous.handle, name, lost=True)
                     raise
                 if token is False:
-                    await self._release_at_backend(previous.handle, name, lost=True)
+                    await self._tries.release(previous.handle, name, lost=True)
                     previous = None
                 else:
                     granted = previous.handle, previous.lease_start, token
             if previous is None:
-                granted = await self._acquire_at_backend(
-                    key, deadline, fencing, queue.step_back_until
-                )
+                granted = await self._tries.acquire(key, deadline, fencing, queue.step_back_until)
                 queue.step_back_until = -math.inf
         except BaseException:
             if queue.owner == task:
@@ -235,7 +198,7 @@ class LockTable:
                 orphan = self._handed_over.pop(key, None)
                 if orphan is not None:
                     with anyio.CancelScope(shield=True):
-                        await self._release_at_backend(orphan.handle, name)
+                        await self._tries.release(orphan.handle, name)
             raise
         finally:
             if queue.idle:
@@ -259,133 +222,6 @@ class LockTable:
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
 
-    async def _acquire_at_backend(
-        self, key: str, deadline: float, fencing: bool, step_back_until: float
-    ) -> tuple[LockHandle, float, int | None] | None:
-        """Try the backend until granted or ``deadline``; the lock and when its try began.
-
-        Between tries the waiter waits for a release (where the driver can tell it) or
-        its next poll, whichever comes first: watch, then try, then wait, so that a
-        release between a failed try and the wait is never missed. Until
-        ``step_back_until`` it lets a woken waiter of another process go first.
-        """
-        delay = _POLL_FIRST
-        handle: LockHandle | None = None
-        watch: Watch | None = None
-        try:
-            while True:
-                connection = await self._connected(deadline)
-                if connection is None:
-                    return None
-                if handle is None or handle.connection is not connection:
-                    handle = connection.lock(key)
-                now = anyio.current_time()
-                if step_back_until > now:
-                    await anyio.sleep(min(step_back_until, deadline) - now)
-                    step_back_until = -math.inf
-                    continue
-                granted = await self._try(connection, handle, key, deadline, fencing)
-                if granted is not None:
-                    return granted
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
-                    return None
-                if watch is None or watch.connection is not connection:
-                    if watch is not None:
-                        await watch.close()
-                    watch = await connection.watch(handle)
-                    if watch.active:
-                        continue  # watching now: try again before waiting
-                if await watch.arm():
-                    continue  # it looks free already
-                pause = delay * random.uniform(0.5, 1.0)
-                if await watch.signal.wait(min(pause, remaining)):
-                    delay = _POLL_FIRST  # woken by a release: try at once
-                else:
-                    delay = min(delay * 2, _POLL_CAP)
-        finally:
-            if watch is not None:
-                await watch.close()
-
-    async def _try(
-        self,
-        connection: Connection,
-        handle: LockHandle,
-        key: str,
-        deadline: float,
-        fencing: bool,
-    ) -> tuple[LockHandle, float, int | None] | None:
-        """One try (with its fencing token); ``None`` if not granted."""
-        tried_at = anyio.current_time()
-        # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
-        wait = None if math.isinf(deadline) else max(deadline - tried_at, _TRY_FLOOR)
-        try:
-            if await connection.try_acquire(handle, wait):
-                # stop() may have run while the try was in its worker thread.
-                self._check_started()
-                token = await self._fence(handle, tried_at, fencing)
-                if token is not False:
-                    return handle, tried_at, token
-                # Gone already (expired, or taken over): not granted after all.
-                await self._release_at_backend(handle, key, lost=True)
-        except BackendUnavailable as exc:
-            if handle.held:  # granted, but no fencing token could be had for it
-                with anyio.CancelScope(shield=True):
-                    await self._release_at_backend(handle, key, lost=True)
-            if deadline == TRY_ONCE:
-                raise
-            # A patient waiter rides out a failing backend: the heartbeat checks the
-            # connection now (and reconnects if it is gone), and the try is repeated.
-            self._log.debug("lock try failed; trying again", key=key, error=str(exc))
-            self._owner.beat_now()
-        except BaseException:
-            # Granted, but we are being cancelled or failing: give it back, or it would
-            # stay held with nobody to release it.
-            if handle.held:
-                with anyio.CancelScope(shield=True):
-                    await self._release_at_backend(handle, key)
-            raise
-        return None
-
-    async def _fence(
-        self, handle: LockHandle, lease_start: float, fencing: bool
-    ) -> int | Literal[False] | None:
-        """A new fencing token for a grant (``None`` if none was asked for).
-
-        ``False`` if the lock turned out not to be ours, or the token came too late to
-        use: past the lease rule's share of the TTL, another holder may exist already.
-        """
-        if not fencing:
-            return None
-        token = await handle.connection.fencing_token(handle)
-        ttl = handle.connection.lock_ttl
-        if token is None:
-            return False
-        if ttl is not None:
-            refreshed = max(lease_start, self.last_refresh)
-            if anyio.current_time() - refreshed > ttl * LEASE_SHARE:
-                return False
-        return token
-
-    async def _connected(self, deadline: float) -> Connection | None:
-        """The live connection, waiting for a reconnect in progress until ``deadline``."""
-        while True:
-            self._check_started()
-            connection = self._owner.connection
-            if connection is not None:
-                return connection
-            if deadline == TRY_ONCE:
-                raise BackendUnavailable(
-                    f"{self._describe()} is reconnecting to its backend; try again later"
-                )
-            remaining = deadline - anyio.current_time()
-            if remaining <= 0:
-                return None
-            with anyio.move_on_after(remaining):
-                await self._owner.next_state_change()
-
-    # -- release -------------------------------------------------------------------------
-
     async def release(self, hold: Hold) -> None:
         """Release ``hold`` at the backend, then hand the key to the next local waiter.
 
@@ -407,7 +243,7 @@ class LockTable:
             if hold.handle.connection is self._owner.connection:
                 # Not shielded: a cancelled caller (or one whose backend hangs) stops
                 # waiting, and the release still runs in its worker thread.
-                await self._release_at_backend(hold.handle, hold.name, hold.lost)
+                await self._tries.release(hold.handle, hold.name, hold.lost)
                 if hold.handle.woken and hold.queue.waiting:
                     # Fairness: waiters elsewhere were woken by this release; the next
                     # waiter here lets them go first instead of winning the race.
@@ -433,7 +269,7 @@ class LockTable:
             for hold in holds:
                 await self.release(hold)
             for handed in list(self._handed_over.values()):
-                await self._release_at_backend(handed.handle, handed.name, lost=True)
+                await self._tries.release(handed.handle, handed.name, lost=True)
         for hold in holds:
             if not hold.released:
                 hold.released = True
@@ -460,18 +296,6 @@ class LockTable:
         if previous is None or previous.handle.connection is not self._owner.connection:
             return None
         return previous
-
-    async def _release_at_backend(self, handle: LockHandle, name: str, lost: bool = False) -> None:
-        try:
-            released = await handle.connection.release(handle)
-        except CoordinationError as exc:
-            # Nothing the caller could do: the lock ends with its TTL or session.
-            self._log.warning("backend release failed", lock=name, error=str(exc))
-            return
-        if not released and not lost:
-            self._log.warning("lock was no longer held at the backend when released", lock=name)
-
-    # -- loss ----------------------------------------------------------------------------
 
     def declare_lost(self, hold: Hold, reason: str) -> None:
         """Record that ``hold`` is gone and tell its holder (once)."""
@@ -535,13 +359,6 @@ class LockTable:
         queue.give_back()
         if queue.idle and self._queues.get(key) is queue:
             del self._queues[key]
-
-    def _check_started(self) -> None:
-        if not self._owner.is_started:
-            raise LockCreationFailed(
-                f"{self._describe()} is not started: use 'async with coordinator:' or "
-                "'await coordinator.start()' before taking locks"
-            )
 
     def _reserved_keys(self) -> frozenset[str]:
         connection = self._owner.connection

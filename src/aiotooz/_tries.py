@@ -1,0 +1,225 @@
+"""The backend side of waiting: the head of a key's local queue and the backend.
+
+The task at the head of a key's local queue tries the backend until it is granted the
+lock, waiting between tries for a release (where the driver can tell it) or its poll.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from typing import Final, Literal, Protocol, final
+
+import anyio
+
+from ._connection import Connection, LockHandle, Watch
+from ._exceptions import BackendUnavailable, CoordinationError, LockCreationFailed
+from ._logging import Logger
+
+__all__ = ["LEASE_SHARE", "TRY_ONCE", "BackendTries", "TableOwner"]
+
+#: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
+TRY_ONCE: Final = -math.inf
+
+#: The lease rule's share of the TTL. The heartbeat must beat well inside it.
+LEASE_SHARE: Final = 0.75
+
+# While another process holds the key, the task at the head of the local queue retries
+# with a short non-blocking try, backing off from _POLL_FIRST to _POLL_CAP seconds. The
+# cap bounds the hand-off latency between processes; only one task per key per process
+# is trying.
+_POLL_FIRST: Final = 0.002
+_POLL_CAP: Final = 0.05
+
+#: The least time a try is given before a waiter's deadline gives it up: a healthy try
+#: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
+_TRY_FLOOR: Final = 0.05
+
+
+class TableOwner(Protocol):
+    """What the lock table needs of its coordinator."""
+
+    @property
+    def connection(self) -> Connection | None:
+        """The live connection, ``None`` while reconnecting or stopped."""
+
+    @property
+    def is_started(self) -> bool: ...
+
+    async def next_state_change(self) -> None:
+        """Wait for a start, stop, disconnect or reconnect."""
+
+    def beat_now(self) -> None:
+        """Have the heartbeat check the connection soon."""
+
+
+@final
+class BackendTries:
+    """Tries, waits, fencing tokens and releases at the backend, for one lock table.
+
+    Args:
+        owner: the coordinator (its connection and lifecycle).
+        log: the coordinator's logger.
+        describe: says which coordinator this is, for errors.
+        refreshed: when the last refresh of the current connection's locks began.
+    """
+
+    def __init__(
+        self,
+        owner: TableOwner,
+        log: Logger,
+        describe: Callable[[], str],
+        refreshed: Callable[[], float],
+    ) -> None:
+        self._owner = owner
+        self._log = log
+        self._describe = describe
+        self._refreshed = refreshed
+
+    async def acquire(
+        self, key: str, deadline: float, fencing: bool, step_back_until: float
+    ) -> tuple[LockHandle, float, int | None] | None:
+        """Try the backend until granted or ``deadline``; the lock and when its try began.
+
+        Between tries the waiter waits for a release (where the driver can tell it) or
+        its next poll, whichever comes first: watch, then try, then wait, so that a
+        release between a failed try and the wait is never missed. Until
+        ``step_back_until`` it lets a woken waiter of another process go first.
+        """
+        delay = _POLL_FIRST
+        handle: LockHandle | None = None
+        watch: Watch | None = None
+        try:
+            while True:
+                connection = await self.connected(deadline)
+                if connection is None:
+                    return None
+                if handle is None or handle.connection is not connection:
+                    handle = connection.lock(key)
+                now = anyio.current_time()
+                if step_back_until > now:
+                    await anyio.sleep(min(step_back_until, deadline) - now)
+                    step_back_until = -math.inf
+                    continue
+                granted = await self._try(connection, handle, key, deadline, fencing)
+                if granted is not None:
+                    return granted
+                remaining = deadline - anyio.current_time()
+                if remaining <= 0:
+                    return None
+                if watch is None or watch.connection is not connection:
+                    if watch is not None:
+                        await watch.close()
+                    watch = await connection.watch(handle)
+                    if watch.active:
+                        continue  # watching now: try again before waiting
+                if await watch.arm():
+                    continue  # it looks free already
+                pause = delay * random.uniform(0.5, 1.0)
+                if await watch.signal.wait(min(pause, remaining)):
+                    delay = _POLL_FIRST  # woken by a release: try at once
+                else:
+                    delay = min(delay * 2, _POLL_CAP)
+        finally:
+            if watch is not None:
+                await watch.close()
+
+    async def _try(
+        self,
+        connection: Connection,
+        handle: LockHandle,
+        key: str,
+        deadline: float,
+        fencing: bool,
+    ) -> tuple[LockHandle, float, int | None] | None:
+        """One try (with its fencing token); ``None`` if not granted."""
+        tried_at = anyio.current_time()
+        # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
+        wait = None if math.isinf(deadline) else max(deadline - tried_at, _TRY_FLOOR)
+        try:
+            if await connection.try_acquire(handle, wait):
+                # stop() may have run while the try was in its worker thread.
+                self.check_started()
+                token = await self.fence(handle, tried_at, fencing)
+                if token is not False:
+                    return handle, tried_at, token
+                # Gone already (expired, or taken over): not granted after all.
+                await self.release(handle, key, lost=True)
+        except BackendUnavailable as exc:
+            if handle.held:  # granted, but no fencing token could be had for it
+                with anyio.CancelScope(shield=True):
+                    await self.release(handle, key, lost=True)
+            if deadline == TRY_ONCE:
+                raise
+            # A patient waiter rides out a failing backend: the heartbeat checks the
+            # connection now (and reconnects if it is gone), and the try is repeated.
+            self._log.debug("lock try failed; trying again", key=key, error=str(exc))
+            self._owner.beat_now()
+        except BaseException:
+            # Granted, but we are being cancelled or failing: give it back, or it would
+            # stay held with nobody to release it.
+            if handle.held:
+                with anyio.CancelScope(shield=True):
+                    await self.release(handle, key)
+            raise
+        return None
+
+    async def fence(
+        self, handle: LockHandle, lease_start: float, fencing: bool
+    ) -> int | Literal[False] | None:
+        """A new fencing token for a grant (``None`` if none was asked for).
+
+        ``False`` if the lock turned out not to be ours, or the token came too late to
+        use: past the lease rule's share of the TTL, another holder may exist already.
+        """
+        if not fencing:
+            return None
+        token = await handle.connection.fencing_token(handle)
+        ttl = handle.connection.lock_ttl
+        if token is None:
+            return False
+        if ttl is not None:
+            refreshed = max(lease_start, self._refreshed())
+            if anyio.current_time() - refreshed > ttl * LEASE_SHARE:
+                return False
+        return token
+
+    async def connected(self, deadline: float) -> Connection | None:
+        """The live connection, waiting for a reconnect in progress until ``deadline``."""
+        while True:
+            self.check_started()
+            connection = self._owner.connection
+            if connection is not None:
+                return connection
+            if deadline == TRY_ONCE:
+                raise BackendUnavailable(
+                    f"{self._describe()} is reconnecting to its backend; try again later"
+                )
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return None
+            with anyio.move_on_after(remaining):
+                await self._owner.next_state_change()
+
+    # -- release -------------------------------------------------------------------------
+
+    async def release(self, handle: LockHandle, name: str, lost: bool = False) -> None:
+        """Release ``handle``'s lock at the backend; failures are logged, not raised."""
+        try:
+            released = await handle.connection.release(handle)
+        except CoordinationError as exc:
+            # Nothing the caller could do: the lock ends with its TTL or session.
+            self._log.warning("backend release failed", lock=name, error=str(exc))
+            return
+        if not released and not lost:
+            self._log.warning("lock was no longer held at the backend when released", lock=name)
+
+    # -- loss ----------------------------------------------------------------------------
+
+    def check_started(self) -> None:
+        if not self._owner.is_started:
+            raise LockCreationFailed(
+                f"{self._describe()} is not started: use 'async with coordinator:' or "
+                "'await coordinator.start()' before taking locks"
+            )
