@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -17,7 +18,7 @@ import aiotooz
 from aiotooz import ConfigurationError, Lock, LockNotHeld, synchronized
 
 from ._procs import run_worker
-from .helpers import make_coordinator
+from .helpers import ServerPool, make_coordinator, url_for
 
 
 async def _tokens(url: str, prefix: str, name: str, times: int) -> list[int]:
@@ -116,19 +117,34 @@ async def test_tokens_keep_growing_across_a_server_restart(
     assert after[0] < after[1]
 
 
+@pytest.mark.parametrize(
+    ("backend", "options", "stall"),
+    [
+        ("redis", "lock_timeout=1", 1.3),
+        ("memcached", "lock_timeout=2", 2.2),  # items may vanish 1 s early
+        ("etcd3+http", "lock_timeout=2", 3.5),  # etcd checks for expired leases every 0.5 s
+    ],
+)
 async def test_a_stale_holder_has_a_smaller_token_than_its_successor(
-    redis_url: str, prefix: str
+    backend: str,
+    options: str,
+    stall: float,
+    server_pool: ServerPool,
+    tmp_path: Path,
+    prefix: str,
 ) -> None:
     """A holder whose event loop stalls past its TTL loses the lock; the next holder's
     token is larger, so a resource that checks tokens refuses the stale holder."""
-    url = f"{redis_url}?lock_timeout=1"
+    base = url_for(backend, server_pool, tmp_path)
+    url = f"{base}?{options}"
     async with make_coordinator(url, prefix, heartbeat=0.2) as stale:
         lock = Lock("stale", coordinator=stale, fencing=True, cancel_on_loss=False)
         async with lock:
             old = lock.fencing_token
-            time.sleep(1.3)  # noqa: ASYNC251 - the event loop stalls past the TTL
+            time.sleep(stall)  # noqa: ASYNC251 - the event loop stalls past the TTL
             assert lock.lost
-            successor = await _tokens(redis_url, prefix, "stale", 1)
+            with anyio.fail_after(10):
+                successor = await _tokens(base, prefix, "stale", 1)
             assert successor[0] > old
 
 

@@ -1,7 +1,8 @@
 """Waiters woken by the backend, not by their next poll; fair between processes.
 
-Redis (on asyncio, through the asyncio client's pub/sub) and ZooKeeper (a watch on the
-holder's node, on both event loops) wake a waiter when the lock is released. The poll
+Redis (on asyncio, through the asyncio client's pub/sub), ZooKeeper (a watch on the
+holder's node) and etcd (a watch on the key), the last two on both event loops, wake a
+waiter when the lock is released. The poll
 is pushed out to seconds here, so a hand-off that waited for it would fail the bound.
 """
 
@@ -63,10 +64,12 @@ async def test_redis_wakes_a_waiter_on_release(
     assert max(latencies) < 0.5, latencies
 
 
-async def test_zookeeper_wakes_a_waiter_on_release(
-    private_server: Any, prefix: str, slow_polls: None
+@pytest.mark.parametrize("backend", ["zookeeper", "etcd"])
+async def test_a_watch_wakes_a_waiter_on_release(
+    backend: str, private_server: Any, prefix: str, slow_polls: None
 ) -> None:
-    server = private_server("zookeeper")
+    """ZooKeeper: a watch on the holder's node; etcd: a watch on the key's deletion."""
+    server = private_server(backend)
     latencies = await _handoffs(server.url, prefix, 5)
     assert max(latencies) < 0.5, latencies
 

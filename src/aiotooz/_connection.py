@@ -493,21 +493,36 @@ class Connection(_Caller):
             return Watch(self, ReleaseSignal(), False)  # only a watch on the loop, not here
         fired = ReleaseSignal()
         schedule = self._schedule
+        armed = False  # a watch is armed and has not fired yet: no need for another
+
+        def on_fire() -> None:
+            nonlocal armed
+            armed = False
+            fired.fire()
 
         def fire(*_: object) -> None:  # from the driver's own thread
-            schedule(fired.fire)
+            with contextlib.suppress(RuntimeError):  # the event loop is gone
+                schedule(on_fire)
 
         async def arm() -> bool:
+            nonlocal armed
+            if armed:
+                return False
             try:
-                return await self._call(
+                looks_free = await self._call(
                     self._acquire_lane,
                     "watching",
                     lambda: self.driver.arm_release_watch(tooz_lock, fire),
                 )
             except CoordinationError:
                 return False  # not here, or not now: the waiter polls
+            armed = not looks_free
+            return looks_free
 
-        return Watch(self, fired, False, arm=arm)
+        async def disarm() -> None:
+            self.driver.disarm_release_watch(tooz_lock)
+
+        return Watch(self, fired, False, close=disarm, arm=arm)
 
     async def heartbeat(self, handles: Sequence[LockHandle] = ()) -> list[bool | None]:
         """Send one heartbeat (refreshing TTL locks), then ask who owns ``handles``.

@@ -227,6 +227,12 @@ class Driver:
         """
         raise tooz.NotImplemented("release watches")
 
+    def disarm_release_watch(self, lock: Any) -> None:
+        """Stop a watch :meth:`arm_release_watch` armed, if it holds anything.
+
+        A thread or a stream, say. Called on the event loop: it must not block.
+        """
+
     def fencing_token(self, lock: Any) -> int | None:
         """A new fencing token for ``lock``, which we hold (``Capability.FENCES``).
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._base import Capability, Driver, client_timeout_options
@@ -20,7 +21,20 @@ class EtcdDriver(Driver):
     """
 
     extra = "etcd"
-    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES})
+    capabilities = frozenset(
+        {
+            Capability.EXPIRES,
+            Capability.KNOWS_OWNER,
+            Capability.FENCES,
+            Capability.WAKES_WAITERS,
+        }
+    )
+
+    def __init__(self, coordinator: Any, call_timeout: float) -> None:
+        super().__init__(coordinator, call_timeout)
+        #: Armed watches (a thread and an HTTP stream each), by lock object.
+        self._watchers: dict[int, Any] = {}
+        self._watchers_guard = threading.Lock()
 
     @classmethod
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
@@ -97,3 +111,44 @@ class EtcdDriver(Driver):
         if not result.get("succeeded", False):
             return None
         return int(result["header"]["revision"])
+
+    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
+        """A watch on the lock key's deletion, from the revision after the one read.
+
+        Reading first, then watching from that revision on, means a release between the
+        two is replayed, never missed. Each watch is a stream with a thread of its own:
+        one per waiting name, stopped when the waiter stops waiting.
+        """
+        from etcd3gw import watch
+
+        client = self.tooz.client  # type: ignore[attr-defined]
+        values = client.get(lock._key, metadata=True)
+        if not values:
+            return True
+        revision = int(values[0][1]["mod_revision"]) + 1
+
+        def on_event(_event: Any) -> None:
+            fire()
+
+        watcher = watch.Watcher(
+            client, lock._key, on_event, start_revision=revision, filters=["NOPUT"]
+        )
+        with self._watchers_guard:
+            previous = self._watchers.pop(id(lock), None)
+            self._watchers[id(lock)] = watcher
+        if previous is not None:
+            previous.stop()
+        return False
+
+    def disarm_release_watch(self, lock: Any) -> None:
+        with self._watchers_guard:
+            watcher = self._watchers.pop(id(lock), None)
+        if watcher is not None:
+            watcher.stop()
+
+    def stop(self) -> None:
+        with self._watchers_guard:
+            watchers, self._watchers = list(self._watchers.values()), {}
+        for watcher in watchers:
+            watcher.stop()  # their threads would otherwise hold up interpreter exit
+        super().stop()
