@@ -218,6 +218,14 @@ async def hop_executor(n: int) -> float:
 # -- uncontended -------------------------------------------------------------------
 
 
+async def cycles_uninstrumented(url: str, n: int) -> float:
+    """aiotooz's cycles with every OpenTelemetry instrument replaced by nothing at all."""
+    from aiotooz._telemetry import instruments
+
+    with instruments.disabled():
+        return await cycles_aiotooz(url, n)
+
+
 async def cycles_aiotooz(url: str, n: int, fencing: bool = False) -> float:
     async with coordinator(url) as coord:
         lock = Lock("uncontended", coordinator=coord, fencing=fencing)
@@ -595,6 +603,10 @@ def main() -> None:
                         lambda u=url: run_async(cycles_aiotooz, u, p.cycles, backend="trio"),
                     )
                     step(
+                        f"cycles/{name}/aiotooz-bare/{rnd}",
+                        lambda u=url: run_async(cycles_uninstrumented, u, p.cycles),
+                    )
+                    step(
                         f"cycles/{name}/aiotooz-fenced/{rnd}",
                         lambda u=url: run_async(cycles_aiotooz, u, p.cycles, True),
                     )
@@ -735,6 +747,7 @@ def render(r: dict[str, Any]) -> str:
         "aiotooz": "aiotooz (asyncio)",
         "aiotooz-trio": "aiotooz (trio)",
         "aiotooz-fenced": "aiotooz, fencing=True (asyncio)",
+        "aiotooz-bare": "aiotooz, no OpenTelemetry (asyncio)",
         "tooz": "raw sync tooz",
         "naive": "naive to_thread wrapper",
         "redis-py": "redis-py asyncio Lock",

@@ -321,6 +321,7 @@ class Connection(_Caller):
             url, driver.call_timeout, schedule, Capability.LOCAL_CALLS in driver.capabilities
         )
         self.driver = driver
+        self.scheme = scheme_of(url)
         self.capabilities = driver.capabilities
         self.requires_beating = driver.requires_beating
         self.reserved_keys = driver.reserved_keys

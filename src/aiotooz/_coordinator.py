@@ -25,6 +25,7 @@ from ._names import check_prefix
 from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
 from ._tasks import BackgroundTask, spawn, task_id_getter
+from ._telemetry import instruments, register_coordinator, unregister_coordinator
 
 __all__ = ["Coordinator", "CoordinatorStatistics"]
 
@@ -91,7 +92,14 @@ class Coordinator:
         self.settings = settings if settings is not None else CoordinationSettings()
         self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
         #: The held-lock table (package-internal: :class:`~aiotooz.Lock` uses it).
-        self.lock_table = LockTable(self, self.prefix, self.__repr__, self._log)
+        self.lock_table = LockTable(
+            self,
+            self.prefix,
+            self.__repr__,
+            self._log,
+            backend=self.settings.scheme,
+            lock_names=self.settings.metrics_lock_names,
+        )
         self._connection: Connection | None = None
         self._started = False
         # Set and replaced whenever the connection state changes (see _state_changed).
@@ -181,6 +189,7 @@ class Coordinator:
         self.lock_table.last_refresh = connecting
         self.lock_table.task_id = task_id_getter()
         self._started = True
+        register_coordinator(self)
         self._state_changed()
         if connection.requires_beating:
             self._background.append(
@@ -223,6 +232,7 @@ class Coordinator:
             connection, self._connection = self._connection, None
             if connection is not None:
                 await connection.close()
+        unregister_coordinator(self)
         self._state_changed()
         if is_default(self):
             set_default_coordinator(None)
@@ -297,7 +307,7 @@ class Coordinator:
         for hold, still_ours in zip(holds, owned, strict=True):
             if still_ours is False:
                 self.lock_table.declare_lost(
-                    hold, "the backend says another owner has it, or it expired"
+                    hold, "the backend says another owner has it, or it expired", "taken_over"
                 )
 
     async def _reconnect(self, old: Connection) -> None:
@@ -331,6 +341,7 @@ class Coordinator:
             self._connection = connection
             self.lock_table.last_refresh = connecting
             self._reconnects += 1
+            instruments.reconnects.add(1, {"aiotooz.backend": self.settings.scheme})
             self._state_changed()
             self._log.info("reconnected to backend", attempt=attempt)
             return

@@ -14,6 +14,7 @@ from ._exceptions import ConfigurationError, LockAcquireFailed, LockLost, LockNo
 from ._locktable import FOREVER, TRY_ONCE, Hold, LockTable
 from ._names import check_name, format_name
 from ._process import get_default_coordinator
+from ._telemetry import lost_event
 
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
     from ._coordinator import Coordinator
@@ -343,6 +344,7 @@ async def _exit(
         return
     if isinstance(exc, anyio.get_cancelled_exc_class()):
         return  # cancelled from outside as well: that cancellation wins
+    lost_event(lock.name, reason)
     raise LockLost(
         f"lock {lock.name!r} was lost while held: {reason}",
         lock_name=lock.name,

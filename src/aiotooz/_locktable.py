@@ -19,9 +19,10 @@ Glossary:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -34,6 +35,7 @@ from ._exceptions import (
 from ._logging import Logger
 from ._names import backend_key
 from ._queue import KeyQueue
+from ._telemetry import instruments, record_waited_acquire
 from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, TableOwner
 
 __all__ = ["FOREVER", "MAX_LOCAL_HANDOFFS", "TRY_ONCE", "Hold", "LockTable", "TableOwner"]
@@ -50,6 +52,32 @@ _KEYS_KEPT: Final = 1024
 
 #: Local hand-offs in a row before the backend lock is released for other processes.
 MAX_LOCAL_HANDOFFS: Final = 8
+
+
+@final
+class _Wait:
+    """One acquire's wait, for the telemetry: whether it had to wait, and for how long."""
+
+    __slots__ = ("attributes", "started", "waiting_since")
+
+    def __init__(self, attributes: Mapping[str, str]) -> None:
+        self.attributes = attributes
+        self.started = time.perf_counter()
+        #: ``time.time_ns()`` when it began to wait, or 0 (it has not).
+        self.waiting_since = 0
+
+    def begin(self) -> None:
+        """It has to wait (the key is owned here, or a backend try failed)."""
+        if not self.waiting_since:
+            self.waiting_since = time.time_ns()
+            instruments.waiters.add(1, self.attributes)
+
+    def end(self, outcome: str) -> None:
+        attributes = {**self.attributes, "aiotooz.outcome": outcome}
+        instruments.wait_duration.record(time.perf_counter() - self.started, attributes)
+        if self.waiting_since:
+            instruments.waiters.add(-1, self.attributes)
+            record_waited_acquire(self.attributes, self.waiting_since, time.time_ns(), outcome)
 
 
 @final
@@ -70,6 +98,8 @@ class Hold:
     handoffs: int = 0
     #: The fencing token of this grant, if one was asked for.
     fencing_token: int | None = None
+    #: Its telemetry attributes (the backend, and the name if the settings say so).
+    attributes: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Why the lock is known to be gone, or ``None`` while it is believed held.
     lost_reason: str | None = None
     released: bool = False
@@ -96,7 +126,13 @@ class LockTable:
     """
 
     def __init__(
-        self, owner: TableOwner, prefix: str, describe: Callable[[], str], log: Logger
+        self,
+        owner: TableOwner,
+        prefix: str,
+        describe: Callable[[], str],
+        log: Logger,
+        backend: str,
+        lock_names: bool = False,
     ) -> None:
         self._owner = owner
         self._prefix = prefix
@@ -116,6 +152,8 @@ class LockTable:
         # name -> key, for names used again and again (bounded: cleared when full).
         self._keys: dict[str, str] = {}
         self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
+        self._backend_attributes = {"aiotooz.backend": backend}
+        self._lock_names = lock_names
 
     # -- what is held and waited for ---------------------------------------------------
 
@@ -143,6 +181,31 @@ class LockTable:
     # -- acquire -------------------------------------------------------------------------
 
     async def acquire(self, name: str, deadline: float, fencing: bool = False) -> Hold | None:
+        """Take ``name`` through the local queue and then the backend, and measure it.
+
+        See :meth:`_acquire`; the wait and its outcome go to the telemetry.
+        """
+        attributes = self._attributes(name)
+        wait = _Wait(attributes)
+        outcome = "error"
+        try:
+            hold = await self._acquire(name, deadline, fencing, wait, attributes)
+            outcome = "acquired" if hold is not None else "timeout"
+            return hold
+        except anyio.get_cancelled_exc_class():
+            outcome = "cancelled"
+            raise
+        finally:
+            wait.end(outcome)
+
+    async def _acquire(
+        self,
+        name: str,
+        deadline: float,
+        fencing: bool,
+        wait: _Wait,
+        attributes: Mapping[str, str],
+    ) -> Hold | None:
         """Take ``name`` through the local queue and then the backend.
 
         ``deadline`` is an ``anyio.current_time()`` instant, ``FOREVER``, or
@@ -168,10 +231,12 @@ class LockTable:
                 f"lock {name!r} is already held by this task: aiotooz locks are not "
                 "reentrant (acquiring it again would wait for itself)"
             )
-        started = time.perf_counter()
+        started = wait.started
         granted: tuple[LockHandle, float, int | None] | None = None
         previous: Hold | None = None
         try:
+            if queue.owner is not None or queue.waiting:
+                wait.begin()
             if not await queue.take(task, deadline):
                 return None
             previous = self._take_handed_over(key)
@@ -188,7 +253,9 @@ class LockTable:
                 else:
                     granted = previous.handle, previous.lease_start, token
             if previous is None:
-                granted = await self._tries.acquire(key, deadline, fencing, queue.step_back_until)
+                granted = await self._tries.acquire(
+                    key, deadline, fencing, queue.step_back_until, wait.begin
+                )
                 queue.step_back_until = -math.inf
         except BaseException:
             if queue.owner == task:
@@ -217,8 +284,10 @@ class LockTable:
             acquired_at=now,
             handoffs=previous.handoffs + 1 if previous is not None else 0,
             fencing_token=token,
+            attributes=attributes,
         )
         self._holds.add(hold)
+        instruments.held.add(1, attributes)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
 
@@ -231,10 +300,7 @@ class LockTable:
         """
         if hold.released:
             return
-        hold.released = True
-        self._holds.discard(hold)
-        if hold.ended is not None:
-            hold.ended.set()
+        self._end(hold)
         if self._can_hand_over(hold):
             self._handed_over[hold.key] = hold
             self._give_back(hold.key, hold.queue)
@@ -264,7 +330,7 @@ class LockTable:
         """
         holds = list(self._holds)
         for hold in holds:
-            self.declare_lost(hold, "the coordinator stopped")
+            self.declare_lost(hold, "the coordinator stopped", "stopped")
         with anyio.move_on_after(within):
             for hold in holds:
                 await self.release(hold)
@@ -272,8 +338,7 @@ class LockTable:
                 await self._tries.release(handed.handle, handed.name, lost=True)
         for hold in holds:
             if not hold.released:
-                hold.released = True
-                self._holds.discard(hold)
+                self._end(hold)
                 self._give_back(hold.key, hold.queue)
         self._handed_over.clear()
 
@@ -297,12 +362,25 @@ class LockTable:
             return None
         return previous
 
-    def declare_lost(self, hold: Hold, reason: str) -> None:
-        """Record that ``hold`` is gone and tell its holder (once)."""
+    def _end(self, hold: Hold) -> None:
+        """``hold`` is released (or given up): it leaves the table."""
+        hold.released = True
+        self._holds.discard(hold)
+        if hold.ended is not None:
+            hold.ended.set()
+        instruments.held.add(-1, hold.attributes)
+        instruments.hold_duration.record(time.perf_counter() - hold.acquired_at, hold.attributes)
+
+    def declare_lost(self, hold: Hold, reason: str, kind: str) -> None:
+        """Record that ``hold`` is gone and tell its holder (once).
+
+        ``kind`` is the reason in one word (``aiotooz._telemetry.LOSS_REASONS``).
+        """
         if hold.lost or hold.released:
             return
         hold.lost_reason = reason
         self.lost_count += 1
+        instruments.lost.add(1, {**hold.attributes, "aiotooz.reason": kind})
         self._log.warning(
             "lock lost",
             lock=hold.name,
@@ -318,10 +396,13 @@ class LockTable:
         """Every hold taken through ``connection`` is lost (it failed or was replaced)."""
         for hold in list(self._holds):
             if hold.handle.connection is connection:
-                self.declare_lost(hold, reason)
+                self.declare_lost(hold, reason, "connection")
 
-    def check_lease(self, hold: Hold, now: float) -> bool:
-        """Apply the lease rule to ``hold`` now; ``True`` if it is (now) lost."""
+    def check_lease(self, hold: Hold, now: float, stalled: bool = False) -> bool:
+        """Apply the lease rule to ``hold`` now; ``True`` if it is (now) lost.
+
+        ``stalled``: the event loop was found blocked just now (the watchdog woke late).
+        """
         if hold.lost:
             return True
         ttl = hold.handle.connection.lock_ttl
@@ -334,6 +415,7 @@ class LockTable:
             hold,
             f"no refresh reached the backend for {now - refreshed:.1f} s of the lock's "
             f"{ttl:g} s TTL (backend unreachable, or the event loop was blocked)",
+            "stalled" if stalled else "expired",
         )
         return True
 
@@ -347,13 +429,22 @@ class LockTable:
 
     async def watch_leases(self, ttl: float) -> None:
         """Apply the lease rule often enough (a twentieth of the TTL) to act in time."""
+        interval = ttl / 20
         while True:
-            await anyio.sleep(ttl / 20)
+            before = anyio.current_time()
+            await anyio.sleep(interval)
             now = anyio.current_time()
+            # Woken a quarter of the TTL late: the event loop itself was blocked.
+            stalled = now - before - interval > ttl / 4
             for hold in list(self._holds):
-                self.check_lease(hold, now)
+                self.check_lease(hold, now, stalled)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _attributes(self, name: str) -> Mapping[str, str]:
+        if not self._lock_names:
+            return self._backend_attributes
+        return {**self._backend_attributes, "aiotooz.lock": name}
 
     def _give_back(self, key: str, queue: KeyQueue) -> None:
         queue.give_back()

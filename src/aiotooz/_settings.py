@@ -33,7 +33,7 @@ class CoordinationSettings(BaseSettings):
     Each field is read, in order of precedence, from the constructor's arguments, the
     environment (empty values are ignored: ``AIOTOOZ_BACKEND_URL``, ``AIOTOOZ_HEARTBEAT``,
     ``AIOTOOZ_INITIAL_RECONNECT_BACKOFF``, ``AIOTOOZ_MAX_RECONNECT_BACKOFF``,
-    ``AIOTOOZ_CALL_TIMEOUT``), a ``.env``
+    ``AIOTOOZ_CALL_TIMEOUT``, ``AIOTOOZ_METRICS_LOCK_NAMES``), a ``.env``
     file in the working directory, then the defaults below. Settings are immutable.
 
     Raises:
@@ -66,6 +66,13 @@ class CoordinationSettings(BaseSettings):
         default=60.0,
         gt=0,
         description="Cap, in seconds, of the jittered exponential reconnect backoff.",
+    )
+    metrics_lock_names: bool = Field(
+        default=False,
+        description=(
+            "Put the lock name on OpenTelemetry metrics (attribute aiotooz.lock); off by "
+            "default, since names can be unbounded."
+        ),
     )
     call_timeout: float = Field(
         default=5.0,

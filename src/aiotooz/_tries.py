@@ -16,6 +16,7 @@ import anyio
 from ._connection import Connection, LockHandle, Watch
 from ._exceptions import BackendUnavailable, CoordinationError, LockCreationFailed
 from ._logging import Logger
+from ._telemetry import instruments
 
 __all__ = ["LEASE_SHARE", "TRY_ONCE", "BackendTries", "TableOwner"]
 
@@ -78,7 +79,12 @@ class BackendTries:
         self._refreshed = refreshed
 
     async def acquire(
-        self, key: str, deadline: float, fencing: bool, step_back_until: float
+        self,
+        key: str,
+        deadline: float,
+        fencing: bool,
+        step_back_until: float,
+        waiting: Callable[[], object],
     ) -> tuple[LockHandle, float, int | None] | None:
         """Try the backend until granted or ``deadline``; the lock and when its try began.
 
@@ -86,6 +92,7 @@ class BackendTries:
         its next poll, whichever comes first: watch, then try, then wait, so that a
         release between a failed try and the wait is never missed. Until
         ``step_back_until`` it lets a woken waiter of another process go first.
+        ``waiting`` is called when the first try fails (the acquire has to wait).
         """
         delay = _POLL_FIRST
         handle: LockHandle | None = None
@@ -108,6 +115,7 @@ class BackendTries:
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
                     return None
+                waiting()
                 if watch is None or watch.connection is not connection:
                     if watch is not None:
                         await watch.close()
@@ -119,6 +127,7 @@ class BackendTries:
                 pause = delay * random.uniform(0.5, 1.0)
                 if await watch.signal.wait(min(pause, remaining)):
                     delay = _POLL_FIRST  # woken by a release: try at once
+                    instruments.wakeups.add(1, {"aiotooz.backend": connection.scheme})
                 else:
                     delay = min(delay * 2, _POLL_CAP)
         finally:
@@ -176,6 +185,8 @@ class BackendTries:
         if not fencing:
             return None
         token = await handle.connection.fencing_token(handle)
+        if token is not None:
+            instruments.fencing_tokens.add(1, {"aiotooz.backend": handle.connection.scheme})
         ttl = handle.connection.lock_ttl
         if token is None:
             return False
