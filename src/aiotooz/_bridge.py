@@ -32,6 +32,8 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
+from ._tasks import native_loop
+
 __all__ = [
     "IDLE_EXIT",
     "CallTimedOut",
@@ -41,7 +43,6 @@ __all__ = [
     "call_soon",
     "loop_scheduler",
     "run_in_lane",
-    "running_on_asyncio",
 ]
 
 T = TypeVar("T")
@@ -62,13 +63,6 @@ _ABANDONED: Final = 3
 _DONE: Final = 4
 
 
-def running_on_asyncio() -> bool:
-    """Whether the current event loop is asyncio's (not trio's)."""
-    token = anyio.lowlevel.current_token()
-    native = getattr(token, "native_token", token)  # anyio < 4.11 returns it as is
-    return hasattr(native, "create_task")
-
-
 def loop_scheduler() -> Schedule:
     """How a worker thread runs a callback on the current event loop, without waiting.
 
@@ -76,12 +70,12 @@ def loop_scheduler() -> Schedule:
     worker is free again at once. (``anyio.from_thread.run_sync``, the fallback, makes it
     wait for the loop, which makes each round trip slower.)
     """
-    token = anyio.lowlevel.current_token()
-    native = getattr(token, "native_token", token)  # anyio < 4.11 returns it as is
+    native = native_loop()
     for name in ("call_soon_threadsafe", "run_sync_soon"):
         schedule = getattr(native, name, None)
         if schedule is not None:
             return cast("Schedule", schedule)
+    token = anyio.lowlevel.current_token()
     return lambda callback: anyio.from_thread.run_sync(callback, token=token)
 
 

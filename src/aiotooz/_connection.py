@@ -35,7 +35,6 @@ from ._bridge import (
     call_soon,
     loop_scheduler,
     run_in_lane,
-    running_on_asyncio,
 )
 from ._drivers import Capability, Driver, ReleaseSignal, driver_class, known_schemes
 from ._exceptions import (
@@ -44,6 +43,7 @@ from ._exceptions import (
     CoordinationError,
     UnsupportedOperation,
 )
+from ._tasks import running_on_asyncio
 from ._urls import redact_url, scheme_of
 
 __all__ = ["Connection", "LockHandle", "Watch", "open_connection", "translate"]

@@ -114,29 +114,16 @@ class Hold:
         return self.lost_reason is not None
 
 
-@final
-class LockTable:
-    """The locks of one coordinator: acquire, poll, release, hand-off, loss.
+class _Holdings:
+    """What a lock table holds and waits for, and how a held lock is lost.
 
     Args:
-        owner: the coordinator (its connection and lifecycle).
-        prefix: prepended to every lock name's key.
-        describe: says which coordinator this is, for errors.
         log: the coordinator's bound logger.
+        backend: the backend's scheme, for the telemetry.
+        lock_names: whether telemetry carries lock names.
     """
 
-    def __init__(
-        self,
-        owner: TableOwner,
-        prefix: str,
-        describe: Callable[[], str],
-        log: Logger,
-        backend: str,
-        lock_names: bool = False,
-    ) -> None:
-        self._owner = owner
-        self._prefix = prefix
-        self._describe = describe
+    def __init__(self, log: Logger, backend: str, lock_names: bool) -> None:
         self._log = log
         self._queues: dict[str, KeyQueue] = {}
         self._holds: set[Hold] = set()
@@ -147,11 +134,6 @@ class LockTable:
         #: every lock held through the current connection was refreshed no earlier.
         self.last_refresh = -math.inf
         self.lost_count = 0
-        #: The current task's id; picked for the event loop when the coordinator starts.
-        self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
-        # name -> key, for names used again and again (bounded: cleared when full).
-        self._keys: dict[str, str] = {}
-        self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
         self._backend_attributes = {"aiotooz.backend": backend}
         self._lock_names = lock_names
 
@@ -177,6 +159,128 @@ class LockTable:
     def held_names(self) -> tuple[str, ...]:
         """The names held by tasks now, in the order they were acquired."""
         return tuple(h.name for h in sorted(self._holds, key=lambda h: h.acquired_at))
+
+    # -- ending and loss ---------------------------------------------------------------
+
+    def _end(self, hold: Hold) -> None:
+        """``hold`` is released (or given up): it leaves the table."""
+        hold.released = True
+        self._holds.discard(hold)
+        if hold.ended is not None:
+            hold.ended.set()
+        instruments.held.add(-1, hold.attributes)
+        instruments.hold_duration.record(time.perf_counter() - hold.acquired_at, hold.attributes)
+
+    def declare_lost(self, hold: Hold, reason: str, kind: str) -> None:
+        """Record that ``hold`` is gone and tell its holder (once).
+
+        ``kind`` is the reason in one word (``aiotooz._telemetry.LOSS_REASONS``).
+        """
+        if hold.lost or hold.released:
+            return
+        hold.lost_reason = reason
+        self.lost_count += 1
+        instruments.lost.add(1, {**hold.attributes, "aiotooz.reason": kind})
+        self._log.warning(
+            "lock lost",
+            lock=hold.name,
+            reason=reason,
+            held=round(time.perf_counter() - hold.acquired_at, 6),
+        )
+        if hold.ended is not None:
+            hold.ended.set()
+        if hold.on_lost is not None:
+            hold.on_lost()
+
+    def declare_lost_through(self, connection: Connection, reason: str) -> None:
+        """Every hold taken through ``connection`` is lost (it failed or was replaced)."""
+        for hold in list(self._holds):
+            if hold.handle.connection is connection:
+                self.declare_lost(hold, reason, "connection")
+
+    def check_lease(self, hold: Hold, now: float, stalled: bool = False) -> bool:
+        """Apply the lease rule to ``hold`` now; ``True`` if it is (now) lost.
+
+        ``stalled``: the event loop was found blocked just now (the watchdog woke late).
+        """
+        if hold.lost:
+            return True
+        ttl = hold.handle.connection.lock_ttl
+        if ttl is None or hold.released:
+            return False
+        refreshed = max(hold.lease_start, self.last_refresh)
+        if now - refreshed <= ttl * LEASE_SHARE:
+            return False
+        self.declare_lost(
+            hold,
+            f"no refresh reached the backend for {now - refreshed:.1f} s of the lock's "
+            f"{ttl:g} s TTL (backend unreachable, or the event loop was blocked)",
+            "stalled" if stalled else "expired",
+        )
+        return True
+
+    async def wait_ended(self, hold: Hold) -> None:
+        """Wait until ``hold`` is lost or released."""
+        if hold.lost or hold.released:
+            return
+        if hold.ended is None:
+            hold.ended = anyio.Event()
+        await hold.ended.wait()
+
+    async def watch_leases(self, ttl: float) -> None:
+        """Apply the lease rule often enough (a twentieth of the TTL) to act in time."""
+        interval = ttl / 20
+        while True:
+            before = anyio.current_time()
+            await anyio.sleep(interval)
+            now = anyio.current_time()
+            # Woken a quarter of the TTL late: the event loop itself was blocked.
+            stalled = now - before - interval > ttl / 4
+            for hold in list(self._holds):
+                self.check_lease(hold, now, stalled)
+
+    def _attributes(self, name: str) -> Mapping[str, str]:
+        if not self._lock_names:
+            return self._backend_attributes
+        return {**self._backend_attributes, "aiotooz.lock": name}
+
+    def _give_back(self, key: str, queue: KeyQueue) -> None:
+        queue.give_back()
+        if queue.idle and self._queues.get(key) is queue:
+            del self._queues[key]
+
+
+@final
+class LockTable(_Holdings):
+    """The locks of one coordinator: acquire, poll, release, hand-off, loss.
+
+    Args:
+        owner: the coordinator (its connection and lifecycle).
+        prefix: prepended to every lock name's key.
+        describe: says which coordinator this is, for errors.
+        log: the coordinator's bound logger.
+        backend: the backend's scheme, for the telemetry.
+        lock_names: whether telemetry carries lock names.
+    """
+
+    def __init__(
+        self,
+        owner: TableOwner,
+        prefix: str,
+        describe: Callable[[], str],
+        log: Logger,
+        backend: str,
+        lock_names: bool = False,
+    ) -> None:
+        super().__init__(log, backend, lock_names)
+        self._owner = owner
+        self._prefix = prefix
+        self._describe = describe
+        #: The current task's id; picked for the event loop when the coordinator starts.
+        self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
+        # name -> key, for names used again and again (bounded: cleared when full).
+        self._keys: dict[str, str] = {}
+        self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
 
     # -- acquire -------------------------------------------------------------------------
 
@@ -361,95 +465,6 @@ class LockTable:
         if previous is None or previous.handle.connection is not self._owner.connection:
             return None
         return previous
-
-    def _end(self, hold: Hold) -> None:
-        """``hold`` is released (or given up): it leaves the table."""
-        hold.released = True
-        self._holds.discard(hold)
-        if hold.ended is not None:
-            hold.ended.set()
-        instruments.held.add(-1, hold.attributes)
-        instruments.hold_duration.record(time.perf_counter() - hold.acquired_at, hold.attributes)
-
-    def declare_lost(self, hold: Hold, reason: str, kind: str) -> None:
-        """Record that ``hold`` is gone and tell its holder (once).
-
-        ``kind`` is the reason in one word (``aiotooz._telemetry.LOSS_REASONS``).
-        """
-        if hold.lost or hold.released:
-            return
-        hold.lost_reason = reason
-        self.lost_count += 1
-        instruments.lost.add(1, {**hold.attributes, "aiotooz.reason": kind})
-        self._log.warning(
-            "lock lost",
-            lock=hold.name,
-            reason=reason,
-            held=round(time.perf_counter() - hold.acquired_at, 6),
-        )
-        if hold.ended is not None:
-            hold.ended.set()
-        if hold.on_lost is not None:
-            hold.on_lost()
-
-    def declare_lost_through(self, connection: Connection, reason: str) -> None:
-        """Every hold taken through ``connection`` is lost (it failed or was replaced)."""
-        for hold in list(self._holds):
-            if hold.handle.connection is connection:
-                self.declare_lost(hold, reason, "connection")
-
-    def check_lease(self, hold: Hold, now: float, stalled: bool = False) -> bool:
-        """Apply the lease rule to ``hold`` now; ``True`` if it is (now) lost.
-
-        ``stalled``: the event loop was found blocked just now (the watchdog woke late).
-        """
-        if hold.lost:
-            return True
-        ttl = hold.handle.connection.lock_ttl
-        if ttl is None or hold.released:
-            return False
-        refreshed = max(hold.lease_start, self.last_refresh)
-        if now - refreshed <= ttl * LEASE_SHARE:
-            return False
-        self.declare_lost(
-            hold,
-            f"no refresh reached the backend for {now - refreshed:.1f} s of the lock's "
-            f"{ttl:g} s TTL (backend unreachable, or the event loop was blocked)",
-            "stalled" if stalled else "expired",
-        )
-        return True
-
-    async def wait_ended(self, hold: Hold) -> None:
-        """Wait until ``hold`` is lost or released."""
-        if hold.lost or hold.released:
-            return
-        if hold.ended is None:
-            hold.ended = anyio.Event()
-        await hold.ended.wait()
-
-    async def watch_leases(self, ttl: float) -> None:
-        """Apply the lease rule often enough (a twentieth of the TTL) to act in time."""
-        interval = ttl / 20
-        while True:
-            before = anyio.current_time()
-            await anyio.sleep(interval)
-            now = anyio.current_time()
-            # Woken a quarter of the TTL late: the event loop itself was blocked.
-            stalled = now - before - interval > ttl / 4
-            for hold in list(self._holds):
-                self.check_lease(hold, now, stalled)
-
-    # -- helpers -------------------------------------------------------------------------
-
-    def _attributes(self, name: str) -> Mapping[str, str]:
-        if not self._lock_names:
-            return self._backend_attributes
-        return {**self._backend_attributes, "aiotooz.lock": name}
-
-    def _give_back(self, key: str, queue: KeyQueue) -> None:
-        queue.give_back()
-        if queue.idle and self._queues.get(key) is queue:
-            del self._queues[key]
 
     def _reserved_keys(self) -> frozenset[str]:
         connection = self._owner.connection

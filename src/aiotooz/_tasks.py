@@ -18,7 +18,7 @@ from typing import Any, final
 import anyio
 import anyio.lowlevel
 
-__all__ = ["BackgroundTask", "spawn", "task_id_getter"]
+__all__ = ["BackgroundTask", "native_loop", "running_on_asyncio", "spawn", "task_id_getter"]
 
 
 @final
@@ -51,6 +51,17 @@ class BackgroundTask:
         await self._done.wait()
 
 
+def native_loop() -> Any:
+    """The running event loop's own handle: asyncio's loop, or trio's ``TrioToken``."""
+    token = anyio.lowlevel.current_token()
+    return getattr(token, "native_token", token)  # anyio < 4.11 returns it as is
+
+
+def running_on_asyncio() -> bool:
+    """Whether the running event loop is asyncio's (not trio's)."""
+    return hasattr(native_loop(), "create_task")
+
+
 def spawn(func: Callable[[], Awaitable[object]], name: str) -> BackgroundTask:
     """Start ``func`` as a task of the running event loop that no task group owns.
 
@@ -58,9 +69,7 @@ def spawn(func: Callable[[], Awaitable[object]], name: str) -> BackgroundTask:
     error escaping a system task ends the whole run).
     """
     task = BackgroundTask(func, name)
-    token = anyio.lowlevel.current_token()
-    native = getattr(token, "native_token", token)  # anyio < 4.11 returns it as is
-    create_task = getattr(native, "create_task", None)  # an asyncio event loop
+    create_task = getattr(native_loop(), "create_task", None)  # an asyncio event loop
     if create_task is not None:
         task._handle = create_task(task._run(), name=name)
     else:
@@ -76,9 +85,7 @@ def task_id_getter() -> Callable[[], int]:
     The same id as ``anyio.get_current_task().id``, without making a ``TaskInfo`` (the
     lock table asks for it on every acquire).
     """
-    token = anyio.lowlevel.current_token()
-    native = getattr(token, "native_token", token)
-    if hasattr(native, "create_task"):
+    if running_on_asyncio():
         import asyncio
 
         current_task = asyncio.current_task
