@@ -129,8 +129,9 @@ def private_redis(workdir: Path) -> Iterator[tuple[str, str]]:
         proc.wait()
 
 
-def coordinator(url: str) -> Coordinator:
-    prefix = f"b{uuid.uuid4().hex[:8]}-"
+def coordinator(url: str, prefix: str | None = None) -> Coordinator:
+    """A coordinator with a prefix of its own (so runs never share keys), or ``prefix``."""
+    prefix = prefix or f"b{uuid.uuid4().hex[:8]}-"
     return Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url))
 
 
@@ -242,7 +243,8 @@ async def cycles_aiotooz(url: str, n: int, fencing: bool = False) -> float:
 async def handoffs(url: str, rounds: int) -> list[float]:
     """Seconds from one coordinator's release to a waiting coordinator's grant."""
     latencies = []
-    async with coordinator(url) as first, coordinator(url) as second:
+    prefix = f"b{uuid.uuid4().hex[:8]}-"  # one for both: they must contend for one key
+    async with coordinator(url, prefix) as first, coordinator(url, prefix) as second:
         for number in range(rounds):
             holder = Lock("handed", coordinator=first)
             await holder.acquire()

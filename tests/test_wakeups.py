@@ -61,7 +61,7 @@ async def test_redis_wakes_a_waiter_on_release(
     redis_url: str, prefix: str, slow_polls: None
 ) -> None:
     latencies = await _handoffs(redis_url, prefix, 5)
-    assert max(latencies) < 0.5, latencies
+    assert 0 < min(latencies) and max(latencies) < 0.5, latencies
 
 
 @pytest.mark.parametrize("backend", ["zookeeper", "etcd"])
@@ -71,7 +71,7 @@ async def test_a_watch_wakes_a_waiter_on_release(
     """ZooKeeper: a watch on the holder's node; etcd: a watch on the key's deletion."""
     server = private_server(backend)
     latencies = await _handoffs(server.url, prefix, 5)
-    assert max(latencies) < 0.5, latencies
+    assert 0 < min(latencies) and max(latencies) < 0.5, latencies
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
