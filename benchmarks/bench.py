@@ -744,7 +744,7 @@ def render(r: dict[str, Any]) -> str:
     out.append(
         f"Uncontended acquire+release, cycles/s (median of {p['rounds']} x {p['cycles']} cycles)"
     )
-    out.append(f"  {'':<30}{'redis':>10}{'file':>10}")
+    out.append(f"  {'':<38}{'redis':>10}{'file':>10}")
     labels = {
         "aiotooz": "aiotooz (asyncio)",
         "aiotooz-trio": "aiotooz (trio)",
@@ -757,7 +757,7 @@ def render(r: dict[str, Any]) -> str:
     c = r["cycles_per_s"]
     for impl, label in labels.items():
         row = [c.get(b, {}).get(impl) for b in ("redis", "file")]
-        out.append(f"  {label:<30}" + "".join(f"{v:>10.0f}" if v else f"{'-':>10}" for v in row))
+        out.append(f"  {label:<38}" + "".join(f"{v:>10.0f}" if v else f"{'-':>10}" for v in row))
     out.append("")
     con = r["contention"]
     out.append(f"One process, one name, 1 ms critical section ({p['tasks']} tasks)")
