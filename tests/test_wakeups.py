@@ -1,8 +1,8 @@
 """Waiters woken by the backend, not by their next poll; fair between processes.
 
 Redis (on asyncio, through the asyncio client's pub/sub), ZooKeeper (a watch on the
-holder's node) and etcd (a watch on the key), the last two on both event loops, wake a
-waiter when the lock is released. The poll
+holder's node), etcd (a watch on the key), PostgreSQL and MySQL (a probe waiting at the
+server), the last four on both event loops, wake a waiter when the lock is released. The poll
 is pushed out to seconds here, so a hand-off that waited for it would fail the bound.
 """
 
@@ -64,11 +64,12 @@ async def test_redis_wakes_a_waiter_on_release(
     assert 0 < min(latencies) and max(latencies) < 0.5, latencies
 
 
-@pytest.mark.parametrize("backend", ["zookeeper", "etcd"])
+@pytest.mark.parametrize("backend", ["zookeeper", "etcd", "postgresql", "mysql"])
 async def test_a_watch_wakes_a_waiter_on_release(
     backend: str, private_server: Any, prefix: str, slow_polls: None
 ) -> None:
-    """ZooKeeper: a watch on the holder's node; etcd: a watch on the key's deletion."""
+    """ZooKeeper: a watch on the holder's node; etcd: a watch on the key's deletion;
+    PostgreSQL and MySQL: a probe waiting at the server in 1 s slices."""
     server = private_server(backend)
     latencies = await _handoffs(server.url, prefix, 5)
     assert 0 < min(latencies) and max(latencies) < 0.5, latencies

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import abc
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import tooz.coordination
 
 from .._exceptions import UnsupportedOperation
 from ._base import Capability, Driver
+
+#: Release probes a coordinator runs at most (each is a thread and a connection).
+_PROBES = 4
+#: One server-side wait of a probe, in seconds (MySQL's GET_LOCK takes whole seconds).
+_SLICE = 1
 
 __all__ = ["MySQLDriver", "PostgreSQLDriver"]
 
@@ -35,6 +41,65 @@ class _SQLDriver(Driver):
         super().__init__(coordinator, call_timeout)
         #: Serialises the driver's own connection, which is not thread-safe.
         self._look_guard = threading.Lock()
+        #: Release probes running: lock object id -> the event that stops its probe.
+        self._probes: dict[int, threading.Event] = {}
+        self._probes_guard = threading.Lock()
+
+    # -- waking waiters: a probe waits at the server, in slices --------------------------
+
+    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
+        """A probe: a thread with a connection of its own that waits at the server.
+
+        It waits, one slice at a time, for the lock to come free (a shared advisory lock
+        on PostgreSQL, ``GET_LOCK`` on MySQL), gives back what it got at once, and fires.
+        At most ``_PROBES`` run per coordinator; past that, waiters poll.
+        """
+        if not self.taken(lock):
+            return True
+        with self._probes_guard:
+            if id(lock) in self._probes or len(self._probes) >= _PROBES:
+                return False
+            stop = self._probes[id(lock)] = threading.Event()
+        threading.Thread(
+            target=self._probe, args=(lock, fire, stop), name="aiotooz-probe", daemon=True
+        ).start()
+        return False
+
+    def disarm_release_watch(self, lock: Any) -> None:
+        with self._probes_guard:
+            stop = self._probes.get(id(lock))
+        if stop is not None:
+            stop.set()  # the probe ends within one slice
+
+    def stop(self) -> None:
+        with self._probes_guard:
+            for stop in self._probes.values():
+                stop.set()
+        super().stop()
+
+    def _probe(self, lock: Any, fire: Callable[..., object], stop: threading.Event) -> None:
+        try:
+            connection = self._probe_connection()
+            try:
+                while not stop.is_set():
+                    if self._wait_free(connection, lock):
+                        fire()
+                        return
+            finally:
+                connection.close()
+        except Exception:
+            fire()  # trouble at the server: let the waiter try again (and poll)
+        finally:
+            with self._probes_guard:
+                self._probes.pop(id(lock), None)
+
+    @abc.abstractmethod
+    def _probe_connection(self) -> Any:
+        """A new connection for a probe."""
+
+    @abc.abstractmethod
+    def _wait_free(self, connection: Any, lock: Any) -> bool:
+        """Wait at most ``_SLICE`` seconds at the server for ``lock`` to be free."""
 
     def taken(self, lock: Any) -> bool:
         """Whether the database shows ``lock`` taken (by any session)."""
@@ -53,7 +118,29 @@ class PostgreSQLDriver(_SQLDriver):
     """PostgreSQL advisory locks (tooz maps each name to one of 65,536 of them)."""
 
     extra = "postgresql"
-    capabilities = frozenset({Capability.FENCES})
+    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS})
+
+    def _probe_connection(self) -> Any:
+        driver: Any = self.tooz
+        connection = driver.get_connection(driver._parsed_url, driver._options)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET lock_timeout = '{_SLICE}s'")
+        return connection
+
+    def _wait_free(self, connection: Any, lock: Any) -> bool:
+        import psycopg2.errors
+
+        keys = tuple(lock.key)
+        with connection.cursor() as cursor:
+            try:
+                # Shared: granted once the exclusive holder lets go, and never in the
+                # way of another shared probe.
+                cursor.execute("SELECT pg_advisory_lock_shared(%s, %s)", keys)
+            except psycopg2.errors.LockNotAvailable:
+                return False
+            cursor.execute("SELECT pg_advisory_unlock_shared(%s, %s)", keys)
+        return True
 
     def fencing_token(self, lock: Any) -> int | None:
         """``nextval`` of one sequence, on the session that holds the advisory lock.
@@ -146,7 +233,22 @@ class MySQLDriver(_SQLDriver):
     """
 
     extra = "mysql"
-    capabilities = frozenset({Capability.FENCES})
+    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS})
+
+    def _probe_connection(self) -> Any:
+        driver: Any = self.tooz
+        connection = driver.get_connection(driver._parsed_url, driver._options)
+        self._bound(connection)
+        return connection
+
+    def _wait_free(self, connection: Any, lock: Any) -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT GET_LOCK(%s, %s)", (lock.name, _SLICE))
+            row = cursor.fetchone()
+            if not row or row[0] != 1:
+                return False
+            cursor.execute("SELECT RELEASE_LOCK(%s)", (lock.name,))
+        return True
 
     @classmethod
     def key_problem(cls, key: str) -> str | None:
