@@ -81,16 +81,26 @@ class _Channels:
     async def watch(self, channel: bytes) -> ReleaseSignal:
         if self._pubsub is None:
             self._pubsub = self._client.pubsub()
-            self._reader = spawn(self._read, name="aiotooz redis release signals")
         signal = ReleaseSignal()
         signals = self._signals.setdefault(channel, set())
         signals.add(signal)
-        if len(signals) == 1:
-            subscribed = self._subscribed[channel] = anyio.Event()
-            await self._pubsub.subscribe(channel)
-            await subscribed.wait()  # active at the server: a release from now fires
-        else:
-            await self._subscribed[channel].wait()
+        try:
+            if len(signals) == 1:
+                subscribed = self._subscribed[channel] = anyio.Event()
+                await self._pubsub.subscribe(channel)
+                if self._reader is None:  # after the subscribe: the connection exists
+                    self._reader = spawn(self._read, name="aiotooz redis release signals")
+                await subscribed.wait()  # active at the server: a release from now fires
+            else:
+                await self._subscribed[channel].wait()
+        except BaseException:
+            # Failed or cancelled: forget it here (the connection may keep the
+            # subscription until it closes; a message on it finds no signal).
+            signals.discard(signal)
+            if not signals:
+                self._signals.pop(channel, None)
+                self._subscribed.pop(channel, None)
+            raise
         return signal
 
     async def unwatch(self, channel: bytes, signal: ReleaseSignal) -> None:
@@ -122,6 +132,7 @@ class _Channels:
                         signal.fire()
         except Exception:  # the connection broke: everyone tries again, then polls
             pubsub, self._pubsub = self._pubsub, None
+            self._reader = None
             for event in self._subscribed.values():
                 event.set()
             for signals in self._signals.values():
