@@ -268,6 +268,44 @@ async def handoffs(url: str, rounds: int) -> list[float]:
     return latencies
 
 
+async def child_grant(args: list[str]) -> None:
+    """A waiter in a process of its own: print when it asked, then when it was granted."""
+    url, prefix = args
+    async with coordinator(url, prefix) as coord:
+        lock = Lock("busy", coordinator=coord)
+        print(f"{time.time():.6f}", flush=True)
+        await lock.acquire()
+        print(f"{time.time():.6f}", flush=True)
+        await lock.release()
+
+
+async def foreign_waits(url: str, rounds: int) -> list[float]:
+    """A waiter of another process against 20 tasks of this one looping on the lock with
+    1 ms holds: how long it waits, per round (fairness between processes)."""
+    prefix = f"b{uuid.uuid4().hex[:8]}-"
+    waits = []
+    async with coordinator(url, prefix) as coord:
+        stop = anyio.Event()
+
+        async def busy() -> None:
+            while not stop.is_set():
+                async with Lock("busy", coordinator=coord):
+                    await anyio.sleep(0.001)
+
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(busy)
+            await anyio.sleep(0.2)
+            for _ in range(rounds):
+                done = await anyio.run_process(
+                    [sys.executable, __file__, "_grant", url, prefix], check=True
+                )
+                asked, granted = (float(x) for x in done.stdout.split())
+                waits.append(granted - asked)
+            stop.set()
+    return waits
+
+
 def cycles_tooz(url: str, n: int) -> float:
     driver = tooz_driver(url)
     try:
@@ -551,12 +589,13 @@ class Plan:
     proc_rounds: int
     names: int
     handoffs: int
+    foreign: int
 
 
 def plan(quick: bool) -> Plan:
     if quick:
-        return Plan(True, 300, 200, 1, 200, 5.0, 4, 25, 1, 5_000, 10)
-    return Plan(False, 2_000, 1_000, 3, 1_000, 60.0, 4, 100, 1, 100_000, 30)
+        return Plan(True, 300, 200, 1, 200, 5.0, 4, 25, 1, 5_000, 10, 2)
+    return Plan(False, 2_000, 1_000, 3, 1_000, 60.0, 4, 100, 1, 100_000, 30, 5)
 
 
 def run_async(func: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio") -> Any:
@@ -621,6 +660,7 @@ def main() -> None:
                     lambda: run_async(cycles_redis_py, backends["redis"], p.cycles),
                 )
             for name, url in backends.items():
+                step(f"foreign/{name}", lambda u=url: run_async(foreign_waits, u, p.foreign))
                 step(f"handoff/{name}", lambda u=url: run_async(handoffs, u, p.handoffs))
                 step(
                     f"handoff/{name}-trio",
@@ -708,6 +748,9 @@ def summarise(p: Plan, results: dict[str, Any], redis_version: str) -> dict[str,
             k.split("/")[1]: {"median": statistics.median(v), "max": max(v)}
             for k, v in results.items()
             if k.startswith("handoff/")
+        },
+        "foreign_waits": {
+            k.split("/")[1]: v for k, v in results.items() if k.startswith("foreign/")
         },
         "memory": {k.split("/")[1]: v for k, v in results.items() if k.startswith("memory/")},
     }
@@ -815,6 +858,14 @@ def render(r: dict[str, Any]) -> str:
     out.append(f"Hand-off between two coordinators, release to grant ({p['handoffs']} rounds)")
     for name, h in r["handoff"].items():
         out.append(f"  {name:<12} median {h['median'] * ms:6.2f} ms   max {h['max'] * ms:6.2f} ms")
+    out.append("")
+    out.append(
+        "A waiter in another process against 20 tasks looping on the lock (1 ms holds), "
+        f"{p['foreign']} rounds"
+    )
+    for name, waits in r["foreign_waits"].items():
+        shown = ", ".join(f"{w * ms:.0f}" for w in waits)
+        out.append(f"  {name:<12} waits (ms): {shown}   worst {max(waits) * ms:.0f} ms")
 
     # Verdicts.
     out.append("")
@@ -891,5 +942,7 @@ if __name__ == "__main__":
         anyio.run(child_contend, sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_memory":
         anyio.run(child_memory, sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_grant":
+        anyio.run(child_grant, sys.argv[2:])
     else:
         main()
