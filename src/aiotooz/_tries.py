@@ -104,11 +104,13 @@ class BackendTries:
                     return None
                 if handle is None or handle.connection is not connection:
                     handle = connection.lock(key)
-                now = anyio.current_time()
-                if step_back_until > now:
-                    await anyio.sleep(min(step_back_until, deadline) - now)
+                # The clock is read only when a step-back is pending: not on the hot path.
+                if step_back_until > -math.inf:
+                    pause = min(step_back_until, deadline) - anyio.current_time()
                     step_back_until = -math.inf
-                    continue
+                    if pause > 0:
+                        await anyio.sleep(pause)
+                        continue
                 granted = await self._try(connection, handle, key, deadline, fencing)
                 if granted is not None:
                     return granted
