@@ -15,6 +15,7 @@ from ._lock import Lock as Lock
 from ._lock import fencing_token as fencing_token
 from ._process import get_default_coordinator as get_default_coordinator
 from ._process import set_default_coordinator as set_default_coordinator
+from ._semaphore import Semaphore as Semaphore
 from ._settings import CoordinationSettings as CoordinationSettings
 from ._synchronized import synchronized as synchronized
 
@@ -31,6 +32,7 @@ __all__ = [
     "LockLost",
     "LockNameError",
     "LockNotHeld",
+    "Semaphore",
     "UnsupportedOperation",
     "fencing_token",
     "get_default_coordinator",

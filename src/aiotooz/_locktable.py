@@ -34,7 +34,7 @@ from ._exceptions import (
 )
 from ._logging import Logger
 from ._names import backend_key
-from ._queue import KeyQueue
+from ._queue import KeyQueue, SemaphoreQueue
 from ._telemetry import instruments, record_waited_acquire
 from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, TableOwner
 
@@ -130,6 +130,8 @@ class _Holdings:
         # Backend locks being handed from a releasing task to the next local waiter:
         # key -> the hold that released it. Taken by whoever owns the key's queue next.
         self._handed_over: dict[str, Hold] = {}
+        #: The local state of each semaphore in use here, by name (``_semaphore.py``).
+        self.semaphores: dict[str, SemaphoreQueue] = {}
         #: When the last heartbeat that succeeded began (or the connection was made):
         #: every lock held through the current connection was refreshed no earlier.
         self.last_refresh = -math.inf
@@ -146,11 +148,14 @@ class _Holdings:
 
     @property
     def names_waited_for(self) -> int:
-        return sum(1 for queue in self._queues.values() if queue.waiting)
+        """Lock and semaphore names some task waits for (behind another task)."""
+        queues = [*self._queues.values(), *(s.queue for s in self.semaphores.values())]
+        return sum(1 for queue in queues if queue.waiting)
 
     @property
     def tasks_waiting(self) -> int:
-        return sum(queue.waiting for queue in self._queues.values())
+        queues = [*self._queues.values(), *(s.queue for s in self.semaphores.values())]
+        return sum(queue.waiting for queue in queues)
 
     def holds_through(self, connection: Connection) -> list[Hold]:
         """The holds taken through ``connection`` that are not known to be lost."""
@@ -282,18 +287,27 @@ class LockTable(_Holdings):
         self._keys: dict[str, str] = {}
         self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
 
+    @property
+    def prefix(self) -> str:
+        """What every key of this table starts with (the coordinator's prefix)."""
+        return self._prefix
+
     # -- acquire -------------------------------------------------------------------------
 
-    async def acquire(self, name: str, deadline: float, fencing: bool = False) -> Hold | None:
+    async def acquire(
+        self, name: str, deadline: float, fencing: bool = False, key: str | None = None
+    ) -> Hold | None:
         """Take ``name`` through the local queue and then the backend, and measure it.
 
-        See :meth:`_acquire`; the wait and its outcome go to the telemetry.
+        See :meth:`_acquire`; the wait and its outcome go to the telemetry. ``key``, if
+        given, is the backend key to lock instead of the one ``name`` maps to (a
+        semaphore's slot, see :func:`aiotooz._names.slot_key`).
         """
         attributes = self._attributes(name)
         wait = _Wait(attributes)
         outcome = "error"
         try:
-            hold = await self._acquire(name, deadline, fencing, wait, attributes)
+            hold = await self._acquire(name, deadline, fencing, wait, attributes, key)
             outcome = "acquired" if hold is not None else "timeout"
             return hold
         except anyio.get_cancelled_exc_class():
@@ -309,6 +323,7 @@ class LockTable(_Holdings):
         fencing: bool,
         wait: _Wait,
         attributes: Mapping[str, str],
+        key: str | None = None,
     ) -> Hold | None:
         """Take ``name`` through the local queue and then the backend.
 
@@ -321,7 +336,8 @@ class LockTable(_Holdings):
                 for itself).
         """
         self._tries.check_started()
-        key = self._keys.get(name)
+        if key is None:
+            key = self._keys.get(name)
         if key is None:
             if len(self._keys) >= _KEYS_KEPT:
                 self._keys.clear()
@@ -394,6 +410,10 @@ class LockTable(_Holdings):
         instruments.held.add(1, attributes)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
+
+    def backend_failed(self) -> None:
+        """A try failed with ``BackendUnavailable``: have the heartbeat check the connection."""
+        self._owner.beat_now()
 
     async def release(self, hold: Hold) -> None:
         """Release ``hold`` at the backend, then hand the key to the next local waiter.

@@ -15,6 +15,11 @@ families never meet; two mapped keys are equal only if their 128-bit digests are
 result is at most ``len(prefix) + 57`` ASCII characters with no ``/``, so no name can
 leave the file backend's directory, and it fits MySQL's 64-character limit for
 prefixes of up to 7 characters (longer prefixes are checked by that backend).
+
+A semaphore's slot ``i`` is locked on ``prefix + stem + "~" + digest + "~" + str(i)``
+(:func:`slot_key`; ``stem`` at most 16 characters, ``digest`` that of the semaphore's
+name): it contains two ``~``, so no lock name ever maps to it, and it fits MySQL's
+limit for prefixes of up to 7 characters (and slots up to 999,999).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "check_prefix",
     "format_fields",
     "format_name",
+    "slot_key",
 ]
 
 MAX_PLAIN_LENGTH = 64
@@ -47,6 +53,7 @@ _ATTRIBUTE = re.compile(r"\[[^\]]*\]|\.([^.\[]*)")
 _PLAIN = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_PLAIN_LENGTH - 1}}}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _STEM_LENGTH = 24
+_SLOT_STEM_LENGTH = 16
 _DIGEST_HEX = 32
 
 
@@ -65,9 +72,18 @@ def backend_key(prefix: str, name: str, reserved: Collection[str] = ()) -> str:
     key = prefix + name
     if _PLAIN.fullmatch(key) and key not in reserved:
         return key
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_HEX]
     stem = _UNSAFE.sub("_", name[:_STEM_LENGTH]).lstrip(".")
-    return f"{prefix}{stem}~{digest}"
+    return f"{prefix}{stem}~{_digest(name)}"
+
+
+def _digest(name: str) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_HEX]
+
+
+def slot_key(prefix: str, name: str, index: int) -> str:
+    """The key of slot ``index`` of the semaphore ``name`` (see the module docstring)."""
+    stem = _UNSAFE.sub("_", name[:_SLOT_STEM_LENGTH]).lstrip(".")
+    return f"{prefix}{stem}~{_digest(name)}~{index}"
 
 
 def check_name(name: object) -> str:

@@ -13,7 +13,7 @@ from typing import final
 
 import anyio
 
-__all__ = ["KeyQueue"]
+__all__ = ["KeyQueue", "SemaphoreQueue"]
 
 
 @final
@@ -89,3 +89,41 @@ class KeyQueue:
             self.give_back()
         else:
             self._waiters.remove(waiter)
+
+
+@final
+class SemaphoreQueue:
+    """The tasks of one process that want slots of one semaphore, and its local state.
+
+    Waiters line up in one :class:`KeyQueue` (first come, first served); only its owner
+    tries the slots. A local release wakes it through :meth:`released`.
+    """
+
+    __slots__ = ("_released", "holders", "limit", "probed_at", "queue")
+
+    def __init__(self, limit: int) -> None:
+        #: The limit every semaphore of this name in this process must use.
+        self.limit = limit
+        self.queue = KeyQueue()
+        #: Slots held through this coordinator now.
+        self.holders = 0
+        #: When a waiter last checked whether a process uses a larger limit.
+        self.probed_at = float("-inf")
+        self._released: anyio.Event | None = None
+
+    @property
+    def idle(self) -> bool:
+        """No slot held or wanted here: the state can be forgotten."""
+        return self.holders == 0 and self.queue.idle
+
+    def release_signal(self) -> anyio.Event:
+        """The event the next local release sets (take it before trying the slots)."""
+        if self._released is None:
+            self._released = anyio.Event()
+        return self._released
+
+    def released(self) -> None:
+        """A slot held here was released: wake the waiter at the head."""
+        if self._released is not None:
+            self._released.set()
+            self._released = None
