@@ -16,11 +16,16 @@ Commands:
   tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
   fence URL PREFIX NAME TIMES                  take the lock with fencing TIMES times (one
                                                coordinator); print each grant's token
+  semaphore URL PREFIX NAME LIMIT TASKS ROUNDS LOG
+                                               TASKS tasks enter Semaphore(NAME, LIMIT) ROUNDS
+                                               times each, appending "+" to LOG once inside
+                                               and "-" before leaving (one write each)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +34,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from aiotooz import CoordinationSettings, Coordinator, Lock
+from aiotooz import CoordinationSettings, Coordinator, Lock, Semaphore
 
 # Keep stdout for the protocol with the test ("held", "acquired", "busy").
 structlog.configure(
@@ -101,6 +106,30 @@ async def fence(url: str, prefix: str, name: str, times: str) -> None:
                 print(lock.fencing_token, flush=True)
 
 
+async def semaphore(
+    url: str, prefix: str, name: str, limit: str, tasks: str, rounds: str, log: str
+) -> None:
+    # O_APPEND: each one-byte write lands whole, in the order the writes happen, so the
+    # file's order of "+" and "-" is an order in time of every process's entries and exits.
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+
+    async def one_task(semaphore: Semaphore) -> None:
+        for _ in range(int(rounds)):
+            async with semaphore:
+                os.write(fd, b"+")
+                await anyio.sleep(0.03)
+                os.write(fd, b"-")
+
+    try:
+        async with _coordinator(url, prefix) as coordinator:
+            shared = Semaphore(name, int(limit), coordinator=coordinator)
+            async with anyio.create_task_group() as group:
+                for _ in range(int(tasks)):
+                    group.start_soon(one_task, shared)
+    finally:
+        os.close(fd)
+
+
 def tooz_hold(url: str, prefix: str, name: str) -> None:
     from tooz import coordination
 
@@ -127,6 +156,7 @@ def main() -> None:
         "try": try_once,
         "grant": grant,
         "fence": fence,
+        "semaphore": semaphore,
     }
     anyio.run(commands[command], *args)
 

@@ -220,23 +220,30 @@ class Semaphore:
         return True
 
     async def release(self) -> None:
-        """Release the latest slot the current task took with :meth:`acquire`.
+        """Release a slot taken with :meth:`acquire` through this object.
 
-        A lost slot is released without error; if the backend cannot be told, the slot
-        is given up locally and a warning logged, as for a lock.
+        The latest one the current task took; if it took none, the oldest one another
+        task took (as :class:`asyncio.Semaphore` lets any task release). A lost slot is
+        released without error; if the backend cannot be told, the slot is given up
+        locally and a warning logged, as for a lock.
 
         Raises:
-            LockNotHeld: the current task holds no slot taken with :meth:`acquire`.
+            LockNotHeld: no slot taken with :meth:`acquire` is held through this object
+                (an ``async with`` block releases its own slot).
         """
-        task = _current_task()
-        slots = self._held.get(task, [])
-        for slot in reversed(slots):
+        current = _current_task()
+        for slot in reversed(self._held.get(current, [])):
             if not slot.entered:
-                await self._release(task, slot)
+                await self._release(current, slot)
                 return
+        for task, slots in self._held.items():
+            for slot in slots:
+                if not slot.entered:
+                    await self._release(task, slot)
+                    return
         raise LockNotHeld(
-            f"this task holds no slot of semaphore {self.name!r} taken with acquire() "
-            "(an 'async with' block releases its own slot)"
+            f"no slot of semaphore {self.name!r} taken with acquire() is held through this "
+            "object (an 'async with' block releases its own slot)"
         )
 
     async def _release(self, task: int, slot: _Slot) -> None:
