@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from aiotooz import (
+    BackendUnavailable,
     ConfigurationError,
     Coordinator,
     LockAcquireFailed,
@@ -23,6 +24,7 @@ from aiotooz import (
 from aiotooz._names import backend_key, slot_key
 
 from ._procs import Worker
+from ._servers import PrivateRedis
 from .helpers import make_coordinator
 
 
@@ -317,3 +319,49 @@ async def test_stop_cancels_holders_and_fails_waiters(file_url: str, prefix: str
         await coordinator.stop()
     assert outcomes == ["held", "lost: the coordinator stopped"]
     assert not coordinator.lock_table.semaphores
+
+
+async def test_a_reconnect_cancels_holders_and_waiters_ride_it_out(
+    private_redis: PrivateRedis, prefix: str
+) -> None:
+    async with make_coordinator(
+        private_redis.url,
+        prefix,
+        heartbeat=0.1,
+        initial_reconnect_backoff=0.05,
+        max_reconnect_backoff=0.2,
+    ) as coordinator:
+        semaphore = Semaphore("outage", 1, coordinator=coordinator)
+        outcomes: list[str] = []
+
+        async def hold() -> None:
+            try:
+                async with semaphore:
+                    outcomes.append("held")
+                    await anyio.sleep(60)
+            except LockLost as exc:
+                outcomes.append(f"lost: {exc.reason}")
+
+        async def wait() -> None:
+            async with semaphore:
+                outcomes.append("waiter held")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(hold)
+            await anyio.sleep(0.1)
+            group.start_soon(wait)
+            await anyio.sleep(0.1)
+            private_redis.kill()
+            with anyio.fail_after(30):
+                while coordinator.is_connected:
+                    await anyio.sleep(0.05)
+            with pytest.raises(BackendUnavailable, match="reconnecting"):
+                await Semaphore("other", 1, coordinator=coordinator).acquire(blocking=False)
+            assert not await Semaphore("other", 1, coordinator=coordinator).acquire(blocking=0.2)
+            await anyio.sleep(0.3)  # a few reconnect attempts fail; the waiter waits on
+            assert outcomes == ["held", "lost: the connection to the backend failed"]
+            private_redis.start()
+            with anyio.fail_after(30):
+                await coordinator.wait_connected()
+        assert outcomes[-1] == "waiter held"
+        assert coordinator.statistics().locks_held == 0

@@ -411,6 +411,11 @@ class LockTable(_Holdings):
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
 
+    def owned_here(self, key: str) -> bool:
+        """Whether a task of this table holds ``key``, or is taking it, now."""
+        queue = self._queues.get(key)
+        return queue is not None and queue.owner is not None
+
     def backend_failed(self) -> None:
         """A try failed with ``BackendUnavailable``: have the heartbeat check the connection."""
         self._owner.beat_now()

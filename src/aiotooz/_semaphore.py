@@ -434,6 +434,9 @@ async def _round(
     for offset in range(limit):
         index = (start + offset) % limit
         key = slot_key(table.prefix, name, index)
+        if table.owned_here(key):
+            tried = True
+            continue  # held by a task here: no need to ask the backend
         try:
             hold = await table.acquire(_slot_name(name, index), TRY_ONCE, key=key)
         except UnsupportedOperation as exc:
