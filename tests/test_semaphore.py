@@ -16,6 +16,7 @@ from aiotooz import (
     ConfigurationError,
     Coordinator,
     LockAcquireFailed,
+    LockCreationFailed,
     LockLost,
     LockNameError,
     LockNotHeld,
@@ -313,11 +314,19 @@ async def test_stop_cancels_holders_and_fails_waiters(file_url: str, prefix: str
         except LockLost as exc:
             outcomes.append(f"lost: {exc.reason}")
 
+    async def wait() -> None:
+        try:
+            await semaphore.acquire()
+        except LockCreationFailed:
+            outcomes.append("waiter failed")
+
     async with anyio.create_task_group() as group:
         group.start_soon(hold)
         await anyio.sleep(0.1)
+        group.start_soon(wait)
+        await anyio.sleep(0.1)
         await coordinator.stop()
-    assert outcomes == ["held", "lost: the coordinator stopped"]
+    assert sorted(outcomes) == ["held", "lost: the coordinator stopped", "waiter failed"]
     assert not coordinator.lock_table.semaphores
 
 

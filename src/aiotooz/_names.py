@@ -18,8 +18,9 @@ prefixes of up to 7 characters (longer prefixes are checked by that backend).
 
 A semaphore's slot ``i`` is locked on ``prefix + stem + "~" + digest + "~" + str(i)``
 (:func:`slot_key`; ``stem`` at most 16 characters, ``digest`` that of the semaphore's
-name): it contains two ``~``, so no lock name ever maps to it, and it fits MySQL's
-limit for prefixes of up to 7 characters (and slots up to 999,999).
+name): it contains two ``~``, so no lock name ever maps to it, and it is at most
+``len(prefix) + 54`` characters for the slots of limits up to 1,000 (MySQL's limit of
+64 then fits prefixes of up to 10 characters).
 """
 
 from __future__ import annotations
