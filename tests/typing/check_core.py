@@ -20,6 +20,7 @@ from aiotooz import (
     Coordinator,
     Lock,
     LockAcquireFailed,
+    Semaphore,
     synchronized,
 )
 
@@ -76,6 +77,24 @@ async def coordinator_and_locks() -> None:
         assert_type(aiotooz.get_default_coordinator(), Coordinator)
     Lock("share-{share.id}", {"share": Share("a")})
     Lock(42)  # type: ignore[arg-type]
+
+
+async def semaphores() -> None:
+    async with Coordinator() as coordinator:
+        semaphore = Semaphore("api-{tenant}", 3, {"tenant": "acme"}, coordinator=coordinator)
+        async with semaphore as entered:
+            assert_type(entered, Semaphore)
+            assert_type(semaphore.slot, int)
+        async with semaphore(blocking=2.5):
+            assert_type(semaphore.lost, bool)
+            assert_type(semaphore.lost_reason, str | None)
+        assert_type(await semaphore.acquire(blocking=False), bool)
+        assert_type(semaphore.held, int)
+        await semaphore.release()
+    Semaphore("api", 3, cancel_on_loss=False)
+    Semaphore("api", "3")  # type: ignore[arg-type]
+    Semaphore("api", 3, None, None)  # type: ignore[call-arg]
+    semaphore(blocking="soon")  # type: ignore[arg-type]
 
 
 def exceptions_form_one_tree(exc: LockAcquireFailed) -> CoordinationError:
