@@ -26,7 +26,7 @@ from aiotooz._names import backend_key, slot_key
 
 from ._procs import Worker
 from ._servers import PrivateRedis
-from .helpers import make_coordinator
+from .helpers import HOSTILE_NAMES, make_coordinator
 
 
 @pytest.fixture
@@ -205,6 +205,11 @@ async def test_slots_are_keys_no_lock_name_maps_to(file_url: str, prefix: str) -
     names = ["jobs", "jobs (slot 0)", "jobs~0", slot_key("", "jobs", 0)]
     keys = {backend_key(prefix, name) for name in names}
     assert not keys & {slot_key(prefix, "jobs", index) for index in range(3)}
+    # Lock keys hold at most one "~" and slot keys exactly two, for any name.
+    for name in [*HOSTILE_NAMES, *names]:
+        assert backend_key(prefix, name).count("~") <= 1
+        assert slot_key(prefix, name, 999).count("~") == 2
+        assert len(slot_key(prefix, name, 1000)) <= len(prefix) + 54
     async with make_coordinator(file_url, prefix) as coordinator:
         semaphore = Semaphore("jobs", 1, coordinator=coordinator)
         async with semaphore:
