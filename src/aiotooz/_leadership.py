@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
 __all__ = ["LEADERSHIP_NAMESPACE", "Leadership", "LeadershipMethods", "Term"]
 
 #: Lock names that start with this are reserved for leadership: ``leadership("x")``
-#: holds the lock named ``"aiotooz.leadership:x"``.
-LEADERSHIP_NAMESPACE = "aiotooz.leadership:"
+#: holds the lock named ``"aiotooz.leader.x"``.
+LEADERSHIP_NAMESPACE = "aiotooz.leader."
 
 #: ``run_as_leader`` pauses this long (seconds, drawn at random) before it campaigns
 #: again, so that replicas that lost together do not all ask at once.
@@ -166,7 +166,7 @@ class LeadershipMethods:
         Entering waits until this process leads (as ``blocking`` allows, as for locks)
         and gives the :class:`Term`. If leadership is lost while leading, the body is
         cancelled and :class:`~aiotooz.LeadershipLost` raised out of the block. Lock
-        names starting with ``"aiotooz.leadership:"`` are reserved for it.
+        names starting with ``"aiotooz.leader."`` are reserved for it.
 
         Args:
             name: the leadership's name; processes lead it together when their
