@@ -154,8 +154,8 @@ def main() -> None:
         tooz_hold(*args)
         return
     if command == "campaign":
-        *args, loop = args
-        anyio.run(campaign, *args, backend=loop)
+        url, prefix, name, record, loop = args
+        anyio.run(campaign, url, prefix, name, record, backend=loop)
         return
     commands: dict[str, Callable[..., Awaitable[None]]] = {
         "count": count,
