@@ -261,6 +261,25 @@ async def test_run_as_leader_returns_when_cancelled_and_another_takes_over(
             group.cancel_scope.cancel()
 
 
+async def test_run_as_leader_ends_when_its_coordinator_stops(backend_url: str, prefix: str) -> None:
+    coordinator = make_coordinator(backend_url, prefix)
+    await coordinator.start()
+    leading = anyio.Event()
+
+    async def job() -> None:
+        leading.set()
+        await anyio.sleep_forever()
+
+    async def stop_when_leading() -> None:
+        await leading.wait()
+        await coordinator.stop()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(stop_when_leading)
+        with pytest.raises(LockCreationFailed, match="not started"):
+            await coordinator.run_as_leader("stopping", job)
+
+
 async def test_bad_arguments_get_clear_errors(file_url: str, prefix: str) -> None:
     coordinator = make_coordinator(file_url, prefix)
     with pytest.raises(LockCreationFailed, match="not started"):

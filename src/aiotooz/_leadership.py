@@ -145,11 +145,11 @@ async def run_as_leader(
         except LeadershipLost as exc:
             if not campaign.lost:
                 raise  # the job's own (a leadership of its own, say)
+            if not coordinator.is_started:
+                continue  # stopped: the next campaign says so (LockCreationFailed)
             log.warning("leadership lost; campaigning again", reason=exc.reason)
         except BackendUnavailable as exc:
-            if campaign.term is not None or campaign.lost:
-                raise
-            if not coordinator.is_started:
+            if campaign.term is not None or campaign.lost or not coordinator.is_started:
                 raise
             log.warning("campaign failed; campaigning again", error=str(exc))
         await anyio.sleep(random.uniform(*_PAUSE))
