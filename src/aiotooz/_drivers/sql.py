@@ -162,9 +162,13 @@ class _SQLDriver(Driver):
                 connection.rollback()  # session locks survive a rollback
                 if attempt:
                     raise
-                with connection.cursor() as cursor:
-                    cursor.execute(self._leaders_ddl)
-                connection.commit()
+                try:
+                    # Two sessions creating it at once: one may fail; the retry tells.
+                    with connection.cursor() as cursor:
+                        cursor.execute(self._leaders_ddl)
+                    connection.commit()
+                except Exception:
+                    connection.rollback()
 
     def read_leader(self, key: str) -> str | None:
         """The record's member, if the session that wrote it holds the lock now."""
