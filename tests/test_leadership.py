@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from aiotooz import (
+    BackendUnavailable,
     ConfigurationError,
     Coordinator,
     LeadershipLost,
@@ -221,13 +222,19 @@ async def test_run_as_leader_campaigns_again_after_each_term(backend_url: str, p
     assert len(tokens) == 3 and tokens == sorted(set(tokens))
 
 
-async def test_run_as_leader_raises_the_jobs_own_error(backend_url: str, prefix: str) -> None:
+@pytest.mark.parametrize("error", [KeyError, BackendUnavailable, LeadershipLost])
+async def test_run_as_leader_raises_the_jobs_own_error(
+    backend_url: str, prefix: str, error: type[Exception]
+) -> None:
+    """Even errors that the campaign itself would retry, when the job raised them."""
     async with make_coordinator(backend_url, prefix) as coordinator:
 
         async def job() -> None:
-            raise KeyError("the job's own")
+            if error is LeadershipLost:
+                raise LeadershipLost("the job's own", lock_name="another", reason="test")
+            raise error("the job's own")
 
-        with pytest.raises(KeyError, match="the job's own"):
+        with pytest.raises(error, match="the job's own"):
             await coordinator.run_as_leader("failing", job)
         assert await coordinator.leader("failing") is None  # given up on the way out
 

@@ -63,7 +63,7 @@ class Term:
 class Leadership:
     """``async with coordinator.leadership(name) as term:`` (see ``LeadershipMethods``)."""
 
-    __slots__ = ("_blocking", "_coordinator", "_lock", "lost", "name", "term")
+    __slots__ = ("_blocking", "_coordinator", "_lock", "led", "lost", "name", "term")
 
     def __init__(self, coordinator: Coordinator, name: str, blocking: Blocking) -> None:
         self.name = check_name(name)
@@ -72,6 +72,8 @@ class Leadership:
         self._lock = Lock(LEADERSHIP_NAMESPACE + name, coordinator=coordinator, fencing=True)
         #: The term while this block leads; ``None`` before and after.
         self.term: Term | None = None
+        #: This block has led (entering succeeded): errors from now on are the body's.
+        self.led = False
         #: This block's term was lost (it raised :class:`~aiotooz.LeadershipLost`).
         self.lost = False
 
@@ -93,6 +95,7 @@ class Leadership:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
         self.term = Term(self.name, coordinator.member_id, token, time.time())
+        self.led = True
         return self.term
 
     async def __aexit__(
@@ -149,8 +152,8 @@ async def run_as_leader(
                 continue  # stopped: the next campaign says so (LockCreationFailed)
             log.warning("leadership lost; campaigning again", reason=exc.reason)
         except BackendUnavailable as exc:
-            if campaign.term is not None or campaign.lost or not coordinator.is_started:
-                raise
+            if campaign.led or campaign.lost or not coordinator.is_started:
+                raise  # the job's own, or the coordinator stopped
             log.warning("campaign failed; campaigning again", error=str(exc))
         await anyio.sleep(random.uniform(*_PAUSE))
 
