@@ -140,7 +140,9 @@ async def test_one_leader_at_a_time_and_failover_after_sigkill(
             assert await observer.leader("sched") == second.member
             await anyio.sleep(0.3)  # the new leader runs a while: no one else begins
         terms = read_terms(record)
-        assert [term.member for term in terms] == [first.member, second.member]
+        # (A later term may follow if the new leader lost its lease under heavy load;
+        # what must hold is one term at a time.)
+        assert [term.member for term in terms[:2]] == [first.member, second.member]
         check_one_at_a_time(terms)
     finally:
         for worker in workers:  # all at once: each stops its coordinator meanwhile
