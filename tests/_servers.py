@@ -470,17 +470,25 @@ class PrivateMariaDB(PrivateServer):
         return ["--user=root"] if os.geteuid() == 0 else []  # root must be asked for
 
     def _prepare(self) -> None:
-        subprocess.run(
-            [
-                self._install,
-                "--no-defaults",
-                f"--datadir={self._workdir / 'data'}",
-                *self._user(),
-                "--skip-test-db",
-                "--auth-root-authentication-method=normal",
-            ],
-            check=True,
-            capture_output=True,
+        data = self._workdir / "data"
+        command = [
+            self._install,
+            "--no-defaults",
+            f"--datadir={data}",
+            *self._user(),
+            "--skip-test-db",
+            "--auth-root-authentication-method=normal",
+        ]
+        # Seen once in a run of three test processes at once: mariadb-install-db exited
+        # with 1. It is a throwaway directory, so start it over once, and if it fails
+        # again say what the tool printed (CalledProcessError alone does not).
+        for _attempt in (1, 2):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode == 0:
+                return
+            shutil.rmtree(data, ignore_errors=True)
+        raise RuntimeError(
+            f"{self._install} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
         )
 
     def _command(self) -> list[str]:

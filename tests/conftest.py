@@ -14,6 +14,7 @@ from aiotooz import Coordinator
 
 from .helpers import (
     ALL_BACKENDS,
+    FAILOVER_TIMES,
     HANDOFF_LATENCIES,
     REDIS_URL,
     SEED_VARIABLE,
@@ -150,6 +151,11 @@ def any_backend_url(any_backend: str, server_pool: ServerPool, tmp_path: Path) -
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FAILOVER_TIMES:
+        terminalreporter.section("leadership failover after SIGKILL (s)")
+        for backend, samples in sorted(FAILOVER_TIMES.items()):
+            shown = " ".join(f"{sample:.2f}" for sample in samples)
+            terminalreporter.write_line(f"{backend:<12} {shown}")
     if not HANDOFF_LATENCIES:
         return
     terminalreporter.section("cross-process hand-off latency (ms)")

@@ -38,6 +38,9 @@ SERVER_OF = {"etcd3+http": "etcd"}
 #: backend; conftest.py prints them at the end of the run (README's backend table quotes
 #: them).
 HANDOFF_LATENCIES: dict[str, list[float]] = {}
+#: Seconds from SIGKILLing a leader to another process's term, per backend, measured by
+#: tests/test_leadership.py; conftest.py prints them (docs/leadership.md quotes them).
+FAILOVER_TIMES: dict[str, list[float]] = {}
 
 #: Lock names that are hard on backends: separators, dots, reserved words, lengths,
 #: non-ASCII and non-characters. Each must lock a key of its own on every backend.

@@ -20,6 +20,11 @@ Commands:
                                                TASKS tasks enter Semaphore(NAME, LIMIT) ROUNDS
                                                times each, appending "+" to LOG once inside
                                                and "-" before leaving (one write each)
+  campaign URL PREFIX NAME RECORD LOOP         print "member ID", then run_as_leader(NAME) on the
+                                               anyio backend LOOP (heartbeat 0.3 s); the job
+                                               appends "begin ID TOKEN TIME" to the file RECORD,
+                                               then "alive ID TOKEN TIME" every 50 ms; stop at
+                                               the end of input
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from aiotooz import CoordinationSettings, Coordinator, Lock, Semaphore
+from aiotooz import CoordinationSettings, Coordinator, Lock, Semaphore, fencing_token
 
 # Keep stdout for the protocol with the test ("held", "acquired", "busy").
 structlog.configure(
@@ -130,6 +135,33 @@ async def semaphore(
         os.close(fd)
 
 
+async def campaign(url: str, prefix: str, name: str, record: str) -> None:
+    settings = CoordinationSettings(backend_url=url, heartbeat=0.3)
+    async with Coordinator(prefix=prefix, settings=settings) as coordinator:
+        member = coordinator.member_id
+        print(f"member {member}", flush=True)
+
+        def note(what: str, token: int) -> None:
+            # One write with O_APPEND: lines of several processes never interleave.
+            fd = os.open(record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, f"{what} {member} {token} {time.time():.6f}\n".encode())
+            finally:
+                os.close(fd)
+
+        async def job() -> None:
+            token = fencing_token()  # the term's: its lock is the task's fenced lock
+            note("begin", token)
+            while True:
+                await anyio.sleep(0.05)
+                note("alive", token)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(coordinator.run_as_leader, name, job)
+            await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+            group.cancel_scope.cancel()
+
+
 def tooz_hold(url: str, prefix: str, name: str) -> None:
     from tooz import coordination
 
@@ -148,6 +180,10 @@ def main() -> None:
     command, *args = sys.argv[1:]
     if command == "tooz-hold":
         tooz_hold(*args)
+        return
+    if command == "campaign":
+        url, prefix, name, record, loop = args
+        anyio.run(campaign, url, prefix, name, record, backend=loop)
         return
     commands: dict[str, Callable[..., Awaitable[None]]] = {
         "count": count,

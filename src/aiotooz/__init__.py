@@ -5,12 +5,15 @@ from ._coordinator import CoordinatorStatistics as CoordinatorStatistics
 from ._exceptions import BackendUnavailable as BackendUnavailable
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import CoordinationError as CoordinationError
+from ._exceptions import LeadershipLost as LeadershipLost
 from ._exceptions import LockAcquireFailed as LockAcquireFailed
 from ._exceptions import LockCreationFailed as LockCreationFailed
 from ._exceptions import LockLost as LockLost
 from ._exceptions import LockNameError as LockNameError
 from ._exceptions import LockNotHeld as LockNotHeld
 from ._exceptions import UnsupportedOperation as UnsupportedOperation
+from ._leadership import Leadership as Leadership
+from ._leadership import Term as Term
 from ._lock import Lock as Lock
 from ._lock import fencing_token as fencing_token
 from ._process import get_default_coordinator as get_default_coordinator
@@ -26,6 +29,8 @@ __all__ = [
     "CoordinationSettings",
     "Coordinator",
     "CoordinatorStatistics",
+    "Leadership",
+    "LeadershipLost",
     "Lock",
     "LockAcquireFailed",
     "LockCreationFailed",
@@ -33,6 +38,7 @@ __all__ = [
     "LockNameError",
     "LockNotHeld",
     "Semaphore",
+    "Term",
     "UnsupportedOperation",
     "fencing_token",
     "get_default_coordinator",

@@ -437,6 +437,22 @@ class Connection(_Caller):
             self._acquire_lane, action, lambda: self.driver.fencing_token(tooz_lock)
         )
 
+    async def publish_leader(self, handle: LockHandle, member_id: str, token: int) -> None:
+        """Record ``member_id`` as the leader holding ``handle``'s lock (``NAMES_LEADER``)."""
+        tooz_lock = handle._tooz_lock
+        publish = lambda: self.driver.publish_leader(tooz_lock, member_id, token)  # noqa: E731
+        await self._call(self._control_lane, f"publishing leader of {handle.key!r}", publish)
+
+    async def read_leader(self, key: str) -> str | None:
+        """The member id that holds the leadership lock ``key`` now, or ``None``.
+
+        Raises:
+            UnsupportedOperation: the driver cannot name leaders.
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        read = lambda: self.driver.read_leader(key)  # noqa: E731
+        return await self._call(self._control_lane, f"reading leader of {key!r}", read)
+
     async def release(self, handle: LockHandle) -> bool:
         """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.
 

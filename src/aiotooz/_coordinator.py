@@ -18,6 +18,7 @@ from ._exceptions import (
     CoordinationError,
     LockCreationFailed,
 )
+from ._leadership import LeadershipMethods
 from ._lock import Lock
 from ._locktable import LockTable
 from ._logging import get_logger
@@ -59,7 +60,7 @@ class CoordinatorStatistics:
 
 
 @final
-class Coordinator:
+class Coordinator(LeadershipMethods):
     """An asyncio-native (anyio) front to one tooz coordination backend.
 
     Connects on :meth:`start`, runs the heartbeat and reconnect as background tasks,

@@ -9,7 +9,8 @@ translated, once, in :mod:`aiotooz._connection`, into one of these::
     ├── LockCreationFailed        no started coordinator, or a lock name that cannot be built
     │   └── LockNameError         a name that is not a non-empty str, or a format field missing
     ├── LockAcquireFailed         not acquired within the ``blocking`` budget
-├── LockLost                  a held lock was lost (expired, taken over, connection gone)
+    ├── LockLost                  a held lock was lost (expired, taken over, connection gone)
+    │   └── LeadershipLost        a leadership term ended while leading (its lock was lost)
     ├── LockNotHeld               release of a lock that is not held
     └── UnsupportedOperation      the backend cannot do what was asked
 
@@ -56,6 +57,15 @@ class LockLost(CoordinationError):
         super().__init__(message)
         self.lock_name = lock_name
         self.reason = reason
+
+
+class LeadershipLost(LockLost):
+    """Leadership was lost while leading: the lock behind it was lost.
+
+    ``async with coordinator.leadership(name):`` cancels its body and raises this;
+    :meth:`Coordinator.run_as_leader` campaigns again. ``lock_name`` is the leadership's
+    name.
+    """
 
 
 class LockNotHeld(CoordinationError):

@@ -17,9 +17,17 @@ from ._process import get_default_coordinator
 from ._telemetry import lost_event
 
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
+    from ._connection import LockHandle
     from ._coordinator import Coordinator
 
-__all__ = ["Blocking", "Lock", "check_blocking", "deadline_for", "fencing_token"]
+__all__ = [
+    "Blocking",
+    "Lock",
+    "check_blocking",
+    "deadline_for",
+    "fencing_token",
+    "held_handle",
+]
 
 #: ``True`` waits as long as it takes, ``False`` tries once, a number of seconds waits
 #: at most that long.
@@ -83,6 +91,18 @@ def fencing_token(name: str | None = None) -> int:
         f"this task holds {which} in an 'async with' block or @synchronized function; "
         "use Lock(..., fencing=True) or @synchronized(..., fencing=True)"
     )
+
+
+def held_handle(lock: Lock) -> LockHandle:
+    """The backend lock ``lock`` holds (package-internal: leadership publishes on it).
+
+    Raises:
+        LockNotHeld: the lock is not held.
+    """
+    hold = lock._hold
+    if hold is None:
+        raise LockNotHeld(f"lock {lock.name!r} is not held")
+    return hold.handle
 
 
 @final

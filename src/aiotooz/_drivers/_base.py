@@ -33,6 +33,8 @@ __all__ = [
     "client_timeout_options",
     "clock_floor",
     "next_in_file",
+    "read_leader_file",
+    "write_leader_file",
 ]
 
 #: Exceptions that mean "not acquired within the time given" on some drivers
@@ -62,6 +64,9 @@ class Capability(enum.Enum):
     #: (``watch_releases``) or armed after each failed try (``arm_release_watch``);
     #: waiters of other drivers poll.
     WAKES_WAITERS = "wakes waiters"
+    #: The driver can say who holds a leadership lock: the holder publishes its member
+    #: id (``publish_leader``), anyone reads it back (``read_leader``).
+    NAMES_LEADER = "names leader"
 
 
 @final
@@ -241,6 +246,25 @@ class Driver:
         """
         raise tooz.NotImplemented("fencing tokens")
 
+    # -- leadership (``Capability.NAMES_LEADER``) -------------------------------------
+
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """Record that ``member_id`` leads through ``lock``, which we hold, with ``token``.
+
+        ``token`` is the fencing token of this grant. The record must be tied to the
+        lock: :meth:`read_leader` never answers with it once the lock is not held by the
+        grant that wrote it (it expired, was released, or its process or session died).
+        """
+        raise tooz.NotImplemented("leader records")
+
+    def read_leader(self, key: str) -> str | None:
+        """The member id that holds the leadership lock ``key`` now, or ``None``.
+
+        ``None`` also while the holder has not published its record yet; never the
+        member id of a grant that has ended.
+        """
+        raise tooz.NotImplemented("leader records")
+
     def still_owner(self, lock: Any) -> bool | None:
         """Whether ``lock`` is still ours at the backend; ``None`` if it cannot tell."""
         try:
@@ -293,3 +317,38 @@ def next_in_file(path: str) -> int:
     finally:
         os.close(fd)
     return token
+
+
+#: A leader record beside a fencing counter: the counter file's name and this suffix
+#: (never a key: plain keys have no ``~``, mapped keys end in ``~`` and 32 hex digits).
+_RECORD_SUFFIX = "~leader"
+
+
+def write_leader_file(counter_path: str, member_id: str, token: int) -> None:
+    """Write the leader record beside the fencing counter at ``counter_path``.
+
+    Written to a temporary file and renamed, so a reader sees the old record or the new
+    one, never half of one.
+    """
+    path = counter_path + _RECORD_SUFFIX
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as record:
+        record.write(f"{token} {member_id}")
+    os.replace(temporary, path)
+
+
+def read_leader_file(counter_path: str) -> str | None:
+    """The member id in the leader record beside ``counter_path``, if it is current.
+
+    Current means its token is the counter's value: the last grant fenced on this key
+    wrote it. The caller checks that the lock is held at all (a holder that died leaves
+    both files behind).
+    """
+    try:
+        with open(counter_path + _RECORD_SUFFIX, encoding="utf-8") as record:
+            token, _, member_id = record.read().partition(" ")
+        with open(counter_path, encoding="utf-8") as counter:
+            current = counter.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return member_id if member_id and token == current else None

@@ -27,6 +27,7 @@ class EtcdDriver(Driver):
             Capability.KNOWS_OWNER,
             Capability.FENCES,
             Capability.WAKES_WAITERS,
+            Capability.NAMES_LEADER,
         }
     )
 
@@ -112,6 +113,42 @@ class EtcdDriver(Driver):
             return None
         return int(result["header"]["revision"])
 
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """A record key on the lock's lease, naming the lock's token and the member id.
+
+        Written in a transaction that checks the lock key still holds our token; on the
+        lease, the record goes when the lock's lease ends (expiry or release).
+        """
+        record = base64.b64encode(base64.b64decode(lock._uuid) + member_id.encode())
+        txn = {
+            "compare": [
+                {"key": lock._key_b64, "result": "EQUAL", "target": "VALUE", "value": lock._uuid}
+            ],
+            "success": [
+                {
+                    "request_put": {
+                        "key": base64.b64encode(_leader_key(lock)).decode("ascii"),
+                        "value": record.decode("ascii"),
+                        "lease": lock._lease.id,
+                    }
+                }
+            ],
+            "failure": [],
+        }
+        self.tooz.client.transaction(txn)  # type: ignore[attr-defined]
+
+    def read_leader(self, key: str) -> str | None:
+        """The record, if the lock key holds the token it names."""
+        lock = self.get_lock(key)
+        client = self.tooz.client  # type: ignore[attr-defined]
+        records = client.get(_leader_key(lock))
+        values = client.get(lock._key)
+        if not records or not values:
+            return None
+        record = bytes(records[0])  # the lock's 16-byte token, then the member id
+        token, member_id = record[:_TOKEN_BYTES], record[_TOKEN_BYTES:]
+        return member_id.decode("utf-8", "replace") if token == values[0] else None
+
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
         """A watch on the lock key's deletion, from the revision after the one read.
 
@@ -152,3 +189,12 @@ class EtcdDriver(Driver):
         for watcher in watchers:
             watcher.stop()  # their threads would otherwise hold up interpreter exit
         super().stop()
+
+
+#: tooz's lock token: a UUID's 16 bytes.
+_TOKEN_BYTES = 16
+
+
+def _leader_key(lock: Any) -> bytes:
+    """The key of a lock's leader record (the lock key with a suffix no lock key has)."""
+    return bytes(lock._key) + b"~leader"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import urllib.parse
 from typing import Any, ClassVar
 
 from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
-from ._base import Capability, Driver, next_in_file
+from ._base import Capability, Driver, next_in_file, read_leader_file, write_leader_file
 
 __all__ = ["FileDriver"]
 
@@ -28,7 +30,7 @@ class FileDriver(Driver):
       one mutex also closes tooz's non-atomic barrier creation race.
     """
 
-    capabilities = frozenset({Capability.LOCAL_CALLS, Capability.FENCES})
+    capabilities = frozenset({Capability.LOCAL_CALLS, Capability.FENCES, Capability.NAMES_LEADER})
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
     reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing"})
 
@@ -86,3 +88,50 @@ class FileDriver(Driver):
 
     def still_owner(self, lock: Any) -> bool | None:
         return None  # the file driver only echoes its own flag
+
+    @staticmethod
+    def _counter_path(lock: Any) -> str:
+        directory, key = os.path.split(lock.name)
+        return os.path.join(directory, "fencing", key)
+
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """A record file beside the key's fencing counter: the token and the member id."""
+        write_leader_file(self._counter_path(lock), member_id, token)
+
+    def read_leader(self, key: str) -> str | None:
+        """The record, if its token is the counter's and the lock file is locked now.
+
+        A holder that died leaves its record, but the kernel dropped its lock: the
+        lock file is asked (``F_GETLK``), never locked, so a reader takes nothing from
+        a contender.
+        """
+        lock = self.get_lock(key)
+        barrier = lock._barrier
+        with barrier.cond:  # no try of this process runs meanwhile (see try_acquire)
+            if barrier.owner is not None:
+                held = bool(lock.acquired)  # held here (if not, a try is half done)
+            else:
+                held = _locked_by_another_process(lock.name)
+        return read_leader_file(self._counter_path(lock)) if held else None
+
+
+#: ``struct flock`` on Linux: l_type, l_whence, l_start, l_len, l_pid (and padding).
+_FLOCK = "hhqqi4x"
+
+
+def _locked_by_another_process(path: str) -> bool:
+    """Whether another process holds a ``lockf`` lock on the file at ``path``.
+
+    Called only while this process holds no lock on the file (closing our descriptor
+    would drop it: POSIX record locks belong to the process, not the descriptor).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    finally:
+        os.close(fd)
+    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)

@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import Any
 
-from ._base import Capability, Driver, next_in_file
+from ._base import Capability, Driver, next_in_file, read_leader_file, write_leader_file
 
 #: Where the ipc backend's fencing counters live: one machine, like its semaphores.
 _FENCING_DIR = os.path.join(tempfile.gettempdir(), f"aiotooz-ipc-fencing-{os.getuid()}")
@@ -18,7 +18,7 @@ class IpcDriver(Driver):
     """tooz's ipc driver, with a non-blocking try it cannot do itself here."""
 
     extra = "ipc"
-    capabilities = frozenset({Capability.FENCES})
+    capabilities = frozenset({Capability.FENCES, Capability.NAMES_LEADER})
 
     def fencing_token(self, lock: Any) -> int:
         """A counter file per semaphore key.
@@ -26,6 +26,27 @@ class IpcDriver(Driver):
         A semaphore is never lost while its process lives: the holder is the owner.
         """
         return next_in_file(os.path.join(_FENCING_DIR, str(lock.key)))
+
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """A record file beside the semaphore's fencing counter."""
+        write_leader_file(os.path.join(_FENCING_DIR, str(lock.key)), member_id, token)
+
+    def read_leader(self, key: str) -> str | None:
+        """The record, if its token is the counter's and the semaphore is taken now.
+
+        The kernel gives a semaphore back when its holder dies (``SEM_UNDO``), so a
+        record left by a dead holder is never read: its semaphore is free.
+        """
+        import sysv_ipc
+
+        lock = self.get_lock(key)
+        try:
+            taken = sysv_ipc.Semaphore(lock.key).value == 0
+        except sysv_ipc.ExistentialError:
+            return None  # released (tooz removes the semaphore) or never taken
+        if not taken:
+            return None
+        return read_leader_file(os.path.join(_FENCING_DIR, str(lock.key)))
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One non-blocking try, with tooz's own algorithm on the same semaphore key.

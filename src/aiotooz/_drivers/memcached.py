@@ -22,7 +22,9 @@ class MemcachedDriver(Driver):
     """
 
     extra = "memcached"
-    capabilities = frozenset({Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES})
+    capabilities = frozenset(
+        {Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES, Capability.NAMES_LEADER}
+    )
 
     @classmethod
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
@@ -62,3 +64,12 @@ class MemcachedDriver(Driver):
                     return token
             elif client.cas(fence_key, str(token).encode(), cas, expire=0, noreply=False):
                 return token
+
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """Nothing to write: the lock's item already holds its owner's member id."""
+
+    def read_leader(self, key: str) -> str | None:
+        """The lock item's value: tooz stores the holder's member id in it."""
+        lock = self.get_lock(key)
+        value = self.tooz.client.get(lock.name)  # type: ignore[attr-defined]
+        return None if value is None else bytes(value).decode("utf-8", "replace")

@@ -57,6 +57,20 @@ return redis.call('publish', KEYS[2], '')
 """
 
 
+#: A leader record for a lock we hold: ``<lock token> <member id>`` in a key beside the
+#: lock's, written only if the lock's key holds our token.
+_LEADER_SCRIPT = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
+return 1
+"""
+
+
+def _leader_key(lock: Any) -> bytes:
+    """The key of a lock's leader record (tooz's key with another suffix)."""
+    return bytes(lock.name)[: -len(b"_lock")] + b"_leader"
+
+
 def _channel(lock: Any) -> bytes:
     """The pub/sub channel that tells a lock's releases (tooz's key, one suffix more)."""
     return bytes(lock.name) + b"_released"
@@ -173,6 +187,7 @@ class RedisDriver(Driver):
             Capability.NATIVE_ASYNC,
             Capability.FENCES,
             Capability.WAKES_WAITERS,
+            Capability.NAMES_LEADER,
         }
     )
     #: Bounded socket waits, so that a dead or hung server is noticed in seconds.
@@ -250,6 +265,29 @@ class RedisDriver(Driver):
         client = self.tooz._client  # type: ignore[attr-defined]
         answer = client.eval(_FENCE_SCRIPT, 2, lock.name, fence_key, token)
         return None if answer is None else int(answer)
+
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """The record names the lock's token: it is void once the key holds another."""
+        lock_token = lock._lock.local.token
+        if lock_token is None:
+            return
+        client = self.tooz._client  # type: ignore[attr-defined]
+        client.eval(_LEADER_SCRIPT, 2, lock.name, _leader_key(lock), lock_token, member_id)
+
+    def read_leader(self, key: str) -> str | None:
+        """The record, if the lock's key holds the token it names (one ``MGET``).
+
+        The record outlives its lock (it has no TTL, so that it never expires before the
+        lock does), but a lock that expired, was released or was taken by another holds
+        another token, or none.
+        """
+        lock = self.get_lock(key)
+        client = self.tooz._client  # type: ignore[attr-defined]
+        lock_token, record = client.mget([lock.name, _leader_key(lock)])
+        if lock_token is None or record is None:
+            return None
+        token, _, member_id = bytes(record).partition(b" ")
+        return member_id.decode("utf-8", "replace") if token == lock_token else None
 
     def _forget(self, lock: Any) -> None:
         with self._held_guard:

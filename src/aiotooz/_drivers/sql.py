@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,39 @@ _PG_HELD_SQL = (
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     " AND classid = %s AND objid = %s AND objsubid = 2)"
+)
+
+#: The leader records of both databases: one row per leadership key, naming the session
+#: that wrote it (PostgreSQL: its pid and start time; MySQL: its connection id).
+_PG_LEADERS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_leaders (key text PRIMARY KEY, member text NOT NULL,"
+    " pid integer NOT NULL, backend_start timestamptz NOT NULL)"
+)
+_PG_PUBLISH_SQL = (
+    "INSERT INTO aiotooz_leaders SELECT %s, %s, pid, backend_start FROM pg_stat_activity"
+    " WHERE pid = pg_backend_pid() ON CONFLICT (key) DO UPDATE SET member = EXCLUDED.member,"
+    " pid = EXCLUDED.pid, backend_start = EXCLUDED.backend_start"
+)
+#: The record's member, if the session that wrote it is alive and holds the advisory lock.
+_PG_LEADER_SQL = (
+    "SELECT r.member FROM aiotooz_leaders r"
+    " JOIN pg_stat_activity a ON a.pid = r.pid AND a.backend_start = r.backend_start"
+    " JOIN pg_locks l ON l.pid = r.pid AND l.locktype = 'advisory' AND l.granted"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid = %s AND l.objid = %s AND l.objsubid = 2"
+    " WHERE r.key = %s"
+)
+_MYSQL_LEADERS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_leaders (name VARCHAR(64) PRIMARY KEY,"
+    " conn_id BIGINT UNSIGNED NOT NULL, member VARCHAR(1024) NOT NULL) ENGINE=InnoDB"
+)
+_MYSQL_PUBLISH_SQL = (
+    "INSERT INTO aiotooz_leaders VALUES (%s, CONNECTION_ID(), %s)"
+    " ON DUPLICATE KEY UPDATE conn_id = VALUES(conn_id), member = VALUES(member)"
+)
+#: The record's member, if the connection that wrote it holds the named lock now.
+_MYSQL_LEADER_SQL = (
+    "SELECT member FROM aiotooz_leaders WHERE name = %s AND conn_id = IS_USED_LOCK(%s)"
 )
 
 
@@ -113,12 +147,71 @@ class _SQLDriver(Driver):
     def _look(self, driver: Any, lock: Any) -> bool:
         """Ask on the driver's own connection whether ``lock`` is taken."""
 
+    # -- leadership: a row naming the session that holds the lock -------------------------
+
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """Write the record on the session that holds the lock, making the table if need be."""
+        connection = lock._conn
+        for attempt in range(2):
+            try:
+                with connection.cursor() as cursor:
+                    self._publish(cursor, lock, member_id)
+                connection.commit()
+                return
+            except Exception:
+                connection.rollback()  # session locks survive a rollback
+                if attempt:
+                    raise
+                try:
+                    # Two sessions creating it at once: one may fail; the retry tells.
+                    with connection.cursor() as cursor:
+                        cursor.execute(self._leaders_ddl)
+                    connection.commit()
+                except Exception:
+                    connection.rollback()
+
+    def read_leader(self, key: str) -> str | None:
+        """The record's member, if the session that wrote it holds the lock now."""
+        lock = self.get_lock(key)
+        with self._look_guard:
+            driver: Any = self.tooz
+            try:
+                self._reconnect_own(driver)
+                with driver._conn.cursor() as cursor:
+                    self._read(cursor, lock, key)
+                    row = cursor.fetchone()
+            except Exception as exc:
+                if not self._no_table(exc):
+                    raise
+                row = None
+            finally:
+                with contextlib.suppress(Exception):
+                    driver._conn.commit()  # MySQL: no snapshot kept for the next read
+        return None if row is None else str(row[0])
+
+    _leaders_ddl: str
+
+    @abc.abstractmethod
+    def _publish(self, cursor: Any, lock: Any, member_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def _read(self, cursor: Any, lock: Any, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def _reconnect_own(self, driver: Any) -> None:
+        """Reopen the driver's own connection if it was closed."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def _no_table(exc: Exception) -> bool:
+        """Whether ``exc`` says there is no leader table yet (nobody ever led)."""
+
 
 class PostgreSQLDriver(_SQLDriver):
     """PostgreSQL advisory locks (tooz maps each name to one of 65,536 of them)."""
 
     extra = "postgresql"
-    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS})
+    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS, Capability.NAMES_LEADER})
 
     def _probe_connection(self) -> Any:
         driver: Any = self.tooz
@@ -182,10 +275,25 @@ class PostgreSQLDriver(_SQLDriver):
         self._held: dict[bytes, str] = {}
         self._held_guard = threading.Lock()
 
-    def _look(self, driver: Any, lock: Any) -> bool:
+    _leaders_ddl = _PG_LEADERS_DDL
+
+    def _publish(self, cursor: Any, lock: Any, member_id: str) -> None:
+        cursor.execute(_PG_PUBLISH_SQL, (lock.name.decode("ascii"), member_id))
+
+    def _read(self, cursor: Any, lock: Any, key: str) -> None:
+        cursor.execute(_PG_LEADER_SQL, (*tuple(lock.key), key))
+
+    def _reconnect_own(self, driver: Any) -> None:
         if driver._conn.closed:
             driver._conn = driver.get_connection(driver._parsed_url, driver._options)
         driver._conn.autocommit = True
+
+    @staticmethod
+    def _no_table(exc: Exception) -> bool:
+        return type(exc).__name__ == "UndefinedTable"
+
+    def _look(self, driver: Any, lock: Any) -> bool:
+        self._reconnect_own(driver)
         with driver._conn.cursor() as cursor:
             cursor.execute(_PG_HELD_SQL, tuple(lock.key))
             row = cursor.fetchone()
@@ -233,7 +341,7 @@ class MySQLDriver(_SQLDriver):
     """
 
     extra = "mysql"
-    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS})
+    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS, Capability.NAMES_LEADER})
 
     def _probe_connection(self) -> Any:
         driver: Any = self.tooz
@@ -296,9 +404,24 @@ class MySQLDriver(_SQLDriver):
         connection.commit()
         return int(row[0])
 
-    def _look(self, driver: Any, lock: Any) -> bool:
+    _leaders_ddl = _MYSQL_LEADERS_DDL
+
+    def _publish(self, cursor: Any, lock: Any, member_id: str) -> None:
+        cursor.execute(_MYSQL_PUBLISH_SQL, (lock.name.decode("ascii"), member_id))
+
+    def _read(self, cursor: Any, lock: Any, key: str) -> None:
+        cursor.execute(_MYSQL_LEADER_SQL, (key, lock.name))
+
+    def _reconnect_own(self, driver: Any) -> None:
         if not driver._conn.open:
             driver._conn.connect()
+
+    @staticmethod
+    def _no_table(exc: Exception) -> bool:
+        return bool(exc.args) and exc.args[0] == 1146  # ER_NO_SUCH_TABLE
+
+    def _look(self, driver: Any, lock: Any) -> bool:
+        self._reconnect_own(driver)
         with driver._conn.cursor() as cursor:
             cursor.execute("SELECT IS_FREE_LOCK(%s)", (lock.name,))
             row = cursor.fetchone()

@@ -31,6 +31,7 @@ class ZooKeeperDriver(Driver):
             Capability.KNOWS_OWNER,
             Capability.FENCES,
             Capability.WAKES_WAITERS,
+            Capability.NAMES_LEADER,
         }
     )
 
@@ -92,6 +93,30 @@ class ZooKeeperDriver(Driver):
             return None
         return int(stat.mzxid)
 
+    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
+        """Nothing to write: tooz puts the member id in the lock's contender node."""
+
+    def read_leader(self, key: str) -> str | None:
+        """The data of the holder's node: the contender with the lowest sequence number.
+
+        The node is ephemeral: it goes with its session, and the answer with it.
+        """
+        from kazoo.exceptions import NoNodeError
+
+        self._check_connected()
+        path = self.get_lock(key)._lock.path
+        try:
+            children = self._client.get_children(path)
+        except NoNodeError:
+            return None
+        for child in _by_sequence(children):
+            try:
+                data, _ = self._client.get(f"{path}/{child}")
+            except NoNodeError:
+                continue  # released or tried and given up meanwhile: the next one
+            return bytes(data).decode("utf-8", "replace") or None
+        return None
+
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
         """A watch on the holder's node: the contender with the lowest sequence number.
 
@@ -106,10 +131,15 @@ class ZooKeeperDriver(Driver):
             children = self._client.get_children(path)
         except NoNodeError:
             return True
-        contenders = sorted(
-            (child for child in children if _NODE_MARK in child),
-            key=lambda child: child.rpartition(_NODE_MARK)[2],
-        )
+        contenders = _by_sequence(children)
         if not contenders:
             return True
         return self._client.exists(f"{path}/{contenders[0]}", watch=fire) is None
+
+
+def _by_sequence(children: list[str]) -> list[str]:
+    """The lock recipe's contender nodes among ``children``, the holder's first."""
+    return sorted(
+        (child for child in children if _NODE_MARK in child),
+        key=lambda child: child.rpartition(_NODE_MARK)[2],
+    )
