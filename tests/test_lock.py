@@ -311,6 +311,7 @@ async def test_coordinators_sharing_a_directory_never_free_each_others_locks(
     wins it, the other gives up and drops its handle. The winner must still hold it.
     """
     outcomes: list[bool] = []
+    checked = anyio.Event()
     async with (
         make_coordinator(file_url, prefix) as first,
         make_coordinator(file_url, prefix) as second,
@@ -320,7 +321,9 @@ async def test_coordinators_sharing_a_directory_never_free_each_others_locks(
             lock = coordinator.get_lock("shared-dir")
             if await lock.acquire(blocking=1.5):
                 outcomes.append(True)
-                await anyio.sleep(2.5)
+                # Held until the other process has looked (not for a fixed time: a
+                # worker process can take a second to start on a loaded machine).
+                await checked.wait()
                 await lock.release()
             else:
                 outcomes.append(False)
@@ -332,11 +335,14 @@ async def test_coordinators_sharing_a_directory_never_free_each_others_locks(
                 await anyio.sleep(0.3)
                 holder.end_input()
                 await anyio.to_thread.run_sync(holder.wait)
-            await anyio.sleep(1.8)  # the loser has given up; the winner still holds
+            with anyio.fail_after(30):
+                while len(outcomes) < 2:  # the loser gives up 1.5 s after it began
+                    await anyio.sleep(0.05)
             assert sorted(outcomes) == [False, True]
             outcome = await anyio.to_thread.run_sync(
                 run_worker, "try", file_url, prefix, "shared-dir"
             )
+            checked.set()
             assert outcome == "busy"
 
 
