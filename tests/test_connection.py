@@ -97,7 +97,7 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
     ) -> object:
         def slowly() -> object:
             entered.set()
-            time.sleep(0.1)
+            time.sleep(0.5)
             return func()
 
         if getattr(lane, "name", "").startswith("aiotooz-acquire"):
@@ -110,8 +110,18 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
         # Through the lanes, to be slowed (not inline on file, not native on Redis).
         _connection(coordinator)._inline = _connection(coordinator)._native = False
         lock = Lock("mid-try", coordinator=coordinator)
-        with anyio.move_on_after(0.03) as scope:
-            await lock.acquire()
+        async with anyio.create_task_group() as group:
+            with anyio.CancelScope() as scope:
+
+                async def cancel_mid_try() -> None:
+                    # Once the worker is in the (slowed) try, not after a fixed time: on a
+                    # loaded machine the worker thread may start late.
+                    while not entered.is_set():
+                        await anyio.sleep(0.005)
+                    scope.cancel()
+
+                group.start_soon(cancel_mid_try)
+                await lock.acquire()
         assert scope.cancelled_caught
         assert entered.is_set() and slow
         assert not lock.locked()

@@ -158,8 +158,9 @@ async def test_event_loop_keeps_ticking_under_contention(coordinator: Coordinato
                 workers.start_soon(task)
         finished.set()
     lags.sort()
-    # A generous bound: a blocking tooz call on the loop would stall it far longer.
-    assert lags[int(len(lags) * 0.99)] < 0.1
+    # A generous bound (test processes share the machine's cores): a blocking tooz call
+    # on the loop would stall it far longer.
+    assert lags[int(len(lags) * 0.99)] < 0.25
 
 
 async def test_stop_releases_held_locks_and_fails_waiters(backend_url: str, prefix: str) -> None:
