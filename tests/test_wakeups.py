@@ -113,3 +113,46 @@ async def test_a_busy_process_lets_a_woken_foreign_waiter_in(redis_url: str, pre
                     waits.append(float(line) - asked)
             stop.set()
     assert max(waits) < 1.0, waits  # generous: it took 1.7-5.9 s before, ~10 ms now
+
+
+async def test_a_closed_lock_file_wakes_a_waiter(
+    file_url: str, prefix: str, slow_polls: None
+) -> None:
+    """file: the kernel reports the release's close of the lock file (inotify)."""
+    latencies = await _handoffs(file_url, prefix, 5)
+    assert 0 < min(latencies) and max(latencies) < 0.5, latencies
+
+
+@pytest.mark.parametrize("backend", ["file", "ipc"])
+@pytest.mark.parametrize("releaser", ["aiotooz", "plain tooz"])
+async def test_a_release_in_another_process_wakes_a_waiter(
+    backend: str, releaser: str, tmp_path: Any, prefix: str, slow_polls: None
+) -> None:
+    """A release in another process, by aiotooz or by plain tooz (which signals nothing
+    itself: the kernel sees the file closed, or the semaphore removed), wakes the waiter
+    long before its 5 s poll."""
+    url = (tmp_path / "locks").as_uri() if backend == "file" else "ipc://"
+    command = "hold" if releaser == "aiotooz" else "tooz-hold"
+    async with make_coordinator(url, prefix) as coordinator:
+        with worker_process(command, url, prefix, "handed") as holder:
+            await anyio.to_thread.run_sync(holder.expect, "waiting")
+            await anyio.to_thread.run_sync(holder.expect, "held")
+            lock = Lock("handed", coordinator=coordinator)
+            async with anyio.create_task_group() as group:
+                granted = anyio.Event()
+
+                async def wait() -> None:
+                    await lock.acquire()
+                    granted.set()
+
+                group.start_soon(wait)
+                await anyio.sleep(0.2)  # waiting (and watching) now
+                assert not granted.is_set()
+                released = time.perf_counter()
+                holder.end_input()  # it releases and exits
+                with anyio.fail_after(20):
+                    await granted.wait()
+                waited = time.perf_counter() - released
+            await lock.release()
+    # The worker has to read its closed input first: generous, and far below 5 s.
+    assert waited < 1.0, waited

@@ -481,7 +481,7 @@ class Connection(_Caller):
         if Capability.WAKES_WAITERS not in self.capabilities:
             return Watch(self, ReleaseSignal(), False)
         tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
-        if self._native:
+        if self.driver.watches_on_loop(self._native):
             signal = None
             with anyio.move_on_after(self.call_timeout), contextlib.suppress(Exception):
                 signal = await self.driver.watch_releases(tooz_lock)
@@ -558,10 +558,9 @@ class Connection(_Caller):
         Each step is bounded by the call timeout: a backend that does not answer is left
         behind (its stuck worker thread exits when the call returns).
         """
-        if self._native:
-            with anyio.move_on_after(self.call_timeout, shield=True):
-                with contextlib.suppress(Exception):
-                    await self.driver.close_async()
+        with anyio.move_on_after(self.call_timeout, shield=True):
+            with contextlib.suppress(Exception):
+                await self.driver.close_async()
         # Calls given up on (a heartbeat cancelled by stop(), say) may still run: the
         # driver must not be stopped under them (a client checked out of a pool while
         # the pool closes is never closed). Every thread exits once its queue is done.

@@ -206,7 +206,14 @@ class Driver:
         raise NotImplementedError
 
     async def close_async(self) -> None:
-        """Close what the asyncio client opened (on the event loop)."""
+        """Close what was opened on the event loop: an asyncio client, watches."""
+
+    def watches_on_loop(self, native: bool) -> bool:
+        """Whether :meth:`watch_releases` serves this connection's waiters.
+
+        ``native``: the asyncio client serves this connection (``NATIVE_ASYNC``).
+        """
+        return native
 
     async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
         """Start watching for releases of ``lock``'s key (``WAKES_WAITERS``, on the loop).

@@ -7,7 +7,8 @@ import urllib.parse
 from typing import Any, ClassVar
 
 from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
-from ._base import Capability, Driver, next_in_file
+from ._base import Capability, Driver, ReleaseSignal, next_in_file
+from ._inotify import CloseWatches
 
 __all__ = ["FileDriver"]
 
@@ -26,9 +27,13 @@ class FileDriver(Driver):
       object per file, keyed by the directory's device and inode and the file's name
       (``aiotooz._process.FILE_LOCKS``), shared by every coordinator; creating it under
       one mutex also closes tooz's non-atomic barrier creation race.
+
+    Waiters are woken by the kernel (Linux): a release closes the lock file, which
+    inotify reports (``_inotify``). A waiter keeps the lock file open between its tries
+    while it watches, or its own failed try's close would wake it again at once.
     """
 
-    capabilities = frozenset({Capability.LOCAL_CALLS, Capability.FENCES})
+    capabilities = frozenset({Capability.LOCAL_CALLS, Capability.FENCES, Capability.WAKES_WAITERS})
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
     reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing"})
 
@@ -41,6 +46,13 @@ class FileDriver(Driver):
     def prepare_url(cls, url: str) -> str:
         parts = urllib.parse.urlsplit(url)
         return urllib.parse.urlunsplit(parts._replace(path=os.path.realpath(parts.path)))
+
+    def __init__(self, coordinator: Any, call_timeout: float) -> None:
+        super().__init__(coordinator, call_timeout)
+        self._close_watches: CloseWatches | None = None
+        self._watches_failed = False
+        #: Lock objects (by id) whose file stays open after a failed try: watched ones.
+        self._kept_open: set[int] = set()
 
     def start(self) -> None:
         super().start()
@@ -73,8 +85,40 @@ class FileDriver(Driver):
             if lock.acquire(blocking=False):
                 return True
             lock.ref = references
-            lock._lock._do_close()
+            if id(lock) not in self._kept_open:
+                lock._lock._do_close()
             return False
+
+    # -- waking waiters: the kernel tells when a lock file is closed -----------------------
+
+    def watches_on_loop(self, native: bool) -> bool:
+        return not self._watches_failed
+
+    async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
+        if self._close_watches is None:
+            self._close_watches = CloseWatches.open()
+            if self._close_watches is None:
+                self._watches_failed = True  # not Linux, or past the inotify limits
+                return None
+        signal = self._close_watches.watch(os.fsencode(lock._lock.path))
+        if signal is not None:
+            self._kept_open.add(id(lock))
+        return signal
+
+    async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
+        if self._close_watches is not None:
+            self._close_watches.unwatch(os.fsencode(lock._lock.path), signal)
+        self._kept_open.discard(id(lock))
+        barrier = lock._barrier
+        with barrier.cond:
+            # Closing while this process holds the file would drop its lock.
+            if barrier.owner is None and not lock._lock.acquired:
+                lock._lock._do_close()
+
+    async def close_async(self) -> None:
+        watches, self._close_watches = self._close_watches, None
+        if watches is not None:
+            await watches.close()
 
     def fencing_token(self, lock: Any) -> int:
         """A counter file per key in ``<directory>/fencing/``.
