@@ -2,12 +2,14 @@
 
 Redis (on asyncio, through the asyncio client's pub/sub), ZooKeeper (a watch on the
 holder's node), etcd (a watch on the key), PostgreSQL and MySQL (a probe waiting at the
-server), the last four on both event loops, wake a waiter when the lock is released. The poll
+server), file (inotify) and ipc (a probe waiting on the semaphore), all but Redis on both
+event loops, wake a waiter when the lock is released. The poll
 is pushed out to seconds here, so a hand-off that waited for it would fail the bound.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -115,11 +117,13 @@ async def test_a_busy_process_lets_a_woken_foreign_waiter_in(redis_url: str, pre
     assert max(waits) < 1.0, waits  # generous: it took 1.7-5.9 s before, ~10 ms now
 
 
-async def test_a_closed_lock_file_wakes_a_waiter(
-    file_url: str, prefix: str, slow_polls: None
+@pytest.mark.parametrize("backend", ["file", "ipc"])
+async def test_the_kernel_wakes_a_waiter(
+    backend: str, file_url: str, prefix: str, slow_polls: None
 ) -> None:
-    """file: the kernel reports the release's close of the lock file (inotify)."""
-    latencies = await _handoffs(file_url, prefix, 5)
+    """file: inotify reports the release's close of the lock file; ipc: a probe's wait
+    on the semaphore ends when the release removes it."""
+    latencies = await _handoffs(file_url if backend == "file" else "ipc://", prefix, 5)
     assert 0 < min(latencies) and max(latencies) < 0.5, latencies
 
 
@@ -156,3 +160,48 @@ async def test_a_release_in_another_process_wakes_a_waiter(
             await lock.release()
     # The worker has to read its closed input first: generous, and far below 5 s.
     assert waited < 1.0, waited
+
+
+#: What a coordinator parks at most to wake its waiters (README, "Waiting, wake-ups").
+_PARKED_LIMIT = {"mysql": 4, "etcd": 16, "file": 0, "ipc": 16}
+
+
+@pytest.mark.parametrize("backend", ["mysql", "etcd", "file"])
+async def test_many_waiters_park_a_bounded_number_of_threads(
+    backend: str, private_server: Any, tmp_path: Any, prefix: str
+) -> None:
+    """1,000 tasks wait for 200 names another process holds: the waiting process parks
+    at most the documented number of probe or watch threads (and, on MySQL,
+    connections), and once the waiters are cancelled, nothing within a few slices."""
+    url = (tmp_path / "locks").as_uri() if backend == "file" else private_server(backend).url
+    limit = _PARKED_LIMIT[backend]
+    with worker_process("hold-many", url, prefix, "many", "200") as holder:
+        await anyio.to_thread.run_sync(holder.expect, "waiting")
+        with anyio.fail_after(120):
+            await anyio.to_thread.run_sync(holder.expect, "held")
+        before = threading.active_count()
+        async with make_coordinator(url, prefix) as coordinator:
+
+            async def wait(number: int) -> None:
+                await Lock(f"many-{number % 200}", coordinator=coordinator).acquire()
+                raise AssertionError("granted while another process holds it")
+
+            most_parked = most_threads = 0
+            async with anyio.create_task_group() as group:
+                for number in range(1000):
+                    group.start_soon(wait, number)
+                for _ in range(30):  # 3 s of waiting: tries, watches and probes
+                    await anyio.sleep(0.1)
+                    stats = coordinator.statistics()
+                    most_parked = max(most_parked, stats.release_watchers)
+                    most_threads = max(most_threads, threading.active_count() - before)
+                assert stats.names_waited_for == 200 and stats.tasks_waiting >= 800
+                group.cancel_scope.cancel()
+            assert most_parked <= limit, most_parked
+            # Worker lanes (4 threads), the parked ones, one connect lane at most.
+            assert most_threads <= 4 + limit + 1, (most_threads, most_parked)
+            with anyio.fail_after(10):  # each parked thread ends within one slice
+                while coordinator.statistics().release_watchers:
+                    await anyio.sleep(0.05)
+            if backend == "mysql":
+                assert most_parked == limit  # the probes were used, up to the bound

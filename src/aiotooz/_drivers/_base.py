@@ -208,6 +208,11 @@ class Driver:
     async def close_async(self) -> None:
         """Close what was opened on the event loop: an asyncio client, watches."""
 
+    @property
+    def release_watchers(self) -> int:
+        """Threads parked now for :meth:`arm_release_watch` (probes, watch streams)."""
+        return 0
+
     def watches_on_loop(self, native: bool) -> bool:
         """Whether :meth:`watch_releases` serves this connection's waiters.
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import tooz.coordination
 
 from .._exceptions import UnsupportedOperation
-from ._base import Capability, Driver
+from ._base import Capability
+from ._probes import ProbingDriver
 
-#: Release probes a coordinator runs at most (each is a thread and a connection).
-_PROBES = 4
 #: One server-side wait of a probe, in seconds (MySQL's GET_LOCK takes whole seconds).
 _SLICE = 1
 
@@ -27,79 +25,27 @@ _PG_HELD_SQL = (
 )
 
 
-class _SQLDriver(Driver):
-    """What the two database drivers share: a look before each try.
+class _SQLDriver(ProbingDriver):
+    """What the two database drivers share: a look before each try, and probes.
 
     tooz's postgresql and mysql drivers open a connection for every try and close it when
     the try fails: a waiter polling every 50 ms would open 20 connections a second. The
     driver's own connection (opened at start, unused by locks) tells a taken lock without
     one; only a lock that looks free is tried. Any trouble with that connection means
     "not known", and the real try decides.
+
+    A probe (``_probes``) waits with a connection of its own, one slice at a time, for
+    the lock to come free (a shared advisory lock on PostgreSQL, ``GET_LOCK`` on MySQL)
+    and gives back what it got at once.
     """
+
+    #: MySQL's GET_LOCK waits whole seconds.
+    probe_slice = _SLICE
 
     def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
         super().__init__(coordinator, call_timeout)
         #: Serialises the driver's own connection, which is not thread-safe.
         self._look_guard = threading.Lock()
-        #: Release probes running: lock object id -> the event that stops its probe.
-        self._probes: dict[int, threading.Event] = {}
-        self._probes_guard = threading.Lock()
-
-    # -- waking waiters: a probe waits at the server, in slices --------------------------
-
-    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
-        """A probe: a thread with a connection of its own that waits at the server.
-
-        It waits, one slice at a time, for the lock to come free (a shared advisory lock
-        on PostgreSQL, ``GET_LOCK`` on MySQL), gives back what it got at once, and fires.
-        At most ``_PROBES`` run per coordinator; past that, waiters poll.
-        """
-        if not self.taken(lock):
-            return True
-        with self._probes_guard:
-            if id(lock) in self._probes or len(self._probes) >= _PROBES:
-                return False
-            stop = self._probes[id(lock)] = threading.Event()
-        threading.Thread(
-            target=self._probe, args=(lock, fire, stop), name="aiotooz-probe", daemon=True
-        ).start()
-        return False
-
-    def disarm_release_watch(self, lock: Any) -> None:
-        with self._probes_guard:
-            stop = self._probes.get(id(lock))
-        if stop is not None:
-            stop.set()  # the probe ends within one slice
-
-    def stop(self) -> None:
-        with self._probes_guard:
-            for stop in self._probes.values():
-                stop.set()
-        super().stop()
-
-    def _probe(self, lock: Any, fire: Callable[..., object], stop: threading.Event) -> None:
-        try:
-            connection = self._probe_connection()
-            try:
-                while not stop.is_set():
-                    if self._wait_free(connection, lock):
-                        fire()
-                        return
-            finally:
-                connection.close()
-        except Exception:
-            fire()  # trouble at the server: let the waiter try again (and poll)
-        finally:
-            with self._probes_guard:
-                self._probes.pop(id(lock), None)
-
-    @abc.abstractmethod
-    def _probe_connection(self) -> Any:
-        """A new connection for a probe."""
-
-    @abc.abstractmethod
-    def _wait_free(self, connection: Any, lock: Any) -> bool:
-        """Wait at most ``_SLICE`` seconds at the server for ``lock`` to be free."""
 
     def taken(self, lock: Any) -> bool:
         """Whether the database shows ``lock`` taken (by any session)."""
