@@ -88,13 +88,33 @@ async def test_without_a_wake_up_a_waiter_polls(
     assert min(latencies) > 0.2, latencies
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_busy_process_lets_a_woken_foreign_waiter_in(redis_url: str, prefix: str) -> None:
+@pytest.mark.parametrize(
+    ("backend", "anyio_backend"),
+    [
+        ("redis", "asyncio"),
+        ("ipc", "asyncio"),
+        ("ipc", "trio"),
+        ("postgresql", "asyncio"),
+        ("postgresql", "trio"),
+        ("mysql", "asyncio"),
+    ],
+)
+async def test_a_busy_process_lets_a_woken_foreign_waiter_in(
+    backend: str, redis_url: str, private_server: Any, prefix: str
+) -> None:
     """20 tasks of this process take turns on one lock (1 ms holds). A waiter in another
     process used to wait seconds: after 8 local hand-offs the releasing process's next
     waiter retried at once while the foreign one slept until its next poll. Now the
-    release wakes it, and the releasing process steps back."""
-    async with make_coordinator(redis_url, prefix) as coordinator:
+    release wakes it, the releasing process knows it waits (Redis: the release script
+    counts the subscribers it told; ipc: threads blocked on the semaphore; PostgreSQL
+    and MySQL: sessions waiting at the server), and steps back."""
+    if backend == "redis":
+        url = redis_url
+    elif backend == "ipc":
+        url = "ipc://"
+    else:
+        url = private_server(backend).url
+    async with make_coordinator(url, prefix) as coordinator:
         stop = anyio.Event()
 
         async def busy() -> None:
@@ -108,7 +128,7 @@ async def test_a_busy_process_lets_a_woken_foreign_waiter_in(redis_url: str, pre
             await anyio.sleep(0.2)
             waits = []
             for _ in range(3):
-                with worker_process("grant", redis_url, prefix, "busy") as waiter:
+                with worker_process("grant", url, prefix, "busy") as waiter:
                     await anyio.to_thread.run_sync(waiter.expect, "waiting")
                     asked = time.time()
                     line = await anyio.to_thread.run_sync(waiter.readline)

@@ -451,10 +451,18 @@ class Connection(_Caller):
             return False
         handle.held = False
         action = f"releasing {handle.key!r}"
+
+        def release() -> bool:
+            # Fairness: who waits elsewhere must be asked while we still hold the lock.
+            waiting = self.driver.waiters_elsewhere(tooz_lock)
+            released = self.driver.release(tooz_lock)
+            handle.woken = waiting if released else 0
+            return released
+
         if self._inline:
             # No checkpoint: a release must not be skipped by a cancellation, and like
             # anyio's and trio's own locks it does not need to be one (a try is).
-            return self._run_inline(action, lambda: self.driver.release(tooz_lock))
+            return self._run_inline(action, release)
         try:
             if self._native:
                 told = await self._call_native(
@@ -465,9 +473,7 @@ class Connection(_Caller):
                 )
                 handle.woken = max(told, 0)
                 return told >= 0
-            return await self._call(
-                self._control_lane, action, lambda: self.driver.release(tooz_lock), must_run=True
-            )
+            return await self._call(self._control_lane, action, release, must_run=True)
         except BaseException:
             self._forget(handle)  # the release may still be running with the object
             raise

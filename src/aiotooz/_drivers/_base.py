@@ -183,6 +183,14 @@ class Driver:
         """Release ``lock``; ``False`` if the backend says it was no longer ours."""
         return bool(lock.release())
 
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """How many waiters of other coordinators are known to wait for ``lock`` (held).
+
+        Asked just before a release: if any, the next waiter of this coordinator steps
+        back so that they go first (fairness between processes). 0 if not known.
+        """
+        return 0
+
     # -- on the event loop (drivers with ``Capability.NATIVE_ASYNC``) ---------------------
 
     def native_async_ready(self) -> bool:

@@ -79,6 +79,14 @@ class IpcDriver(ProbingDriver):
         except sysv_ipc.ExistentialError:
             return False
 
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """Threads blocked taking the semaphore (``GETNCNT``): other coordinators' probes."""
+        semaphore = lock._lock
+        try:
+            return int(semaphore.waiting_for_nonzero) if semaphore is not None else 0
+        except Exception:
+            return 0
+
     def _probe_connection(self) -> None:
         return None
 

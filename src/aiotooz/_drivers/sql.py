@@ -47,6 +47,18 @@ class _SQLDriver(ProbingDriver):
         #: Serialises the driver's own connection, which is not thread-safe.
         self._look_guard = threading.Lock()
 
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """Other sessions waiting for ``lock`` at the server: other coordinators' probes."""
+        with self._look_guard:
+            try:
+                return self._count_waiters(self.tooz, lock)
+            except Exception:
+                return 0
+
+    @abc.abstractmethod
+    def _count_waiters(self, driver: Any, lock: Any) -> int:
+        """Ask on the driver's own connection how many sessions wait for ``lock``."""
+
     def taken(self, lock: Any) -> bool:
         """Whether the database shows ``lock`` taken (by any session)."""
         with self._look_guard:
@@ -58,6 +70,22 @@ class _SQLDriver(ProbingDriver):
     @abc.abstractmethod
     def _look(self, driver: Any, lock: Any) -> bool:
         """Ask on the driver's own connection whether ``lock`` is taken."""
+
+
+#: Sessions waiting for the shared advisory lock a probe takes on tooz's two int4 keys.
+_PG_WAITING_SQL = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    " AND mode = 'ShareLock'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid = %s AND objid = %s AND objsubid = 2"
+)
+
+#: Sessions waiting in GET_LOCK for one name (those of the same user are visible); the
+#: name is in the statement's text as a string or, sent as bytes, in hex (X'...').
+_MYSQL_WAITING_SQL = (
+    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
+    " AND (INFO LIKE CONCAT('%%', %s, '%%') OR INFO LIKE CONCAT('%%', LOWER(HEX(%s)), '%%'))"
+)
 
 
 class PostgreSQLDriver(_SQLDriver):
@@ -136,6 +164,14 @@ class PostgreSQLDriver(_SQLDriver):
             cursor.execute(_PG_HELD_SQL, tuple(lock.key))
             row = cursor.fetchone()
         return bool(row and row[0])
+
+    def _count_waiters(self, driver: Any, lock: Any) -> int:
+        if driver._conn.closed:
+            return 0
+        with driver._conn.cursor() as cursor:
+            cursor.execute(_PG_WAITING_SQL, tuple(lock.key))
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One try, refusing a name that would wait for its own holder.
@@ -249,6 +285,14 @@ class MySQLDriver(_SQLDriver):
             cursor.execute("SELECT IS_FREE_LOCK(%s)", (lock.name,))
             row = cursor.fetchone()
         return row is not None and row[0] == 0
+
+    def _count_waiters(self, driver: Any, lock: Any) -> int:
+        if not driver._conn.open:
+            return 0
+        with driver._conn.cursor() as cursor:
+            cursor.execute(_MYSQL_WAITING_SQL, (lock.name, lock.name))
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         if self.taken(lock):
