@@ -200,7 +200,7 @@ async def handoffs(impl: str, url: str, rounds: int, loop: str) -> list[float]:
 # -- 4 processes, 25 tasks each, 2 rounds, 1 ms holds ----------------------------------------
 
 
-async def child_contend(url: str, prefix: str, tasks: str, rounds: str, start_at: str) -> None:
+async def child_contend(url: str, prefix: str, tasks: str, rounds: str) -> None:
     holds: list[tuple[float, float]] = []
     async with coordinator(url, prefix) as coord:
 
@@ -211,7 +211,8 @@ async def child_contend(url: str, prefix: str, tasks: str, rounds: str, start_at
                     await anyio.sleep(0.001)
                     holds.append((began, time.time()))
 
-        await anyio.sleep(max(0.0, float(start_at) - time.time()))
+        print("ready", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.readline)  # every process is ready
         async with anyio.create_task_group() as group:
             for _ in range(int(tasks)):
                 group.start_soon(one)
@@ -220,22 +221,13 @@ async def child_contend(url: str, prefix: str, tasks: str, rounds: str, start_at
 
 def contend(url: str, procs: int, tasks: int, rounds: int) -> dict[str, Any]:
     prefix = f"c{uuid.uuid4().hex[:8]}-"
-    start_at = time.time() + 2.0  # every child connected by then
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "_contend",
-                url,
-                prefix,
-                *map(str, (tasks, rounds, start_at)),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(procs)
-    ]
+    children = [_spawn("_contend", url, prefix, str(tasks), str(rounds)) for _ in range(procs)]
+    for child in children:  # connected (a loaded machine may take seconds to start one)
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
     outputs = [child.communicate(timeout=600)[0] for child in children]
     if any(child.returncode for child in children):
         raise RuntimeError(f"a contending process failed: {outputs}")

@@ -92,6 +92,8 @@ async def test_without_a_wake_up_a_waiter_polls(
     ("backend", "anyio_backend"),
     [
         ("redis", "asyncio"),
+        ("file", "asyncio"),
+        ("file", "trio"),
         ("ipc", "asyncio"),
         ("ipc", "trio"),
         ("postgresql", "asyncio"),
@@ -100,16 +102,19 @@ async def test_without_a_wake_up_a_waiter_polls(
     ],
 )
 async def test_a_busy_process_lets_a_woken_foreign_waiter_in(
-    backend: str, redis_url: str, private_server: Any, prefix: str
+    backend: str, redis_url: str, file_url: str, private_server: Any, prefix: str
 ) -> None:
     """20 tasks of this process take turns on one lock (1 ms holds). A waiter in another
     process used to wait seconds: after 8 local hand-offs the releasing process's next
     waiter retried at once while the foreign one slept until its next poll. Now the
     release wakes it, the releasing process knows it waits (Redis: the release script
-    counts the subscribers it told; ipc: threads blocked on the semaphore; PostgreSQL
-    and MySQL: sessions waiting at the server), and steps back."""
+    counts the subscribers it told; file: a shared lock on the key's marker file; ipc:
+    threads blocked on the semaphore; PostgreSQL and MySQL: sessions waiting at the
+    server), and steps back."""
     if backend == "redis":
         url = redis_url
+    elif backend == "file":
+        url = file_url
     elif backend == "ipc":
         url = "ipc://"
     else:

@@ -453,8 +453,12 @@ class Connection(_Caller):
         action = f"releasing {handle.key!r}"
 
         def release() -> bool:
-            # Fairness: who waits elsewhere must be asked while we still hold the lock.
-            waiting = self.driver.waiters_elsewhere(tooz_lock)
+            # Fairness: who waits elsewhere must be asked while we still hold the lock;
+            # a hint, never in the way of the release.
+            try:
+                waiting = self.driver.waiters_elsewhere(tooz_lock)
+            except Exception:
+                waiting = 0
             released = self.driver.release(tooz_lock)
             handle.woken = waiting if released else 0
             return released

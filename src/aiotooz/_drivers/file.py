@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import urllib.parse
 from typing import Any, ClassVar
 
@@ -11,6 +13,9 @@ from ._base import Capability, Driver, ReleaseSignal, next_in_file
 from ._inotify import CloseWatches
 
 __all__ = ["FileDriver"]
+
+#: struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
 
 
 class FileDriver(Driver):
@@ -31,11 +36,15 @@ class FileDriver(Driver):
     Waiters are woken by the kernel (Linux): a release closes the lock file, which
     inotify reports (``_inotify``). A waiter keeps the lock file open between its tries
     while it watches, or its own failed try's close would wake it again at once.
+
+    For fairness, a watching waiter also holds a shared lock on a marker file of its key
+    (``<directory>/waiting/<key>``); before a release the holder asks the kernel whether
+    another process holds one (``F_GETLK`` never reports the caller's own locks).
     """
 
     capabilities = frozenset({Capability.LOCAL_CALLS, Capability.FENCES, Capability.WAKES_WAITERS})
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
-    reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing"})
+    reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing", "waiting"})
 
     @classmethod
     def check_url(cls, parts: urllib.parse.SplitResult) -> None:
@@ -53,6 +62,8 @@ class FileDriver(Driver):
         self._watches_failed = False
         #: Lock objects (by id) whose file stays open after a failed try: watched ones.
         self._kept_open: set[int] = set()
+        #: Watched lock objects (by id) -> the marker file that says a waiter is here.
+        self._markers: dict[int, int] = {}
 
     def start(self) -> None:
         super().start()
@@ -103,12 +114,48 @@ class FileDriver(Driver):
         signal = self._close_watches.watch(os.fsencode(lock._lock.path))
         if signal is not None:
             self._kept_open.add(id(lock))
+            self._mark_waiting(lock)
         return signal
+
+    def _mark_waiting(self, lock: Any) -> None:
+        """A shared lock on the key's marker file while this coordinator waits for it."""
+        if id(lock) in self._markers:
+            return
+        path = _marker(lock)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return  # a fairness hint only: without it, this waiter is not known
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return
+        self._markers[id(lock)] = fd
+
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """1 if another process marks itself waiting for ``lock``'s key, else 0."""
+        try:
+            fd = os.open(_marker(lock), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return 0  # nobody ever waited for this key
+        try:
+            probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            found = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0]
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)  # this process's own markers on the file go with it: hints only
+        return 0 if found == fcntl.F_UNLCK else 1
 
     async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
         if self._close_watches is not None:
             self._close_watches.unwatch(os.fsencode(lock._lock.path), signal)
         self._kept_open.discard(id(lock))
+        marker = self._markers.pop(id(lock), None)
+        if marker is not None:
+            os.close(marker)
         barrier = lock._barrier
         with barrier.cond:
             # Closing while this process holds the file would drop its lock.
@@ -119,6 +166,15 @@ class FileDriver(Driver):
         watches, self._close_watches = self._close_watches, None
         if watches is not None:
             await watches.close()
+        markers, self._markers = self._markers, {}
+        for marker in markers.values():
+            os.close(marker)
+
+
+def _marker(lock: Any) -> bytes:
+    """The file whose shared locks say who waits for ``lock``'s key."""
+    directory, key = os.path.split(os.fsencode(lock._lock.path))
+    return os.path.join(directory, b"waiting", key)
 
     def fencing_token(self, lock: Any) -> int:
         """A counter file per key in ``<directory>/fencing/``.
