@@ -34,6 +34,8 @@ class ProbingDriver(Driver):
         super().__init__(coordinator, call_timeout)
         #: Probes running: lock object id -> the event that stops its probe.
         self._probes: dict[int, threading.Event] = {}
+        #: A probe's connection left for the next try of its key (which saves a connect).
+        self._spares: dict[Any, Any] = {}
         self._probes_guard = threading.Lock()
 
     @property
@@ -56,13 +58,24 @@ class ProbingDriver(Driver):
     def disarm_release_watch(self, lock: Any) -> None:
         with self._probes_guard:
             stop = self._probes.get(id(lock))
+            spare = self._spares.pop(lock.name, None)
         if stop is not None:
             stop.set()  # the probe ends within one slice
+        if spare is not None:
+            self._close_quietly(spare)
+
+    def take_spare(self, lock: Any) -> Any:
+        """The connection a probe left for ``lock``'s next try, or ``None``."""
+        with self._probes_guard:
+            return self._spares.pop(lock.name, None)
 
     def stop(self) -> None:
         with self._probes_guard:
             for stop in self._probes.values():
                 stop.set()
+            spares, self._spares = list(self._spares.values()), {}
+        for spare in spares:
+            self._close_quietly(spare)
         super().stop()
 
     def _probe(self, lock: Any, fire: Callable[..., object], stop: threading.Event) -> None:
@@ -71,10 +84,18 @@ class ProbingDriver(Driver):
             try:
                 while not stop.is_set():
                     if self._wait_free(connection, lock):
+                        if self._ready_for_try(connection) and not stop.is_set():
+                            with self._probes_guard:
+                                previous = self._spares.pop(lock.name, None)
+                                self._spares[lock.name] = connection
+                            connection = None
+                            if previous is not None:
+                                self._close_quietly(previous)
                         fire()
                         return
             finally:
-                self._close_probe(connection)
+                if connection is not None:
+                    self._close_probe(connection)
         except Exception:
             fire()  # trouble at the backend: let the waiter try again (and poll)
         finally:
@@ -91,6 +112,16 @@ class ProbingDriver(Driver):
 
     def _close_probe(self, connection: Any) -> None:
         connection.close()
+
+    def _close_quietly(self, connection: Any) -> None:
+        try:
+            self._close_probe(connection)
+        except Exception:
+            pass
+
+    def _ready_for_try(self, connection: Any) -> bool:
+        """Make a probe's connection fit for a try; whether it is (else it is closed)."""
+        return False
 
     @abc.abstractmethod
     def _wait_free(self, connection: Any, lock: Any) -> bool:

@@ -102,6 +102,15 @@ class PostgreSQLDriver(_SQLDriver):
             cursor.execute(f"SET lock_timeout = '{_SLICE}s'")
         return connection
 
+    def _ready_for_try(self, connection: Any) -> bool:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+            connection.autocommit = False  # as tooz's own connections are
+        except Exception:
+            return False
+        return True
+
     def _wait_free(self, connection: Any, lock: Any) -> bool:
         import psycopg2.errors
 
@@ -193,6 +202,12 @@ class PostgreSQLDriver(_SQLDriver):
             )
         if self.taken(lock):
             return False
+        spare = self.take_spare(lock)
+        if spare is not None:
+            if lock._conn is None or lock._conn.closed:
+                lock._conn = spare  # tooz's try then needs no connect of its own
+            else:
+                self._close_quietly(spare)
         granted = bool(lock.acquire(blocking=False))
         if granted:
             with self._held_guard:
@@ -297,4 +312,13 @@ class MySQLDriver(_SQLDriver):
     def try_acquire(self, lock: Any, key: str) -> bool:
         if self.taken(lock):
             return False
+        spare = self.take_spare(lock)
+        if spare is not None:
+            if not lock._conn.open:
+                lock._conn = spare  # tooz's try then needs no connect of its own
+            else:
+                self._close_quietly(spare)
         return super().try_acquire(lock, key)
+
+    def _ready_for_try(self, connection: Any) -> bool:
+        return bool(connection.open)
