@@ -437,8 +437,11 @@ class Connection(_Caller):
             self._acquire_lane, action, lambda: self.driver.fencing_token(tooz_lock)
         )
 
-    async def release(self, handle: LockHandle) -> bool:
+    async def release(self, handle: LockHandle, contended: bool = False) -> bool:
         """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.
+
+        ``contended``: a waiter of this coordinator is next; the driver is asked how many
+        wait elsewhere (``handle.woken``), so that it can step back for them.
 
         A caller that is cancelled, or waits longer than the call timeout, stops waiting;
         the release still runs (even if it was still queued), in its worker thread.
@@ -453,12 +456,13 @@ class Connection(_Caller):
         action = f"releasing {handle.key!r}"
 
         def release() -> bool:
-            # Fairness: who waits elsewhere must be asked while we still hold the lock;
-            # a hint, never in the way of the release.
-            try:
-                waiting = self.driver.waiters_elsewhere(tooz_lock)
-            except Exception:
-                waiting = 0
+            # Fairness: who waits elsewhere must be asked while we still hold the lock,
+            # and only matters when a local waiter is next (``contended``); a hint,
+            # never in the way of the release.
+            waiting = 0
+            if contended:
+                with contextlib.suppress(Exception):
+                    waiting = self.driver.waiters_elsewhere(tooz_lock)
             released = self.driver.release(tooz_lock)
             handle.woken = waiting if released else 0
             return released
