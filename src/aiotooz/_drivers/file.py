@@ -170,12 +170,6 @@ class FileDriver(Driver):
         for marker in markers.values():
             os.close(marker)
 
-
-def _marker(lock: Any) -> bytes:
-    """The file whose shared locks say who waits for ``lock``'s key."""
-    directory, key = os.path.split(os.fsencode(lock._lock.path))
-    return os.path.join(directory, b"waiting", key)
-
     def fencing_token(self, lock: Any) -> int:
         """A counter file per key in ``<directory>/fencing/``.
 
@@ -186,3 +180,9 @@ def _marker(lock: Any) -> bytes:
 
     def still_owner(self, lock: Any) -> bool | None:
         return None  # the file driver only echoes its own flag
+
+
+def _marker(lock: Any) -> bytes:
+    """The file whose shared locks say who waits for ``lock``'s key."""
+    directory, key = os.path.split(os.fsencode(lock._lock.path))
+    return os.path.join(directory, b"waiting", key)
