@@ -56,11 +56,11 @@ class ProbingDriver(Driver):
         return False
 
     def disarm_release_watch(self, lock: Any) -> None:
-        with self._probes_guard:
+        with self._probes_guard:  # the probe checks ``stop`` under it before leaving a spare
             stop = self._probes.get(id(lock))
+            if stop is not None:
+                stop.set()  # the probe ends within one slice
             spare = self._spares.pop(lock.name, None)
-        if stop is not None:
-            stop.set()  # the probe ends within one slice
         if spare is not None:
             self._close_quietly(spare)
 
@@ -84,11 +84,13 @@ class ProbingDriver(Driver):
             try:
                 while not stop.is_set():
                     if self._wait_free(connection, lock):
-                        if self._ready_for_try(connection) and not stop.is_set():
+                        if self._ready_for_try(connection):
                             with self._probes_guard:
-                                previous = self._spares.pop(lock.name, None)
-                                self._spares[lock.name] = connection
-                            connection = None
+                                previous = None
+                                if not stop.is_set():  # else nobody would close it
+                                    previous = self._spares.pop(lock.name, None)
+                                    self._spares[lock.name] = connection
+                                    connection = None
                             if previous is not None:
                                 self._close_quietly(previous)
                         fire()
