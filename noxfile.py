@@ -52,6 +52,10 @@ def examples(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark against the peers (starts a private redis-server); `-- --quick`."""
-    install(session, "bench", extras="redis")
+    """The benchmark against the peers, then waiting across processes on every backend.
+
+    Starts private servers (tests/_servers.py); `-- --quick` for a smoke run.
+    """
+    install(session, "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "wakeups.py"), *session.posargs)

@@ -2,12 +2,14 @@
 
 Redis (on asyncio, through the asyncio client's pub/sub), ZooKeeper (a watch on the
 holder's node), etcd (a watch on the key), PostgreSQL and MySQL (a probe waiting at the
-server), the last four on both event loops, wake a waiter when the lock is released. The poll
+server), file (inotify) and ipc (a probe waiting on the semaphore), all but Redis on both
+event loops, wake a waiter when the lock is released. The poll
 is pushed out to seconds here, so a hand-off that waited for it would fail the bound.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -86,13 +88,38 @@ async def test_without_a_wake_up_a_waiter_polls(
     assert min(latencies) > 0.2, latencies
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_busy_process_lets_a_woken_foreign_waiter_in(redis_url: str, prefix: str) -> None:
+@pytest.mark.parametrize(
+    ("backend", "anyio_backend"),
+    [
+        ("redis", "asyncio"),
+        ("file", "asyncio"),
+        ("file", "trio"),
+        ("ipc", "asyncio"),
+        ("ipc", "trio"),
+        ("postgresql", "asyncio"),
+        ("postgresql", "trio"),
+        ("mysql", "asyncio"),
+    ],
+)
+async def test_a_busy_process_lets_a_woken_foreign_waiter_in(
+    backend: str, redis_url: str, file_url: str, private_server: Any, prefix: str
+) -> None:
     """20 tasks of this process take turns on one lock (1 ms holds). A waiter in another
     process used to wait seconds: after 8 local hand-offs the releasing process's next
     waiter retried at once while the foreign one slept until its next poll. Now the
-    release wakes it, and the releasing process steps back."""
-    async with make_coordinator(redis_url, prefix) as coordinator:
+    release wakes it, the releasing process knows it waits (Redis: the release script
+    counts the subscribers it told; file: a shared lock on the key's marker file; ipc:
+    threads blocked on the semaphore; PostgreSQL and MySQL: sessions waiting at the
+    server), and steps back."""
+    if backend == "redis":
+        url = redis_url
+    elif backend == "file":
+        url = file_url
+    elif backend == "ipc":
+        url = "ipc://"
+    else:
+        url = private_server(backend).url
+    async with make_coordinator(url, prefix) as coordinator:
         stop = anyio.Event()
 
         async def busy() -> None:
@@ -106,10 +133,100 @@ async def test_a_busy_process_lets_a_woken_foreign_waiter_in(redis_url: str, pre
             await anyio.sleep(0.2)
             waits = []
             for _ in range(3):
-                with worker_process("grant", redis_url, prefix, "busy") as waiter:
+                with worker_process("grant", url, prefix, "busy") as waiter:
                     await anyio.to_thread.run_sync(waiter.expect, "waiting")
                     asked = time.time()
                     line = await anyio.to_thread.run_sync(waiter.readline)
                     waits.append(float(line) - asked)
             stop.set()
     assert max(waits) < 1.0, waits  # generous: it took 1.7-5.9 s before, ~10 ms now
+
+
+@pytest.mark.parametrize("backend", ["file", "ipc"])
+async def test_the_kernel_wakes_a_waiter(
+    backend: str, file_url: str, prefix: str, slow_polls: None
+) -> None:
+    """file: inotify reports the release's close of the lock file; ipc: a probe's wait
+    on the semaphore ends when the release removes it."""
+    latencies = await _handoffs(file_url if backend == "file" else "ipc://", prefix, 5)
+    assert 0 < min(latencies) and max(latencies) < 0.5, latencies
+
+
+@pytest.mark.parametrize("backend", ["file", "ipc"])
+@pytest.mark.parametrize("releaser", ["aiotooz", "plain tooz"])
+async def test_a_release_in_another_process_wakes_a_waiter(
+    backend: str, releaser: str, tmp_path: Any, prefix: str, slow_polls: None
+) -> None:
+    """A release in another process, by aiotooz or by plain tooz (which signals nothing
+    itself: the kernel sees the file closed, or the semaphore removed), wakes the waiter
+    long before its 5 s poll."""
+    url = (tmp_path / "locks").as_uri() if backend == "file" else "ipc://"
+    command = "hold" if releaser == "aiotooz" else "tooz-hold"
+    async with make_coordinator(url, prefix) as coordinator:
+        with worker_process(command, url, prefix, "handed") as holder:
+            await anyio.to_thread.run_sync(holder.expect, "waiting")
+            await anyio.to_thread.run_sync(holder.expect, "held")
+            lock = Lock("handed", coordinator=coordinator)
+            async with anyio.create_task_group() as group:
+                granted = anyio.Event()
+
+                async def wait() -> None:
+                    await lock.acquire()
+                    granted.set()
+
+                group.start_soon(wait)
+                await anyio.sleep(0.2)  # waiting (and watching) now
+                assert not granted.is_set()
+                released = time.perf_counter()
+                holder.end_input()  # it releases and exits
+                with anyio.fail_after(20):
+                    await granted.wait()
+                waited = time.perf_counter() - released
+            await lock.release()
+    # The worker has to read its closed input first: generous, and far below 5 s.
+    assert waited < 1.0, waited
+
+
+#: What a coordinator parks at most to wake its waiters (README, "Waiting, wake-ups").
+_PARKED_LIMIT = {"mysql": 4, "etcd": 16, "file": 0, "ipc": 16}
+
+
+@pytest.mark.parametrize("backend", ["mysql", "etcd", "file"])
+async def test_many_waiters_park_a_bounded_number_of_threads(
+    backend: str, private_server: Any, tmp_path: Any, prefix: str
+) -> None:
+    """1,000 tasks wait for 200 names another process holds: the waiting process parks
+    at most the documented number of probe or watch threads (and, on MySQL,
+    connections), and once the waiters are cancelled, nothing within a few slices."""
+    url = (tmp_path / "locks").as_uri() if backend == "file" else private_server(backend).url
+    limit = _PARKED_LIMIT[backend]
+    with worker_process("hold-many", url, prefix, "many", "200") as holder:
+        await anyio.to_thread.run_sync(holder.expect, "waiting")
+        with anyio.fail_after(120):
+            await anyio.to_thread.run_sync(holder.expect, "held")
+        before = threading.active_count()
+        async with make_coordinator(url, prefix) as coordinator:
+
+            async def wait(number: int) -> None:
+                await Lock(f"many-{number % 200}", coordinator=coordinator).acquire()
+                raise AssertionError("granted while another process holds it")
+
+            most_parked = most_threads = 0
+            async with anyio.create_task_group() as group:
+                for number in range(1000):
+                    group.start_soon(wait, number)
+                for _ in range(30):  # 3 s of waiting: tries, watches and probes
+                    await anyio.sleep(0.1)
+                    stats = coordinator.statistics()
+                    most_parked = max(most_parked, stats.release_watchers)
+                    most_threads = max(most_threads, threading.active_count() - before)
+                assert stats.names_waited_for == 200 and stats.tasks_waiting >= 800
+                group.cancel_scope.cancel()
+            assert most_parked <= limit, most_parked
+            # Worker lanes (4 threads), the parked ones, one connect lane at most.
+            assert most_threads <= 4 + limit + 1, (most_threads, most_parked)
+            with anyio.fail_after(10):  # each parked thread ends within one slice
+                while coordinator.statistics().release_watchers:
+                    await anyio.sleep(0.05)
+            if backend == "mysql":
+                assert most_parked == limit  # the probes were used, up to the bound

@@ -6,6 +6,7 @@ first; stdout carries only the protocol's lines (logs go to stderr).
 Commands:
   count URL PREFIX NAME COUNTER TASKS ROUNDS   read-sleep-write increments under the lock
   hold URL PREFIX NAME                         take the lock, print "held", hold until stdin closes
+  hold-many URL PREFIX NAME COUNT              like hold, for locks NAME-0 .. NAME-(COUNT-1)
   serve URL PREFIX NAME                        on each stdin line "acquire" take the lock (waiting
                                                as long as it takes) and print "held"; on
                                                "release" release it and print "released"; stop
@@ -29,6 +30,7 @@ Commands:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -73,6 +75,15 @@ async def hold(url: str, prefix: str, name: str) -> None:
         async with Lock(name, coordinator=coordinator):
             print("held", flush=True)
             await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+async def hold_many(url: str, prefix: str, name: str, count: str) -> None:
+    async with _coordinator(url, prefix) as coordinator, contextlib.AsyncExitStack() as stack:
+        print("waiting", flush=True)
+        for number in range(int(count)):
+            await stack.enter_async_context(Lock(f"{name}-{number}", coordinator=coordinator))
+        print("held", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
 
 
 async def serve(url: str, prefix: str, name: str) -> None:
@@ -188,6 +199,7 @@ def main() -> None:
     commands: dict[str, Callable[..., Awaitable[None]]] = {
         "count": count,
         "hold": hold,
+        "hold-many": hold_many,
         "serve": serve,
         "try": try_once,
         "grant": grant,

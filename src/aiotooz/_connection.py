@@ -453,8 +453,11 @@ class Connection(_Caller):
         read = lambda: self.driver.read_leader(key)  # noqa: E731
         return await self._call(self._control_lane, f"reading leader of {key!r}", read)
 
-    async def release(self, handle: LockHandle) -> bool:
+    async def release(self, handle: LockHandle, contended: bool = False) -> bool:
         """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.
+
+        ``contended``: a waiter of this coordinator is next; the driver is asked how many
+        wait elsewhere (``handle.woken``), so that it can step back for them.
 
         A caller that is cancelled, or waits longer than the call timeout, stops waiting;
         the release still runs (even if it was still queued), in its worker thread.
@@ -467,10 +470,23 @@ class Connection(_Caller):
             return False
         handle.held = False
         action = f"releasing {handle.key!r}"
+
+        def release() -> bool:
+            # Fairness: who waits elsewhere must be asked while we still hold the lock,
+            # and only matters when a local waiter is next (``contended``); a hint,
+            # never in the way of the release.
+            waiting = 0
+            if contended:
+                with contextlib.suppress(Exception):
+                    waiting = self.driver.waiters_elsewhere(tooz_lock)
+            released = self.driver.release(tooz_lock)
+            handle.woken = waiting if released else 0
+            return released
+
         if self._inline:
             # No checkpoint: a release must not be skipped by a cancellation, and like
             # anyio's and trio's own locks it does not need to be one (a try is).
-            return self._run_inline(action, lambda: self.driver.release(tooz_lock))
+            return self._run_inline(action, release)
         try:
             if self._native:
                 told = await self._call_native(
@@ -481,9 +497,7 @@ class Connection(_Caller):
                 )
                 handle.woken = max(told, 0)
                 return told >= 0
-            return await self._call(
-                self._control_lane, action, lambda: self.driver.release(tooz_lock), must_run=True
-            )
+            return await self._call(self._control_lane, action, release, must_run=True)
         except BaseException:
             self._forget(handle)  # the release may still be running with the object
             raise
@@ -497,7 +511,7 @@ class Connection(_Caller):
         if Capability.WAKES_WAITERS not in self.capabilities:
             return Watch(self, ReleaseSignal(), False)
         tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
-        if self._native:
+        if self.driver.watches_on_loop(self._native):
             signal = None
             with anyio.move_on_after(self.call_timeout), contextlib.suppress(Exception):
                 signal = await self.driver.watch_releases(tooz_lock)
@@ -574,10 +588,9 @@ class Connection(_Caller):
         Each step is bounded by the call timeout: a backend that does not answer is left
         behind (its stuck worker thread exits when the call returns).
         """
-        if self._native:
-            with anyio.move_on_after(self.call_timeout, shield=True):
-                with contextlib.suppress(Exception):
-                    await self.driver.close_async()
+        with anyio.move_on_after(self.call_timeout, shield=True):
+            with contextlib.suppress(Exception):
+                await self.driver.close_async()
         # Calls given up on (a heartbeat cancelled by stop(), say) may still run: the
         # driver must not be stopped under them (a client checked out of a pool while
         # the pool closes is never closed). Every thread exits once its queue is done.

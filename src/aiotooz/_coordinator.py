@@ -49,6 +49,9 @@ class CoordinatorStatistics:
     tasks_waiting: int
     #: Worker threads of the current connection that are alive.
     threads: int
+    #: Threads parked to wake waiters when a lock is released: release probes
+    #: (PostgreSQL, MySQL, ipc) and etcd watch streams, each bounded per coordinator.
+    release_watchers: int
     #: Started, and not in the middle of reconnecting.
     connected: bool
     #: Reconnects since the coordinator was created.
@@ -143,6 +146,9 @@ class Coordinator(LeadershipMethods):
             names_waited_for=table.names_waited_for,
             tasks_waiting=table.tasks_waiting,
             threads=self._connection.threads if self._connection is not None else 0,
+            release_watchers=(
+                self._connection.driver.release_watchers if self._connection is not None else 0
+            ),
             connected=self.is_connected,
             reconnects=self._reconnects,
             locks_lost=table.lost_count,

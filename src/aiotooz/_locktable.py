@@ -438,7 +438,9 @@ class LockTable(_Holdings):
             if hold.handle.connection is self._owner.connection:
                 # Not shielded: a cancelled caller (or one whose backend hangs) stops
                 # waiting, and the release still runs in its worker thread.
-                await self._tries.release(hold.handle, hold.name, hold.lost)
+                await self._tries.release(
+                    hold.handle, hold.name, hold.lost, contended=hold.queue.waiting > 0
+                )
                 if hold.handle.woken and hold.queue.waiting:
                     # Fairness: waiters elsewhere were woken by this release; the next
                     # waiter here lets them go first instead of winning the race.

@@ -217,10 +217,15 @@ class BackendTries:
 
     # -- release -------------------------------------------------------------------------
 
-    async def release(self, handle: LockHandle, name: str, lost: bool = False) -> None:
-        """Release ``handle``'s lock at the backend; failures are logged, not raised."""
+    async def release(
+        self, handle: LockHandle, name: str, lost: bool = False, contended: bool = False
+    ) -> None:
+        """Release ``handle``'s lock at the backend; failures are logged, not raised.
+
+        ``contended``: a local waiter is next, so ask who waits elsewhere (fairness).
+        """
         try:
-            released = await handle.connection.release(handle)
+            released = await handle.connection.release(handle, contended)
         except CoordinationError as exc:
             # Nothing the caller could do: the lock ends with its TTL or session.
             self._log.warning("backend release failed", lock=name, error=str(exc))

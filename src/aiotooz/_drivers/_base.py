@@ -188,6 +188,14 @@ class Driver:
         """Release ``lock``; ``False`` if the backend says it was no longer ours."""
         return bool(lock.release())
 
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """How many waiters of other coordinators are known to wait for ``lock`` (held).
+
+        Asked just before a release: if any, the next waiter of this coordinator steps
+        back so that they go first (fairness between processes). 0 if not known.
+        """
+        return 0
+
     # -- on the event loop (drivers with ``Capability.NATIVE_ASYNC``) ---------------------
 
     def native_async_ready(self) -> bool:
@@ -211,7 +219,19 @@ class Driver:
         raise NotImplementedError
 
     async def close_async(self) -> None:
-        """Close what the asyncio client opened (on the event loop)."""
+        """Close what was opened on the event loop: an asyncio client, watches."""
+
+    @property
+    def release_watchers(self) -> int:
+        """Threads parked now for :meth:`arm_release_watch` (probes, watch streams)."""
+        return 0
+
+    def watches_on_loop(self, native: bool) -> bool:
+        """Whether :meth:`watch_releases` serves this connection's waiters.
+
+        ``native``: the asyncio client serves this connection (``NATIVE_ASYNC``).
+        """
+        return native
 
     async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
         """Start watching for releases of ``lock``'s key (``WAKES_WAITERS``, on the loop).

@@ -6,7 +6,7 @@ import base64
 import contextlib
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from ._base import Capability, Driver, client_timeout_options
 
@@ -30,6 +30,9 @@ class EtcdDriver(Driver):
             Capability.NAMES_LEADER,
         }
     )
+
+    #: Watches (streams and threads) a coordinator keeps at most; past that, waiters poll.
+    watch_limit: ClassVar[int] = 16
 
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
@@ -154,28 +157,43 @@ class EtcdDriver(Driver):
 
         Reading first, then watching from that revision on, means a release between the
         two is replayed, never missed. Each watch is a stream with a thread of its own:
-        one per waiting name, stopped when the waiter stops waiting.
+        one per waiting name, stopped when the waiter stops waiting; at most
+        ``watch_limit`` per coordinator.
         """
         from etcd3gw import watch
 
-        client = self.tooz.client  # type: ignore[attr-defined]
-        values = client.get(lock._key, metadata=True)
-        if not values:
-            return True
-        revision = int(values[0][1]["mod_revision"]) + 1
-
-        def on_event(_event: Any) -> None:
-            fire()
-
-        watcher = watch.Watcher(
-            client, lock._key, on_event, start_revision=revision, filters=["NOPUT"]
-        )
         with self._watchers_guard:
-            previous = self._watchers.pop(id(lock), None)
-            self._watchers[id(lock)] = watcher
-        if previous is not None:
-            previous.stop()
+            previous = self._watchers.get(id(lock))
+            if previous is None and len(self._watchers) >= self.watch_limit:
+                return False  # no watch: this waiter polls
+            self._watchers[id(lock)] = None  # the slot is ours until the watch runs
+        watcher = None
+        try:
+            client = self.tooz.client  # type: ignore[attr-defined]
+            values = client.get(lock._key, metadata=True)
+            if not values:
+                return True
+            revision = int(values[0][1]["mod_revision"]) + 1
+
+            def on_event(_event: Any) -> None:
+                fire()
+
+            watcher = watch.Watcher(
+                client, lock._key, on_event, start_revision=revision, filters=["NOPUT"]
+            )
+        finally:
+            with self._watchers_guard:
+                if watcher is None:
+                    self._watchers.pop(id(lock), None)
+                else:
+                    self._watchers[id(lock)] = watcher
+            if previous is not None:
+                previous.stop()
         return False
+
+    @property
+    def release_watchers(self) -> int:
+        return len(self._watchers)
 
     def disarm_release_watch(self, lock: Any) -> None:
         with self._watchers_guard:
@@ -187,7 +205,8 @@ class EtcdDriver(Driver):
         with self._watchers_guard:
             watchers, self._watchers = list(self._watchers.values()), {}
         for watcher in watchers:
-            watcher.stop()  # their threads would otherwise hold up interpreter exit
+            if watcher is not None:
+                watcher.stop()  # their threads would otherwise hold up interpreter exit
         super().stop()
 
 

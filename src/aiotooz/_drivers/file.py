@@ -9,9 +9,20 @@ import urllib.parse
 from typing import Any, ClassVar
 
 from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
-from ._base import Capability, Driver, next_in_file, read_leader_file, write_leader_file
+from ._base import (
+    Capability,
+    Driver,
+    ReleaseSignal,
+    next_in_file,
+    read_leader_file,
+    write_leader_file,
+)
+from ._inotify import CloseWatches
 
 __all__ = ["FileDriver"]
+
+#: struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
 
 
 class FileDriver(Driver):
@@ -28,11 +39,26 @@ class FileDriver(Driver):
       object per file, keyed by the directory's device and inode and the file's name
       (``aiotooz._process.FILE_LOCKS``), shared by every coordinator; creating it under
       one mutex also closes tooz's non-atomic barrier creation race.
+
+    Waiters are woken by the kernel (Linux): a release closes the lock file, which
+    inotify reports (``_inotify``). A waiter keeps the lock file open between its tries
+    while it watches, or its own failed try's close would wake it again at once.
+
+    For fairness, a watching waiter also holds a shared lock on a marker file of its key
+    (``<directory>/waiting/<key>``); before a release the holder asks the kernel whether
+    another process holds one (``F_GETLK`` never reports the caller's own locks).
     """
 
-    capabilities = frozenset({Capability.LOCAL_CALLS, Capability.FENCES, Capability.NAMES_LEADER})
+    capabilities = frozenset(
+        {
+            Capability.LOCAL_CALLS,
+            Capability.FENCES,
+            Capability.WAKES_WAITERS,
+            Capability.NAMES_LEADER,
+        }
+    )
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
-    reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing"})
+    reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing", "waiting"})
 
     @classmethod
     def check_url(cls, parts: urllib.parse.SplitResult) -> None:
@@ -43,6 +69,15 @@ class FileDriver(Driver):
     def prepare_url(cls, url: str) -> str:
         parts = urllib.parse.urlsplit(url)
         return urllib.parse.urlunsplit(parts._replace(path=os.path.realpath(parts.path)))
+
+    def __init__(self, coordinator: Any, call_timeout: float) -> None:
+        super().__init__(coordinator, call_timeout)
+        self._close_watches: CloseWatches | None = None
+        self._watches_failed = False
+        #: Lock objects (by id) whose file stays open after a failed try: watched ones.
+        self._kept_open: set[int] = set()
+        #: Watched lock objects (by id) -> the marker file that says a waiter is here.
+        self._markers: dict[int, int] = {}
 
     def start(self) -> None:
         super().start()
@@ -75,8 +110,72 @@ class FileDriver(Driver):
             if lock.acquire(blocking=False):
                 return True
             lock.ref = references
-            lock._lock._do_close()
+            if id(lock) not in self._kept_open:
+                lock._lock._do_close()
             return False
+
+    # -- waking waiters: the kernel tells when a lock file is closed -----------------------
+
+    def watches_on_loop(self, native: bool) -> bool:
+        return not self._watches_failed
+
+    async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
+        if self._close_watches is None:
+            self._close_watches = CloseWatches.open()
+            if self._close_watches is None:
+                self._watches_failed = True  # not Linux, or past the inotify limits
+                return None
+        signal = self._close_watches.watch(os.fsencode(lock._lock.path))
+        if signal is not None:
+            self._kept_open.add(id(lock))
+            self._mark_waiting(lock)
+        return signal
+
+    def _mark_waiting(self, lock: Any) -> None:
+        """A shared lock on the key's marker file while this coordinator waits for it."""
+        if id(lock) in self._markers:
+            return
+        path = _marker(lock)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            return  # a fairness hint only: without it, this waiter is not known
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return
+        self._markers[id(lock)] = fd
+
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """1 if another process marks itself waiting for ``lock``'s key, else 0.
+
+        Asking closes a descriptor of the marker file, which drops this process's own
+        markers on it: they are hints only.
+        """
+        return int(_locked_by_another_process(_marker(lock)))
+
+    async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
+        if self._close_watches is not None:
+            self._close_watches.unwatch(os.fsencode(lock._lock.path), signal)
+        self._kept_open.discard(id(lock))
+        marker = self._markers.pop(id(lock), None)
+        if marker is not None:
+            os.close(marker)
+        barrier = lock._barrier
+        with barrier.cond:
+            # Closing while this process holds the file would drop its lock.
+            if barrier.owner is None and not lock._lock.acquired:
+                lock._lock._do_close()
+
+    async def close_async(self) -> None:
+        watches, self._close_watches = self._close_watches, None
+        if watches is not None:
+            await watches.close()
+        markers, self._markers = self._markers, {}
+        for marker in markers.values():
+            os.close(marker)
 
     def fencing_token(self, lock: Any) -> int:
         """A counter file per key in ``<directory>/fencing/``.
@@ -115,23 +214,28 @@ class FileDriver(Driver):
         return read_leader_file(self._counter_path(lock)) if held else None
 
 
-#: ``struct flock`` on Linux: l_type, l_whence, l_start, l_len, l_pid (and padding).
-_FLOCK = "hhqqi4x"
-
-
-def _locked_by_another_process(path: str) -> bool:
+def _locked_by_another_process(path: str | bytes) -> bool:
     """Whether another process holds a ``lockf`` lock on the file at ``path``.
 
-    Called only while this process holds no lock on the file (closing our descriptor
-    would drop it: POSIX record locks belong to the process, not the descriptor).
+    ``F_GETLK`` never reports the caller's own locks. Closing the descriptor it asks
+    through drops every lock this process holds on the file (POSIX record locks belong
+    to the process): callers ask about files this process holds no lock on that matters.
     """
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False  # never created: nobody ever locked it
     try:
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
         answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    except OSError:
+        return False
     finally:
         os.close(fd)
-    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+    return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
+
+
+def _marker(lock: Any) -> bytes:
+    """The file whose shared locks say who waits for ``lock``'s key."""
+    directory, key = os.path.split(os.fsencode(lock._lock.path))
+    return os.path.join(directory, b"waiting", key)

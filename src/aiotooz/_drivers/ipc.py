@@ -2,23 +2,115 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import sys
 import tempfile
 from typing import Any
 
-from ._base import Capability, Driver, next_in_file, read_leader_file, write_leader_file
+from ._base import Capability, next_in_file, read_leader_file, write_leader_file
+from ._probes import ProbingDriver
 
 #: Where the ipc backend's fencing counters live: one machine, like its semaphores.
 _FENCING_DIR = os.path.join(tempfile.gettempdir(), f"aiotooz-ipc-fencing-{os.getuid()}")
 
 __all__ = ["IpcDriver"]
 
+_SEM_UNDO = 0x1000
 
-class IpcDriver(Driver):
-    """tooz's ipc driver, with a non-blocking try it cannot do itself here."""
+
+class _SemBuf(ctypes.Structure):
+    _fields_ = [
+        ("sem_num", ctypes.c_ushort),
+        ("sem_op", ctypes.c_short),
+        ("sem_flg", ctypes.c_short),
+    ]
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _semtimedop() -> Any:
+    """The C library's ``semtimedop`` (sysv_ipc is built without timeouts on Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        call = ctypes.CDLL(None, use_errno=True).semtimedop
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(_SemBuf),
+        ctypes.c_size_t,
+        ctypes.POINTER(_TimeSpec),
+    ]
+    return call
+
+
+_SEMTIMEDOP = _semtimedop()
+
+
+class IpcDriver(ProbingDriver):
+    """tooz's ipc driver, with a non-blocking try it cannot do itself here.
+
+    Waiters are woken by probes (Linux): tooz releases a lock by *removing* its
+    semaphore, which ends a wait on it at once (``EIDRM``). A probe is a thread that
+    waits on the semaphore with ``semtimedop`` in slices; if it gets the semaphore (its
+    holder died, and the kernel undid its hold), it gives it back at once. No connection.
+    """
 
     extra = "ipc"
-    capabilities = frozenset({Capability.FENCES, Capability.NAMES_LEADER})
+    capabilities = frozenset(
+        {Capability.FENCES, Capability.NAMES_LEADER, Capability.WAKES_WAITERS}
+        if _SEMTIMEDOP is not None
+        else {Capability.FENCES, Capability.NAMES_LEADER}
+    )
+    #: A probe costs no connection and its waits are system calls: short slices.
+    probe_limit = 16
+    probe_slice = 0.25
+
+    def taken(self, lock: Any) -> bool:
+        import sysv_ipc
+
+        try:
+            return bool(sysv_ipc.Semaphore(lock.key).value == 0)
+        except sysv_ipc.ExistentialError:
+            return False
+
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """Threads blocked taking the semaphore (``GETNCNT``): other coordinators' probes."""
+        semaphore = lock._lock
+        try:
+            return int(semaphore.waiting_for_nonzero) if semaphore is not None else 0
+        except Exception:
+            return 0
+
+    def _probe_connection(self) -> None:
+        return None
+
+    def _close_probe(self, connection: Any) -> None:
+        pass
+
+    def _wait_free(self, connection: Any, lock: Any) -> bool:
+        import sysv_ipc
+
+        try:
+            semid = sysv_ipc.Semaphore(lock.key).id
+        except sysv_ipc.ExistentialError:
+            return True  # removed: released
+        take = _SemBuf(0, -1, _SEM_UNDO)
+        whole = int(self.probe_slice)
+        slice_ = _TimeSpec(whole, int((self.probe_slice - whole) * 1e9))
+        if _SEMTIMEDOP(semid, ctypes.byref(take), 1, ctypes.byref(slice_)) == 0:
+            give_back = _SemBuf(0, 1, _SEM_UNDO)  # the two undo adjustments cancel out
+            _SEMTIMEDOP(semid, ctypes.byref(give_back), 1, None)
+            return True
+        code = ctypes.get_errno()
+        if code in (errno.EAGAIN, errno.EINTR):
+            return False  # the slice ended (or a signal came): wait again
+        return True  # EIDRM, EINVAL: removed by its holder's release
 
     def fencing_token(self, lock: Any) -> int:
         """A counter file per semaphore key.

@@ -5,16 +5,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import tooz.coordination
 
 from .._exceptions import UnsupportedOperation
-from ._base import Capability, Driver
+from ._base import Capability
+from ._probes import ProbingDriver
 
-#: Release probes a coordinator runs at most (each is a thread and a connection).
-_PROBES = 4
 #: One server-side wait of a probe, in seconds (MySQL's GET_LOCK takes whole seconds).
 _SLICE = 1
 
@@ -61,79 +59,39 @@ _MYSQL_LEADER_SQL = (
 )
 
 
-class _SQLDriver(Driver):
-    """What the two database drivers share: a look before each try.
+class _SQLDriver(ProbingDriver):
+    """What the two database drivers share: a look before each try, and probes.
 
     tooz's postgresql and mysql drivers open a connection for every try and close it when
     the try fails: a waiter polling every 50 ms would open 20 connections a second. The
     driver's own connection (opened at start, unused by locks) tells a taken lock without
     one; only a lock that looks free is tried. Any trouble with that connection means
     "not known", and the real try decides.
+
+    A probe (``_probes``) waits with a connection of its own, one slice at a time, for
+    the lock to come free (a shared advisory lock on PostgreSQL, ``GET_LOCK`` on MySQL)
+    and gives back what it got at once.
     """
+
+    #: MySQL's GET_LOCK waits whole seconds.
+    probe_slice = _SLICE
 
     def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
         super().__init__(coordinator, call_timeout)
         #: Serialises the driver's own connection, which is not thread-safe.
         self._look_guard = threading.Lock()
-        #: Release probes running: lock object id -> the event that stops its probe.
-        self._probes: dict[int, threading.Event] = {}
-        self._probes_guard = threading.Lock()
 
-    # -- waking waiters: a probe waits at the server, in slices --------------------------
-
-    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
-        """A probe: a thread with a connection of its own that waits at the server.
-
-        It waits, one slice at a time, for the lock to come free (a shared advisory lock
-        on PostgreSQL, ``GET_LOCK`` on MySQL), gives back what it got at once, and fires.
-        At most ``_PROBES`` run per coordinator; past that, waiters poll.
-        """
-        if not self.taken(lock):
-            return True
-        with self._probes_guard:
-            if id(lock) in self._probes or len(self._probes) >= _PROBES:
-                return False
-            stop = self._probes[id(lock)] = threading.Event()
-        threading.Thread(
-            target=self._probe, args=(lock, fire, stop), name="aiotooz-probe", daemon=True
-        ).start()
-        return False
-
-    def disarm_release_watch(self, lock: Any) -> None:
-        with self._probes_guard:
-            stop = self._probes.get(id(lock))
-        if stop is not None:
-            stop.set()  # the probe ends within one slice
-
-    def stop(self) -> None:
-        with self._probes_guard:
-            for stop in self._probes.values():
-                stop.set()
-        super().stop()
-
-    def _probe(self, lock: Any, fire: Callable[..., object], stop: threading.Event) -> None:
-        try:
-            connection = self._probe_connection()
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """Other sessions waiting for ``lock`` at the server: other coordinators' probes."""
+        with self._look_guard:
             try:
-                while not stop.is_set():
-                    if self._wait_free(connection, lock):
-                        fire()
-                        return
-            finally:
-                connection.close()
-        except Exception:
-            fire()  # trouble at the server: let the waiter try again (and poll)
-        finally:
-            with self._probes_guard:
-                self._probes.pop(id(lock), None)
+                return self._count_waiters(self.tooz, lock)
+            except Exception:
+                return 0
 
     @abc.abstractmethod
-    def _probe_connection(self) -> Any:
-        """A new connection for a probe."""
-
-    @abc.abstractmethod
-    def _wait_free(self, connection: Any, lock: Any) -> bool:
-        """Wait at most ``_SLICE`` seconds at the server for ``lock`` to be free."""
+    def _count_waiters(self, driver: Any, lock: Any) -> int:
+        """Ask on the driver's own connection how many sessions wait for ``lock``."""
 
     def taken(self, lock: Any) -> bool:
         """Whether the database shows ``lock`` taken (by any session)."""
@@ -207,6 +165,22 @@ class _SQLDriver(Driver):
         """Whether ``exc`` says there is no leader table yet (nobody ever led)."""
 
 
+#: Sessions waiting for the shared advisory lock a probe takes on tooz's two int4 keys.
+_PG_WAITING_SQL = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    " AND mode = 'ShareLock'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid = %s AND objid = %s AND objsubid = 2"
+)
+
+#: Sessions waiting in GET_LOCK for one name (those of the same user are visible); the
+#: name is in the statement's text as a string or, sent as bytes, in hex (X'...').
+_MYSQL_WAITING_SQL = (
+    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
+    " AND (INFO LIKE CONCAT('%%', %s, '%%') OR INFO LIKE CONCAT('%%', LOWER(HEX(%s)), '%%'))"
+)
+
+
 class PostgreSQLDriver(_SQLDriver):
     """PostgreSQL advisory locks (tooz maps each name to one of 65,536 of them)."""
 
@@ -220,6 +194,15 @@ class PostgreSQLDriver(_SQLDriver):
         with connection.cursor() as cursor:
             cursor.execute(f"SET lock_timeout = '{_SLICE}s'")
         return connection
+
+    def _ready_for_try(self, connection: Any) -> bool:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+            connection.autocommit = False  # as tooz's own connections are
+        except Exception:
+            return False
+        return True
 
     def _wait_free(self, connection: Any, lock: Any) -> bool:
         import psycopg2.errors
@@ -299,6 +282,14 @@ class PostgreSQLDriver(_SQLDriver):
             row = cursor.fetchone()
         return bool(row and row[0])
 
+    def _count_waiters(self, driver: Any, lock: Any) -> int:
+        if driver._conn.closed:
+            return 0
+        with driver._conn.cursor() as cursor:
+            cursor.execute(_PG_WAITING_SQL, tuple(lock.key))
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One try, refusing a name that would wait for its own holder.
 
@@ -319,6 +310,12 @@ class PostgreSQLDriver(_SQLDriver):
             )
         if self.taken(lock):
             return False
+        spare = self.take_spare(lock)
+        if spare is not None:
+            if lock._conn is None or lock._conn.closed:
+                lock._conn = spare  # tooz's try then needs no connect of its own
+            else:
+                self._close_quietly(spare)
         granted = bool(lock.acquire(blocking=False))
         if granted:
             with self._held_guard:
@@ -427,7 +424,24 @@ class MySQLDriver(_SQLDriver):
             row = cursor.fetchone()
         return row is not None and row[0] == 0
 
+    def _count_waiters(self, driver: Any, lock: Any) -> int:
+        if not driver._conn.open:
+            return 0
+        with driver._conn.cursor() as cursor:
+            cursor.execute(_MYSQL_WAITING_SQL, (lock.name, lock.name))
+            row = cursor.fetchone()
+        return int(row[0]) if row else 0
+
     def try_acquire(self, lock: Any, key: str) -> bool:
         if self.taken(lock):
             return False
+        spare = self.take_spare(lock)
+        if spare is not None:
+            if not lock._conn.open:
+                lock._conn = spare  # tooz's try then needs no connect of its own
+            else:
+                self._close_quietly(spare)
         return super().try_acquire(lock, key)
+
+    def _ready_for_try(self, connection: Any) -> bool:
+        return bool(connection.open)
