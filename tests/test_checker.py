@@ -113,3 +113,26 @@ def test_a_store_that_accepted_a_stale_write_fails(tmp_path: Path) -> None:
     )
     with pytest.raises(AssertionError, match="accepted token 1 after 3"):
         check(tmp_path)
+
+
+def test_a_backend_known_to_break_reports_the_overlap_but_not_a_stale_write(
+    tmp_path: Path,
+) -> None:
+    _history(
+        tmp_path,
+        (1.0, "a", "enter", {"token": 1}),
+        (1.5, "b", "enter", {"token": 2}),
+        (2.0, "a", "exit", {"how": "released"}),
+        (2.5, "b", "exit", {"how": "released"}),
+    )
+    report = check(tmp_path, backend_breaks=True)
+    [(earlier, later, history)] = report.untold_overlaps
+    assert (earlier.holder, later.holder) == ("a", "b")
+    assert "b enter  token=2" in history
+    _history(
+        tmp_path,
+        (3.0, "store", "write", {"token": 2, "accepted": True}),
+        (3.1, "store", "write", {"token": 1, "accepted": True}),
+    )
+    with pytest.raises(AssertionError, match="accepted token 1 after 2"):
+        check(tmp_path, backend_breaks=True)

@@ -53,9 +53,19 @@ async def hold(url: str, prefix: str, name: str, holder: str, directory: str) ->
                     token = lock.fencing_token
                     inside = True
                     recorder.record("enter", token=token)
-                    for _ in range(WRITES):
-                        store.write(holder, token)
-                        await anyio.sleep(WRITE_EVERY)
+                    try:
+                        for _ in range(WRITES):
+                            store.write(holder, token)
+                            await anyio.sleep(WRITE_EVERY)
+                            if stop.exists():
+                                break
+                    except anyio.get_cancelled_exc_class():
+                        # Told: the body is cancelled now. LockLost itself comes out of
+                        # the block only after the release, which may wait for the backend.
+                        if lock.lost:
+                            recorder.record("exit", how="lost", reason=lock.lost_reason)
+                            inside = False
+                        raise
                     # The section ends here; the release that follows is not part of it.
                     recorder.record("exit", how="released")
                     inside = False
@@ -63,7 +73,7 @@ async def hold(url: str, prefix: str, name: str, holder: str, directory: str) ->
                 if inside:
                     recorder.record("exit", how="lost", reason=exc.reason)
                 else:
-                    recorder.record("error", error=f"lost after the section: {exc.reason}")
+                    recorder.record("error", error=f"LockLost raised: {exc.reason}")
             except Exception as exc:
                 if inside:
                     recorder.record("exit", how="error", error=repr(exc)[:200])

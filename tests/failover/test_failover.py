@@ -4,7 +4,7 @@ Three holder processes take turns on one fenced lock while the test kills, pause
 cuts off the backend's leader (or pauses a holder); the checker then verifies the
 history (tests/_checker.py). Holder ``h1`` talks to the leader alone where the client
 takes a single endpoint, so that it is the one cut off with it. Lock TTLs are 2 s;
-every fault lasts 2.5 TTLs. Measured figures are printed (``FAILOVER {...}``) and
+every fault lasts 2 TTLs. Measured figures are printed (``FAILOVER {...}``) and
 collected by the nox session; docs/failover.md quotes them.
 """
 
@@ -30,9 +30,9 @@ from ._scenario import Scenario
 pytestmark = pytest.mark.failover
 
 TTL = 2
-FAULT = 2.5 * TTL
-#: How long the holders run before the fault and after the heal.
-SETTLE = 2.0
+FAULT = 2 * TTL
+#: How long the holders run before the fault.
+SETTLE = 1.0
 
 
 def _urls(cluster: Cluster, leader: ClusterNode) -> dict[str, str]:
@@ -65,7 +65,13 @@ def _peers(cluster: Cluster, node: ClusterNode) -> list[ClusterNode]:
     return [other for other in cluster.nodes if other is not node]
 
 
-def _run(cluster: Cluster, tmp_path: Path, fault: str, inject: Callable[..., object]) -> Report:
+def _run(
+    cluster: Cluster,
+    tmp_path: Path,
+    fault: str,
+    inject: Callable[..., object],
+    backend_breaks: bool = False,
+) -> Report:
     cluster.wait_healthy()
     leader = cluster.leader()
     assert leader is not None
@@ -73,18 +79,21 @@ def _run(cluster: Cluster, tmp_path: Path, fault: str, inject: Callable[..., obj
     try:
         scenario.start_holders(_urls(cluster, leader))
         time.sleep(SETTLE)
-        scenario.wait_for_section(["h1"])  # the fault hits the holder that uses the leader
+        # The fault hits a holder inside its section: on etcd and ZooKeeper, the one
+        # that talks to the leader alone (all Redis holders ask the Sentinels).
+        alone = not isinstance(cluster, RedisSentinelCluster)
+        scenario.wait_for_section(["h1"] if alone else list(scenario.holders))
         inject(scenario, leader)
-        scenario.event("heal")
+        healed = scenario.event("heal")
         cluster.wait_healthy()
-        time.sleep(SETTLE)
-        report = scenario.finish()
+        scenario.wait_for_entry(healed)  # progress after the heal
+        report = scenario.finish(backend_breaks)
     finally:
         scenario.close()
     fault_at = next(e["t"] for e in report.events if e["event"] == "fault")
     heal_at = next(e["t"] for e in report.events if e["event"] == "heal")
     assert any(s.enter < fault_at for s in report.sections), "no section before the fault"
-    assert any(s.enter > heal_at for s in report.sections), "no progress after the heal"
+    assert any(s.enter > heal_at for s in report.sections)
     return report
 
 
@@ -111,6 +120,14 @@ def test_leader_paused(cluster: Cluster, tmp_path: Path) -> None:
 
 
 def test_leader_partitioned(cluster: Cluster, tmp_path: Path) -> None:
+    """The leader is cut off from the other nodes (not from the clients).
+
+    Redis Sentinel promotes the replica while clients still reach the old primary
+    through their open connections: two primaries grant the lock at once, and neither
+    holder is told (docs/failover.md shows the history). That overlap is the backend's,
+    so it is reported rather than failed; the fenced store must still refuse every
+    stale write.
+    """
     wall = Firewall()
 
     def partition(scenario: Scenario, leader: ClusterNode) -> None:
@@ -122,7 +139,8 @@ def test_leader_partitioned(cluster: Cluster, tmp_path: Path) -> None:
             wall.heal()
 
     try:
-        _run(cluster, tmp_path, "leader partitioned", partition)
+        redis = isinstance(cluster, RedisSentinelCluster)
+        _run(cluster, tmp_path, "leader partitioned", partition, backend_breaks=redis)
     finally:
         wall.close()
 
@@ -140,3 +158,53 @@ def test_holder_paused(cluster: Cluster, tmp_path: Path) -> None:
             scenario.resume_holder(holder)
 
     _run(cluster, tmp_path, "holder paused", pause)
+
+
+@pytest.fixture
+def sentinel_cluster() -> Iterator[RedisSentinelCluster]:
+    made = RedisSentinelCluster()
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+
+
+def test_redis_promotes_a_replica_without_the_lock(
+    sentinel_cluster: RedisSentinelCluster, tmp_path: Path
+) -> None:
+    """Replication is cut, a holder is granted on the primary alone, the primary dies.
+
+    Redis replicates asynchronously: the replica that Sentinel promotes never saw the
+    grant, so the lock is free on the new primary while its holder is inside its
+    section. The holder's connection to the dead primary fails, so it is told; the
+    new primary's grant carries a larger token (Redis fencing tokens are floored at the
+    server's clock in microseconds), so a late write of the old holder is refused.
+    """
+    cluster = sentinel_cluster
+    primary, replica = cluster.redis_nodes
+    wall = Firewall()
+    scenario = Scenario(
+        tmp_path / "history", "RedisSentinelCluster: replica promoted without the lock"
+    )
+    try:
+        scenario.start_holders(dict.fromkeys(("h1", "h2", "h3"), cluster.url(TTL)))
+        time.sleep(SETTLE)
+        wall.isolate(replica, [primary])  # replication stops; Sentinels still see both
+        cut = scenario.event("replication-cut")
+        holder = scenario.wait_for_entry(cut)
+        scenario.event("fault", what=f"SIGKILL primary {primary.address}; {holder} holds")
+        primary.kill()
+        time.sleep(FAULT)
+        wall.heal()
+        primary.start()
+        healed = scenario.event("heal")
+        cluster.wait_healthy()
+        scenario.wait_for_entry(healed)
+        report = scenario.finish()
+    finally:
+        scenario.close()
+        wall.close()
+    assert cluster.leader() is replica, "Sentinel did not promote the replica"
+    heal_at = next(e["t"] for e in report.events if e["event"] == "heal")
+    assert any(s.enter > heal_at for s in report.sections), "no progress after the heal"
