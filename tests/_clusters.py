@@ -29,18 +29,41 @@ from ._servers import PrivateServer, _binary, free_port
 from .helpers import missing_backend
 
 __all__ = [
+    "CLIENT_UID",
     "Cluster",
     "EtcdCluster",
     "Firewall",
     "RedisSentinelCluster",
     "ZooKeeperCluster",
+    "as_client_user",
     "in_private_netns",
 ]
 
 #: Node user ids (no account needed: setpriv sets the ids directly).
 _UIDS = itertools.count(61011)
+#: The user id a client that a test cuts off runs as (see ``as_client_user``).
+CLIENT_UID = 61500
 #: Each cluster gets its own 127.0.<n>.0/24 block of addresses.
 _BLOCKS = itertools.count(201)
+
+
+def as_client_user(command: list[str]) -> list[str]:
+    """``command`` run as ``CLIENT_UID``, so that a firewall rule can match its packets.
+
+    It keeps the right to read and write any file (ambient CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH): the interpreter and the shared history may live in root's
+    directories.
+    """
+    caps = "+dac_override,+dac_read_search"
+    return [
+        _binary("setpriv"),
+        f"--reuid={CLIENT_UID}",
+        f"--regid={CLIENT_UID}",
+        "--clear-groups",
+        f"--inh-caps={caps}",
+        f"--ambient-caps={caps}",
+        *command,
+    ]
 
 
 def in_private_netns() -> bool:
@@ -459,9 +482,13 @@ class Firewall:
             f"add rule inet {self.table} out meta skuid {{ {uids} }} ip daddr {node.host} drop"
         )
 
-    def cut_clients(self, node: ClusterNode) -> None:
-        """Drop every packet from processes other than nodes (the clients) to ``node``."""
-        self._nft_run(f"add rule inet {self.table} out meta skuid 0 ip daddr {node.host} drop")
+    def cut_off(self, uid: int) -> None:
+        """Drop every packet the processes of user ``uid`` send (a client, cut off).
+
+        Its TCP connections stall both ways: nothing it sends, acknowledgements
+        included, reaches a node.
+        """
+        self._nft_run(f"add rule inet {self.table} out meta skuid {uid} drop")
 
     def heal(self) -> None:
         self._nft_run(f"flush chain inet {self.table} out")

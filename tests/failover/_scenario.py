@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._checker import Recorder, Report, check
+from .._clusters import as_client_user
 from .._servers import _dying_with_this_process
 
 HOLDER = str(Path(__file__).with_name("holder.py"))
@@ -40,7 +41,8 @@ class Scenario:
         self.holders: dict[str, subprocess.Popen[str]] = {}
         self._logs: list[Any] = []
 
-    def start_holders(self, urls: dict[str, str]) -> None:
+    def start_holders(self, urls: dict[str, str], cut_off: str | None = None) -> None:
+        """Start a holder per URL; ``cut_off`` runs as ``CLIENT_UID`` (see Firewall.cut_off)."""
         for holder, url in urls.items():
             log = (self.directory / f"{holder}.stderr").open("w")
             self._logs.append(log)
@@ -53,6 +55,8 @@ class Scenario:
                 holder,
                 str(self.directory),
             ]
+            if holder == cut_off:
+                command = as_client_user(command)
             self.holders[holder] = subprocess.Popen(
                 _dying_with_this_process(command),  # no holder outlives a killed test
                 stdin=subprocess.DEVNULL,
@@ -78,28 +82,27 @@ class Scenario:
         lines = path.read_text().splitlines() if path.exists() else []
         return bool(lines) and json.loads(lines[-1])["event"] == "enter"
 
-    def wait_for_section(self, holders: list[str], timeout: float = 20) -> str:
-        """Wait until one of ``holders`` is inside the critical section; which one."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for holder in holders:
-                if self.in_section(holder):
-                    return holder
-            time.sleep(0.01)
-        raise AssertionError(f"none of {holders} entered the section in {timeout} s")
+    def wait_for_section(self, holders: list[str], timeout: float = 30) -> str:
+        """Wait until one of ``holders`` enters a section (from now on); which one.
 
-    def wait_for_entry(self, after: float, timeout: float = 30) -> str:
-        """Wait until a holder enters a section after ``after``; which one."""
+        The fault then hits it at the start of its section, not as it ends.
+        """
+        return self.wait_for_entry(time.monotonic(), timeout, holders)
+
+    def wait_for_entry(
+        self, after: float, timeout: float = 30, holders: list[str] | None = None
+    ) -> str:
+        """Wait until a holder (of ``holders``) enters a section after ``after``; which one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for holder in self.holders:
+            for holder in holders or list(self.holders):
                 path = self.directory / f"{holder}.jsonl"
                 for line in path.read_text().splitlines()[-3:] if path.exists() else []:
                     event = json.loads(line)
                     if event["event"] == "enter" and event["t"] > after:
                         return holder
             time.sleep(0.01)
-        raise AssertionError(f"no holder entered a section in the {timeout} s after {after}")
+        raise AssertionError(f"none of {holders or 'the holders'} entered a section in {timeout} s")
 
     def pause_holder(self, holder: str) -> None:
         os.kill(self.holders[holder].pid, signal.SIGSTOP)

@@ -18,6 +18,7 @@ import pytest
 
 from .._checker import Report
 from .._clusters import (
+    CLIENT_UID,
     Cluster,
     ClusterNode,
     EtcdCluster,
@@ -71,16 +72,17 @@ def _run(
     fault: str,
     inject: Callable[..., object],
     backend_breaks: bool = False,
+    cut_off: str | None = None,
 ) -> Report:
     cluster.wait_healthy()
     leader = cluster.leader()
     assert leader is not None
     scenario = Scenario(tmp_path / "history", f"{type(cluster).__name__}: {fault}")
     try:
-        scenario.start_holders(_urls(cluster, leader))
+        scenario.start_holders(_urls(cluster, leader), cut_off)
         time.sleep(SETTLE)
-        # The fault hits a holder inside its section: on etcd and ZooKeeper, the one
-        # that talks to the leader alone (all Redis holders ask the Sentinels).
+        # The fault hits a holder that just entered its section: on etcd and ZooKeeper,
+        # the one that talks to the leader alone (all Redis holders ask the Sentinels).
         alone = not isinstance(cluster, RedisSentinelCluster)
         scenario.wait_for_section(["h1"] if alone else list(scenario.holders))
         inject(scenario, leader)
@@ -145,11 +147,31 @@ def test_leader_partitioned(cluster: Cluster, tmp_path: Path) -> None:
         wall.close()
 
 
+def test_client_partitioned(cluster: Cluster, tmp_path: Path) -> None:
+    """A holder cut off from every node for 2 TTLs: it must be told before anyone is granted."""
+    wall = Firewall()
+
+    def partition(scenario: Scenario, leader: ClusterNode) -> None:
+        if not scenario.in_section("h1"):
+            scenario.wait_for_section(["h1"])
+        scenario.event("fault", what="holder h1 cut off from every node")
+        wall.cut_off(CLIENT_UID)
+        try:
+            time.sleep(FAULT)
+        finally:
+            wall.heal()
+
+    try:
+        _run(cluster, tmp_path, "client partitioned", partition, cut_off="h1")
+    finally:
+        wall.close()
+
+
 def test_holder_paused(cluster: Cluster, tmp_path: Path) -> None:
     """A holder stopped mid-section (a GC pause): the classic stale write."""
 
     def pause(scenario: Scenario, leader: ClusterNode) -> None:
-        holder = scenario.wait_for_section(list(scenario.holders))
+        holder = next(h for h in scenario.holders if scenario.in_section(h))
         scenario.pause_holder(holder)
         scenario.event("fault", what=f"SIGSTOP holder {holder} inside its section")
         try:
