@@ -490,6 +490,10 @@ class Firewall:
         """
         self._nft_run(f"add rule inet {self.table} out meta skuid {uid} drop")
 
+    def lose(self, percent: int) -> None:
+        """Drop ``percent`` % of all packets, at random (this kernel has no netem)."""
+        self._nft_run(f"add rule inet {self.table} out numgen random mod 100 < {percent} drop")
+
     def heal(self) -> None:
         self._nft_run(f"flush chain inet {self.table} out")
 

@@ -167,6 +167,27 @@ def test_client_partitioned(cluster: Cluster, tmp_path: Path) -> None:
         wall.close()
 
 
+def test_lossy_network(cluster: Cluster, tmp_path: Path) -> None:
+    """A fifth of all packets lost (clients and nodes alike) for 2 TTLs.
+
+    netem is not in this kernel, so latency is not injected; loss is, by nftables.
+    """
+    wall = Firewall()
+
+    def lose(scenario: Scenario, leader: ClusterNode) -> None:
+        scenario.event("fault", what="20% of all packets dropped")
+        wall.lose(20)
+        try:
+            time.sleep(FAULT)
+        finally:
+            wall.heal()
+
+    try:
+        _run(cluster, tmp_path, "20% packet loss", lose)
+    finally:
+        wall.close()
+
+
 def test_holder_paused(cluster: Cluster, tmp_path: Path) -> None:
     """A holder stopped mid-section (a GC pause): the classic stale write."""
 
