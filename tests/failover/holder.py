@@ -25,9 +25,9 @@ structlog.configure(
     logger_factory=structlog.PrintLoggerFactory(sys.stderr),
 )
 
-#: Writes per section and the pause between them: a section lasts about 3 s, longer than
+#: Writes per section and the pause between them: a section lasts about 2.5 s, longer than
 #: the scenarios' 2 s lock TTL, so that a fault finds the holder inside it.
-WRITES = 30
+WRITES = 25
 WRITE_EVERY = 0.1
 
 

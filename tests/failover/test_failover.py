@@ -33,7 +33,7 @@ pytestmark = pytest.mark.failover
 TTL = 2
 FAULT = 2 * TTL
 #: How long the holders run before the fault.
-SETTLE = 1.0
+SETTLE = 0.5
 
 
 def _urls(cluster: Cluster, leader: ClusterNode) -> dict[str, str]:
