@@ -32,8 +32,6 @@ pytestmark = pytest.mark.failover
 
 TTL = 2
 FAULT = 2 * TTL
-#: How long the holders run before the fault.
-SETTLE = 0.5
 
 
 def _urls(cluster: Cluster, leader: ClusterNode) -> dict[str, str]:
@@ -80,7 +78,6 @@ def _run(
     scenario = Scenario(tmp_path / "history", f"{type(cluster).__name__}: {fault}")
     try:
         scenario.start_holders(_urls(cluster, leader), cut_off)
-        time.sleep(SETTLE)
         # The fault hits a holder that just entered its section: on etcd and ZooKeeper,
         # the one that talks to the leader alone (all Redis holders ask the Sentinels).
         alone = not isinstance(cluster, RedisSentinelCluster)
@@ -232,7 +229,7 @@ def test_redis_promotes_a_replica_without_the_lock(
     )
     try:
         scenario.start_holders(dict.fromkeys(("h1", "h2", "h3"), cluster.url(TTL)))
-        time.sleep(SETTLE)
+        scenario.wait_for_section(list(scenario.holders))
         wall.isolate(replica, [primary])  # replication stops; Sentinels still see both
         cut = scenario.event("replication-cut")
         holder = scenario.wait_for_entry(cut)
