@@ -42,7 +42,10 @@ def failover(session: nox.Session) -> None:
     (docs/failover.md).
     """
     if os.geteuid() != 0:
-        session.error("the failover scenarios need root (a network namespace and nftables)")
+        reason = "the failover scenarios need root (a network namespace and nftables)"
+        if os.environ.get("CI"):
+            session.error(reason)  # under CI a scenario that cannot run is a failure
+        session.skip(reason)
     install(session, "test")
     with tempfile.TemporaryDirectory(prefix="aiotooz-failover-") as results_dir:
         results = Path(results_dir) / "results.jsonl"
