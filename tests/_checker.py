@@ -9,8 +9,8 @@ machine, so CLOCK_MONOTONIC is comparable across them. The test adds ``fault`` a
 ``heal`` events of its own.
 
 :class:`FencedStore` is the resource the locks protect: it refuses a write whose token
-is lower than the highest it accepted (a file guarded by ``flock``, so every holder
-process sees the same highest token).
+is lower than the highest it accepted. The test process serves it to the holders
+(:class:`StoreClient`) over a Unix socket, outside any network partition.
 
 :func:`check` then verifies the promise: two sections overlap only if the later one has
 the larger token and the earlier holder was told (its section ended with ``lost``); no
@@ -21,15 +21,19 @@ violation fails with the history around it.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
+import shutil
+import socket
+import socketserver
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FencedStore", "Recorder", "Report", "Section", "check", "load_events"]
+__all__ = ["FencedStore", "Recorder", "Report", "Section", "StoreClient", "check", "load_events"]
 
 
 class Recorder:
@@ -50,39 +54,87 @@ class Recorder:
 
 
 class FencedStore:
-    """A resource that refuses writes with a token lower than the highest it accepted.
+    """The fenced resource, served by the test process to the holders over a Unix socket.
 
-    Every write, accepted or refused, is logged to ``<directory>/store.jsonl``.
+    It refuses a write whose token is lower than the highest it accepted, and logs every
+    write, accepted or refused, to ``<directory>/store.jsonl``. It runs in the test's
+    own process (a thread per holder), never in a holder: a holder that is paused
+    mid-write then holds nothing that the others wait for.
     """
 
     def __init__(self, directory: Path) -> None:
-        self._log = directory / "store.jsonl"
-        self._highest = directory / "store.highest"
-        self._guard = directory / "store.lock"
+        self._log = (directory / "store.jsonl").open("a", buffering=1)
+        self._highest = -1
+        self._guard = threading.Lock()
+        # A short path: Unix socket paths are limited to about 100 bytes.
+        self._socket_dir = tempfile.mkdtemp(prefix="aiotooz-store-")
+        self.address = os.path.join(self._socket_dir, "store.sock")
+        (directory / "store.address").write_text(self.address)
+        self._server = socketserver.ThreadingUnixStreamServer(self.address, self._handler())
+        self._server.daemon_threads = True
+        os.chmod(self.address, 0o777)  # a holder may run as another user
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
 
     def write(self, holder: str, token: int) -> bool:
-        with self._guard.open("a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
-            try:
-                highest = int(self._highest.read_text()) if self._highest.exists() else -1
-                accepted = token >= highest
-                if accepted:
-                    self._highest.write_text(str(token))
-                entry = {
-                    "t": time.monotonic(),
-                    "holder": holder,
-                    "event": "write",
-                    "token": token,
-                    "accepted": accepted,
-                    "highest": highest,
-                }
-                with self._log.open("a") as log:
-                    log.write(json.dumps(entry) + "\n")
-                    log.flush()
-                    os.fsync(log.fileno())
-            finally:
-                fcntl.flock(guard, fcntl.LOCK_UN)
+        """Accept the write of ``holder`` with ``token`` unless a larger one came first."""
+        with self._guard:
+            accepted = token >= self._highest
+            entry = {
+                "t": time.monotonic(),
+                "holder": holder,
+                "event": "write",
+                "token": token,
+                "accepted": accepted,
+                "highest": self._highest,
+            }
+            if accepted:
+                self._highest = token
+            self._log.write(json.dumps(entry) + "\n")
         return accepted
+
+    def _handler(self) -> type[socketserver.StreamRequestHandler]:
+        store = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:  # "holder token", one write per line
+                    holder, token = line.decode().split()
+                    self.wfile.write(b"1\n" if store.write(holder, int(token)) else b"0\n")
+
+        return Handler
+
+    def close(self) -> None:
+        if self._log.closed:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._log.close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+class StoreClient:
+    """A holder's connection to the :class:`FencedStore` whose address is in ``directory``."""
+
+    def __init__(self, directory: Path) -> None:
+        self._address = (directory / "store.address").read_text()
+        self._socket: socket.socket | None = None
+        self._file: Any = None
+
+    def write(self, holder: str, token: int) -> bool:
+        if self._socket is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._socket.connect(self._address)
+            self._file = self._socket.makefile("rwb")
+        self._file.write(f"{holder} {token}\n".encode())
+        self._file.flush()
+        return bool(self._file.readline().strip() == b"1")
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._file.close()
+            self._socket.close()
 
 
 @dataclasses.dataclass

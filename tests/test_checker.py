@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ._checker import FencedStore, check
+from ._checker import FencedStore, StoreClient, check
 
 
 def _history(directory: Path, *events: tuple[float, str, str, dict[str, object]]) -> None:
@@ -96,10 +96,15 @@ def test_the_same_token_twice_fails(tmp_path: Path) -> None:
 
 def test_the_fenced_store_refuses_a_stale_token(tmp_path: Path) -> None:
     store = FencedStore(tmp_path)
-    assert store.write("a", 1)
-    assert store.write("b", 3)
-    assert not store.write("a", 1)
-    assert store.write("b", 3)
+    client = StoreClient(tmp_path)  # as a holder process talks to it
+    try:
+        assert client.write("a", 1)
+        assert client.write("b", 3)
+        assert not client.write("a", 1)
+        assert client.write("b", 3)
+    finally:
+        client.close()
+        store.close()
     report = check(tmp_path)
     assert report.accepted_writes == 3
     assert [write["holder"] for write in report.refused_writes] == ["a"]

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .._checker import Recorder, Report, check
+from .._checker import FencedStore, Recorder, Report, check
 from .._clusters import as_client_user
 from .._servers import _dying_with_this_process
 
@@ -37,6 +37,7 @@ class Scenario:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._harness = Recorder(directory, "harness")
+        self._store = FencedStore(directory)
         self._prefix = f"fo{uuid.uuid4().hex[:6]}-"
         self.holders: dict[str, subprocess.Popen[str]] = {}
         self._logs: list[Any] = []
@@ -141,6 +142,7 @@ class Scenario:
         for log in self._logs:
             log.close()
         self._harness.close()
+        self._store.close()
 
     def figures(self, report: Report) -> dict[str, Any]:
         """Measured times after the first fault: loss told, next grant, sections, writes."""

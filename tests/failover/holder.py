@@ -18,7 +18,7 @@ import structlog
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests._checker
 
 from aiotooz import CoordinationSettings, Coordinator, Lock, LockLost
-from tests._checker import FencedStore, Recorder
+from tests._checker import Recorder, StoreClient
 
 structlog.configure(
     wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
@@ -35,7 +35,7 @@ async def hold(url: str, prefix: str, name: str, holder: str, directory: str) ->
     shared = Path(directory)
     stop = shared / "stop"
     recorder = Recorder(shared, holder)
-    store = FencedStore(shared)
+    store = StoreClient(shared)
     settings = CoordinationSettings(
         backend_url=url,
         heartbeat=0.5,
@@ -82,6 +82,7 @@ async def hold(url: str, prefix: str, name: str, holder: str, directory: str) ->
                 await anyio.sleep(0.2)
             await anyio.sleep(0.01)  # let the others in
     recorder.close()
+    store.close()
 
 
 def main() -> None:
