@@ -1,9 +1,10 @@
 """Mutual exclusion on real three-node clusters under faults (``nox -s failover``).
 
 Three holder processes take turns on one fenced lock while the test kills, pauses or
-cuts off the backend's leader (or pauses a holder); the checker then verifies the
-history (tests/_checker.py). Holder ``h1`` talks to the leader alone where the client
-takes a single endpoint, so that it is the one cut off with it. Lock TTLs are 2 s;
+cuts off the backend's leader, cuts a holder off, drops packets or pauses a holder;
+the checker then verifies the history (tests/_checker.py). Holder ``h1`` talks to the
+leader alone where the client takes a single endpoint, so that it is the one cut off
+with it. Lock TTLs are 2 s;
 every fault lasts 2 TTLs. Measured figures are printed (``FAILOVER {...}``) and
 collected by the nox session; docs/failover.md quotes them.
 """
@@ -72,6 +73,11 @@ def _run(
     backend_breaks: bool = False,
     cut_off: str | None = None,
 ) -> Report:
+    """Holders on ``cluster``; ``inject`` the fault; wait for progress; check the history.
+
+    ``cut_off``: the holder that runs as ``CLIENT_UID``; ``backend_breaks``: see
+    ``tests._checker.check``.
+    """
     cluster.wait_healthy()
     leader = cluster.leader()
     assert leader is not None
