@@ -50,15 +50,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
+def wait_for_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
+            with socket.create_connection((host, port), 0.2):
                 return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
 def _dying_with_this_process(command: list[str]) -> list[str]:
@@ -112,6 +112,8 @@ class PrivateServer:
     def __init__(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self._workdir = workdir
+        #: The loopback address it listens on (cluster nodes have one each).
+        self.host = "127.0.0.1"
         self.port = free_port()
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
@@ -161,7 +163,7 @@ class PrivateServer:
             )
         deadline = time.monotonic() + self.start_timeout
         try:
-            wait_for_port(self.port, self.start_timeout)
+            wait_for_port(self.port, self.start_timeout, self.host)
             while not self._ready():
                 if not self.running:
                     raise RuntimeError(f"{self!r} exited while starting: {self._log_tail()}")
@@ -351,7 +353,7 @@ class PrivateZooKeeper(PrivateServer):
             "-XX:+UseSerialGC",
             "-XX:TieredStopAtLevel=1",  # starts in about a second instead of several
             "-Dzookeeper.admin.enableServer=false",
-            "-Dzookeeper.4lw.commands.whitelist=ruok",
+            "-Dzookeeper.4lw.commands.whitelist=srvr",
             "-cp",
             self._jar,  # its manifest lists the jars it needs
             "org.apache.zookeeper.server.ZooKeeperServerMain",
@@ -359,10 +361,16 @@ class PrivateZooKeeper(PrivateServer):
         ]
 
     def _ready(self) -> bool:
+        # Not "ruok": it answers "imok" as soon as the port is open, before the server
+        # serves sessions (a connect right after could then time out on a loaded
+        # machine). "srvr" says "Mode: standalone" only once it serves.
         try:
             with socket.create_connection(("127.0.0.1", self.port), 1) as sock:
-                sock.sendall(b"ruok")
-                return sock.recv(16) == b"imok"
+                sock.sendall(b"srvr")
+                reply = b""
+                while chunk := sock.recv(4096):
+                    reply += chunk
+                return b"Mode:" in reply
         except OSError:
             return False
 

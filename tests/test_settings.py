@@ -130,3 +130,11 @@ def test_an_unparsable_url_is_a_configuration_error(url: str) -> None:
     with pytest.raises(ConfigurationError, match="backend_url: is not a parsable URL") as raised:
         CoordinationSettings(backend_url=url)
     assert "pw" not in str(raised.value).replace("parsable", "")
+
+
+def test_a_zookeeper_connect_string_of_several_servers_is_a_url() -> None:
+    """kazoo takes 'a:2181,b:2181,c:2181'; the check refused its first port as unparsable."""
+    url = "zookeeper://127.0.0.11:2181,127.0.0.12:2181,127.0.0.13:2181?timeout=2"
+    assert CoordinationSettings(backend_url=url).backend_url == url
+    with pytest.raises(ConfigurationError, match="is not a parsable URL"):
+        CoordinationSettings(backend_url="zookeeper://127.0.0.11:2181,127.0.0.12:port")

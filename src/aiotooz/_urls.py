@@ -58,7 +58,10 @@ def check_url(url: str) -> urllib.parse.SplitResult:
         )
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - parsing the port is what raises for 'host:abc'
+        # A ZooKeeper connect string lists several servers: 'zookeeper://a:2181,b:2181'.
+        # Parsing each one's port is what raises for 'host:abc'.
+        for server in parts.netloc.rpartition("@")[2].split(","):
+            urllib.parse.urlsplit(f"//{server}").port  # noqa: B018
     except ValueError as exc:
         raise ValueError(f"is not a parsable URL ({exc}); check its brackets and port") from None
     return parts
