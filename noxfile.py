@@ -1,4 +1,9 @@
-"""Developer tasks. `nox` runs lint, typecheck, tests and examples; `nox -s bench` is separate."""
+"""Developer tasks; CONTRIBUTING.md says when to run which.
+
+`nox` runs what CI runs: lint, typecheck, the tests on the oldest and newest supported
+Python (under coverage), coverage (combines and checks them), examples and the docs.
+`nox -s tests-3.12`, `nox -s bench` and `nox -s docs_serve` are there to be asked for.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,52 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "tests", "examples"]
+
+# Every Python the package supports (requires-python and the classifiers say the same).
+PYTHONS = ["3.11", "3.12", "3.13"]
+OLDEST, NEWEST = PYTHONS[0], PYTHONS[-1]
+
+# The order matters: `coverage` combines the data the `tests` sessions before it wrote.
+nox.options.sessions = [
+    "lint",
+    "typecheck",
+    f"tests-{OLDEST}",
+    f"tests-{NEWEST}",
+    "coverage",
+    "examples",
+    "docs",
+]
 
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+# mkdocs-material prints a banner about MkDocs 2.0 on every build; it says nothing about ours.
+MKDOCS_ENV = {"NO_MKDOCS_2_WARNING": "1"}
 
 
 def install(session: nox.Session, *groups: str, extras: str = "all") -> None:
     """Install the project (editable, with backend extras) and dependency groups."""
-    session.install("-e", f".[{extras}]")
+    session.install("-e", f".[{extras}]" if extras else ".")
     for group in groups:
         session.install(*nox.project.dependency_groups(PYPROJECT, group))
 
 
-@nox.session
+@nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
-    """The whole suite, against real servers (see README, Development)."""
-    install(session, "test")
-    session.run("pytest", *session.posargs)
+    """The whole suite against real servers, under coverage (CONTRIBUTING.md)."""
+    install(session, "test", "coverage")
+    # Each run replaces its own Python's data; `coverage` combines what is there.
+    data = f".coverage.tests-{session.python}"
+    for stale in ROOT.glob(f"{data}.*"):
+        stale.unlink()
+    session.run("coverage", "run", "-m", "pytest", *session.posargs, env={"COVERAGE_FILE": data})
+
+
+@nox.session
+def coverage(session: nox.Session) -> None:
+    """Combine the `tests` sessions' data; fail under the floor set in pyproject.toml."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "coverage"))
+    session.run("coverage", "combine", "--keep")
+    session.run("coverage", "report")
 
 
 @nox.session
@@ -33,6 +66,7 @@ def lint(session: nox.Session) -> None:
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("codespell")
 
 
 @nox.session
@@ -48,6 +82,22 @@ def examples(session: nox.Session) -> None:
     for script in sorted((ROOT / "examples").glob("*.py")):
         session.log(f"example: {script.name}")
         session.run("python", str(script), env={"AIOTOOZ_BACKEND_URL": ""}, silent=False)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the site into site/, strictly: a warning, broken link or reference fails."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run(
+        "mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs, env=MKDOCS_ENV
+    )
+
+
+@nox.session(default=False)
+def docs_serve(session: nox.Session) -> None:
+    """Serve the docs with live reload on http://127.0.0.1:8000."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.run("mkdocs", "serve", *session.posargs, env=MKDOCS_ENV)
 
 
 @nox.session
