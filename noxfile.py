@@ -47,10 +47,12 @@ def tests(session: nox.Session) -> None:
     """The whole suite against real servers, under coverage (CONTRIBUTING.md)."""
     install(session, "test", "coverage")
     # Each run replaces its own Python's data; `coverage` combines what is there.
-    data = f".coverage.tests-{session.python}"
-    for stale in ROOT.glob(f"{data}.*"):
+    # (An absolute path: the processes the tests start run in other directories.)
+    data = ROOT / f".coverage.tests-{session.python}"
+    for stale in ROOT.glob(f"{data.name}.*"):
         stale.unlink()
-    session.run("coverage", "run", "-m", "pytest", *session.posargs, env={"COVERAGE_FILE": data})
+    env = {"COVERAGE_FILE": str(data)}
+    session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
 
 
 @nox.session
