@@ -31,6 +31,8 @@ nox.options.sessions = [
 
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml("pyproject.toml")
+# One data file per process of every tests session (hundreds: the tests start processes).
+COVERAGE_DATA = ROOT / ".coverage-data"
 # mkdocs-material prints a banner about MkDocs 2.0 on every build; it says nothing about ours.
 MKDOCS_ENV = {"NO_MKDOCS_2_WARNING": "1"}
 
@@ -48,8 +50,9 @@ def tests(session: nox.Session) -> None:
     install(session, "test", "coverage")
     # Each run replaces its own Python's data; `coverage` combines what is there.
     # (An absolute path: the processes the tests start run in other directories.)
-    data = ROOT / f".coverage.tests-{session.python}"
-    for stale in ROOT.glob(f"{data.name}.*"):
+    COVERAGE_DATA.mkdir(exist_ok=True)
+    data = COVERAGE_DATA / f".coverage.tests-{session.python}"
+    for stale in COVERAGE_DATA.glob(f"{data.name}.*"):
         stale.unlink()
     env = {"COVERAGE_FILE": str(data)}
     session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
@@ -59,12 +62,13 @@ def tests(session: nox.Session) -> None:
 def coverage(session: nox.Session) -> None:
     """Combine the `tests` sessions' data; fail under the floor set in pyproject.toml."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "coverage"))
-    session.run("coverage", "combine", "--keep")
+    session.run("coverage", "combine", "--keep", str(COVERAGE_DATA))
     session.run("coverage", "report")
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
+    """ruff (lint and format) and codespell; the pre-commit hooks run the same."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -73,6 +77,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
+    """mypy --strict over src/ and tests/, with every backend's client library."""
     install(session, "typecheck")
     session.run("mypy")
 

@@ -23,7 +23,7 @@ from aiotooz import (
 )
 
 from ._procs import holding_process, run_worker
-from .helpers import make_coordinator
+from .helpers import SLOWDOWN, make_coordinator
 
 
 async def test_tasks_of_one_process_exclude_each_other(coordinator: Coordinator) -> None:
@@ -159,7 +159,7 @@ async def test_event_loop_keeps_ticking_under_contention(coordinator: Coordinato
         finished.set()
     lags.sort()
     # A generous bound: a blocking tooz call on the loop would stall it far longer.
-    assert lags[int(len(lags) * 0.99)] < 0.1
+    assert lags[int(len(lags) * 0.99)] < 0.1 * SLOWDOWN
 
 
 async def test_stop_releases_held_locks_and_fails_waiters(backend_url: str, prefix: str) -> None:
