@@ -62,6 +62,8 @@ def tests(session: nox.Session) -> None:
 def coverage(session: nox.Session) -> None:
     """Combine the `tests` sessions' data; fail under the floor set in pyproject.toml."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "coverage"))
+    if not any(COVERAGE_DATA.glob(".coverage.tests-*")):
+        session.error("no coverage data: run a tests session first (nox -s tests-3.11)")
     session.run("coverage", "combine", "--keep", str(COVERAGE_DATA))
     session.run("coverage", "report")
 
