@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +19,12 @@ import pytest
 from aiotooz import CoordinationSettings, Coordinator
 
 REDIS_URL = os.environ.get("AIOTOOZ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+#: How much slower Python code runs here than plain: under coverage (the nox tests
+#: sessions) every line is traced, which about doubles the cost of a lock cycle. Bounds
+#: on event-loop lag are multiplied by it; bounds on waits for a backend or a process are
+#: generous enough without.
+SLOWDOWN = 3.0 if "coverage" in sys.modules else 1.0
 
 #: Every tooz backend aiotooz supports, as the conformance suite's parameters.
 ALL_BACKENDS = [

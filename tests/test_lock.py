@@ -23,7 +23,7 @@ from aiotooz import (
 )
 
 from ._procs import holding_process, run_worker
-from .helpers import make_coordinator
+from .helpers import SLOWDOWN, make_coordinator
 
 
 async def test_tasks_of_one_process_exclude_each_other(coordinator: Coordinator) -> None:
@@ -158,9 +158,9 @@ async def test_event_loop_keeps_ticking_under_contention(coordinator: Coordinato
                 workers.start_soon(task)
         finished.set()
     lags.sort()
-    # A generous bound (test processes share the machine's cores): a blocking tooz call
-    # on the loop would stall it far longer.
-    assert lags[int(len(lags) * 0.99)] < 0.25
+    # A generous bound (test processes share the machine's cores; coverage's tracing
+    # slows the loop down): a blocking tooz call on the loop would stall it far longer.
+    assert lags[int(len(lags) * 0.99)] < 0.25 * SLOWDOWN
 
 
 async def test_stop_releases_held_locks_and_fails_waiters(backend_url: str, prefix: str) -> None:

@@ -38,7 +38,7 @@ _EARLY_BEAT_INTERVAL = 0.1
 @final
 @dataclass(frozen=True)
 class CoordinatorStatistics:
-    """What a coordinator holds and does now, from :meth:`Coordinator.statistics`."""
+    """What a coordinator holds and does now, from `Coordinator.statistics()`."""
 
     #: Locks held at the backend through this coordinator (by a task, or being handed
     #: from one task to the next).
@@ -66,8 +66,9 @@ class CoordinatorStatistics:
 class Coordinator(LeadershipMethods):
     """An asyncio-native (anyio) front to one tooz coordination backend.
 
-    Connects on :meth:`start`, runs the heartbeat and reconnect as background tasks,
-    and gives out :class:`~aiotooz.Lock` objects. Use it as an async context manager::
+    Connects on [`start()`][aiotooz.Coordinator.start], runs the heartbeat and reconnect as
+    background tasks, and gives out [`Lock`][aiotooz.Lock] objects. Use it as an async
+    context manager:
 
         async with Coordinator(prefix="svc-") as coordinator:
             async with coordinator.get_lock("volume-42"):
@@ -95,7 +96,7 @@ class Coordinator(LeadershipMethods):
         self.member_id = self.prefix + self.agent_id
         self.settings = settings if settings is not None else CoordinationSettings()
         self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
-        #: The held-lock table (package-internal: :class:`~aiotooz.Lock` uses it).
+        #: The held-lock table (package-internal: [`Lock`][aiotooz.Lock] uses it).
         self.lock_table = LockTable(
             self,
             self.prefix,
@@ -139,7 +140,7 @@ class Coordinator(LeadershipMethods):
         return self._connection
 
     def statistics(self) -> CoordinatorStatistics:
-        """What this coordinator holds and does now (see :class:`CoordinatorStatistics`)."""
+        """What this coordinator holds and does now (locks, waiters, threads, reconnects)."""
         table = self.lock_table
         return CoordinatorStatistics(
             locks_held=table.held,
@@ -221,9 +222,9 @@ class Coordinator(LeadershipMethods):
         Does nothing if not started. Works from any task and inside any cancel scope:
         it runs shielded to the end (each backend call bounded by the settings'
         ``call_timeout``), and a cancellation of the caller is delivered after it.
-        Tasks still waiting for a lock get :class:`~aiotooz.LockCreationFailed`; a
+        Tasks still waiting for a lock get [`LockCreationFailed`][aiotooz.LockCreationFailed]; a
         holder inside ``async with lock:`` is cancelled and gets
-        :class:`~aiotooz.LockLost`; a lock taken with ``acquire()`` can still be
+        [`LockLost`][aiotooz.LockLost]; a lock taken with ``acquire()`` can still be
         ``release()``-d without error.
         """
         if not self._started:
@@ -258,7 +259,7 @@ class Coordinator(LeadershipMethods):
         await self.stop()
 
     def get_lock(self, name: str) -> Lock:
-        """A :class:`~aiotooz.Lock` named ``name`` on this coordinator.
+        """A [`Lock`][aiotooz.Lock] named ``name`` on this coordinator.
 
         Raises:
             LockCreationFailed: the coordinator is not started.

@@ -1,7 +1,7 @@
 """The exceptions aiotooz raises.
 
 Every error that reaches a user from tooz or from a backend's client library is
-translated, once, in :mod:`aiotooz._connection`, into one of these::
+translated, once, in `aiotooz._connection`, into one of these:
 
     CoordinationError
     ├── ConfigurationError        a setting, argument, URL or scheme; a missing client library
@@ -63,7 +63,7 @@ class LeadershipLost(LockLost):
     """Leadership was lost while leading: the lock behind it was lost.
 
     ``async with coordinator.leadership(name):`` cancels its body and raises this;
-    :meth:`Coordinator.run_as_leader` campaigns again. ``lock_name`` is the leadership's
+    `run_as_leader()` campaigns again. ``lock_name`` is the leadership's
     name.
     """
 

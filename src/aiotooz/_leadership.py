@@ -2,9 +2,9 @@
 
 A term is a grant of the lock named ``LEADERSHIP_NAMESPACE + name``, taken with a
 fencing token, so losing the lock ends the term the way it ends any ``async with lock:``
-body (cancelled, then :class:`~aiotooz.LeadershipLost`), and every new term has a larger
+body (cancelled, then [`LeadershipLost`][aiotooz.LeadershipLost]), and every new term has a larger
 token than the last. The leader also publishes its member id through the driver
-(``Capability.NAMES_LEADER``), tied to the lock so that :func:`read_leader` never names
+(``Capability.NAMES_LEADER``), tied to the lock so that `read_leader()` never names
 a process whose term has ended.
 """
 
@@ -74,7 +74,7 @@ class Leadership:
         self.term: Term | None = None
         #: This block has led (entering succeeded): errors from now on are the body's.
         self.led = False
-        #: This block's term was lost (it raised :class:`~aiotooz.LeadershipLost`).
+        #: This block's term was lost (it raised [`LeadershipLost`][aiotooz.LeadershipLost]).
         self.lost = False
 
     def __repr__(self) -> str:
@@ -159,7 +159,7 @@ async def run_as_leader(
 
 
 class LeadershipMethods:
-    """The coordinator's leadership methods (a base of :class:`~aiotooz.Coordinator`)."""
+    """The coordinator's leadership methods (a base of [`Coordinator`][aiotooz.Coordinator])."""
 
     __slots__ = ()
 
@@ -167,8 +167,8 @@ class LeadershipMethods:
         """Lead ``name``: ``async with coordinator.leadership("scheduler") as term:``.
 
         Entering waits until this process leads (as ``blocking`` allows, as for locks)
-        and gives the :class:`Term`. If leadership is lost while leading, the body is
-        cancelled and :class:`~aiotooz.LeadershipLost` raised out of the block. Lock
+        and gives the `Term`. If leadership is lost while leading, the body is
+        cancelled and [`LeadershipLost`][aiotooz.LeadershipLost] raised out of the block. Lock
         names starting with ``"aiotooz.leader."`` are reserved for it.
 
         Args:

@@ -110,31 +110,35 @@ class Lock:
     """A distributed lock, named by a format string, held through a coordinator.
 
     When ``data`` is given, the name is built once, here, with ``name.format_map(data)``;
-    without it the name is taken literally (any ``str`` is a valid name)::
+    without it the name is taken literally (any ``str`` is a valid name):
 
         Lock("share-{share.id}", {"share": share}, coordinator=coordinator)
 
     Without ``coordinator`` the lock uses the default coordinator (see
-    :func:`~aiotooz.set_default_coordinator`), looked up each time it is acquired.
+    [`set_default_coordinator()`][aiotooz.set_default_coordinator]), looked up each time it
+    is acquired.
 
     Tasks of one process that want the same name wait in first-come, first-served
     order and cost no thread while they wait. A task cancelled while waiting never
     leaves the lock held. Locks are not reentrant: a task that holds a name and asks
-    for it again gets :class:`~aiotooz.LockAcquireFailed` instead of waiting forever.
+    for it again gets [`LockAcquireFailed`][aiotooz.LockAcquireFailed] instead of waiting
+    forever.
 
     A held lock can be *lost*: it expired, the backend gave it to another owner, the
     connection failed, or the coordinator stopped. Inside ``async with lock:`` the body
-    is then cancelled and :class:`~aiotooz.LockLost` raised out of the block, unless
-    ``cancel_on_loss=False`` (the body keeps running; :attr:`lost` turns true and a
-    warning is logged). :meth:`wait_lost` lets a task watch for it.
+    is then cancelled and [`LockLost`][aiotooz.LockLost] raised out of the block, unless
+    ``cancel_on_loss=False`` (the body keeps running; [`lost`][aiotooz.Lock.lost] turns
+    true and a warning is logged). [`wait_lost()`][aiotooz.Lock.wait_lost] lets a task
+    watch for it.
 
     Args:
         name: the lock name, any non-empty ``str``; with ``data``, a format string.
         data: values for the ``{field}`` parts of ``name``.
         coordinator: the coordinator to lock through; the default one if ``None``.
         cancel_on_loss: whether losing the lock cancels the ``async with`` body.
-        fencing: take a fencing token with every grant (:attr:`fencing_token`): one
-            more call to the backend per acquire.
+        fencing: take a fencing token with every grant
+            ([`fencing_token`][aiotooz.Lock.fencing_token]): one more call to the backend
+            per acquire.
 
     Raises:
         LockNameError: ``name`` is not a non-empty ``str`` or a field is missing.
@@ -226,7 +230,7 @@ class Lock:
         return self._hold.lost_reason if self._hold is not None else self._lost_reason
 
     async def wait_lost(self) -> None:
-        """Wait until the held lock is lost, or released (then :attr:`lost` is false).
+        """Wait until the held lock is lost, or released (then `lost` is false).
 
         Raises:
             LockNotHeld: this lock object does not hold the lock.
@@ -348,7 +352,7 @@ async def _exit(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Release after an ``async with`` block; turn a loss into :class:`LockLost`."""
+    """Release after an ``async with`` block; turn a loss into [`LockLost`][aiotooz.LockLost]."""
     context, lock._context = lock._context, None
     if context is not None:
         _FENCED.reset(context)

@@ -3,10 +3,10 @@
 Everything else lives in a coordinator. Kept in one module so that it is easy to see
 (and to reset in tests) what outlives a coordinator:
 
-* the default coordinator, which :class:`~aiotooz.Lock` and
-  :func:`~aiotooz.synchronized` use when given none;
+* the default coordinator, which [`Lock`][aiotooz.Lock] and
+  [`synchronized()`][aiotooz.synchronized] use when given none;
 * the file driver's table of lock objects, one per lock file (see
-  :mod:`aiotooz._drivers.file`), and the mutex that guards its creation.
+  `aiotooz._drivers.file`), and the mutex that guards its creation.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ FILE_LOCKS_GUARD = threading.Lock()
 def set_default_coordinator(coordinator: Coordinator | None) -> Coordinator | None:
     """Make ``coordinator`` the process-wide default; returns the previous default.
 
-    :class:`~aiotooz.Lock` and :func:`~aiotooz.synchronized` without a ``coordinator``
+    [`Lock`][aiotooz.Lock] and [`synchronized()`][aiotooz.synchronized] without a ``coordinator``
     look the default up each time they acquire, so a coordinator installed later (in an
     application's startup) serves functions decorated at import time. A coordinator that
     is the default uninstalls itself when it stops. ``None`` uninstalls.
@@ -45,7 +45,7 @@ def set_default_coordinator(coordinator: Coordinator | None) -> Coordinator | No
 
 
 def get_default_coordinator() -> Coordinator:
-    """The coordinator installed with :func:`set_default_coordinator`.
+    """The coordinator installed with [set_default_coordinator][aiotooz.set_default_coordinator].
 
     Raises:
         LockCreationFailed: none is installed.

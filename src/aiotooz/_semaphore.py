@@ -1,12 +1,12 @@
 """The user-facing semaphore: at most ``limit`` holders of one name, across processes.
 
 A semaphore of limit N is N *slot locks*: slot ``i`` is an ordinary backend lock on a
-key reserved for it (:func:`aiotooz._names.slot_key`), which no lock name maps to.
+key reserved for it (`slot_key()`), which no lock name maps to.
 Holding a slot is holding that lock through the lock table, so a slot has all a lock
 has -- the lease rule, loss delivery, release on ``stop()`` -- on every backend.
 
 Tasks of one process that want one semaphore wait in one local FIFO queue (per
-coordinator and name, :class:`~aiotooz._queue.SemaphoreQueue`); only the task at its
+coordinator and name, `SemaphoreQueue`); only the task at its
 head tries the backend: every slot once per *round*, from a random one so that
 processes do not all crowd slot 0, skipping slots held here. Between rounds it waits
 for a local release or its next poll (2 ms, backing off to 50 ms).
@@ -55,7 +55,7 @@ _PROBE_CONFIRM: Final = 0.1
 
 
 def check_limit(limit: object) -> int:
-    """Return ``limit`` if it is an ``int`` from 1 to :data:`MAX_LIMIT`, else raise.
+    """Return ``limit`` if it is an ``int`` from 1 to `MAX_LIMIT`, else raise.
 
     Raises:
         ConfigurationError: ``limit`` is not such an int.
@@ -90,7 +90,7 @@ def _current_task() -> int:
 class Semaphore:
     """A distributed semaphore: at most ``limit`` holders of ``name`` at once, anywhere.
 
-    Used like :class:`~aiotooz.Lock`, and shared by the tasks that use it::
+    Used like [`Lock`][aiotooz.Lock], and shared by the tasks that use it:
 
         api = Semaphore("partner-api", 3, coordinator=coordinator)
         async with api:            # or: async with api(blocking=2.5):
@@ -98,13 +98,13 @@ class Semaphore:
 
     Every process must use the same ``limit`` for a name (see docs/semaphores.md for
     what happens if not). Tasks of one process wait in first-come, first-served order
-    and cost no thread. A task may hold several slots; :meth:`release` releases the
-    latest slot the current task took with :meth:`acquire`, and an ``async with`` block
+    and cost no thread. A task may hold several slots; `release()` releases the
+    latest slot the current task took with `acquire()`, and an ``async with`` block
     releases the slot it took.
 
     A held slot can be lost like a lock (expired, taken over, connection failed,
     coordinator stopped): the ``async with`` body is then cancelled and
-    :class:`~aiotooz.LockLost` raised out of the block, unless ``cancel_on_loss=False``.
+    [`LockLost`][aiotooz.LockLost] raised out of the block, unless ``cancel_on_loss=False``.
 
     Args:
         name: the semaphore's name, any non-empty ``str``; with ``data``, a format string.
@@ -169,7 +169,7 @@ class Semaphore:
     def lost(self) -> bool:
         """The latest slot the current task holds was lost (``False`` if it holds none).
 
-        Reading it also applies the lease rule on the spot, as :attr:`Lock.lost` does.
+        Reading it also applies the lease rule on the spot, as `lost` does.
         """
         slots = self._held.get(_current_task())
         if not slots:
@@ -220,15 +220,15 @@ class Semaphore:
         return True
 
     async def release(self) -> None:
-        """Release a slot taken with :meth:`acquire` through this object.
+        """Release a slot taken with `acquire()` through this object.
 
         The latest one the current task took; if it took none, the oldest one another
-        task took (as :class:`asyncio.Semaphore` lets any task release). A lost slot is
+        task took (as `Semaphore` lets any task release). A lost slot is
         released without error; if the backend cannot be told, the slot is given up
         locally and a warning logged, as for a lock.
 
         Raises:
-            LockNotHeld: no slot taken with :meth:`acquire` is held through this object
+            LockNotHeld: no slot taken with `acquire()` is held through this object
                 (an ``async with`` block releases its own slot).
         """
         current = _current_task()
@@ -325,7 +325,7 @@ async def _exit(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Release the block's slot; turn its loss into :class:`LockLost`."""
+    """Release the block's slot; turn its loss into `LockLost`."""
     task = _current_task()
     slot = next(slot for slot in reversed(semaphore._held[task]) if slot.entered)
     scope, slot.scope = slot.scope, None

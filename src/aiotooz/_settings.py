@@ -28,7 +28,7 @@ def default_backend_url() -> str:
 
 
 class CoordinationSettings(BaseSettings):
-    """How a :class:`~aiotooz.Coordinator` reaches its backend and keeps it alive.
+    """How a [`Coordinator`][aiotooz.Coordinator] reaches its backend and keeps it alive.
 
     Each field is read, in order of precedence, from the constructor's arguments, the
     environment (empty values are ignored: ``AIOTOOZ_BACKEND_URL``, ``AIOTOOZ_HEARTBEAT``,

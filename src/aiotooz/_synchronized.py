@@ -29,7 +29,7 @@ def synchronized(
     """Run the decorated ``async def`` under a distributed lock named from its call.
 
     The name is a format string over the call's arguments (bound by name, defaults
-    applied) and ``f_name``, the function's name::
+    applied) and ``f_name``, the function's name:
 
         @synchronized("{f_name}-{shr.id}-{snap[name]}")
         async def resize(shr, snap, force=False): ...
@@ -41,10 +41,10 @@ def synchronized(
         coordinator: the coordinator to lock through; without one, the default
             coordinator is looked up at each call.
         cancel_on_loss: if the lock is lost while the function runs, cancel it and
-            raise :class:`~aiotooz.LockLost` (the default); with ``False`` it runs on
+            raise [`LockLost`][aiotooz.LockLost] (the default); with ``False`` it runs on
             and a warning is logged.
         fencing: take a fencing token with the lock; the function reads it with
-            :func:`aiotooz.fencing_token`.
+            [`aiotooz.fencing_token()`][aiotooz.fencing_token].
 
     Raises:
         TypeError: the decorated function is not an ``async def``.

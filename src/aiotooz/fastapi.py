@@ -1,6 +1,6 @@
 """FastAPI (and Starlette) integration: a coordinator that lives as long as the app.
 
-Needs ``pip install 'aiotooz[fastapi]'``::
+Needs ``pip install 'aiotooz[fastapi]'``:
 
     from fastapi import FastAPI
     from aiotooz import synchronized
@@ -15,12 +15,12 @@ Needs ``pip install 'aiotooz[fastapi]'``::
     async def ready(coordinator: CoordinatorDep) -> dict[str, bool]:
         return {"connected": coordinator.is_connected}
 
-At startup the lifespan starts a :class:`~aiotooz.Coordinator` (settings from the
+At startup the lifespan starts a [`Coordinator`][aiotooz.Coordinator] (settings from the
 ``AIOTOOZ_*`` environment unless given), stores it as ``app.state.aiotooz_coordinator``
 and installs it as the default coordinator, so that ``@synchronized`` functions and
 ``Lock`` objects without ``coordinator=`` use it. At shutdown it stops it, which releases
 every lock still held through it. A lifespan runs startup and shutdown in one task, as
-:meth:`Coordinator.stop` requires.
+[`Coordinator.stop()`][aiotooz.Coordinator.stop] requires.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ async def run_coordinator(
 ) -> AsyncIterator[Coordinator]:
     """Run a coordinator for ``app`` inside your own lifespan; yields it once started.
 
-    Use it when the app has a lifespan of its own::
+    Use it when the app has a lifespan of its own:
 
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,9 +77,9 @@ async def run_coordinator(
     Args:
         app: the application; the coordinator is stored as
             ``app.state.aiotooz_coordinator`` while it runs.
-        agent_id: as for :class:`~aiotooz.Coordinator`.
-        prefix: as for :class:`~aiotooz.Coordinator`.
-        settings: as for :class:`~aiotooz.Coordinator`; from the environment if ``None``.
+        agent_id: as for [`Coordinator`][aiotooz.Coordinator].
+        prefix: as for [`Coordinator`][aiotooz.Coordinator].
+        settings: as for [`Coordinator`][aiotooz.Coordinator]; from the environment if ``None``.
         set_default: also install it as the process-wide default coordinator (it is
             uninstalled when it stops).
 
@@ -108,7 +108,8 @@ def coordinator_lifespan(
 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
     """A lifespan for ``FastAPI(lifespan=...)`` that runs a coordinator with the app.
 
-    The arguments are those of :func:`run_coordinator`, which this wraps.
+    The arguments are those of [`run_coordinator()`][aiotooz.fastapi.run_coordinator], which
+    this wraps.
     """
 
     @asynccontextmanager

@@ -1,11 +1,11 @@
 """Helpers to test your own locking code, on a temporary file backend: no server needed.
 
-With pytest, enable the fixtures in your **root** ``conftest.py``::
+With pytest, enable the fixtures in your **root** ``conftest.py``:
 
     pytest_plugins = ["aiotooz.testing"]
 
 and write tests for anyio's pytest plugin (installed with anyio, which aiotooz depends
-on): mark them ``@pytest.mark.anyio`` or set ``anyio_mode = "auto"``::
+on): mark them ``@pytest.mark.anyio`` or set ``anyio_mode = "auto"``:
 
     @pytest.mark.anyio
     async def test_resize_takes_turns(aiotooz_coordinator):
@@ -21,12 +21,13 @@ Fixtures:
 
 * ``aiotooz_backend_url``: a ``file://`` URL in the test's ``tmp_path``. Override it
   to run the same tests on a real server.
-* ``aiotooz_coordinator``: a started :class:`~aiotooz.Coordinator` on it, installed as
+* ``aiotooz_coordinator``: a started [`Coordinator`][aiotooz.Coordinator] on it, installed as
   the default coordinator for the test, stopped (releasing its locks) after it.
 * ``aiotooz_peer``: a second started coordinator on the same backend, standing for
   another process: its locks and ``aiotooz_coordinator``'s exclude each other.
 
-Outside pytest (unittest, or another test runner), use :func:`temporary_coordinator`.
+Outside pytest (unittest, or another test runner), use
+[`temporary_coordinator()`][aiotooz.testing.temporary_coordinator].
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ async def temporary_coordinator(
     Args:
         directory: the lock directory to use (coordinators on one directory exclude
             each other); a fresh temporary one, removed afterwards, if ``None``.
-        prefix: as for :class:`~aiotooz.Coordinator`.
+        prefix: as for [`Coordinator`][aiotooz.Coordinator].
         set_default: install it as the default coordinator while the block runs; the
             default that was installed before is put back afterwards.
 

@@ -38,7 +38,7 @@ class Scenario:
         directory.mkdir(parents=True, exist_ok=True)
         self._harness = Recorder(directory, "harness")
         self._store = FencedStore(directory)
-        self._prefix = f"fo{uuid.uuid4().hex[:6]}-"
+        self._prefix = f"failover{uuid.uuid4().hex[:6]}-"
         self.holders: dict[str, subprocess.Popen[str]] = {}
         self._logs: list[Any] = []
 
