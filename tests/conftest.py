@@ -3,6 +3,7 @@ every other tooz backend), never mocks. The plain helpers are in tests/helpers.p
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
@@ -148,6 +149,27 @@ def any_backend(request: pytest.FixtureRequest) -> str:
 def any_backend_url(any_backend: str, server_pool: ServerPool, tmp_path: Path) -> str:
     """Each test using this runs on every tooz backend, on private servers."""
     return url_for(any_backend, server_pool, tmp_path)
+
+
+# Under pytest-xdist the figures are gathered in the test processes: each sends its own
+# to the controlling process when it finishes, which prints them all.
+_FIGURES = "aiotooz_figures"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # a pytest-xdist test process
+        output[_FIGURES] = json.dumps([HANDOFF_LATENCIES, FAILOVER_TIMES])
+
+
+def pytest_testnodedown(node: Any, error: object) -> None:  # pytest-xdist's controller
+    figures = getattr(node, "workeroutput", {}).get(_FIGURES)
+    if figures is None:
+        return
+    handoffs, failovers = json.loads(figures)
+    for mine, theirs in ((HANDOFF_LATENCIES, handoffs), (FAILOVER_TIMES, failovers)):
+        for backend, samples in theirs.items():
+            mine.setdefault(backend, []).extend(samples)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
