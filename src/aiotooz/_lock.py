@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 import anyio
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
 
 __all__ = [
     "Blocking",
+    "BudgetContext",
     "Lock",
     "check_blocking",
     "deadline_for",
@@ -32,6 +34,41 @@ __all__ = [
 #: ``True`` waits as long as it takes, ``False`` tries once, a number of seconds waits
 #: at most that long.
 Blocking = bool | float
+
+_Guarded = TypeVar("_Guarded", bound=AbstractAsyncContextManager[Any])
+
+
+@final
+class BudgetContext(Generic[_Guarded]):
+    """``async with lock(blocking=2.5):``: a lock (or semaphore) entered with a budget.
+
+    Entering takes it as ``enter(target, blocking)`` does (or raises); leaving is the
+    target's own ``__aexit__``.
+    """
+
+    __slots__ = ("_blocking", "_enter", "_target")
+
+    def __init__(
+        self,
+        target: _Guarded,
+        enter: Callable[[_Guarded, Blocking], Awaitable[None]],
+        blocking: Blocking,
+    ) -> None:
+        self._target = target
+        self._enter = enter
+        self._blocking = blocking
+
+    async def __aenter__(self) -> _Guarded:
+        await self._enter(self._target, self._blocking)
+        return self._target
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._target.__aexit__(exc_type, exc, tb)
 
 
 def check_blocking(blocking: object) -> float | bool:
@@ -284,10 +321,10 @@ class Lock:
         self._lost_reason = hold.lost_reason
         await table.release(hold)
 
-    def __call__(self, blocking: Blocking = True) -> _LockContext:
+    def __call__(self, blocking: Blocking = True) -> BudgetContext[Lock]:
         """``async with lock(blocking=2.5):`` takes the lock with that budget or raises."""
         check_blocking(blocking)  # refuse a bad value here, before any `async with`
-        return _LockContext(self, blocking)
+        return BudgetContext(self, _enter, blocking)
 
     async def __aenter__(self) -> Lock:
         await _enter(self, True)
@@ -300,27 +337,6 @@ class Lock:
         tb: TracebackType | None,
     ) -> None:
         await _exit(self, exc_type, exc, tb)
-
-
-@final
-class _LockContext:
-    __slots__ = ("_blocking", "_lock")
-
-    def __init__(self, lock: Lock, blocking: Blocking) -> None:
-        self._lock = lock
-        self._blocking = blocking
-
-    async def __aenter__(self) -> Lock:
-        await _enter(self._lock, self._blocking)
-        return self._lock
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await _exit(self._lock, exc_type, exc, tb)
 
 
 async def _acquire_or_raise(lock: Lock, blocking: Blocking) -> None:

@@ -30,7 +30,7 @@ from ._exceptions import (
     LockNotHeld,
     UnsupportedOperation,
 )
-from ._lock import Blocking, check_blocking, deadline_for
+from ._lock import Blocking, BudgetContext, check_blocking, deadline_for
 from ._locktable import TRY_ONCE, Hold, LockTable
 from ._names import check_name, format_name, slot_key
 from ._process import get_default_coordinator
@@ -260,10 +260,10 @@ class Semaphore:
             if state.idle and table.semaphores.get(self.name) is state:
                 del table.semaphores[self.name]
 
-    def __call__(self, blocking: Blocking = True) -> _SemaphoreContext:
+    def __call__(self, blocking: Blocking = True) -> BudgetContext[Semaphore]:
         """``async with semaphore(blocking=2.5):`` takes a slot with that budget or raises."""
         check_blocking(blocking)  # refuse a bad value here, before any `async with`
-        return _SemaphoreContext(self, blocking)
+        return BudgetContext(self, _enter, blocking)
 
     async def __aenter__(self) -> Semaphore:
         await _enter(self, True)
@@ -276,27 +276,6 @@ class Semaphore:
         tb: TracebackType | None,
     ) -> None:
         await _exit(self, exc_type, exc, tb)
-
-
-@final
-class _SemaphoreContext:
-    __slots__ = ("_blocking", "_semaphore")
-
-    def __init__(self, semaphore: Semaphore, blocking: Blocking) -> None:
-        self._semaphore = semaphore
-        self._blocking = blocking
-
-    async def __aenter__(self) -> Semaphore:
-        await _enter(self._semaphore, self._blocking)
-        return self._semaphore
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await _exit(self._semaphore, exc_type, exc, tb)
 
 
 async def _enter(semaphore: Semaphore, blocking: Blocking) -> None:
