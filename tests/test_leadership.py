@@ -29,9 +29,10 @@ from aiotooz import (
     Term,
     fencing_token,
 )
+from aiotooz._leadership import LEADERSHIP_NAMESPACE
 
-from ._procs import Worker
-from .helpers import FAILOVER_TIMES, make_coordinator
+from ._procs import Worker, holding_process
+from .helpers import FAILOVER_TIMES, ServerPool, make_coordinator, url_for
 
 #: URL options per backend: short TTLs and sessions, so that failover is quick. The
 #: workers beat every 0.3 s (under half of every TTL here).
@@ -181,6 +182,23 @@ async def test_leadership_gives_a_term_and_leader_names_it(backend_url: str, pre
         async with other.leadership("cleaner") as second:
             assert second.fencing_token > term.fencing_token
             assert await one.leader("cleaner") == other.member_id
+
+
+@pytest.mark.parametrize("backend", ["file", "ipc"])
+async def test_leader_never_names_a_term_that_ended_while_another_holds_the_lock(
+    backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """On file and ipc the record is a file the next holder overwrites only after it has
+    taken the lock and fenced: in between, the kernel's word on who holds the lock (the
+    holder's process) must void the last term's record."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with make_coordinator(url, prefix) as coordinator:
+        async with coordinator.leadership("sched") as term:
+            assert await coordinator.leader("sched") == term.member_id
+        # The term ended; another process takes the very lock, publishing nothing.
+        with holding_process("hold", url, prefix, LEADERSHIP_NAMESPACE + "sched"):
+            assert await coordinator.leader("sched") is None
+        assert await coordinator.leader("sched") is None
 
 
 async def test_a_lock_of_the_same_name_is_another_lock(backend_url: str, prefix: str) -> None:

@@ -347,28 +347,32 @@ _RECORD_SUFFIX = "~leader"
 def write_leader_file(counter_path: str, member_id: str, token: int) -> None:
     """Write the leader record beside the fencing counter at ``counter_path``.
 
-    Written to a temporary file and renamed, so a reader sees the old record or the new
-    one, never half of one.
+    It names the token, the holding process and the member. Written to a temporary file
+    and renamed, so a reader sees the old record or the new one, never half of one.
     """
     path = counter_path + _RECORD_SUFFIX
     temporary = f"{path}.{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as record:
-        record.write(f"{token} {member_id}")
+        record.write(f"{token} {os.getpid()} {member_id}")
     os.replace(temporary, path)
 
 
-def read_leader_file(counter_path: str) -> str | None:
+def read_leader_file(counter_path: str, holder_pid: int | None) -> str | None:
     """The member id in the leader record beside ``counter_path``, if it is current.
 
-    Current means its token is the counter's value: the last grant fenced on this key
-    wrote it. The caller checks that the lock is held at all (a holder that died leaves
-    both files behind).
+    Current means its token is the counter's value (the last grant fenced on this key
+    wrote it) and its process is ``holder_pid``, the process that holds the lock now as
+    the kernel tells the caller (``None``: nobody). Both are needed: a holder that died
+    or let go leaves the files behind, and the next holder takes the lock before it
+    fences and writes its own record.
     """
+    if holder_pid is None:
+        return None
     try:
         with open(counter_path + _RECORD_SUFFIX, encoding="utf-8") as record:
-            token, _, member_id = record.read().partition(" ")
+            token, pid, member_id = record.read().split(" ", 2)
         with open(counter_path, encoding="utf-8") as counter:
             current = counter.read().strip()
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
-    return member_id if member_id and token == current else None
+    return member_id if token == current and pid == str(holder_pid) else None

@@ -208,14 +208,20 @@ class FileDriver(Driver):
         barrier = lock._barrier
         with barrier.cond:  # no try of this process runs meanwhile (see try_acquire)
             if barrier.owner is not None:
-                held = bool(lock.acquired)  # held here (if not, a try is half done)
+                # Held here (if not acquired, a try is half done).
+                holder = os.getpid() if lock.acquired else None
             else:
-                held = _locked_by_another_process(lock.name)
-        return read_leader_file(self._counter_path(lock)) if held else None
+                holder = _holder_elsewhere(lock.name)
+        return read_leader_file(self._counter_path(lock), holder)
 
 
 def _locked_by_another_process(path: str | bytes) -> bool:
-    """Whether another process holds a ``lockf`` lock on the file at ``path``.
+    """Whether another process holds a ``lockf`` lock on the file at ``path``."""
+    return _holder_elsewhere(path) is not None
+
+
+def _holder_elsewhere(path: str | bytes) -> int | None:
+    """The process id of another process that holds a ``lockf`` lock on ``path``.
 
     ``F_GETLK`` never reports the caller's own locks. Closing the descriptor it asks
     through drops every lock this process holds on the file (POSIX record locks belong
@@ -224,15 +230,16 @@ def _locked_by_another_process(path: str | bytes) -> bool:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return False  # never created: nobody ever locked it
+        return None  # never created: nobody ever locked it
     try:
         query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
         answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
-    return bool(_FLOCK.unpack(answer)[0] != fcntl.F_UNLCK)
+    kind, _, _, _, pid = _FLOCK.unpack(answer)
+    return None if kind == fcntl.F_UNLCK else int(pid)
 
 
 def _marker(lock: Any) -> bytes:

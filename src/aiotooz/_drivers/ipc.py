@@ -124,7 +124,7 @@ class IpcDriver(ProbingDriver):
         write_leader_file(os.path.join(_FENCING_DIR, str(lock.key)), member_id, token)
 
     def read_leader(self, key: str) -> str | None:
-        """The record, if its token is the counter's and the semaphore is taken now.
+        """The record, if its token is the counter's and its writer holds the semaphore now.
 
         The kernel gives a semaphore back when its holder dies (``SEM_UNDO``), so a
         record left by a dead holder is never read: its semaphore is free.
@@ -133,12 +133,14 @@ class IpcDriver(ProbingDriver):
 
         lock = self.get_lock(key)
         try:
-            taken = sysv_ipc.Semaphore(lock.key).value == 0
+            semaphore = sysv_ipc.Semaphore(lock.key)
+            # While it is taken, the last process to change it is the one that took it
+            # (waits and failed tries change nothing). A probe that takes and gives back
+            # a free semaphore is last without holding it: it matches no record.
+            holder = semaphore.last_pid if semaphore.value == 0 else None
         except sysv_ipc.ExistentialError:
             return None  # released (tooz removes the semaphore) or never taken
-        if not taken:
-            return None
-        return read_leader_file(os.path.join(_FENCING_DIR, str(lock.key)))
+        return read_leader_file(os.path.join(_FENCING_DIR, str(lock.key)), holder)
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One non-blocking try, with tooz's own algorithm on the same semaphore key.
