@@ -149,10 +149,10 @@ async def test_a_hung_server_is_noticed_with_default_settings(
 @pytest.mark.parametrize(
     ("backend", "options", "freed_within"),
     [
-        ("file", "", 3.0),
-        ("ipc", "", 3.0),
-        ("postgresql", "", 3.0),
-        ("mysql", "", 3.0),
+        ("file", "", 5.0),
+        ("ipc", "", 5.0),
+        ("postgresql", "", 5.0),
+        ("mysql", "", 5.0),
         ("redis", "lock_timeout=3", 3 + 3.0),
         ("memcached", "lock_timeout=4", 4 + 3.0),
         ("etcd3+http", "lock_timeout=3", 3 + 3.0),
@@ -181,7 +181,8 @@ def test_a_killed_holder_process_frees_the_lock(
             assert time.monotonic() - killed < freed_within + 5, "the lock outlived its holder"
             time.sleep(0.1)
         freed = time.monotonic() - killed
-    # "At once" includes starting a Python process for each try (about a second here).
+    # "At once" includes starting a Python process for each try (about a second here,
+    # more under coverage and with other test processes running).
     assert freed < freed_within, freed
 
 
@@ -243,7 +244,9 @@ def test_check_timeout_is_a_hard_bound_on_a_hung_server(
         took = time.monotonic() - started
         assert done.returncode == 1, done.stderr
         assert "FAILED" in done.stderr
-        assert took < 3 + 3, took  # the timeout, the grace and an interpreter's start-up
+        # The timeout, the grace and an interpreter's start-up (slower under coverage
+        # and with other test processes on the machine's two cores).
+        assert took < 3 + 5, took
     finally:
         server.resume()
         server.close()
