@@ -283,3 +283,46 @@ async def test_memcached_ttls_it_cannot_honour_are_refused(
     with pytest.raises(ConfigurationError, match=match):
         async with make_coordinator(url, prefix, **settings):
             pass  # pragma: no cover
+
+
+async def test_etcd_lock_whose_lease_was_swapped_is_lost(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """A late tooz try on the held lock's own object gives it a new lease and revokes it.
+
+    The key stays on the lease it was granted with, which then nobody refreshes: the
+    heartbeat refreshes the revoked lease (etcd answers "not found" without an error,
+    and tooz ignores it), and the key still holds our token until the old lease
+    expires. The holder must be told before the key goes.
+    """
+    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
+    client = _etcd_client(url)
+    key = _etcd_lock_key(prefix, "swapped")
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        lock = Lock("swapped", coordinator=coordinator, cancel_on_loss=False)
+        async with lock:
+            connection = coordinator._connection
+            assert connection is not None
+            [hold] = coordinator.lock_table.holds_through(connection)
+            tooz_lock = hold.handle._tooz_lock
+            granted_lease = tooz_lock._lease.id
+
+            def late_try() -> None:
+                # What the rest of EtcdDriver.try_acquire does once its read found the key
+                # free: a tooz try (a new lease on the object; the key is taken, so it
+                # fails), then the revoke of the object's lease.
+                assert not tooz_lock.acquire(blocking=False)
+                tooz_lock._lease.revoke()
+
+            await anyio.to_thread.run_sync(late_try)
+            assert tooz_lock._lease.id != granted_lease
+            # A keepalive of the revoked lease is answered without a TTL, not refused.
+            assert await anyio.to_thread.run_sync(tooz_lock._lease.refresh) == -1
+            [(_, meta)] = client.get(key, metadata=True)
+            assert int(meta["lease"]) == granted_lease  # the key is on the old lease
+            with anyio.fail_after(10):
+                while not lock.lost and client.get(key):
+                    await anyio.sleep(0.05)
+            gone = not client.get(key)
+            assert lock.lost, "the key's lease expired and the holder was never told"
+            assert not gone, "the holder was told only after the key was gone"
