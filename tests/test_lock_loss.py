@@ -195,6 +195,12 @@ def _etcd_client(url: str) -> Any:
     return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
 
 
+def _etcd_revision(client: Any) -> int:
+    """The cluster's current revision."""
+    result = client.post(client.get_url("/kv/range"), json={"key": "AA==", "count_only": True})
+    return int(result["header"]["revision"])
+
+
 def _etcd_lock_key(prefix: str, name: str) -> bytes:
     """The key tooz's etcd3gw driver stores a lock under."""
     return b"/tooz/locks" + f"{prefix}{name}".encode()
@@ -314,8 +320,12 @@ async def test_etcd_lock_whose_lease_was_swapped_is_lost(
                 assert not tooz_lock.acquire(blocking=False)
                 tooz_lock._lease.revoke()
 
+            before = _etcd_revision(client)
             await anyio.to_thread.run_sync(late_try)
             assert tooz_lock._lease.id != granted_lease
+            # It leaves no trace in the revisions (a failed transaction, a lease with no
+            # key granted and revoked): the next write is the key's expiry.
+            assert _etcd_revision(client) == before
             # A keepalive of the revoked lease is answered without a TTL, not refused.
             assert await anyio.to_thread.run_sync(tooz_lock._lease.refresh) == -1
             [(_, meta)] = client.get(key, metadata=True)
