@@ -330,9 +330,34 @@ async def test_etcd_lock_whose_lease_was_swapped_is_lost(
             assert await anyio.to_thread.run_sync(tooz_lock._lease.refresh) == -1
             [(_, meta)] = client.get(key, metadata=True)
             assert int(meta["lease"]) == granted_lease  # the key is on the old lease
-            with anyio.fail_after(10):
-                while not lock.lost and client.get(key):
-                    await anyio.sleep(0.05)
-            gone = not client.get(key)
-            assert lock.lost, "the key's lease expired and the holder was never told"
-            assert not gone, "the holder was told only after the key was gone"
+            await _told_before_the_key_goes(lock, client, key)
+
+
+async def test_etcd_lock_dropped_from_the_refresh_list_is_lost(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """A held lock that tooz no longer refreshes (a late release of the same lock object
+    takes it off tooz's list, whatever the release did at etcd) expires with its token
+    still in the key: the holder must be told before the key goes."""
+    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
+    client = _etcd_client(url)
+    key = _etcd_lock_key(prefix, "dropped")
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        lock = Lock("dropped", coordinator=coordinator, cancel_on_loss=False)
+        async with lock:
+            connection = coordinator._connection
+            assert connection is not None
+            [hold] = coordinator.lock_table.holds_through(connection)
+            refreshed: set[Any] = connection.driver.tooz._acquired_locks  # type: ignore[attr-defined]
+            refreshed.discard(hold.handle._tooz_lock)
+            await _told_before_the_key_goes(lock, client, key)
+
+
+async def _told_before_the_key_goes(lock: Lock, client: Any, key: bytes) -> None:
+    """Wait until ``lock`` is lost or its key is gone; it must be lost first."""
+    with anyio.fail_after(10):
+        while not lock.lost and client.get(key):
+            await anyio.sleep(0.05)
+    gone = not client.get(key)
+    assert lock.lost, "the key's lease expired and the holder was never told"
+    assert not gone, "the holder was told only after the key was gone"
