@@ -1,12 +1,11 @@
 """Mutual exclusion on real three-node clusters under faults (``nox -s failover``).
 
 Three holder processes take turns on one fenced lock while the test kills, pauses or
-cuts off the backend's leader, cuts a holder off, drops packets or pauses a holder;
-the checker then verifies the history (tests/_checker.py). Holder ``h1`` talks to the
-leader alone where the client takes a single endpoint, so that it is the one cut off
-with it. Lock TTLs are 2 s;
-every fault lasts 2 TTLs. Measured figures are printed (``FAILOVER {...}``) and
-collected by the nox session; docs/failover.md quotes them.
+cuts off the backend's leader, cuts a holder off, drops or delays packets, or pauses a
+holder; the checker then verifies the history (tests/_checker.py). Holder ``h1`` talks
+to the leader alone where the client takes a single endpoint, so that it is the one cut
+off with it. Lock TTLs are 2 s; every fault lasts 2 TTLs. Measured figures are printed
+(``FAILOVER {...}``) and collected by the nox session; docs/failover.md quotes them.
 """
 
 from __future__ import annotations
@@ -177,7 +176,8 @@ def test_client_partitioned(cluster: Cluster, tmp_path: Path) -> None:
 def test_lossy_network(cluster: Cluster, tmp_path: Path) -> None:
     """A fifth of all packets lost (clients and nodes alike) for 2 TTLs.
 
-    netem is not in this kernel, so latency is not injected; loss is, by nftables.
+    Loss is injected by nftables; latency (not in nftables, and netem is not in this
+    kernel) by proxies, in ``test_latency``.
     """
     wall = Firewall()
 
