@@ -215,7 +215,12 @@ class EtcdCluster(Cluster):
 
     def url(self, node: ClusterNode, lock_timeout: int) -> str:
         """etcd3gw talks to one endpoint: the URL names one node."""
-        return f"etcd3+http://{node.address}?lock_timeout={lock_timeout}&timeout=2"
+        return self.url_at(node.address, lock_timeout)
+
+    @staticmethod
+    def url_at(address: str, lock_timeout: int) -> str:
+        """The URL of one endpoint at ``address`` (a node, or a proxy in front of one)."""
+        return f"etcd3+http://{address}?lock_timeout={lock_timeout}&timeout=2"
 
     def leader(self) -> ClusterNode | None:
         for node in self.etcd_nodes:
@@ -312,7 +317,12 @@ class ZooKeeperCluster(Cluster):
 
     def url(self, nodes: list[ClusterNode], timeout: int) -> str:
         """kazoo takes a connect string of several servers (tooz passes the netloc on)."""
-        return f"zookeeper://{','.join(node.address for node in nodes)}?timeout={timeout}"
+        return self.url_at([node.address for node in nodes], timeout)
+
+    @staticmethod
+    def url_at(addresses: list[str], timeout: int) -> str:
+        """The URL of servers at ``addresses`` (nodes, or proxies in front of them)."""
+        return f"zookeeper://{','.join(addresses)}?timeout={timeout}"
 
     def leader(self) -> ClusterNode | None:
         modes = {}

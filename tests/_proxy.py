@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -11,13 +12,17 @@ from types import TracebackType
 class DelayProxy:
     """Forward 127.0.0.1:<port> to ``target``, sleeping ``delay`` seconds per chunk.
 
-    ``freeze()`` holds every chunk back (a hung server, as its clients see it) until
-    ``thaw()``; other clients that talk to the server directly are unaffected.
+    Each chunk is held ``delay`` seconds plus up to ``jitter`` more, at random, in each
+    direction (chunks keep their order); ``set_delay()`` changes both for the chunks
+    that come next. ``freeze()`` holds every chunk back (a hung server, as its clients
+    see it) until ``thaw()``; other clients that talk to the server directly are
+    unaffected.
     """
 
-    def __init__(self, host: str, port: int, delay: float) -> None:
+    def __init__(self, host: str, port: int, delay: float, jitter: float = 0.0) -> None:
         self._target = (host, port)
         self._delay = delay
+        self._jitter = jitter
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._sockets: list[socket.socket] = []
@@ -40,7 +45,9 @@ class DelayProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                time.sleep(self._delay)
+                pause = self._delay + random.uniform(0.0, self._jitter)
+                if pause > 0:
+                    time.sleep(pause)
                 self._flowing.wait()
                 dst.sendall(data)
         except OSError:
@@ -51,6 +58,9 @@ class DelayProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def set_delay(self, delay: float, jitter: float = 0.0) -> None:
+        self._delay, self._jitter = delay, jitter
 
     def freeze(self) -> None:
         self._flowing.clear()

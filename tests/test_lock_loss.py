@@ -195,6 +195,12 @@ def _etcd_client(url: str) -> Any:
     return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
 
 
+def _etcd_revision(client: Any) -> int:
+    """The cluster's current revision."""
+    result = client.post(client.get_url("/kv/range"), json={"key": "AA==", "count_only": True})
+    return int(result["header"]["revision"])
+
+
 def _etcd_lock_key(prefix: str, name: str) -> bytes:
     """The key tooz's etcd3gw driver stores a lock under."""
     return b"/tooz/locks" + f"{prefix}{name}".encode()
@@ -283,3 +289,75 @@ async def test_memcached_ttls_it_cannot_honour_are_refused(
     with pytest.raises(ConfigurationError, match=match):
         async with make_coordinator(url, prefix, **settings):
             pass  # pragma: no cover
+
+
+async def test_etcd_lock_whose_lease_was_swapped_is_lost(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """A late tooz try on the held lock's own object gives it a new lease and revokes it.
+
+    The key stays on the lease it was granted with, which then nobody refreshes: the
+    heartbeat refreshes the revoked lease (etcd answers "not found" without an error,
+    and tooz ignores it), and the key still holds our token until the old lease
+    expires. The holder must be told before the key goes.
+    """
+    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
+    client = _etcd_client(url)
+    key = _etcd_lock_key(prefix, "swapped")
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        lock = Lock("swapped", coordinator=coordinator, cancel_on_loss=False)
+        async with lock:
+            connection = coordinator._connection
+            assert connection is not None
+            [hold] = coordinator.lock_table.holds_through(connection)
+            tooz_lock = hold.handle._tooz_lock
+            granted_lease = tooz_lock._lease.id
+
+            def late_try() -> None:
+                # What the rest of EtcdDriver.try_acquire does once its read found the key
+                # free: a tooz try (a new lease on the object; the key is taken, so it
+                # fails), then the revoke of the object's lease.
+                assert not tooz_lock.acquire(blocking=False)
+                tooz_lock._lease.revoke()
+
+            before = _etcd_revision(client)
+            await anyio.to_thread.run_sync(late_try)
+            assert tooz_lock._lease.id != granted_lease
+            # It leaves no trace in the revisions (a failed transaction, a lease with no
+            # key granted and revoked): the next write is the key's expiry.
+            assert _etcd_revision(client) == before
+            # A keepalive of the revoked lease is answered without a TTL, not refused.
+            assert await anyio.to_thread.run_sync(tooz_lock._lease.refresh) == -1
+            [(_, meta)] = client.get(key, metadata=True)
+            assert int(meta["lease"]) == granted_lease  # the key is on the old lease
+            await _told_before_the_key_goes(lock, client, key)
+
+
+async def test_etcd_lock_dropped_from_the_refresh_list_is_lost(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """A held lock that tooz no longer refreshes (a late release of the same lock object
+    takes it off tooz's list, whatever the release did at etcd) expires with its token
+    still in the key: the holder must be told before the key goes."""
+    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
+    client = _etcd_client(url)
+    key = _etcd_lock_key(prefix, "dropped")
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        lock = Lock("dropped", coordinator=coordinator, cancel_on_loss=False)
+        async with lock:
+            connection = coordinator._connection
+            assert connection is not None
+            [hold] = coordinator.lock_table.holds_through(connection)
+            refreshed: set[Any] = connection.driver.tooz._acquired_locks  # type: ignore[attr-defined]
+            refreshed.discard(hold.handle._tooz_lock)
+            await _told_before_the_key_goes(lock, client, key)
+
+
+async def _told_before_the_key_goes(lock: Lock, client: Any, key: bytes) -> None:
+    """Wait until ``lock`` is lost or its key is gone; it must be lost first."""
+    with anyio.fail_after(10):
+        while not lock.lost and client.get(key):
+            await anyio.sleep(0.05)
+    gone = not client.get(key)
+    assert lock.lost, "the key's lease expired and the holder was never told"
+    assert not gone, "the holder was told only after the key was gone"

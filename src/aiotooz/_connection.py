@@ -403,8 +403,11 @@ class Connection(_Caller):
                 self._forget(handle)
                 return False
             except BaseException:
-                if tried:
-                    self._forget(handle)  # cancelled or failed: the object may be in use
+                # Cancelled or failed: the object may be in use, even if ``tried`` is still
+                # empty (a worker can have started the try and not yet reached its first
+                # line). Two tries on one object would leave the lock on a lease that is
+                # not refreshed (see EtcdDriver.still_owner).
+                self._forget(handle)
                 raise
         handle._tooz_lock = tried[0]
         self._lock_objects.keep(handle.key, tried[0])

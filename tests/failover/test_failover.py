@@ -1,18 +1,18 @@
 """Mutual exclusion on real three-node clusters under faults (``nox -s failover``).
 
 Three holder processes take turns on one fenced lock while the test kills, pauses or
-cuts off the backend's leader, cuts a holder off, drops packets or pauses a holder;
-the checker then verifies the history (tests/_checker.py). Holder ``h1`` talks to the
-leader alone where the client takes a single endpoint, so that it is the one cut off
-with it. Lock TTLs are 2 s;
-every fault lasts 2 TTLs. Measured figures are printed (``FAILOVER {...}``) and
-collected by the nox session; docs/failover.md quotes them.
+cuts off the backend's leader, cuts a holder off, drops or delays packets, or pauses a
+holder; the checker then verifies the history (tests/_checker.py). Holder ``h1`` talks
+to the leader alone where the client takes a single endpoint, so that it is the one cut
+off with it. Lock TTLs are 2 s; every fault lasts 2 TTLs. Measured figures are printed
+(``FAILOVER {...}``) and collected by the nox session; docs/failover.md quotes them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from .._clusters import (
     RedisSentinelCluster,
     ZooKeeperCluster,
 )
+from .._proxy import DelayProxy
 from ._scenario import Scenario
 
 pytestmark = pytest.mark.failover
@@ -72,21 +73,25 @@ def _run(
     inject: Callable[..., object],
     backend_breaks: bool = False,
     cut_off: str | None = None,
+    urls: Callable[[ClusterNode], dict[str, str]] | None = None,
+    hits_any_holder: bool = False,
 ) -> Report:
     """Holders on ``cluster``; ``inject`` the fault; wait for progress; check the history.
 
     ``cut_off``: the holder that runs as ``CLIENT_UID``; ``backend_breaks``: see
-    ``tests._checker.check``.
+    ``tests._checker.check``; ``urls``: the holders' URLs, given the leader (else
+    ``_urls``); ``hits_any_holder``: the fault comes as any holder enters its section,
+    not only ``h1`` (a fault on every holder's traffic).
     """
     cluster.wait_healthy()
     leader = cluster.leader()
     assert leader is not None
     scenario = Scenario(tmp_path / "history", f"{type(cluster).__name__}: {fault}")
     try:
-        scenario.start_holders(_urls(cluster, leader), cut_off)
+        scenario.start_holders((urls or partial(_urls, cluster))(leader), cut_off)
         # The fault hits a holder that just entered its section: on etcd and ZooKeeper,
         # the one that talks to the leader alone (all Redis holders ask the Sentinels).
-        alone = not isinstance(cluster, RedisSentinelCluster)
+        alone = not isinstance(cluster, RedisSentinelCluster) and not hits_any_holder
         scenario.wait_for_section(["h1"] if alone else list(scenario.holders))
         inject(scenario, leader)
         healed = scenario.event("heal")
@@ -173,7 +178,8 @@ def test_client_partitioned(cluster: Cluster, tmp_path: Path) -> None:
 def test_lossy_network(cluster: Cluster, tmp_path: Path) -> None:
     """A fifth of all packets lost (clients and nodes alike) for 2 TTLs.
 
-    netem is not in this kernel, so latency is not injected; loss is, by nftables.
+    Loss is injected by nftables; latency (not in nftables, and netem is not in this
+    kernel) by proxies, in ``test_latency``.
     """
     wall = Firewall()
 
@@ -189,6 +195,57 @@ def test_lossy_network(cluster: Cluster, tmp_path: Path) -> None:
         _run(cluster, tmp_path, "20% packet loss", lose)
     finally:
         wall.close()
+
+
+#: Each chunk of client traffic is held 100 ms plus up to 200 ms (jitter), each way.
+LATENCY = (0.1, 0.2)
+
+
+def test_latency(cluster: Cluster, tmp_path: Path) -> None:
+    """Every holder's traffic held 100-300 ms each way, for 2 TTLs.
+
+    netem is not in this kernel, so the holders talk to the nodes through userspace
+    TCP proxies (tests/_proxy.py) that hold each chunk back; a round trip then takes
+    0.2-0.6 s, and a heartbeat of several requests longer than the lease rule allows.
+    On Redis the holders talk to the primary through a proxy, without Sentinel (whose
+    answer names the primary's own address, which would bypass the proxy).
+    """
+    proxies: dict[str, DelayProxy] = {}
+
+    def via(node: ClusterNode) -> str:
+        """The address of a (new or existing) proxy in front of ``node``."""
+        proxy = proxies.get(node.address)
+        if proxy is None:
+            proxy = proxies[node.address] = DelayProxy(node.host, node.port, 0.0)
+        return f"127.0.0.1:{proxy.port}"
+
+    def urls(leader: ClusterNode) -> dict[str, str]:
+        others = [node for node in cluster.nodes if node is not leader]
+        if isinstance(cluster, EtcdCluster):
+            nodes = [leader, *others]
+            return {f"h{i}": cluster.url_at(via(node), TTL) for i, node in enumerate(nodes, 1)}
+        if isinstance(cluster, ZooKeeperCluster):
+            everyone = cluster.url_at([via(node) for node in cluster.nodes], TTL)
+            return {"h1": cluster.url_at([via(leader)], TTL), "h2": everyone, "h3": everyone}
+        return dict.fromkeys(("h1", "h2", "h3"), f"redis://{via(leader)}?lock_timeout={TTL}")
+
+    def slow(scenario: Scenario, leader: ClusterNode) -> None:
+        scenario.event("fault", what="client traffic held 100-300 ms each way")
+        for proxy in proxies.values():
+            proxy.set_delay(*LATENCY)
+        try:
+            time.sleep(FAULT)
+        finally:
+            for proxy in proxies.values():
+                proxy.set_delay(0.0)
+
+    try:
+        # Any holder: on ZooKeeper, h1 (behind the leader's proxy alone) can lose every
+        # race for the lock to the others for longer than the scenario waits.
+        _run(cluster, tmp_path, "latency", slow, urls=urls, hits_any_holder=True)
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
 
 
 def test_holder_paused(cluster: Cluster, tmp_path: Path) -> None:

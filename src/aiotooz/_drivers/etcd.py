@@ -79,14 +79,24 @@ class EtcdDriver(Driver):
                 lock._lease.revoke()
 
     def still_owner(self, lock: Any) -> bool:
-        """Whether the lock's key still holds this lock's token, read from etcd.
+        """Whether the lock's key holds this lock's token, on the lease the heartbeat refreshes.
 
         tooz cannot tell (``is_still_owner`` is not implemented) and its heartbeat
-        ignores a lease that is gone, so a key deleted or a lease revoked from outside
-        would go unnoticed.
+        ignores a lease that is gone (etcd answers a keepalive of an unknown lease
+        without a TTL, not with an error), so a key deleted or a lease revoked from
+        outside would go unnoticed. The token alone is not enough either: a tooz try
+        on the same lock object gives the object a new lease (and ours revokes it when
+        the try fails), so the key can hold our token on a lease that nobody refreshes
+        any more, and expire while its token still reads "ours".
         """
-        values = self.tooz.client.get(lock._key)  # type: ignore[attr-defined]
-        return bool(values) and values[0] == base64.b64decode(lock._uuid)
+        if not lock.acquired:
+            return False  # not in tooz's refresh list: its lease is not refreshed
+        values = self.tooz.client.get(lock._key, metadata=True)  # type: ignore[attr-defined]
+        if not values:
+            return False
+        value, meta = values[0]
+        on_our_lease = int(meta.get("lease", 0)) == lock._lease.id
+        return on_our_lease and bytes(value) == base64.b64decode(lock._uuid)
 
     def fencing_token(self, lock: Any) -> int | None:
         """The revision etcd gives a write to the lock key.
