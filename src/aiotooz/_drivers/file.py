@@ -154,7 +154,7 @@ class FileDriver(Driver):
         Asking closes a descriptor of the marker file, which drops this process's own
         markers on it: they are hints only.
         """
-        return int(_locked_by_another_process(_marker(lock)))
+        return int(_holder_elsewhere(_marker(lock)) is not None)
 
     async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
         if self._close_watches is not None:
@@ -213,11 +213,6 @@ class FileDriver(Driver):
             else:
                 holder = _holder_elsewhere(lock.name)
         return read_leader_file(self._counter_path(lock), holder)
-
-
-def _locked_by_another_process(path: str | bytes) -> bool:
-    """Whether another process holds a ``lockf`` lock on the file at ``path``."""
-    return _holder_elsewhere(path) is not None
 
 
 def _holder_elsewhere(path: str | bytes) -> int | None:
