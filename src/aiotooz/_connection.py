@@ -83,7 +83,7 @@ def _install_hint(driver: type[Driver], scheme: str, module: str | None) -> str:
 
 
 def _load(url: str, member_id: str, call_timeout: float) -> Driver:
-    """Create the tooz coordinator for ``url`` and wrap it in its driver (not started)."""
+    """Create the driver for ``url`` (around a tooz coordinator, as a rule), not started."""
     scheme = scheme_of(url)
     shown = redact_url(url)
     if scheme not in known_schemes():
@@ -96,7 +96,7 @@ def _load(url: str, member_id: str, call_timeout: float) -> Driver:
         urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
     )
     try:
-        coordinator = tooz.coordination.get_coordinator(url, member_id.encode(), **options)
+        return driver.load(url, member_id, options, call_timeout)
     except ImportError as exc:
         raise ConfigurationError(
             f"the {scheme!r} backend needs a client library that is not installed "
@@ -112,7 +112,6 @@ def _load(url: str, member_id: str, call_timeout: float) -> Driver:
         raise ConfigurationError(f"bad backend URL {shown}: {exc}") from exc
     except Exception as exc:
         raise translate(exc, "loading the driver", url) from exc
-    return driver(coordinator, call_timeout)
 
 
 @final

@@ -32,8 +32,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "kazoo": ("zookeeper", "ZooKeeperDriver"),
     "etcd3+http": ("etcd", "EtcdDriver"),
     "etcd3+https": ("etcd", "EtcdDriver"),
-    "postgresql": ("sql", "PostgreSQLDriver"),
-    "mysql": ("sql", "MySQLDriver"),
+    "postgresql": ("postgresql", "PostgreSQLDriver"),
+    "mysql": ("mysql", "MySQLDriver"),
 }
 
 

@@ -115,6 +115,18 @@ class Driver:
         self.tooz = coordinator
         self.call_timeout = call_timeout
 
+    @classmethod
+    def load(
+        cls, url: str, member_id: str, options: Mapping[str, Any], call_timeout: float
+    ) -> Driver:
+        """The driver for ``url``, not started: by default around tooz's coordinator.
+
+        A driver that talks to its backend without tooz (its own client) overrides this.
+        May raise ``ImportError`` (a missing client library) or ``ValueError`` (a bad URL).
+        """
+        coordinator = tooz.coordination.get_coordinator(url, member_id.encode(), **options)
+        return cls(coordinator, call_timeout)
+
     # -- before connecting (class methods: no connection yet) --------------------------
 
     @classmethod

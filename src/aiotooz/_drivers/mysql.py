@@ -1,0 +1,206 @@
+"""MySQL/MariaDB: named locks (``GET_LOCK``) through PyMySQL, one session per coordinator.
+
+See ``_sessions`` for how sessions and waiter links share the work. A name is the same
+server-side lock plain tooz takes (the key's bytes, at most 64 characters), so aiotooz
+and plain tooz processes exclude each other. One session holding many named locks needs
+MySQL 5.7.5 or MariaDB 10.0.2 (older servers let one session hold one).
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any, ClassVar
+
+from ._sessions import Link, ServerLock, SessionDriver
+
+__all__ = ["MySQLDriver"]
+
+_ER_NO_SUCH_TABLE = 1146
+
+#: Sessions waiting in GET_LOCK for one name (those of the same user are visible); the
+#: name is in the statement's text as a string or, sent as bytes, in hex (X'...').
+_WAITING_SQL = (
+    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
+    " AND (INFO LIKE CONCAT('%%', %s, '%%') OR INFO LIKE CONCAT('%%', LOWER(HEX(%s)), '%%'))"
+    " AND ID NOT IN %s"
+)
+_FENCING_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_fencing "
+    "(id TINYINT PRIMARY KEY, token BIGINT NOT NULL) ENGINE=InnoDB"
+)
+_FENCE_SQL = (
+    "INSERT INTO aiotooz_fencing VALUES (1, LAST_INSERT_ID(1)) "
+    "ON DUPLICATE KEY UPDATE token = LAST_INSERT_ID(token + 1)"
+)
+#: The leader records: one row per name, naming the connection that wrote it.
+_LEADERS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_leaders (name VARCHAR(64) PRIMARY KEY,"
+    " conn_id BIGINT UNSIGNED NOT NULL, member VARCHAR(1024) NOT NULL) ENGINE=InnoDB"
+)
+_PUBLISH_SQL = (
+    "INSERT INTO aiotooz_leaders VALUES (%s, %s, %s)"
+    " ON DUPLICATE KEY UPDATE conn_id = VALUES(conn_id), member = VALUES(member)"
+)
+#: The record's member, if the connection that wrote it holds the named lock now.
+_LEADER_SQL = "SELECT member FROM aiotooz_leaders WHERE name = %s AND conn_id = IS_USED_LOCK(%s)"
+#: The TLS options plain tooz takes from the URL's query (``ssl_<name>``).
+_SSL_OPTIONS = ("ca", "capath", "cert", "key", "cipher", "verify_mode")
+
+
+def _no_table(exc: Exception) -> bool:
+    return bool(exc.args) and exc.args[0] == _ER_NO_SUCH_TABLE
+
+
+class MySQLDriver(SessionDriver):
+    """MySQL/MariaDB named locks, all of a coordinator's held by one session.
+
+    Every connection reads and writes with a timeout (the call timeout; a wait's slice
+    on top for a waiter link), so a server that accepts and never answers cannot park
+    a thread forever.
+    """
+
+    extra = "mysql"
+    scheme: ClassVar[str] = "mysql"
+
+    def __init__(self, url: str, call_timeout: float) -> None:
+        super().__init__(url, call_timeout)
+        parts = urllib.parse.urlsplit(url)
+        query = {name: values[-1] for name, values in urllib.parse.parse_qs(parts.query).items()}
+        ssl: dict[str, Any] = {
+            name: query[f"ssl_{name}"] for name in _SSL_OPTIONS if query.get(f"ssl_{name}")
+        }
+        if "ssl_check_hostname" in query:
+            ssl["check_hostname"] = query["ssl_check_hostname"].lower() in ("1", "true", "yes")
+        self._connect_args: dict[str, Any] = {
+            "host": parts.hostname,
+            "port": parts.port or 3306,
+            "user": urllib.parse.unquote(parts.username) if parts.username else None,
+            "password": urllib.parse.unquote(parts.password) if parts.password else "",
+            "database": parts.path[1:] or None,
+            "unix_socket": query.get("unix_socket"),
+            "ssl": ssl or None,
+            "connect_timeout": call_timeout,
+            "autocommit": True,
+        }
+
+    @classmethod
+    def import_client(cls) -> None:
+        import pymysql  # noqa: F401
+
+    @classmethod
+    def key_problem(cls, key: str) -> str | None:
+        if len(key) <= 64:
+            return None
+        return (
+            f"MySQL lock names are at most 64 characters and this one has {len(key)}; use a "
+            "coordinator prefix of at most 7 characters (keys are at most len(prefix) + 57 "
+            "characters)"
+        )
+
+    def lock_for(self, key: str) -> ServerLock:
+        name = key.encode("ascii")
+        return ServerLock(key, name, (name,), ())
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _connect(self, waiter: bool) -> Link:
+        import pymysql
+
+        timeout = self.call_timeout + (self.wait_slice if waiter else 0)
+        connection = pymysql.connect(
+            **{name: value for name, value in self._connect_args.items() if value is not None},
+            read_timeout=timeout,
+            write_timeout=timeout,
+        )
+        return Link(connection, int(connection.thread_id()))
+
+    def _check_session(self, main: Link) -> None:
+        """Nothing to check: MySQL poolers (ProxySQL) keep a session's named locks."""
+
+    def _usable(self, link: Link) -> bool:
+        return bool(link.connection.open)
+
+    def _scalar(self, link: Link, sql: str, params: tuple[Any, ...]) -> Any:
+        with link.connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        return None if row is None else row[0]
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def _try(self, link: Link, lock: ServerLock) -> bool:
+        return bool(self._scalar(link, "SELECT GET_LOCK(%s, 0)", lock.args) == 1)
+
+    def _unlock(self, link: Link, lock: ServerLock) -> bool:
+        return bool(self._scalar(link, "SELECT RELEASE_LOCK(%s)", lock.args) == 1)
+
+    def _wait(self, link: Link, lock: ServerLock) -> bool:
+        # 1: granted; 0: the slice is over; NULL: interrupted (KILL QUERY).
+        granted = self._scalar(link, "SELECT GET_LOCK(%s, %s)", (*lock.args, self.wait_slice))
+        return bool(granted == 1)
+
+    def _cancel(self, link: Link) -> None:
+        main = self._main
+        if main is None or not main.guard.acquire(timeout=self.call_timeout):
+            return
+        try:
+            with main.connection.cursor() as cursor:
+                cursor.execute("KILL QUERY %s", (link.id,))
+        finally:
+            main.guard.release()
+
+    def _alive(self, main: Link, ids: list[int]) -> set[int]:
+        with main.connection.cursor() as cursor:
+            cursor.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN %s", (ids,))
+            return {int(row[0]) for row in cursor.fetchall()}
+
+    def _waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
+        return int(self._scalar(main, _WAITING_SQL, (lock.name, lock.name, ours)) or 0)
+
+    # -- fencing and leadership ----------------------------------------------------------
+
+    def _fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
+        """A counter row bumped if the holder's session holds the named lock now.
+
+        InnoDB keeps it across restarts; one counter for all names is strictly
+        increasing for each name too.
+        """
+        import pymysql
+
+        if self._scalar(main, "SELECT IS_USED_LOCK(%s)", lock.args) != holder.id:
+            return None
+        with main.connection.cursor() as cursor:
+            try:
+                cursor.execute(_FENCE_SQL)
+            except pymysql.MySQLError as exc:
+                if not _no_table(exc):
+                    raise
+                cursor.execute(_FENCING_DDL)
+                cursor.execute(_FENCE_SQL)
+            cursor.execute("SELECT LAST_INSERT_ID()")
+            row = cursor.fetchone()
+        return int(row[0])
+
+    def _publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
+        import pymysql
+
+        params = (lock.name, holder.id, member_id)
+        with main.connection.cursor() as cursor:
+            try:
+                cursor.execute(_PUBLISH_SQL, params)
+            except pymysql.MySQLError as exc:
+                if not _no_table(exc):
+                    raise
+                cursor.execute(_LEADERS_DDL)
+                cursor.execute(_PUBLISH_SQL, params)
+
+    def _read_leader(self, main: Link, lock: ServerLock) -> str | None:
+        import pymysql
+
+        try:
+            member = self._scalar(main, _LEADER_SQL, (lock.key, lock.name))
+        except pymysql.MySQLError as exc:
+            if not _no_table(exc):
+                raise
+            return None  # nobody ever led here
+        return None if member is None else str(member)

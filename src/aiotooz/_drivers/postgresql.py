@@ -1,0 +1,244 @@
+"""PostgreSQL: session-level advisory locks through psycopg 3, one session per coordinator.
+
+See ``_sessions`` for how sessions and waiter links share the work. Keys are plain
+tooz's by default (two bytes of the name's MD5 as ``pg_advisory_lock(int4, int4)``), so
+aiotooz and plain tooz processes exclude each other; ``keys=64`` in the URL's query
+gives a 64-bit key space (``pg_advisory_lock(int8)``) for fleets with no plain tooz.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import urllib.parse
+from typing import Any, ClassVar
+
+from .._exceptions import ConfigurationError
+from ._sessions import Link, ServerLock, SessionDriver
+
+__all__ = ["PostgreSQLDriver"]
+
+#: Where pg_locks shows an advisory lock of this database (classid, objid, objsubid).
+_MATCH = (
+    "locktype = 'advisory'"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND classid::int8 = %s AND objid::int8 = %s AND objsubid = %s"
+)
+_WAITING_SQL = f"SELECT count(*) FROM pg_locks WHERE NOT granted AND {_MATCH} AND NOT pid = ANY(%s)"
+_FENCE_SQL = (
+    f"SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE granted AND pid = %s AND {_MATCH})"
+    " THEN nextval('aiotooz_fencing') END"
+)
+#: The leader records: one row per leadership key, naming the session that wrote it
+#: (its pid and start time, so that a later session with the same pid is not it).
+_LEADERS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_leaders (key text PRIMARY KEY, member text NOT NULL,"
+    " pid integer NOT NULL, backend_start timestamptz NOT NULL)"
+)
+_PUBLISH_SQL = (
+    "INSERT INTO aiotooz_leaders SELECT %s, %s, pid, backend_start FROM pg_stat_activity"
+    " WHERE pid = %s ON CONFLICT (key) DO UPDATE SET member = EXCLUDED.member,"
+    " pid = EXCLUDED.pid, backend_start = EXCLUDED.backend_start"
+)
+#: The record's member, if the session that wrote it is alive and holds the lock.
+_LEADER_SQL = (
+    "SELECT r.member FROM aiotooz_leaders r"
+    " JOIN pg_stat_activity a ON a.pid = r.pid AND a.backend_start = r.backend_start"
+    f" JOIN pg_locks l ON l.pid = r.pid AND l.granted AND {_MATCH}"
+    " WHERE r.key = %s"
+)
+_POOLED = (
+    "the PostgreSQL server is reached through a pooler in transaction or statement mode "
+    "(two connections were served by one server session{detail}): advisory locks belong "
+    "to a server session and would not exclude anything there; connect directly, or "
+    "through session pooling (PgBouncer pool_mode = session)"
+)
+_KEY_SPACES = ("tooz", "64")
+
+
+class PostgreSQLDriver(SessionDriver):
+    """PostgreSQL advisory locks, all of a coordinator's held by one session."""
+
+    extra = "postgresql"
+    scheme: ClassVar[str] = "postgresql"
+
+    def __init__(self, url: str, call_timeout: float) -> None:
+        super().__init__(url, call_timeout)
+        parts = urllib.parse.urlsplit(url)
+        query = {name: values[-1] for name, values in urllib.parse.parse_qs(parts.query).items()}
+        keys = query.get("keys", "tooz")
+        if keys not in _KEY_SPACES:
+            raise ConfigurationError(
+                f"keys={keys!r} in a postgresql URL: use keys=tooz (plain tooz's 65,536 "
+                "keys, the default: aiotooz and plain tooz exclude each other) or keys=64 "
+                "(a 64-bit key space, for fleets with no plain tooz process)"
+            )
+        self._wide = keys == "64"
+        self._args_sql = "%s::int8" if self._wide else "%s::int4, %s::int4"
+        self._connect_args: dict[str, Any] = {
+            "host": query.get("host") or parts.hostname,
+            "port": query.get("port") or parts.port,
+            "dbname": query.get("dbname") or parts.path[1:] or None,
+            "user": urllib.parse.unquote(parts.username) if parts.username else None,
+            "password": urllib.parse.unquote(parts.password) if parts.password else None,
+            # libpq takes whole seconds, and at least 2.
+            "connect_timeout": max(2, math.ceil(call_timeout)),
+            "autocommit": True,  # session locks; a failed statement must not abort anything
+            "prepare_threshold": None,
+        }
+
+    @classmethod
+    def import_client(cls) -> None:
+        import psycopg  # noqa: F401
+
+    def lock_for(self, key: str) -> ServerLock:
+        name = key.encode("ascii")
+        digest = hashlib.md5(name, usedforsecurity=False).digest()
+        if self._wide:
+            value = int.from_bytes(digest[:8], "big", signed=True)
+            unsigned = value & 0xFFFFFFFFFFFFFFFF
+            return ServerLock(key, name, (value,), (unsigned >> 32, unsigned & 0xFFFFFFFF, 1))
+        # Plain tooz's key: the first two bytes of the MD5, as two int4.
+        return ServerLock(key, name, (digest[0], digest[1]), (digest[0], digest[1], 2))
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _connect(self, waiter: bool) -> Link:
+        import psycopg
+
+        connection = psycopg.connect(
+            **{name: value for name, value in self._connect_args.items() if value is not None}
+        )
+        try:
+            if waiter:
+                # A wait leaves the queue after a slice (and tries again), so that a stop
+                # whose cancel got lost is still noticed.
+                connection.execute(f"SET lock_timeout = '{self.wait_slice}s'")
+            row = connection.execute("SELECT pg_backend_pid()").fetchone()
+        except BaseException:
+            connection.close()
+            raise
+        assert row is not None
+        return Link(connection, int(row[0]))
+
+    def _check_session(self, main: Link) -> None:
+        """Refuse transaction or statement pooling: it shares server sessions.
+
+        Another connection, inside a transaction, asks its server session's pid: a
+        pooler that hands server sessions out per transaction gives it the one the main
+        connection's last statement used (the most recently freed one), or refuses the
+        transaction (statement pooling). The connection is kept as the first waiter link.
+        """
+        import psycopg
+
+        probe = self._connect(waiter=True)
+        try:
+            first = self._pid(main)
+            try:
+                with probe.connection.transaction():
+                    other = self._pid(probe)
+                    again = self._pid(main)
+            except psycopg.Error as exc:
+                raise ConfigurationError(_POOLED.format(detail=f", or refused: {exc}")) from exc
+            if other == first or again != first or other != probe.id:
+                raise ConfigurationError(_POOLED.format(detail=f": pid {first}"))
+        except BaseException:
+            self._close_quietly(probe)
+            raise
+        self._links.append(probe)
+
+    @staticmethod
+    def _pid(link: Link) -> int:
+        row = link.connection.execute("SELECT pg_backend_pid()").fetchone()
+        return int(row[0])
+
+    def _usable(self, link: Link) -> bool:
+        return not (link.connection.closed or link.connection.broken)
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def _scalar(self, link: Link, sql: str, params: tuple[Any, ...]) -> Any:
+        row = link.connection.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    def _try(self, link: Link, lock: ServerLock) -> bool:
+        sql = f"SELECT pg_try_advisory_lock({self._args_sql})"
+        return bool(self._scalar(link, sql, lock.args))
+
+    def _unlock(self, link: Link, lock: ServerLock) -> bool:
+        sql = f"SELECT pg_advisory_unlock({self._args_sql})"
+        return bool(self._scalar(link, sql, lock.args))
+
+    def _unlock_stray(self, link: Link, lock: ServerLock) -> None:
+        # Only if held: an unlock of a lock not held makes the server warn.
+        sql = (
+            f"SELECT pg_advisory_unlock({self._args_sql}) FROM pg_locks"
+            f" WHERE granted AND pid = pg_backend_pid() AND {_MATCH}"
+        )
+        try:
+            link.connection.execute(sql, (*lock.args, *lock.ids)).fetchall()
+        except Exception:
+            pass
+
+    def _wait(self, link: Link, lock: ServerLock) -> bool:
+        import psycopg.errors
+
+        try:
+            link.connection.execute(f"SELECT pg_advisory_lock({self._args_sql})", lock.args)
+        except psycopg.errors.LockNotAvailable:
+            return False  # lock_timeout: one slice over
+        return True
+
+    def _cancel(self, link: Link) -> None:
+        link.connection.cancel_safe(timeout=self.call_timeout)
+
+    def _alive(self, main: Link, ids: list[int]) -> set[int]:
+        rows = main.connection.execute(
+            "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (ids,)
+        ).fetchall()
+        return {int(row[0]) for row in rows}
+
+    def _waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
+        return int(self._scalar(main, _WAITING_SQL, (*lock.ids, ours)) or 0)
+
+    # -- fencing and leadership ----------------------------------------------------------
+
+    def _fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
+        """``nextval`` of one sequence, if the holder's session holds the lock now.
+
+        A sequence never goes back, also across a server restart (it may skip values);
+        one sequence for all names is strictly increasing for each name too.
+        """
+        import psycopg.errors
+
+        try:
+            token = self._scalar(main, _FENCE_SQL, (holder.id, *lock.ids))
+        except psycopg.errors.UndefinedTable:
+            try:
+                main.connection.execute("CREATE SEQUENCE IF NOT EXISTS aiotooz_fencing")
+            except psycopg.errors.UniqueViolation:
+                pass  # made by another session at the same time
+            token = self._scalar(main, _FENCE_SQL, (holder.id, *lock.ids))
+        return None if token is None else int(token)
+
+    def _publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
+        import psycopg.errors
+
+        params = (lock.key, member_id, holder.id)
+        try:
+            main.connection.execute(_PUBLISH_SQL, params)
+        except psycopg.errors.UndefinedTable:
+            try:
+                main.connection.execute(_LEADERS_DDL)
+            except psycopg.errors.UniqueViolation:
+                pass  # made by another session at the same time
+            main.connection.execute(_PUBLISH_SQL, params)
+
+    def _read_leader(self, main: Link, lock: ServerLock) -> str | None:
+        import psycopg.errors
+
+        try:
+            member = self._scalar(main, _LEADER_SQL, (*lock.ids, lock.key))
+        except psycopg.errors.UndefinedTable:
+            return None  # nobody ever led here
+        return None if member is None else str(member)
