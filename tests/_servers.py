@@ -386,6 +386,22 @@ def _unprivileged_user() -> str | None:
     return None
 
 
+def _children(pid: int) -> list[int]:
+    """The processes under ``pid`` (descendants, read from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after it.
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, of in parents.items() if of == parent]
+        found.extend(children)
+        frontier.extend(children)
+    return found
+
+
 class PrivatePostgreSQL(PrivateServer):
     """``initdb`` + ``postgres`` in a directory of its own, trust auth, TCP only."""
 
@@ -454,13 +470,23 @@ class PrivatePostgreSQL(PrivateServer):
         )
 
     def _ready(self) -> bool:
-        import psycopg2
+        import psycopg
 
         try:
-            psycopg2.connect(self.url, connect_timeout=1).close()
-        except psycopg2.OperationalError:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.OperationalError:
             return False
         return True
+
+    def _signal(self, signum: signal.Signals) -> None:
+        # Each backend calls setsid(): a session and process group of its own, out of
+        # the postmaster's. A pause must reach them too, or sessions that stay open
+        # keep being served while new connections hang.
+        backends = _children(self._proc.pid) if self._proc is not None else []
+        super()._signal(signum)
+        for pid in backends:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
 
 
 class PrivateMariaDB(PrivateServer):

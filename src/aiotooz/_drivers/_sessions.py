@@ -34,19 +34,21 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar, final
+from typing import Any, ClassVar, TypeVar, final
 
 from .._exceptions import UnsupportedOperation
 from ._base import Capability, Driver
 
-__all__ = ["Link", "ServerLock", "SessionDriver"]
+T = TypeVar("T")
+
+__all__ = ["Dialect", "Link", "ServerLock", "SessionDriver", "WaiterLinks", "close_quietly"]
 
 
 @final
 class Link:
     """One server session (a connection) of a coordinator."""
 
-    __slots__ = ("busy", "connection", "guard", "held", "id", "waiting")
+    __slots__ = ("busy", "connection", "failed", "guard", "held", "id", "waiting")
 
     def __init__(self, connection: Any, session_id: int) -> None:
         self.connection = connection
@@ -60,6 +62,8 @@ class Link:
         self.busy = False
         #: Blocked in a server-side wait now (then a cancel reaches it).
         self.waiting = False
+        #: Why the session is no longer usable, once a call found out.
+        self.failed: str | None = None
 
 
 @final
@@ -89,329 +93,202 @@ class _Waiter:
         self.stop = threading.Event()
 
 
-class SessionDriver(Driver):
-    """The sessions, waiter links and bookkeeping both database drivers share.
+class Dialect(abc.ABC):
+    """How one server's locks, sessions and records are written in SQL.
+
+    Every method but ``cancel`` runs with the link's (or the main session's) guard held.
 
     Args:
         url: the backend URL.
         call_timeout: the longest a caller waits for one call.
+        wait_slice: one server-side wait of a waiter link, in seconds.
     """
 
-    capabilities = frozenset(
-        {
-            Capability.FENCES,
-            Capability.WAKES_WAITERS,
-            Capability.NAMES_LEADER,
-            Capability.KNOWS_OWNER,
-        }
-    )
-    #: Waiter links a coordinator opens at most (each is a connection and a thread).
-    waiter_limit: ClassVar[int] = 4
-    #: One server-side wait, in seconds: a waiter's stop is noticed within it even when
-    #: its cancel gets lost (MySQL's GET_LOCK takes whole seconds).
-    wait_slice: ClassVar[int] = 5
+    #: The backend's scheme, for errors.
+    scheme: ClassVar[str]
 
-    def __init__(self, url: str, call_timeout: float) -> None:
-        # No tooz coordinator: this driver is its own client of the server.
-        self.url = url
+    def __init__(self, url: str, call_timeout: float, wait_slice: int) -> None:
         self.call_timeout = call_timeout
-        self._main: Link | None = None
-        #: Waiter links (at most ``waiter_limit``), lent or idle or holding.
-        self._links: list[Link] = []
-        #: Links being opened for waiters now (they count towards the limit).
-        self._opening = 0
-        #: key -> the link that holds it.
-        self._holders: dict[str, Link] = {}
-        #: The server lock of each key held -> that key (two keys may share one).
-        self._held_args: dict[tuple[Any, ...], str] = {}
-        #: key -> the link a waiter's grant waits on for the waiter's next try.
-        self._grants: dict[str, Link] = {}
-        #: key -> the wait running for it.
-        self._waits: dict[str, _Waiter] = {}
-        self._guard = threading.Lock()
+        self.wait_slice = wait_slice
 
     @classmethod
-    def load(cls, url: str, member_id: str, options: Any, call_timeout: float) -> SessionDriver:
-        cls.import_client()  # ImportError: the connection layer names the extra to install
-        return cls(url, call_timeout)
-
-    # -- what each dialect says ----------------------------------------------------------
-
-    @classmethod
-    @abc.abstractmethod
-    def import_client(cls) -> None:
-        """Import the client library (``ImportError`` if it is missing)."""
+    def key_problem(cls, key: str) -> str | None:
+        """Why ``key`` cannot be locked on this server, or ``None``."""
+        return None
 
     @abc.abstractmethod
     def lock_for(self, key: str) -> ServerLock:
         """The server's lock for ``key``."""
 
     @abc.abstractmethod
-    def _connect(self, waiter: bool) -> Link:
+    def connect(self, waiter: bool) -> Link:
         """A new session: the main one, or a waiter link (which waits a slice at a time)."""
 
-    @abc.abstractmethod
-    def _check_session(self, main: Link) -> None:
-        """Refuse a main session the server does not keep for us (a pooler in the way)."""
+    def check_session(self, main: Link) -> Link | None:
+        """Refuse a main session the server does not keep for us (a pooler in the way).
+
+        Returns a waiter link the check opened and left fit for use, if any.
+        """
+        return None
+
+    def usable(self, link: Link) -> bool:
+        """Whether ``link``'s connection still works after an error."""
+        return True
+
+    def failure(self, exc: Exception, call_timeout: float) -> str:
+        """Why a session is broken, for the calls that come after ``exc`` broke it."""
+        if "timed out" in str(exc):
+            return (
+                f"the server gave no answer within {call_timeout:g} s "
+                "(AIOTOOZ_CALL_TIMEOUT) on this session"
+            )
+        return f"the session failed: {type(exc).__name__}: {exc}"
 
     @abc.abstractmethod
-    def _try(self, link: Link, lock: ServerLock) -> bool:
+    def try_lock(self, link: Link, lock: ServerLock) -> bool:
         """Take ``lock`` on ``link`` if it is free; never waits."""
 
     @abc.abstractmethod
-    def _unlock(self, link: Link, lock: ServerLock) -> bool:
+    def unlock(self, link: Link, lock: ServerLock) -> bool:
         """Let go of ``lock`` on ``link``; whether it was held there."""
 
-    @abc.abstractmethod
-    def _wait(self, link: Link, lock: ServerLock) -> bool:
-        """Wait at most ``wait_slice`` seconds in the server's queue; whether granted."""
-
-    @abc.abstractmethod
-    def _cancel(self, link: Link) -> None:
-        """Cancel the wait ``link`` is blocked in (from another thread)."""
-
-    @abc.abstractmethod
-    def _alive(self, main: Link, ids: list[int]) -> set[int]:
-        """Which of the sessions ``ids`` exist (asked on the main session)."""
-
-    @abc.abstractmethod
-    def _waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
-        """How many sessions other than ``ours`` wait for ``lock`` at the server."""
-
-    @abc.abstractmethod
-    def _fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
-        """A new token, if ``holder`` still holds ``lock`` (asked on the main session)."""
-
-    @abc.abstractmethod
-    def _publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
-        """Write the leader record naming ``holder``'s session."""
-
-    @abc.abstractmethod
-    def _read_leader(self, main: Link, lock: ServerLock) -> str | None:
-        """The record's member, if the session it names holds ``lock`` now."""
-
-    @staticmethod
-    def _close(link: Link) -> None:
-        link.connection.close()
-
-    # -- the connection ------------------------------------------------------------------
-
-    def start(self) -> None:
-        main = self._connect(waiter=False)
+    def unlock_stray(self, link: Link, lock: ServerLock) -> None:
+        """After a cancelled wait: free ``lock`` if the grant raced the cancel."""
         try:
-            self._check_session(main)
-        except BaseException:
-            self._close_quietly(main)
-            raise
-        self._main = main
-
-    def stop(self) -> None:
-        with self._guard:
-            waits = list(self._waits.values())
-            for waiter in waits:
-                waiter.stop.set()
-            links, self._links = self._links, []
-            main, self._main = self._main, None
-            self._holders.clear()
-            self._held_args.clear()
-            self._grants.clear()
-        for waiter in waits:
-            self._cancel_quietly(waiter.link)
-        if main is not None:
-            self._close_quietly(main)  # the server frees every lock the session holds
-        for link in links:
-            # A wait still running must end (cancelled) before its connection closes.
-            if link.guard.acquire(timeout=self.call_timeout):
-                try:
-                    self._close_quietly(link)
-                finally:
-                    link.guard.release()
-
-    @property
-    def requires_beating(self) -> bool:
-        return True  # the heartbeat is what finds a session that is gone
-
-    def heartbeat(self) -> None:
-        """Ask which of our sessions exist; the main one failing to answer raises."""
-        main = self._live_main()
-        with self._guard:
-            links = list(self._links)
-        with main.guard:
-            alive = self._alive(main, [main.id, *(link.id for link in links)])
-        if main.id not in alive:
-            raise ConnectionError("the main session is gone at the server")
-        for link in links:
-            if link.id not in alive:
-                self._drop(link)
-
-    def _live_main(self) -> Link:
-        main = self._main
-        if main is None:
-            raise ConnectionError("the connection is closed")
-        return main
-
-    def _drop(self, link: Link) -> None:
-        """Forget a waiter link whose session is gone: what it held is lost."""
-        with self._guard:
-            if link in self._links:
-                self._links.remove(link)
-            for key in [key for key, held_by in self._grants.items() if held_by is link]:
-                del self._grants[key]
-        if not link.busy:
-            self._close_quietly(link)  # a waiter on it closes it when its wait fails
-
-    def _close_quietly(self, link: Link) -> None:
-        try:
-            self._close(link)
+            self.unlock(link, lock)
         except Exception:
             pass
 
-    def _cancel_quietly(self, link: Link) -> None:
-        if link.waiting:
-            try:
-                self._cancel(link)
-            except Exception:
-                pass
+    @abc.abstractmethod
+    def wait_lock(self, link: Link, lock: ServerLock) -> bool:
+        """Wait at most ``wait_slice`` seconds in the server's queue; whether granted."""
 
-    # -- locks ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def cancel(self, main: Link | None, link: Link) -> None:
+        """Cancel the wait ``link`` is blocked in (from another thread; no guard held)."""
 
-    def get_lock(self, key: str) -> ServerLock:
-        return self.lock_for(key)
+    @abc.abstractmethod
+    def alive(self, main: Link, ids: list[int]) -> set[int]:
+        """Which of the sessions ``ids`` exist (asked on the main session)."""
 
-    def try_acquire(self, lock: Any, key: str) -> bool:
-        """Take a grant a waiter link got, else try once on the main session."""
-        with self._guard:
-            link = self._grants.pop(key, None)
-            if link is not None:
-                self._hold(lock, link)
-                return True
-            if key in self._waits or key in self._holders:
-                return False  # in the server's queue (a try would not pass it), or ours
-        self._refuse_collision(lock)
-        main = self._live_main()
-        with main.guard:
-            granted = self._try(main, lock)
-        if granted:
-            with self._guard:
-                main.held.add(key)
-                self._hold(lock, main)
-        return granted
+    @abc.abstractmethod
+    def waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
+        """How many sessions other than ``ours`` wait for ``lock`` at the server."""
 
-    def _refuse_collision(self, lock: ServerLock) -> None:
-        """Refuse a key on the server lock of another key we hold (PostgreSQL's 2-byte keys).
+    @abc.abstractmethod
+    def fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
+        """A new token, if ``holder`` still holds ``lock`` (asked on the main session)."""
 
-        Our sessions would take it again (a session's locks are re-entrant) or wait for
-        ourselves forever.
-        """
-        with self._guard:
-            other = self._held_args.get(lock.args)
-        if other is not None and other != lock.key:
-            raise UnsupportedOperation(
-                f"the {self.scheme} backend cannot hold {lock.key!r} while this coordinator "
-                f"holds {other!r}: both map to server lock {lock.args} (plain tooz's key "
-                "space has only 65,536 of them), so waiting would never end; use other "
-                "names, or keys=64 in the URL's query if no plain tooz process shares the locks"
-            )
+    @abc.abstractmethod
+    def publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
+        """Write the leader record naming ``holder``'s session."""
 
-    #: The backend's scheme, for errors.
-    scheme: ClassVar[str]
+    @abc.abstractmethod
+    def read_leader(self, main: Link, lock: ServerLock) -> str | None:
+        """The record's member, if the session it names holds ``lock`` now."""
 
-    def _hold(self, lock: ServerLock, link: Link) -> None:
-        """Note that ``link`` holds ``lock`` (called under ``_guard``)."""
-        self._holders[lock.key] = link
-        self._held_args[lock.args] = lock.key
 
-    def release(self, lock: Any) -> bool:
-        with self._guard:
-            link = self._holders.pop(lock.key, None)
-            if link is None:
-                return False
-            self._held_args.pop(lock.args, None)
-        try:
-            with link.guard:
-                return self._unlock(link, lock)
-        finally:
-            with self._guard:
-                link.held.discard(lock.key)
+@final
+class WaiterLinks:
+    """A coordinator's waiter links, and the waits and grants on them.
 
-    def still_owner(self, lock: Any) -> bool | None:
-        """Whether the session holding ``lock`` still exists (as the last heartbeat saw)."""
-        with self._guard:
-            link = self._holders.get(lock.key)
-            if link is None:
-                return None
-            return link is self._main or link in self._links
+    Shares the driver's guard: ``grants`` and ``waits`` are read and changed under it.
 
-    def waiters_elsewhere(self, lock: Any) -> int:
-        """Sessions of other coordinators waiting for ``lock`` at the server."""
-        main = self._live_main()
-        with self._guard:
-            ours = [main.id, *(link.id for link in self._links)]
-        with main.guard:
-            return self._waiting(main, lock, ours)
+    Args:
+        sql: the server's dialect.
+        guard: the driver's guard.
+        limit: waiter links opened at most.
+    """
 
-    # -- waiting at the server -----------------------------------------------------------
+    def __init__(self, sql: Dialect, guard: threading.Lock, limit: int) -> None:
+        self.sql = sql
+        self._guard = guard
+        self.limit = limit
+        #: The links (at most ``limit``), lent or idle or holding.
+        self.links: list[Link] = []
+        #: Links being opened now (they count towards the limit).
+        self._opening = 0
+        #: key -> the link a waiter's grant waits on for the waiter's next try.
+        self.grants: dict[str, Link] = {}
+        #: key -> the wait running for it.
+        self.waits: dict[str, _Waiter] = {}
+        #: Set once the driver stops: no link is opened or lent any more.
+        self.closed = False
 
     @property
-    def release_watchers(self) -> int:
-        return len(self._waits)
+    def watchers(self) -> int:
+        return len(self.waits)
 
-    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
-        """Queue at the server for ``lock`` on a waiter link, if one is (or can be) had."""
+    def arm(self, lock: ServerLock, fire: Callable[..., object]) -> bool:
+        """Queue for ``lock`` on a link; ``True`` if a grant waits already (try now)."""
         key = lock.key
         with self._guard:
-            if key in self._grants:
-                return True  # granted already: the next try takes it
-            if key in self._waits or self._main is None:
+            if key in self.grants:
+                return True
+            if key in self.waits or self.closed:
                 return False
-            link = next((link for link in self._links if not link.busy and not link.held), None)
+            link = next((link for link in self.links if not link.busy and not link.held), None)
             if link is None:
-                if len(self._links) + self._opening >= self.waiter_limit:
+                if len(self.links) + self._opening >= self.limit:
                     return False  # past the limit: the waiter polls
                 self._opening += 1
             else:
                 link.busy = True
         if link is None:
             try:
-                link = self._connect(waiter=True)
+                link = self.sql.connect(waiter=True)
             finally:
                 with self._guard:
                     self._opening -= 1
             link.busy = True
             with self._guard:
-                if self._main is None:  # stopped meanwhile
-                    self._close_quietly(link)
-                    return False
-                self._links.append(link)
+                if not self.closed:
+                    self.links.append(link)
+            if self.closed:  # stopped meanwhile
+                close_quietly(link)
+                return False
         waiter = _Waiter(link)
         with self._guard:
-            self._waits[key] = waiter
+            self.waits[key] = waiter
         threading.Thread(
             target=self._wait_for, args=(lock, waiter, fire), name="aiotooz-waiter", daemon=True
         ).start()
         return False
 
-    def disarm_release_watch(self, lock: Any) -> None:
+    def disarm(self, lock: ServerLock, main: Link | None) -> None:
         """Stop the wait for ``lock`` at once; give back a grant nobody took."""
         with self._guard:
-            waiter = self._waits.pop(lock.key, None)
+            waiter = self.waits.pop(lock.key, None)
             if waiter is not None:
                 waiter.stop.set()
-            link = self._grants.pop(lock.key, None)
+            link = self.grants.pop(lock.key, None)
         if waiter is None and link is None:
             return
         # Called on the event loop: the cancel and the unlock run in a thread.
         threading.Thread(
-            target=self._give_back, args=(lock, waiter, link), name="aiotooz-cancel", daemon=True
+            target=self._give_back,
+            args=(lock, waiter, link, main),
+            name="aiotooz-cancel",
+            daemon=True,
         ).start()
 
-    def _give_back(self, lock: ServerLock, waiter: _Waiter | None, link: Link | None) -> None:
+    def cancel(self, link: Link, main: Link | None) -> None:
+        """Cancel the wait ``link`` is blocked in, if it is."""
+        if link.waiting:
+            try:
+                self.sql.cancel(main, link)
+            except Exception:
+                pass
+
+    def _give_back(
+        self, lock: ServerLock, waiter: _Waiter | None, link: Link | None, main: Link | None
+    ) -> None:
         if waiter is not None:
-            self._cancel_quietly(waiter.link)
+            self.cancel(waiter.link, main)
         if link is not None:
             try:
                 with link.guard:
-                    self._unlock(link, lock)
+                    self.sql.unlock(link, lock)
             except Exception:
                 pass  # a session in trouble: the heartbeat drops it
             finally:
@@ -429,30 +306,19 @@ class SessionDriver(Driver):
                         break
                     link.waiting = True
                     try:
-                        granted = self._wait(link, lock)
+                        granted = self.sql.wait_lock(link, lock)
                     except Exception:
-                        if not self._usable(link):
+                        if not self.sql.usable(link):
                             raise
                         granted = False  # cancelled (perhaps a cancel meant for another wait)
                     finally:
                         link.waiting = False
                     if waiter.stop.is_set():
                         # Given up while the grant came: the lock must not stay held.
-                        self._unlock_stray(link, lock)
+                        self.sql.unlock_stray(link, lock)
                         break
                 if granted:
-                    with self._guard:
-                        link.held.add(lock.key)
-                        if self._waits.get(lock.key) is waiter:
-                            self._grants[lock.key] = link
-                            taken = True
-                        else:
-                            taken = False
-                    if not taken:
-                        with link.guard:
-                            self._unlock(link, lock)
-                        with self._guard:
-                            link.held.discard(lock.key)
+                    self._granted(lock, waiter)
                     fire()
                     return
         except Exception:
@@ -460,22 +326,259 @@ class SessionDriver(Driver):
             fire()  # trouble at the server: the waiter tries again (and polls)
         finally:
             with self._guard:
-                if self._waits.get(lock.key) is waiter:
-                    del self._waits[lock.key]
+                if self.waits.get(lock.key) is waiter:
+                    del self.waits[lock.key]
                 link.busy = False
             if broken:
-                self._drop(link)
+                self.drop(link)
 
-    def _unlock_stray(self, link: Link, lock: ServerLock) -> None:
-        """After a cancelled wait: free the lock if the grant raced the cancel."""
+    def _granted(self, lock: ServerLock, waiter: _Waiter) -> None:
+        """Park the grant for the waiter's next try (or give it back: it left)."""
+        link = waiter.link
+        with self._guard:
+            link.held.add(lock.key)
+            parked = self.waits.get(lock.key) is waiter
+            if parked:
+                self.grants[lock.key] = link
+        if not parked:
+            try:
+                with link.guard:
+                    self.sql.unlock(link, lock)
+            finally:
+                with self._guard:
+                    link.held.discard(lock.key)
+
+    def drop(self, link: Link) -> None:
+        """Forget a link whose session is gone: what it held is lost."""
+        with self._guard:
+            if link in self.links:
+                self.links.remove(link)
+            for key in [key for key, held_by in self.grants.items() if held_by is link]:
+                del self.grants[key]
+            busy = link.busy
+        if not busy:
+            close_quietly(link)  # else its waiter closes it when its wait fails
+
+    def close(self, main: Link | None, within: float) -> None:
+        """Stop every wait and close every link (each waits ``within`` for its wait to end)."""
+        with self._guard:
+            self.closed = True
+            waits = list(self.waits.values())
+            for waiter in waits:
+                waiter.stop.set()
+            links, self.links = self.links, []
+            self.grants.clear()
+        for waiter in waits:
+            self.cancel(waiter.link, main)
+        for link in links:
+            # A wait still running must end (cancelled) before its connection closes.
+            if link.guard.acquire(timeout=within):
+                try:
+                    close_quietly(link)
+                finally:
+                    link.guard.release()
+
+
+def close_quietly(link: Link) -> None:
+    try:
+        link.connection.close()
+    except Exception:
+        pass
+
+
+class SessionDriver(Driver):
+    """The sessions, waiter links and bookkeeping both database drivers share.
+
+    Args:
+        sql: how the server's locks are written in SQL.
+        call_timeout: the longest a caller waits for one call.
+    """
+
+    capabilities = frozenset(
+        {
+            Capability.FENCES,
+            Capability.WAKES_WAITERS,
+            Capability.NAMES_LEADER,
+            Capability.KNOWS_OWNER,
+        }
+    )
+    #: Waiter links a coordinator opens at most (each is a connection and a thread).
+    waiter_limit: ClassVar[int] = 4
+    #: One server-side wait, in seconds: a waiter's stop is noticed within it even when
+    #: its cancel gets lost (MySQL's GET_LOCK takes whole seconds).
+    wait_slice: ClassVar[int] = 5
+
+    def __init__(self, sql: Dialect, call_timeout: float) -> None:
+        # No tooz coordinator: this driver is its own client of the server.
+        self.sql = sql
+        self.call_timeout = call_timeout
+        self._main: Link | None = None
+        #: key -> the link that holds it.
+        self._holders: dict[str, Link] = {}
+        #: The server lock of each key held -> that key (two keys may share one).
+        self._held_args: dict[tuple[Any, ...], str] = {}
+        self._guard = threading.Lock()
+        self._waiters = WaiterLinks(sql, self._guard, self.waiter_limit)
+
+    @classmethod
+    def load(cls, url: str, member_id: str, options: Any, call_timeout: float) -> SessionDriver:
+        return cls(cls.dialect(url, call_timeout, cls.wait_slice), call_timeout)
+
+    #: How this server's locks are written in SQL.
+    dialect: ClassVar[type[Dialect]]
+
+    # -- the connection ------------------------------------------------------------------
+
+    def start(self) -> None:
+        main = self.sql.connect(waiter=False)
         try:
-            self._unlock(link, lock)
-        except Exception:
-            pass
+            spare = self.sql.check_session(main)
+        except BaseException:
+            close_quietly(main)
+            raise
+        if spare is not None:
+            self._waiters.links.append(spare)
+        self._main = main
 
-    def _usable(self, link: Link) -> bool:
-        """Whether ``link``'s connection still works after an error."""
-        return True
+    def stop(self) -> None:
+        with self._guard:
+            main, self._main = self._main, None
+            self._holders.clear()
+            self._held_args.clear()
+        self._waiters.close(main, self.call_timeout)
+        if main is not None:
+            close_quietly(main)  # the server frees every lock the session holds
+
+    @property
+    def requires_beating(self) -> bool:
+        return True  # the heartbeat is what finds a session that is gone
+
+    def heartbeat(self) -> None:
+        """Ask which of our sessions exist; the main one failing to answer raises."""
+        main = self._live_main()
+        with self._guard:
+            links = list(self._waiters.links)
+        alive = self._use(
+            main, lambda: self.sql.alive(main, [main.id, *(link.id for link in links)])
+        )
+        if main.id not in alive:
+            raise ConnectionError("the main session is gone at the server")
+        for link in links:
+            if link.id not in alive:
+                self._waiters.drop(link)
+
+    def _use(self, link: Link, call: Callable[[], T]) -> T:
+        """Run ``call`` on ``link``'s session, alone; a session found broken stays so.
+
+        Calls queued behind one that failed (a server that stopped answering, say) are
+        told why at once, instead of each failing on the closed connection its own way.
+        """
+        with link.guard:
+            if link.failed is not None:
+                raise ConnectionError(link.failed)
+            try:
+                return call()
+            except Exception as exc:
+                if not self.sql.usable(link):
+                    link.failed = self.sql.failure(exc, self.call_timeout)
+                raise
+
+    def _live_main(self) -> Link:
+        main = self._main
+        if main is None:
+            raise ConnectionError("the connection is closed")
+        return main
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def get_lock(self, key: str) -> ServerLock:
+        return self.sql.lock_for(key)
+
+    @classmethod
+    def key_problem(cls, key: str) -> str | None:
+        return cls.dialect.key_problem(key)
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        """Take a grant a waiter link got, else try once on the main session."""
+        with self._guard:
+            link = self._waiters.grants.pop(key, None)
+            if link is not None:
+                self._hold(lock, link)
+                return True
+            if key in self._waiters.waits or key in self._holders:
+                return False  # in the server's queue (a try would not pass it), or ours
+        self._refuse_collision(lock)
+        main = self._live_main()
+        granted = self._use(main, lambda: self.sql.try_lock(main, lock))
+        if granted:
+            with self._guard:
+                main.held.add(key)
+                self._hold(lock, main)
+        return granted
+
+    def _refuse_collision(self, lock: ServerLock) -> None:
+        """Refuse a key on the server lock of another key we hold (PostgreSQL's 2-byte keys).
+
+        Our sessions would take it again (a session's locks are re-entrant) or wait for
+        ourselves forever.
+        """
+        with self._guard:
+            other = self._held_args.get(lock.args)
+        if other is not None and other != lock.key:
+            raise UnsupportedOperation(
+                f"the {self.sql.scheme} backend cannot hold {lock.key!r} while this coordinator "
+                f"holds {other!r}: both map to server lock {lock.args} (plain tooz's key "
+                "space has only 65,536 of them), so waiting would never end; use other "
+                "names, or keys=64 in the URL's query if no plain tooz process shares the locks"
+            )
+
+    def _hold(self, lock: ServerLock, link: Link) -> None:
+        """Note that ``link`` holds ``lock`` (called under ``_guard``)."""
+        self._holders[lock.key] = link
+        self._held_args[lock.args] = lock.key
+
+    def release(self, lock: Any) -> bool:
+        with self._guard:
+            link = self._holders.pop(lock.key, None)
+            if link is None:
+                return False
+            self._held_args.pop(lock.args, None)
+        try:
+            return self._use(link, lambda: self.sql.unlock(link, lock))
+        finally:
+            with self._guard:
+                link.held.discard(lock.key)
+
+    def still_owner(self, lock: Any) -> bool | None:
+        """Whether the session holding ``lock`` still exists (as the last heartbeat saw)."""
+        with self._guard:
+            link = self._holders.get(lock.key)
+            if link is None:
+                return None
+            return link is self._main or link in self._waiters.links
+
+    def waiters_elsewhere(self, lock: Any) -> int:
+        """Sessions of other coordinators waiting for ``lock`` at the server."""
+        main = self._live_main()
+        with self._guard:
+            ours = [main.id, *(link.id for link in self._waiters.links)]
+        return self._use(main, lambda: self.sql.waiting(main, lock, ours))
+
+    # -- waiting at the server (``WaiterLinks``) ---------------------------------------
+
+    @property
+    def release_watchers(self) -> int:
+        return self._waiters.watchers
+
+    def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
+        """Queue at the server for ``lock`` on a waiter link, if one is (or can be) had."""
+        if self._main is None:
+            return False
+        return self._waiters.arm(lock, fire)
+
+    def disarm_release_watch(self, lock: Any) -> None:
+        """Stop the wait for ``lock`` at once; give back a grant nobody took."""
+        self._waiters.disarm(lock, self._main)
 
     # -- fencing and leadership (asked on the main session about the holder's) -----------
 
@@ -488,18 +591,15 @@ class SessionDriver(Driver):
         if holder is None:
             return None
         main = self._live_main()
-        with main.guard:
-            return self._fence(main, lock, holder)
+        return self._use(main, lambda: self.sql.fence(main, lock, holder))
 
     def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
         holder = self._holder(lock)
         if holder is None:
             return
         main = self._live_main()
-        with main.guard:
-            self._publish(main, lock, holder, member_id)
+        self._use(main, lambda: self.sql.publish(main, lock, holder, member_id))
 
     def read_leader(self, key: str) -> str | None:
         main = self._live_main()
-        with main.guard:
-            return self._read_leader(main, self.lock_for(key))
+        return self._use(main, lambda: self.sql.read_leader(main, self.sql.lock_for(key)))

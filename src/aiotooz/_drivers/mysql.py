@@ -11,9 +11,9 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any, ClassVar
 
-from ._sessions import Link, ServerLock, SessionDriver
+from ._sessions import Dialect, Link, ServerLock, SessionDriver
 
-__all__ = ["MySQLDriver"]
+__all__ = ["MySQLDialect", "MySQLDriver"]
 
 _ER_NO_SUCH_TABLE = 1146
 
@@ -51,19 +51,20 @@ def _no_table(exc: Exception) -> bool:
     return bool(exc.args) and exc.args[0] == _ER_NO_SUCH_TABLE
 
 
-class MySQLDriver(SessionDriver):
-    """MySQL/MariaDB named locks, all of a coordinator's held by one session.
+class MySQLDialect(Dialect):
+    """MySQL's named locks in SQL, through PyMySQL.
 
     Every connection reads and writes with a timeout (the call timeout; a wait's slice
-    on top for a waiter link), so a server that accepts and never answers cannot park
-    a thread forever.
+    on top for a waiter link), so a server that accepts and never answers cannot
+    park a thread forever.
     """
 
-    extra = "mysql"
     scheme: ClassVar[str] = "mysql"
 
-    def __init__(self, url: str, call_timeout: float) -> None:
-        super().__init__(url, call_timeout)
+    def __init__(self, url: str, call_timeout: float, wait_slice: int) -> None:
+        import pymysql  # noqa: F401  (ImportError: the connection layer names the extra)
+
+        super().__init__(url, call_timeout, wait_slice)
         parts = urllib.parse.urlsplit(url)
         query = {name: values[-1] for name, values in urllib.parse.parse_qs(parts.query).items()}
         ssl: dict[str, Any] = {
@@ -84,10 +85,6 @@ class MySQLDriver(SessionDriver):
         }
 
     @classmethod
-    def import_client(cls) -> None:
-        import pymysql  # noqa: F401
-
-    @classmethod
     def key_problem(cls, key: str) -> str | None:
         if len(key) <= 64:
             return None
@@ -103,7 +100,7 @@ class MySQLDriver(SessionDriver):
 
     # -- sessions ------------------------------------------------------------------------
 
-    def _connect(self, waiter: bool) -> Link:
+    def connect(self, waiter: bool) -> Link:
         import pymysql
 
         timeout = self.call_timeout + (self.wait_slice if waiter else 0)
@@ -114,10 +111,7 @@ class MySQLDriver(SessionDriver):
         )
         return Link(connection, int(connection.thread_id()))
 
-    def _check_session(self, main: Link) -> None:
-        """Nothing to check: MySQL poolers (ProxySQL) keep a session's named locks."""
-
-    def _usable(self, link: Link) -> bool:
+    def usable(self, link: Link) -> bool:
         return bool(link.connection.open)
 
     def _scalar(self, link: Link, sql: str, params: tuple[Any, ...]) -> Any:
@@ -128,19 +122,18 @@ class MySQLDriver(SessionDriver):
 
     # -- locks ---------------------------------------------------------------------------
 
-    def _try(self, link: Link, lock: ServerLock) -> bool:
+    def try_lock(self, link: Link, lock: ServerLock) -> bool:
         return bool(self._scalar(link, "SELECT GET_LOCK(%s, 0)", lock.args) == 1)
 
-    def _unlock(self, link: Link, lock: ServerLock) -> bool:
+    def unlock(self, link: Link, lock: ServerLock) -> bool:
         return bool(self._scalar(link, "SELECT RELEASE_LOCK(%s)", lock.args) == 1)
 
-    def _wait(self, link: Link, lock: ServerLock) -> bool:
+    def wait_lock(self, link: Link, lock: ServerLock) -> bool:
         # 1: granted; 0: the slice is over; NULL: interrupted (KILL QUERY).
         granted = self._scalar(link, "SELECT GET_LOCK(%s, %s)", (*lock.args, self.wait_slice))
         return bool(granted == 1)
 
-    def _cancel(self, link: Link) -> None:
-        main = self._main
+    def cancel(self, main: Link | None, link: Link) -> None:
         if main is None or not main.guard.acquire(timeout=self.call_timeout):
             return
         try:
@@ -149,17 +142,17 @@ class MySQLDriver(SessionDriver):
         finally:
             main.guard.release()
 
-    def _alive(self, main: Link, ids: list[int]) -> set[int]:
+    def alive(self, main: Link, ids: list[int]) -> set[int]:
         with main.connection.cursor() as cursor:
             cursor.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE ID IN %s", (ids,))
             return {int(row[0]) for row in cursor.fetchall()}
 
-    def _waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
+    def waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
         return int(self._scalar(main, _WAITING_SQL, (lock.name, lock.name, ours)) or 0)
 
     # -- fencing and leadership ----------------------------------------------------------
 
-    def _fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
+    def fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
         """A counter row bumped if the holder's session holds the named lock now.
 
         InnoDB keeps it across restarts; one counter for all names is strictly
@@ -181,7 +174,7 @@ class MySQLDriver(SessionDriver):
             row = cursor.fetchone()
         return int(row[0])
 
-    def _publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
+    def publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
         import pymysql
 
         params = (lock.name, holder.id, member_id)
@@ -194,7 +187,7 @@ class MySQLDriver(SessionDriver):
                 cursor.execute(_LEADERS_DDL)
                 cursor.execute(_PUBLISH_SQL, params)
 
-    def _read_leader(self, main: Link, lock: ServerLock) -> str | None:
+    def read_leader(self, main: Link, lock: ServerLock) -> str | None:
         import pymysql
 
         try:
@@ -204,3 +197,10 @@ class MySQLDriver(SessionDriver):
                 raise
             return None  # nobody ever led here
         return None if member is None else str(member)
+
+
+class MySQLDriver(SessionDriver):
+    """MySQL/MariaDB named locks, all of a coordinator's held by one session."""
+
+    extra = "mysql"
+    dialect = MySQLDialect

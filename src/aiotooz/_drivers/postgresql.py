@@ -14,9 +14,9 @@ import urllib.parse
 from typing import Any, ClassVar
 
 from .._exceptions import ConfigurationError
-from ._sessions import Link, ServerLock, SessionDriver
+from ._sessions import Dialect, Link, ServerLock, SessionDriver
 
-__all__ = ["PostgreSQLDriver"]
+__all__ = ["PostgreSQLDialect", "PostgreSQLDriver"]
 
 #: Where pg_locks shows an advisory lock of this database (classid, objid, objsubid).
 _MATCH = (
@@ -56,14 +56,15 @@ _POOLED = (
 _KEY_SPACES = ("tooz", "64")
 
 
-class PostgreSQLDriver(SessionDriver):
-    """PostgreSQL advisory locks, all of a coordinator's held by one session."""
+class PostgreSQLDialect(Dialect):
+    """PostgreSQL's advisory locks in SQL, through psycopg 3."""
 
-    extra = "postgresql"
     scheme: ClassVar[str] = "postgresql"
 
-    def __init__(self, url: str, call_timeout: float) -> None:
-        super().__init__(url, call_timeout)
+    def __init__(self, url: str, call_timeout: float, wait_slice: int) -> None:
+        import psycopg  # noqa: F401  (ImportError: the connection layer names the extra)
+
+        super().__init__(url, call_timeout, wait_slice)
         parts = urllib.parse.urlsplit(url)
         query = {name: values[-1] for name, values in urllib.parse.parse_qs(parts.query).items()}
         keys = query.get("keys", "tooz")
@@ -87,10 +88,6 @@ class PostgreSQLDriver(SessionDriver):
             "prepare_threshold": None,
         }
 
-    @classmethod
-    def import_client(cls) -> None:
-        import psycopg  # noqa: F401
-
     def lock_for(self, key: str) -> ServerLock:
         name = key.encode("ascii")
         digest = hashlib.md5(name, usedforsecurity=False).digest()
@@ -103,7 +100,7 @@ class PostgreSQLDriver(SessionDriver):
 
     # -- sessions ------------------------------------------------------------------------
 
-    def _connect(self, waiter: bool) -> Link:
+    def connect(self, waiter: bool) -> Link:
         import psycopg
 
         connection = psycopg.connect(
@@ -121,7 +118,7 @@ class PostgreSQLDriver(SessionDriver):
         assert row is not None
         return Link(connection, int(row[0]))
 
-    def _check_session(self, main: Link) -> None:
+    def check_session(self, main: Link) -> Link | None:
         """Refuse transaction or statement pooling: it shares server sessions.
 
         Another connection, inside a transaction, asks its server session's pid: a
@@ -131,7 +128,7 @@ class PostgreSQLDriver(SessionDriver):
         """
         import psycopg
 
-        probe = self._connect(waiter=True)
+        probe = self.connect(waiter=True)
         try:
             first = self._pid(main)
             try:
@@ -143,16 +140,16 @@ class PostgreSQLDriver(SessionDriver):
             if other == first or again != first or other != probe.id:
                 raise ConfigurationError(_POOLED.format(detail=f": pid {first}"))
         except BaseException:
-            self._close_quietly(probe)
+            probe.connection.close()
             raise
-        self._links.append(probe)
+        return probe
 
     @staticmethod
     def _pid(link: Link) -> int:
         row = link.connection.execute("SELECT pg_backend_pid()").fetchone()
         return int(row[0])
 
-    def _usable(self, link: Link) -> bool:
+    def usable(self, link: Link) -> bool:
         return not (link.connection.closed or link.connection.broken)
 
     # -- locks ---------------------------------------------------------------------------
@@ -161,15 +158,15 @@ class PostgreSQLDriver(SessionDriver):
         row = link.connection.execute(sql, params).fetchone()
         return None if row is None else row[0]
 
-    def _try(self, link: Link, lock: ServerLock) -> bool:
+    def try_lock(self, link: Link, lock: ServerLock) -> bool:
         sql = f"SELECT pg_try_advisory_lock({self._args_sql})"
         return bool(self._scalar(link, sql, lock.args))
 
-    def _unlock(self, link: Link, lock: ServerLock) -> bool:
+    def unlock(self, link: Link, lock: ServerLock) -> bool:
         sql = f"SELECT pg_advisory_unlock({self._args_sql})"
         return bool(self._scalar(link, sql, lock.args))
 
-    def _unlock_stray(self, link: Link, lock: ServerLock) -> None:
+    def unlock_stray(self, link: Link, lock: ServerLock) -> None:
         # Only if held: an unlock of a lock not held makes the server warn.
         sql = (
             f"SELECT pg_advisory_unlock({self._args_sql}) FROM pg_locks"
@@ -180,7 +177,7 @@ class PostgreSQLDriver(SessionDriver):
         except Exception:
             pass
 
-    def _wait(self, link: Link, lock: ServerLock) -> bool:
+    def wait_lock(self, link: Link, lock: ServerLock) -> bool:
         import psycopg.errors
 
         try:
@@ -189,21 +186,21 @@ class PostgreSQLDriver(SessionDriver):
             return False  # lock_timeout: one slice over
         return True
 
-    def _cancel(self, link: Link) -> None:
+    def cancel(self, main: Link | None, link: Link) -> None:
         link.connection.cancel_safe(timeout=self.call_timeout)
 
-    def _alive(self, main: Link, ids: list[int]) -> set[int]:
+    def alive(self, main: Link, ids: list[int]) -> set[int]:
         rows = main.connection.execute(
             "SELECT pid FROM pg_stat_activity WHERE pid = ANY(%s)", (ids,)
         ).fetchall()
         return {int(row[0]) for row in rows}
 
-    def _waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
+    def waiting(self, main: Link, lock: ServerLock, ours: list[int]) -> int:
         return int(self._scalar(main, _WAITING_SQL, (*lock.ids, ours)) or 0)
 
     # -- fencing and leadership ----------------------------------------------------------
 
-    def _fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
+    def fence(self, main: Link, lock: ServerLock, holder: Link) -> int | None:
         """``nextval`` of one sequence, if the holder's session holds the lock now.
 
         A sequence never goes back, also across a server restart (it may skip values);
@@ -221,7 +218,7 @@ class PostgreSQLDriver(SessionDriver):
             token = self._scalar(main, _FENCE_SQL, (holder.id, *lock.ids))
         return None if token is None else int(token)
 
-    def _publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
+    def publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
         import psycopg.errors
 
         params = (lock.key, member_id, holder.id)
@@ -234,7 +231,7 @@ class PostgreSQLDriver(SessionDriver):
                 pass  # made by another session at the same time
             main.connection.execute(_PUBLISH_SQL, params)
 
-    def _read_leader(self, main: Link, lock: ServerLock) -> str | None:
+    def read_leader(self, main: Link, lock: ServerLock) -> str | None:
         import psycopg.errors
 
         try:
@@ -242,3 +239,10 @@ class PostgreSQLDriver(SessionDriver):
         except psycopg.errors.UndefinedTable:
             return None  # nobody ever led here
         return None if member is None else str(member)
+
+
+class PostgreSQLDriver(SessionDriver):
+    """PostgreSQL advisory locks, all of a coordinator's held by one session."""
+
+    extra = "postgresql"
+    dialect = PostgreSQLDialect
