@@ -35,6 +35,7 @@ __all__ = [
     "PrivateEtcd",
     "PrivateMariaDB",
     "PrivateMemcached",
+    "PrivatePgBouncer",
     "PrivatePostgreSQL",
     "PrivateRedis",
     "PrivateServer",
@@ -487,6 +488,61 @@ class PrivatePostgreSQL(PrivateServer):
         for pid in backends:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
+
+
+class PrivatePgBouncer(PrivateServer):
+    """PgBouncer on a port of its own, in front of the shared PostgreSQL (127.0.0.1:5432).
+
+    Args:
+        workdir: where its configuration and log go.
+        pool_mode: ``session``, ``transaction`` or ``statement``.
+        upstream: the PostgreSQL server's port.
+    """
+
+    name = "pgbouncer"
+
+    def __init__(self, workdir: Path, pool_mode: str = "session", upstream: int = 5432) -> None:
+        self._binary = _binary("pgbouncer", "/usr/sbin/pgbouncer")
+        self._user = _unprivileged_user()  # it refuses to run as root
+        # Its files must be readable by that user; pytest's tmp dirs are private to root.
+        workdir = Path(tempfile.mkdtemp(prefix="aiotooz-pgbouncer-"))
+        super().__init__(workdir)
+        self.pool_mode = pool_mode
+        self.upstream = upstream
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/test"
+
+    def _prepare(self) -> None:
+        (self._workdir / "users.txt").write_text('"postgres" ""\n')
+        (self._workdir / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={self.upstream}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {self._workdir / 'users.txt'}\n"
+            f"pool_mode = {self.pool_mode}\n"
+            "default_pool_size = 10\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+        )
+        if self._user is not None:
+            entry = pwd.getpwnam(self._user)
+            for path in (self._workdir, *self._workdir.iterdir()):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _command(self) -> list[str]:
+        command = [self._binary, str(self._workdir / "pgbouncer.ini")]
+        return command if self._user is None else _as_user(self._user, command)
+
+    def _ready(self) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.OperationalError:
+            return False
+        return True
 
 
 class PrivateMariaDB(PrivateServer):

@@ -382,16 +382,13 @@ def test_waiting_on_a_database_opens_no_connection_per_try(
                     row = cursor.fetchone()
             assert row is not None
             return int(row[1])
-        import psycopg2
+        import psycopg
 
-        conn = psycopg2.connect(url)
-        try:
-            with conn.cursor() as cursor:
-                cursor.execute("SELECT pg_stat_force_next_flush()")
-                cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'")
-                row = cursor.fetchone()
-        finally:
-            conn.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            row = conn.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'"
+            ).fetchone()
         assert row is not None
         return int(row[0])
 

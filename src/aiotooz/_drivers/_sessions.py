@@ -100,6 +100,8 @@ class Dialect(abc.ABC):
 
     Args:
         url: the backend URL.
+        member_id: the coordinator's member id (PostgreSQL shows it as the sessions'
+            ``application_name``).
         call_timeout: the longest a caller waits for one call.
         wait_slice: one server-side wait of a waiter link, in seconds.
     """
@@ -107,7 +109,7 @@ class Dialect(abc.ABC):
     #: The backend's scheme, for errors.
     scheme: ClassVar[str]
 
-    def __init__(self, url: str, call_timeout: float, wait_slice: int) -> None:
+    def __init__(self, url: str, member_id: str, call_timeout: float, wait_slice: int) -> None:
         self.call_timeout = call_timeout
         self.wait_slice = wait_slice
 
@@ -422,7 +424,7 @@ class SessionDriver(Driver):
 
     @classmethod
     def load(cls, url: str, member_id: str, options: Any, call_timeout: float) -> SessionDriver:
-        return cls(cls.dialect(url, call_timeout, cls.wait_slice), call_timeout)
+        return cls(cls.dialect(url, member_id, call_timeout, cls.wait_slice), call_timeout)
 
     #: How this server's locks are written in SQL.
     dialect: ClassVar[type[Dialect]]

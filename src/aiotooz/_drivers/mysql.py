@@ -61,10 +61,10 @@ class MySQLDialect(Dialect):
 
     scheme: ClassVar[str] = "mysql"
 
-    def __init__(self, url: str, call_timeout: float, wait_slice: int) -> None:
+    def __init__(self, url: str, member_id: str, call_timeout: float, wait_slice: int) -> None:
         import pymysql  # noqa: F401  (ImportError: the connection layer names the extra)
 
-        super().__init__(url, call_timeout, wait_slice)
+        super().__init__(url, member_id, call_timeout, wait_slice)
         parts = urllib.parse.urlsplit(url)
         query = {name: values[-1] for name, values in urllib.parse.parse_qs(parts.query).items()}
         ssl: dict[str, Any] = {

@@ -61,10 +61,10 @@ class PostgreSQLDialect(Dialect):
 
     scheme: ClassVar[str] = "postgresql"
 
-    def __init__(self, url: str, call_timeout: float, wait_slice: int) -> None:
+    def __init__(self, url: str, member_id: str, call_timeout: float, wait_slice: int) -> None:
         import psycopg  # noqa: F401  (ImportError: the connection layer names the extra)
 
-        super().__init__(url, call_timeout, wait_slice)
+        super().__init__(url, member_id, call_timeout, wait_slice)
         parts = urllib.parse.urlsplit(url)
         query = {name: values[-1] for name, values in urllib.parse.parse_qs(parts.query).items()}
         keys = query.get("keys", "tooz")
@@ -86,6 +86,8 @@ class PostgreSQLDialect(Dialect):
             "connect_timeout": max(2, math.ceil(call_timeout)),
             "autocommit": True,  # session locks; a failed statement must not abort anything
             "prepare_threshold": None,
+            # Which coordinator a session belongs to, in pg_stat_activity (63 bytes).
+            "application_name": f"aiotooz {member_id}"[:63],
         }
 
     def lock_for(self, key: str) -> ServerLock:
