@@ -334,6 +334,8 @@ class Connection(_Caller):
             and driver.native_async_ready()
         )
         self._lock_objects = _LockObjects()
+        #: The driver parks grants its waiters got at the backend (``take_grant``).
+        self._parks_grants = type(driver).take_grant is not Driver.take_grant
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
@@ -373,6 +375,16 @@ class Connection(_Caller):
                 self.driver.release(tried[0])
 
         action = f"acquiring {handle.key!r}"
+        if self._parks_grants:
+            await anyio.lowlevel.checkpoint()
+            tooz_lock = handle._tooz_lock
+            if tooz_lock is None:
+                tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
+            if self.driver.take_grant(tooz_lock):  # a waiter's grant: no thread hop
+                handle._tooz_lock = tooz_lock
+                self._lock_objects.keep(handle.key, tooz_lock)
+                handle.held = True
+                return True
         if self._native:
             tooz_lock = handle._tooz_lock
             if tooz_lock is None:

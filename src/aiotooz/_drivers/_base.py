@@ -200,6 +200,15 @@ class Driver:
         """Release ``lock``; ``False`` if the backend says it was no longer ours."""
         return bool(lock.release())
 
+    def take_grant(self, lock: Any) -> bool:
+        """Take a grant the backend already gave a waiter for ``lock``, if one is parked.
+
+        For drivers whose waiters wait at the backend and are granted there (a waiter
+        link's ``pg_advisory_lock``): the try that follows needs no I/O. Called on the
+        event loop, so it must not block. ``False`` if none is parked.
+        """
+        return False
+
     def waiters_elsewhere(self, lock: Any) -> int:
         """How many waiters of other coordinators are known to wait for ``lock`` (held).
 

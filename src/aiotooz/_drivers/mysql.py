@@ -111,6 +111,9 @@ class MySQLDialect(Dialect):
         )
         return Link(connection, int(connection.thread_id()))
 
+    def check_session(self, main: Link, other: Link) -> None:
+        """Nothing to check: ProxySQL keeps a client on its server session after GET_LOCK."""
+
     def usable(self, link: Link) -> bool:
         return bool(link.connection.open)
 

@@ -120,31 +120,25 @@ class PostgreSQLDialect(Dialect):
         assert row is not None
         return Link(connection, int(row[0]))
 
-    def check_session(self, main: Link) -> Link | None:
+    def check_session(self, main: Link, other: Link) -> None:
         """Refuse transaction or statement pooling: it shares server sessions.
 
-        Another connection, inside a transaction, asks its server session's pid: a
+        The other connection, inside a transaction, asks its server session's pid: a
         pooler that hands server sessions out per transaction gives it the one the main
         connection's last statement used (the most recently freed one), or refuses the
-        transaction (statement pooling). The connection is kept as the first waiter link.
+        transaction (statement pooling).
         """
         import psycopg
 
-        probe = self.connect(waiter=True)
+        first = self._pid(main)
         try:
-            first = self._pid(main)
-            try:
-                with probe.connection.transaction():
-                    other = self._pid(probe)
-                    again = self._pid(main)
-            except psycopg.Error as exc:
-                raise ConfigurationError(_POOLED.format(detail=f", or refused: {exc}")) from exc
-            if other == first or again != first or other != probe.id:
-                raise ConfigurationError(_POOLED.format(detail=f": pid {first}"))
-        except BaseException:
-            probe.connection.close()
-            raise
-        return probe
+            with other.connection.transaction():
+                theirs = self._pid(other)
+                again = self._pid(main)
+        except psycopg.Error as exc:
+            raise ConfigurationError(_POOLED.format(detail=f", or refused: {exc}")) from exc
+        if theirs == first or again != first or theirs != other.id:
+            raise ConfigurationError(_POOLED.format(detail=f": pid {first}"))
 
     @staticmethod
     def _pid(link: Link) -> int:
