@@ -147,6 +147,12 @@ class LockHandle:
         self.woken = 0
         self._tooz_lock: Any = None
 
+    def tooz_lock(self) -> Any:
+        """The tooz lock object to use: the handle's, or a new one (no I/O on any driver)."""
+        if self._tooz_lock is None:
+            return self.connection.driver.get_lock(self.key)
+        return self._tooz_lock
+
 
 @final
 class Watch:
@@ -334,8 +340,7 @@ class Connection(_Caller):
             and driver.native_async_ready()
         )
         self._lock_objects = _LockObjects()
-        #: The driver parks grants its waiters got at the backend (``take_grant``).
-        self._parks_grants = type(driver).take_grant is not Driver.take_grant
+        self._parks_grants = Capability.PARKS_GRANTS in driver.capabilities
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
@@ -364,31 +369,20 @@ class Connection(_Caller):
         tried: list[Any] = []
 
         def attempt() -> bool:
-            tooz_lock = handle._tooz_lock
-            if tooz_lock is None:
-                tooz_lock = self.driver.get_lock(handle.key)
-            tried.append(tooz_lock)
-            return self.driver.try_acquire(tooz_lock, handle.key)
+            tried.append(handle.tooz_lock())
+            return self.driver.try_acquire(tried[0], handle.key)
 
         def release_late(granted: bool) -> None:
             if granted:
                 self.driver.release(tried[0])
 
         action = f"acquiring {handle.key!r}"
-        if self._parks_grants:
-            await anyio.lowlevel.checkpoint()
-            tooz_lock = handle._tooz_lock
-            if tooz_lock is None:
-                tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
-            if self.driver.take_grant(tooz_lock):  # a waiter's grant: no thread hop
-                handle._tooz_lock = tooz_lock
-                self._lock_objects.keep(handle.key, tooz_lock)
-                handle.held = True
-                return True
-        if self._native:
-            tooz_lock = handle._tooz_lock
-            if tooz_lock is None:
-                tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
+        tooz_lock = handle.tooz_lock() if self._native or self._parks_grants else None
+        # A grant a waiter got at the backend is ours already: no I/O, no thread hop.
+        if self._parks_grants and self.driver.take_grant(tooz_lock):
+            tried.append(tooz_lock)
+            granted = True
+        elif self._native:
             tried.append(tooz_lock)
             try:
                 granted = await self._call_native(

@@ -64,6 +64,9 @@ class Capability(enum.Enum):
     #: (``watch_releases``) or armed after each failed try (``arm_release_watch``);
     #: waiters of other drivers poll.
     WAKES_WAITERS = "wakes waiters"
+    #: Waiters wait at the backend and are granted there; a grant is parked for the
+    #: waiter's next try, which takes it on the event loop (``take_grant``).
+    PARKS_GRANTS = "parks grants"
     #: The driver can say who holds a leadership lock: the holder publishes its member
     #: id (``publish_leader``), anyone reads it back (``read_leader``).
     NAMES_LEADER = "names leader"
@@ -201,11 +204,10 @@ class Driver:
         return bool(lock.release())
 
     def take_grant(self, lock: Any) -> bool:
-        """Take a grant the backend already gave a waiter for ``lock``, if one is parked.
+        """Take a grant the backend already gave a waiter for ``lock`` (``PARKS_GRANTS``).
 
-        For drivers whose waiters wait at the backend and are granted there (a waiter
-        link's ``pg_advisory_lock``): the try that follows needs no I/O. Called on the
-        event loop, so it must not block. ``False`` if none is parked.
+        Called on the event loop before a try, so it must not block (no I/O). ``False``
+        if none is parked.
         """
         return False
 

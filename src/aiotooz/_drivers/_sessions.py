@@ -402,6 +402,7 @@ class SessionDriver(Driver):
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
             Capability.KNOWS_OWNER,
+            Capability.PARKS_GRANTS,
         }
     )
     #: Waiter links a coordinator opens at most (each is a connection and a thread).
