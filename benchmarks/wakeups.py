@@ -10,9 +10,12 @@ Sections, per backend:
 
 * hand-off between processes: a process holds the lock, a waiter in another process is
   waiting; from the release (wall clock, just before the call) to the waiter's grant.
-  Peers, the same way: redis-py's asyncio Lock, kazoo's Lock, ``pg_advisory_lock``.
+  Peers, the same way: redis-py's asyncio Lock, kazoo's Lock, ``pg_advisory_lock``,
+  ``GET_LOCK`` (each peer a blocking call on a connection of its own, in a thread).
 * a foreign waiter: a waiter in another process against 20 tasks of this one looping on
   the lock with 1 ms holds; its worst wait (``bench.foreign_waits``).
+* PostgreSQL and MySQL: the server sessions of one coordinator that holds 1,000 locks and
+  has 10 tasks waiting for locks held elsewhere (``pg_stat_activity``, the process list).
 * 4 processes x 25 tasks x 2 rounds x 1 ms holds on one name: wall time over the sum of
   the holds, and how often the lock passed from one process to another.
 """
@@ -32,6 +35,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -48,7 +52,14 @@ FOREIGN_TARGET = 0.100
 RATIO_TARGET = 1.3
 RATIO_BACKENDS = ("redis", "zookeeper", "etcd", "postgresql", "file")
 #: The peers measured the same way: backend -> implementation.
-PEERS = {"redis": "redis-py", "zookeeper": "kazoo", "postgresql": "pg_advisory_lock"}
+PEERS = {
+    "redis": "redis-py",
+    "zookeeper": "kazoo",
+    "postgresql": "pg_advisory_lock",
+    "mysql": "GET_LOCK",
+}
+#: One coordinator's sessions with 1,000 locks held and 10 waiters: at most 1 + 4.
+SESSIONS_TARGET = 5
 
 
 def coordinator(url: str, prefix: str) -> Coordinator:
@@ -107,10 +118,16 @@ class Holder:
             self._stack.callback(client.stop)
             self._lock = client.Lock(f"/bench/{self.name}")
         elif self.impl == "pg_advisory_lock":
-            import psycopg2
+            import psycopg
 
-            connection = psycopg2.connect(_pg_dsn(self.url))
-            connection.autocommit = True
+            connection = psycopg.connect(self.url, autocommit=True)
+            self._stack.callback(connection.close)
+            self._lock = connection.cursor()
+        elif self.impl == "GET_LOCK":
+            import pymysql
+
+            parts = urlsplit(self.url)
+            connection = pymysql.connect(host=parts.hostname, port=parts.port, user=parts.username)
             self._stack.callback(connection.close)
             self._lock = connection.cursor()
         return self
@@ -123,6 +140,8 @@ class Holder:
             await self._lock.acquire()
         elif self.impl == "kazoo":
             await anyio.to_thread.run_sync(self._lock.acquire)
+        elif self.impl == "GET_LOCK":
+            await anyio.to_thread.run_sync(self._lock.execute, _MY_LOCK, (self.name,))
         else:
             await anyio.to_thread.run_sync(self._lock.execute, _PG_LOCK, (_pg_key(self.name),))
 
@@ -131,26 +150,74 @@ class Holder:
             await self._lock.release()
         elif self.impl == "kazoo":
             await anyio.to_thread.run_sync(self._lock.release)
+        elif self.impl == "GET_LOCK":
+            await anyio.to_thread.run_sync(self._lock.execute, _MY_UNLOCK, (self.name,))
         else:
             await anyio.to_thread.run_sync(self._lock.execute, _PG_UNLOCK, (_pg_key(self.name),))
 
 
 _PG_LOCK = "SELECT pg_advisory_lock(%s)"
 _PG_UNLOCK = "SELECT pg_advisory_unlock(%s)"
+_MY_LOCK = "SELECT GET_LOCK(%s, 3600)"  # MariaDB takes no -1 for "forever"
+_MY_UNLOCK = "SELECT RELEASE_LOCK(%s)"
 
 
 def _pg_key(name: str) -> int:
     return int(uuid.uuid5(uuid.NAMESPACE_URL, name).int % 2**62)
 
 
-def _pg_dsn(url: str) -> str:
-    from urllib.parse import urlsplit
+# -- server sessions of one coordinator ------------------------------------------------------
 
-    parts = urlsplit(url)
-    return (
-        f"host={parts.hostname} port={parts.port or 5432} dbname={parts.path.lstrip('/')}"
-        f" user={parts.username or 'postgres'}"
-    )
+
+def _server_sessions(backend: str, url: str) -> set[int]:
+    """The client sessions the server has now, but the one asking."""
+    if backend == "postgresql":
+        import psycopg
+
+        with psycopg.connect(url.split("?")[0], autocommit=True) as connection:
+            rows = connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                " AND pid <> pg_backend_pid()"
+            ).fetchall()
+    else:
+        import pymysql
+
+        parts = urlsplit(url)
+        with pymysql.connect(host=parts.hostname, port=parts.port, user=parts.username) as conn:
+            with conn.cursor() as cursor:
+                cursor.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
+                    " AND COMMAND <> 'Daemon' AND USER <> 'system user'"
+                )
+                rows = cursor.fetchall()
+    return {int(row[0]) for row in rows}
+
+
+async def sessions_per_coordinator(backend: str, url: str) -> dict[str, int]:
+    """One coordinator's server sessions: at rest, and with 1,000 locks and 10 waiters."""
+    if backend == "postgresql":
+        url += "?keys=64"  # 1,010 names would collide in plain tooz's 65,536 keys
+    prefix = f"s{uuid.uuid4().hex[:6]}-"
+    async with coordinator(url, prefix) as other:
+        busy = [Lock(f"busy-{number}", coordinator=other) for number in range(10)]
+        for lock in busy:
+            await lock.acquire()
+        before = _server_sessions(backend, url)
+        async with coordinator(url, prefix) as coord:
+            at_rest = len(_server_sessions(backend, url) - before)
+            held = [Lock(f"held-{number}", coordinator=coord) for number in range(1000)]
+            for lock in held:
+                await lock.acquire()
+            async with anyio.create_task_group() as group:
+                for lock in busy:
+                    group.start_soon(Lock(lock.name, coordinator=coord).acquire)
+                await anyio.sleep(1.0)
+                loaded = len(_server_sessions(backend, url) - before)
+                for lock in busy:
+                    await lock.release()
+            for lock in held:
+                await lock.release()
+    return {"at_rest": at_rest, "held_1000_waiting_10": loaded}
 
 
 # -- hand-off between processes ------------------------------------------------------------
@@ -283,6 +350,9 @@ def main() -> None:
                 row["foreign_worst"] = max(anyio.run(bench.foreign_waits, url, foreign_rounds))
                 print(f"{name}: 4 processes", file=sys.stderr, flush=True)
                 row["contend"] = contend(url, 4, 25, 2)
+                if name in ("postgresql", "mysql"):
+                    print(f"{name}: sessions", file=sys.stderr, flush=True)
+                    row["sessions"] = anyio.run(sessions_per_coordinator, name, url)
                 results["backends"][name] = row
     options.output.parent.mkdir(parents=True, exist_ok=True)
     options.output.write_text(json.dumps(results, indent=2))
@@ -345,6 +415,21 @@ def render(results: dict[str, Any]) -> str:
         verdicts.append(
             (f"{name} exclusion (no overlapping holds)", c["overlaps"] == 0, str(c["overlaps"]))
         )
+    sessions = {
+        name: row["sessions"] for name, row in results["backends"].items() if "sessions" in row
+    }
+    if sessions:
+        out.append("")
+        out.append("One coordinator's server sessions: at rest; 1,000 locks held and 10 waiters")
+        for name, counts in sessions.items():
+            out.append(f"  {name:<11}{counts['at_rest']:>6}{counts['held_1000_waiting_10']:>8}")
+            verdicts.append(
+                (
+                    f"{name} 1,000 locks held and 10 waiters on <= {SESSIONS_TARGET} sessions",
+                    counts["held_1000_waiting_10"] <= SESSIONS_TARGET,
+                    str(counts["held_1000_waiting_10"]),
+                )
+            )
     out.append("")
     out.append("Targets")
     out.extend(f"  [{'MET ' if ok else 'MISS'}] {label}: {value}" for label, ok, value in verdicts)
