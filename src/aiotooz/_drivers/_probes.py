@@ -1,7 +1,8 @@
 """Release probes: a waiter's thread that waits at the backend, in slices, for a release.
 
 For backends that can wait server-side (or in the kernel) for a lock to come free but
-cannot call back: PostgreSQL, MySQL, ipc. A probe is a thread (with a connection of its
+cannot call back: ipc (PostgreSQL and MySQL wait in the server's queue instead, see
+``_sessions``). A probe is a thread (with a connection of its
 own where the backend needs one) that waits one slice at a time until the lock is free,
 fires the waiter's signal, and ends; a waiter that stops waiting stops its probe, which
 then ends within one slice. At most ``probe_limit`` run per coordinator: past that,
