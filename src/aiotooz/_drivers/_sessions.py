@@ -562,6 +562,9 @@ class SessionDriver(Driver):
             if link is None:
                 return False
             self._held_args.pop(lock.args, None)
+            if link is not self._main and link not in self._waiters.links:
+                link.held.discard(lock.key)
+                return False  # its session is gone, and the lock with it
         try:
             return self._use(link, lambda: self.sql.unlock(link, lock))
         finally:
