@@ -13,8 +13,11 @@ that waiters poll with tries on the main session) and blocks in ``pg_advisory_lo
 waiter link cannot move to another session (it belongs to the link's session), so the
 link keeps holding it: the grant is parked for the waiter's next try, which takes it
 without a round trip. A link that holds locks is never lent to a waiter (a release must
-not queue behind a wait); it is lent again once it holds none. So a coordinator uses at
-most ``1 + waiter_limit`` connections, whatever it holds or waits for.
+not queue behind a wait); it is lent again once it holds none (while every link holds
+locks, new waiters poll). So a coordinator uses at most ``1 + waiter_limit``
+connections, whatever it holds or waits for. The first waiter link is opened at start
+(a first wait then needs no connect), and serves the dialect's check of the sessions (a
+pooler that shares server sessions is refused).
 
 A waiter that gives up cancels its server-side wait at once (a cancel request on
 PostgreSQL, ``KILL QUERY`` on MySQL), so it never leaves the queue by taking the lock
