@@ -2,7 +2,7 @@
 
 Tasks of one process that want the same key line up here, so that only the task at
 the head talks to the backend and waiting costs no thread. The queue knows nothing of
-the backend; :mod:`aiotooz._coordinator` takes a place in it before trying the backend
+the backend; :mod:`aiotooz._locktable` takes a place in it before trying the backend
 and hands the place on after releasing.
 """
 

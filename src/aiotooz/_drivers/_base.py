@@ -5,7 +5,7 @@ on its backend: how to try a lock once without waiting, release it, beat, tell w
 a held lock is still ours, how long a lock outlives its last refresh. Every method has
 a default that is the plain tooz call, so a tooz backend without a module here still
 works as far as tooz goes. Driver methods run in worker threads (or, for drivers with
-``inline_calls``, on the event loop) and may raise anything: the connection translates
+``Capability.LOCAL_CALLS``, on the event loop) and may raise anything: the connection translates
 errors, once.
 
 A driver also *declares* what it can do (:class:`Capability`), so that the layers above
