@@ -26,6 +26,8 @@ import anyio
 import tooz
 import tooz.coordination
 
+from .._exceptions import ConfigurationError
+
 __all__ = [
     "Capability",
     "Driver",
@@ -320,16 +322,36 @@ def clock_floor() -> int:
     return time.time_ns() // 1000
 
 
+#: The longest counter file read: far more digits than a counter bumped once per grant
+#: can ever reach from the clock; a longer file is refused as corrupt, never cut short.
+_COUNTER_MAX = 4096
+
+
 def next_in_file(path: str) -> int:
     """Bump the counter in the file at ``path`` (made if missing); return its new value.
 
     Only ever called by the holder of the lock the counter belongs to, so no other
-    writer races it; a file that is lost restarts from :func:`clock_floor`.
+    writer races it; a file that is lost (or empty) restarts from :func:`clock_floor`.
+
+    Raises:
+        ConfigurationError: the file holds something other than a whole number (a token
+            from it could go back, so none is given); it names the file and the fix.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        text = os.pread(fd, 32, 0).strip()
+        text = os.pread(fd, _COUNTER_MAX + 1, 0).strip()
+        # ASCII digits only: int() would also take "1_000", "+5" or other scripts' digits.
+        if len(text) > _COUNTER_MAX or (text and not text.isdigit()):
+            shown = text[:40].decode("ascii", "backslashreplace")
+            raise ConfigurationError(
+                f"the fencing counter {path} is corrupt: it holds {shown!r}"
+                f"{'...' if len(text) > 40 else ''}, not a whole number, so no token "
+                "can be given that is surely larger than the last. Write the last token "
+                "handed out for this lock (or a larger number) into it, or delete it "
+                "(tokens then restart from the clock in microseconds, larger than any "
+                "that aiotooz's own counters reach)"
+            )
         token = max(int(text or 0) + 1, clock_floor())
         data = str(token).encode()
         os.pwrite(fd, data, 0)
