@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ from .._exceptions import ConfigurationError
 __all__ = [
     "Capability",
     "Driver",
+    "LeaderRecords",
     "ReleaseSignal",
     "client_timeout_options",
     "clock_floor",
@@ -379,14 +381,55 @@ def write_leader_file(counter_path: str, member_id: str, token: int) -> None:
     os.replace(temporary, path)
 
 
+@final
+class LeaderRecords:
+    """The leader records one driver wrote (file, ipc), each removed before its lock goes.
+
+    A reader believes a record while the process it names holds the lock, as the kernel
+    tells; but two coordinators of one process are one process to the kernel, so the
+    next holder in the same process would be taken for the last, from its grant until
+    it fences and writes its own record. So a record is retracted as its lock is let
+    go. A publish shares a mutex with the release, so one that comes late (its caller
+    gave up on it and released the lock meanwhile) writes nothing.
+    """
+
+    __slots__ = ("_guard", "_written")
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        #: The counter paths whose records this driver wrote for locks it holds.
+        self._written: set[str] = set()
+
+    def publish(
+        self, counter_path: str, member_id: str, token: int, held: Callable[[], bool]
+    ) -> None:
+        """Write the record (:func:`write_leader_file`) if ``held()``: the lock is ours."""
+        with self._guard:
+            if held():
+                write_leader_file(counter_path, member_id, token)
+                self._written.add(counter_path)
+
+    def release(self, counter_path: str, release: Callable[[], bool]) -> bool:
+        """Remove the record written beside ``counter_path``, if any; then ``release()``."""
+        with self._guard:
+            if counter_path in self._written:
+                self._written.discard(counter_path)
+                try:
+                    os.remove(counter_path + _RECORD_SUFFIX)
+                except FileNotFoundError:
+                    pass
+            return release()
+
+
 def read_leader_file(counter_path: str, holder_pid: int | None) -> str | None:
     """The member id in the leader record beside ``counter_path``, if it is current.
 
     Current means its token is the counter's value (the last grant fenced on this key
     wrote it) and its process is ``holder_pid``, the process that holds the lock now as
     the kernel tells the caller (``None``: nobody). Both are needed: a holder that died
-    or let go leaves the files behind, and the next holder takes the lock before it
-    fences and writes its own record.
+    leaves the files behind, and the next holder takes the lock before it fences and
+    writes its own record. A holder that lets go removes its record first
+    (:class:`LeaderRecords`): the next holder may be in the same process.
     """
     if holder_pid is None:
         return None
