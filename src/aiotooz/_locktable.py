@@ -428,6 +428,15 @@ class LockTable(_Holdings):
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
 
+    @property
+    def keys_distinct(self) -> bool:
+        """Whether a key found held is held under that very key, not one sharing its lock.
+
+        Not so on PostgreSQL, where tooz maps every key to one of 65,536 advisory locks.
+        """
+        connection = self._owner.connection
+        return connection is None or connection.keys_distinct
+
     def owned_here(self, key: str) -> bool:
         """Whether a task of this table holds ``key``, or is taking it, now."""
         queue = self._queues.get(key)

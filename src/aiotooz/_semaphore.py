@@ -439,7 +439,13 @@ async def _round(
 
 
 async def _larger_limit_elsewhere(table: LockTable, name: str, limit: int, deadline: float) -> bool:
-    """Whether slot ``limit`` -- one past ours -- is held: someone uses a larger limit."""
+    """Whether slot ``limit`` -- one past ours -- is held: someone uses a larger limit.
+
+    Not asked where keys share backend locks (PostgreSQL): there an unrelated lock held
+    on the slot's advisory lock would pass for it, and fail every waiting acquire.
+    """
+    if not table.keys_distinct:
+        return False  # cannot tell
     key = slot_key(table.prefix, name, limit)
     try:
         hold = await table.acquire(_slot_name(name, limit), deadline, key=key, once=True)

@@ -114,6 +114,10 @@ class Driver:
     default_options: ClassVar[Mapping[str, str]] = {}
     #: Keys the driver keeps for itself; a lock name on one of them is mapped instead.
     reserved_keys: ClassVar[frozenset[str]] = frozenset()
+    #: How many backend locks all keys share, where that is few enough that two keys in
+    #: use fall on one (tooz's PostgreSQL driver: 65,536); ``None`` if each key is a lock
+    #: of its own. Where they share, a key found held may be held under another key.
+    key_space: ClassVar[int | None] = None
 
     def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
         self.tooz = coordinator
