@@ -325,8 +325,6 @@ class Connection(_Caller):
         self.capabilities = driver.capabilities
         self.requires_beating = driver.requires_beating
         self.reserved_keys = driver.reserved_keys
-        #: Whether every key is a backend lock of its own (see ``Driver.key_space``).
-        self.keys_distinct = driver.key_space is None
         #: Seconds a held lock is guaranteed to outlive its last refresh; ``None`` where
         #: locks live as long as the connection (no ``Capability.EXPIRES``).
         self.lock_ttl = driver.lock_ttl if Capability.EXPIRES in driver.capabilities else None

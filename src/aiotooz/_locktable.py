@@ -435,7 +435,7 @@ class LockTable(_Holdings):
         Not so on PostgreSQL, where tooz maps every key to one of 65,536 advisory locks.
         """
         connection = self._owner.connection
-        return connection is None or connection.keys_distinct
+        return connection is None or connection.driver.key_space is None
 
     def owned_here(self, key: str) -> bool:
         """Whether a task of this table holds ``key``, or is taking it, now."""
