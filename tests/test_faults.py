@@ -246,9 +246,6 @@ async def test_a_semaphore_wait_keeps_its_budget_on_a_hung_server(
                     assert await semaphore.acquire(blocking=1.0) is False
                     took = anyio.current_time() - started
                     assert took < 2.5, took
-                started = anyio.current_time()
-                assert await Lock("plain", coordinator=coordinator).acquire(blocking=1.0) is False
-                assert anyio.current_time() - started < 2.5
             finally:
                 server.resume()
             # The server is back: the slots work again (late releases went through).
