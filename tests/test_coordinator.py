@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from aiotooz import BackendUnavailable, Lock
+from aiotooz import BackendUnavailable, Lock, Semaphore
 
-from ._procs import run_worker
+from ._procs import holding_process, run_worker
 from ._servers import PrivateRedis
 from .helpers import make_coordinator
 
@@ -99,3 +101,41 @@ async def test_the_backend_password_never_reaches_logs_or_reprs(
     shown += [str(entry) for entry in logs]
     assert "nobody:***@" in str(raised.value)
     assert not [text for text in shown if "s3cret-pw" in text]
+
+
+async def _wait_until(predicate: Callable[[], bool], within: float = 10) -> None:
+    with anyio.fail_after(within):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+async def test_statistics_count_a_task_waiting_for_another_process(
+    backend_url: str, prefix: str
+) -> None:
+    """The task at the head of the local queue, waiting at the backend for a lock or a
+    slot that another process holds, was not counted: both figures read 0."""
+    async with make_coordinator(backend_url, prefix) as coordinator:
+        with holding_process("hold", backend_url, prefix, "busy"):
+            async with anyio.create_task_group() as group:
+                group.start_soon(Lock("busy", coordinator=coordinator).acquire, 30.0)
+                await _wait_until(lambda: coordinator.statistics().tasks_waiting == 1)
+                assert coordinator.statistics().names_waited_for == 1
+                # A second task waits behind the first, in the local queue.
+                group.start_soon(Lock("busy", coordinator=coordinator).acquire, 30.0)
+                await _wait_until(lambda: coordinator.statistics().tasks_waiting == 2)
+                assert coordinator.statistics().names_waited_for == 1
+                group.cancel_scope.cancel()
+        stats = coordinator.statistics()
+        assert (stats.tasks_waiting, stats.names_waited_for) == (0, 0)
+        # A semaphore whose one slot another coordinator (another process, to this one)
+        # holds.
+        async with make_coordinator(backend_url, prefix) as other:
+            async with Semaphore("pool", 1, coordinator=other):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(Semaphore("pool", 1, coordinator=coordinator).acquire, 30.0)
+                    await _wait_until(lambda: coordinator.statistics().tasks_waiting == 1)
+                    assert coordinator.statistics().names_waited_for == 1
+                    assert other.statistics().tasks_waiting == 0
+                    group.cancel_scope.cancel()
+        stats = coordinator.statistics()
+        assert (stats.tasks_waiting, stats.names_waited_for, stats.locks_held) == (0, 0, 0)

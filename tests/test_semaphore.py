@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import uuid
@@ -26,7 +27,7 @@ from aiotooz._names import backend_key, slot_key
 
 from ._procs import Worker
 from ._servers import PrivateRedis
-from .helpers import HOSTILE_NAMES, make_coordinator
+from .helpers import HOSTILE_NAMES, ServerPool, make_coordinator, url_for
 
 
 @pytest.fixture
@@ -277,6 +278,37 @@ async def test_a_waiter_finds_a_larger_limit_elsewhere(file_url: str, prefix: st
         assert await a.acquire()
         assert not await b.acquire(blocking=1.5)  # probed at least once meanwhile
         await a.release()
+
+
+async def test_postgresql_a_lock_sharing_the_probe_slots_advisory_lock_is_no_larger_limit(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz maps every key to one of 65,536 advisory locks (two bytes of its MD5). An
+    unrelated lock held on the advisory lock of slot ``limit`` made every waiting
+    acquire of the semaphore raise a false "larger limit" ConfigurationError."""
+    url = url_for("postgresql", server_pool, tmp_path)
+
+    def advisory(key: str) -> bytes:
+        return hashlib.md5(key.encode("ascii"), usedforsecurity=False).digest()[:2]
+
+    probed = advisory(slot_key(prefix, "pool", 1))  # one past limit 1
+    unrelated = next(
+        name
+        for name in (f"job-{number}" for number in range(1_000_000))
+        if advisory(backend_key(prefix, name)) == probed
+    )
+    async with (
+        make_coordinator(url, prefix) as elsewhere,
+        make_coordinator(url, prefix) as holder,
+        make_coordinator(url, prefix) as waiter,
+    ):
+        async with elsewhere.get_lock(unrelated), Semaphore("pool", 1, coordinator=holder):
+            started = anyio.current_time()
+            # Waits its budget out (probing meanwhile), and is not told of a larger limit.
+            assert await Semaphore("pool", 1, coordinator=waiter).acquire(blocking=2.5) is False
+            assert anyio.current_time() - started >= 2.5
+        async with Semaphore("pool", 1, coordinator=waiter):
+            pass
 
 
 async def test_a_lost_slot_cancels_its_holder(redis_url: str, prefix: str) -> None:

@@ -43,9 +43,10 @@ class CoordinatorStatistics:
     #: Locks held at the backend through this coordinator (by a task, or being handed
     #: from one task to the next).
     locks_held: int
-    #: Lock names that tasks of this coordinator wait for.
+    #: Lock and semaphore names that tasks of this coordinator wait for.
     names_waited_for: int
-    #: Tasks waiting for a lock that another task or process holds.
+    #: Tasks waiting for a lock or slot that another task or process holds (the task
+    #: trying the backend for a local queue is one of them while its tries fail).
     tasks_waiting: int
     #: Worker threads of the current connection that are alive.
     threads: int

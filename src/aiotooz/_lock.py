@@ -288,7 +288,9 @@ class Lock:
             Whether the lock is now held.
 
         Raises:
-            ConfigurationError: ``blocking`` is not a bool or a number >= 0.
+            ConfigurationError: ``blocking`` is not a bool or a number >= 0; or, with
+                ``fencing``, the file or ipc backend's counter file is corrupt (the
+                error names it; the lock is not left held).
             LockCreationFailed: there is no started coordinator to lock through.
             LockAcquireFailed: this task already holds this name (not reentrant).
             BackendUnavailable: the backend failed; with ``blocking=False``, also while

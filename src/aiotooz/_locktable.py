@@ -148,14 +148,15 @@ class _Holdings:
 
     @property
     def names_waited_for(self) -> int:
-        """Lock and semaphore names some task waits for (behind another task)."""
+        """Lock and semaphore names some task waits for (behind another task or process)."""
         queues = [*self._queues.values(), *(s.queue for s in self.semaphores.values())]
-        return sum(1 for queue in queues if queue.waiting)
+        return sum(1 for queue in queues if queue.tasks_waiting)
 
     @property
     def tasks_waiting(self) -> int:
+        """Tasks waiting for a lock or a slot that another task or process holds."""
         queues = [*self._queues.values(), *(s.queue for s in self.semaphores.values())]
-        return sum(queue.waiting for queue in queues)
+        return sum(queue.tasks_waiting for queue in queues)
 
     def holds_through(self, connection: Connection) -> list[Hold]:
         """The holds taken through ``connection`` that are not known to be lost."""
@@ -295,19 +296,26 @@ class LockTable(_Holdings):
     # -- acquire -------------------------------------------------------------------------
 
     async def acquire(
-        self, name: str, deadline: float, fencing: bool = False, key: str | None = None
+        self,
+        name: str,
+        deadline: float,
+        fencing: bool = False,
+        key: str | None = None,
+        once: bool = False,
     ) -> Hold | None:
         """Take ``name`` through the local queue and then the backend, and measure it.
 
         See :meth:`_acquire`; the wait and its outcome go to the telemetry. ``key``, if
         given, is the backend key to lock instead of the one ``name`` maps to (a
-        semaphore's slot, see :func:`aiotooz._names.slot_key`).
+        semaphore's slot, see :func:`aiotooz._names.slot_key`). With ``once``, one try
+        as for ``TRY_ONCE``, but given up at ``deadline`` if the backend hangs (a
+        semaphore's slot tries within its budget).
         """
         attributes = self._attributes(name)
         wait = _Wait(attributes)
         outcome = "error"
         try:
-            hold = await self._acquire(name, deadline, fencing, wait, attributes, key)
+            hold = await self._acquire(name, deadline, fencing, wait, attributes, key, once)
             outcome = "acquired" if hold is not None else "timeout"
             return hold
         except anyio.get_cancelled_exc_class():
@@ -324,6 +332,7 @@ class LockTable(_Holdings):
         wait: _Wait,
         attributes: Mapping[str, str],
         key: str | None = None,
+        once: bool = False,
     ) -> Hold | None:
         """Take ``name`` through the local queue and then the backend.
 
@@ -346,7 +355,7 @@ class LockTable(_Holdings):
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = KeyQueue()
-        elif queue.owner == task and deadline != TRY_ONCE:
+        elif queue.owner == task and deadline != TRY_ONCE and not once:
             raise LockAcquireFailed(
                 f"lock {name!r} is already held by this task: aiotooz locks are not "
                 "reentrant (acquiring it again would wait for itself)"
@@ -357,7 +366,7 @@ class LockTable(_Holdings):
         try:
             if queue.owner is not None or queue.waiting:
                 wait.begin()
-            if not await queue.take(task, deadline):
+            if not await queue.take(task, TRY_ONCE if once else deadline):
                 return None
             previous = self._take_handed_over(key)
             if previous is not None:
@@ -373,9 +382,17 @@ class LockTable(_Holdings):
                 else:
                     granted = previous.handle, previous.lease_start, token
             if previous is None:
-                granted = await self._tries.acquire(
-                    key, deadline, fencing, queue.step_back_until, wait.begin
-                )
+
+                def waiting() -> None:
+                    wait.begin()
+                    queue.owner_waits = True  # for statistics(): it waits for a process
+
+                try:
+                    granted = await self._tries.acquire(
+                        key, deadline, fencing, queue.step_back_until, waiting, once
+                    )
+                finally:
+                    queue.owner_waits = False
                 queue.step_back_until = -math.inf
         except BaseException:
             if queue.owner == task:
@@ -410,6 +427,15 @@ class LockTable(_Holdings):
         instruments.held.add(1, attributes)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
+
+    @property
+    def keys_distinct(self) -> bool:
+        """Whether a key found held is held under that very key, not one sharing its lock.
+
+        Not so on PostgreSQL, where tooz maps every key to one of 65,536 advisory locks.
+        """
+        connection = self._owner.connection
+        return connection is None or connection.driver.key_space is None
 
     def owned_here(self, key: str) -> bool:
         """Whether a task of this table holds ``key``, or is taking it, now."""

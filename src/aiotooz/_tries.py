@@ -85,6 +85,7 @@ class BackendTries:
         fencing: bool,
         step_back_until: float,
         waiting: Callable[[], object],
+        once: bool = False,
     ) -> tuple[LockHandle, float, int | None] | None:
         """Try the backend until granted or ``deadline``; the lock and when its try began.
 
@@ -93,13 +94,14 @@ class BackendTries:
         release between a failed try and the wait is never missed. Until
         ``step_back_until`` it lets a woken waiter of another process go first.
         ``waiting`` is called when the first try fails (the acquire has to wait).
+        With ``once``, one try only, as for ``TRY_ONCE``, but given up at ``deadline``.
         """
         delay = _POLL_FIRST
         handle: LockHandle | None = None
         watch: Watch | None = None
         try:
             while True:
-                connection = await self.connected(deadline)
+                connection = await self.connected(TRY_ONCE if once else deadline)
                 if connection is None:
                     return None
                 if handle is None or handle.connection is not connection:
@@ -111,8 +113,8 @@ class BackendTries:
                     if pause > 0:
                         await anyio.sleep(pause)
                         continue
-                granted = await self._try(connection, handle, key, deadline, fencing)
-                if granted is not None:
+                granted = await self._try(connection, handle, key, deadline, fencing, once)
+                if granted is not None or once:
                     return granted
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
@@ -143,8 +145,12 @@ class BackendTries:
         key: str,
         deadline: float,
         fencing: bool,
+        once: bool = False,
     ) -> tuple[LockHandle, float, int | None] | None:
-        """One try (with its fencing token); ``None`` if not granted."""
+        """One try (with its fencing token); ``None`` if not granted.
+
+        A failing backend is ridden out (``None``) unless the caller tries only once.
+        """
         tried_at = anyio.current_time()
         # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
         wait = None if math.isinf(deadline) else max(deadline - tried_at, _TRY_FLOOR)
@@ -161,7 +167,7 @@ class BackendTries:
             if handle.held:  # granted, but no fencing token could be had for it
                 with anyio.CancelScope(shield=True):
                     await self.release(handle, key, lost=True)
-            if deadline == TRY_ONCE:
+            if deadline == TRY_ONCE or once:
                 raise
             # A patient waiter rides out a failing backend: the heartbeat checks the
             # connection now (and reconnects if it is gone), and the try is repeated.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -26,9 +27,12 @@ import anyio
 import tooz
 import tooz.coordination
 
+from .._exceptions import ConfigurationError
+
 __all__ = [
     "Capability",
     "Driver",
+    "LeaderRecords",
     "ReleaseSignal",
     "client_timeout_options",
     "clock_floor",
@@ -110,6 +114,10 @@ class Driver:
     default_options: ClassVar[Mapping[str, str]] = {}
     #: Keys the driver keeps for itself; a lock name on one of them is mapped instead.
     reserved_keys: ClassVar[frozenset[str]] = frozenset()
+    #: How many backend locks all keys share, where that is few enough that two keys in
+    #: use fall on one (tooz's PostgreSQL driver: 65,536); ``None`` if each key is a lock
+    #: of its own. Where they share, a key found held may be held under another key.
+    key_space: ClassVar[int | None] = None
 
     def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
         self.tooz = coordinator
@@ -320,16 +328,36 @@ def clock_floor() -> int:
     return time.time_ns() // 1000
 
 
+#: The longest counter file read: far more digits than a counter bumped once per grant
+#: can ever reach from the clock; a longer file is refused as corrupt, never cut short.
+_COUNTER_MAX = 4096
+
+
 def next_in_file(path: str) -> int:
     """Bump the counter in the file at ``path`` (made if missing); return its new value.
 
     Only ever called by the holder of the lock the counter belongs to, so no other
-    writer races it; a file that is lost restarts from :func:`clock_floor`.
+    writer races it; a file that is lost (or empty) restarts from :func:`clock_floor`.
+
+    Raises:
+        ConfigurationError: the file holds something other than a whole number (a token
+            from it could go back, so none is given); it names the file and the fix.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        text = os.pread(fd, 32, 0).strip()
+        text = os.pread(fd, _COUNTER_MAX + 1, 0).strip()
+        # ASCII digits only: int() would also take "1_000", "+5" or other scripts' digits.
+        if len(text) > _COUNTER_MAX or (text and not text.isdigit()):
+            shown = text[:40].decode("ascii", "backslashreplace")
+            raise ConfigurationError(
+                f"the fencing counter {path} is corrupt: it holds {shown!r}"
+                f"{'...' if len(text) > 40 else ''}, not a whole number, so no token "
+                "can be given that is surely larger than the last. Write the last token "
+                "handed out for this lock (or a larger number) into it, or delete it "
+                "(tokens then restart from the clock in microseconds, larger than any "
+                "that aiotooz's own counters reach)"
+            )
         token = max(int(text or 0) + 1, clock_floor())
         data = str(token).encode()
         os.pwrite(fd, data, 0)
@@ -357,14 +385,55 @@ def write_leader_file(counter_path: str, member_id: str, token: int) -> None:
     os.replace(temporary, path)
 
 
+@final
+class LeaderRecords:
+    """The leader records one driver wrote (file, ipc), each removed before its lock goes.
+
+    A reader believes a record while the process it names holds the lock, as the kernel
+    tells; but two coordinators of one process are one process to the kernel, so the
+    next holder in the same process would be taken for the last, from its grant until
+    it fences and writes its own record. So a record is retracted as its lock is let
+    go. A publish shares a mutex with the release, so one that comes late (its caller
+    gave up on it and released the lock meanwhile) writes nothing.
+    """
+
+    __slots__ = ("_guard", "_written")
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        #: The counter paths whose records this driver wrote for locks it holds.
+        self._written: set[str] = set()
+
+    def publish(
+        self, counter_path: str, member_id: str, token: int, held: Callable[[], bool]
+    ) -> None:
+        """Write the record (:func:`write_leader_file`) if ``held()``: the lock is ours."""
+        with self._guard:
+            if held():
+                write_leader_file(counter_path, member_id, token)
+                self._written.add(counter_path)
+
+    def release(self, counter_path: str, release: Callable[[], bool]) -> bool:
+        """Remove the record written beside ``counter_path``, if any; then ``release()``."""
+        with self._guard:
+            if counter_path in self._written:
+                self._written.discard(counter_path)
+                try:
+                    os.remove(counter_path + _RECORD_SUFFIX)
+                except FileNotFoundError:
+                    pass
+            return release()
+
+
 def read_leader_file(counter_path: str, holder_pid: int | None) -> str | None:
     """The member id in the leader record beside ``counter_path``, if it is current.
 
     Current means its token is the counter's value (the last grant fenced on this key
     wrote it) and its process is ``holder_pid``, the process that holds the lock now as
     the kernel tells the caller (``None``: nobody). Both are needed: a holder that died
-    or let go leaves the files behind, and the next holder takes the lock before it
-    fences and writes its own record.
+    leaves the files behind, and the next holder takes the lock before it fences and
+    writes its own record. A holder that lets go removes its record first
+    (:class:`LeaderRecords`): the next holder may be in the same process.
     """
     if holder_pid is None:
         return None

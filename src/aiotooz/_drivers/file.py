@@ -12,10 +12,10 @@ from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
 from ._base import (
     Capability,
     Driver,
+    LeaderRecords,
     ReleaseSignal,
     next_in_file,
     read_leader_file,
-    write_leader_file,
 )
 from ._inotify import CloseWatches
 
@@ -78,6 +78,7 @@ class FileDriver(Driver):
         self._kept_open: set[int] = set()
         #: Watched lock objects (by id) -> the marker file that says a waiter is here.
         self._markers: dict[int, int] = {}
+        self._records = LeaderRecords()
 
     def start(self) -> None:
         super().start()
@@ -195,7 +196,11 @@ class FileDriver(Driver):
 
     def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
         """A record file beside the key's fencing counter: the token and the member id."""
-        write_leader_file(self._counter_path(lock), member_id, token)
+        self._records.publish(self._counter_path(lock), member_id, token, lambda: lock.acquired)
+
+    def release(self, lock: Any) -> bool:
+        """Release ``lock`` (tooz), after removing the leader record written for it, if any."""
+        return self._records.release(self._counter_path(lock), lambda: bool(lock.release()))
 
     def read_leader(self, key: str) -> str | None:
         """The record, if its token is the counter's and the lock file is locked now.

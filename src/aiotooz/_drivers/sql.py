@@ -186,6 +186,8 @@ class PostgreSQLDriver(_SQLDriver):
 
     extra = "postgresql"
     capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS, Capability.NAMES_LEADER})
+    #: Two bytes of each key's MD5 (tooz's ``PostgresLock``).
+    key_space = 65_536
 
     def _probe_connection(self) -> Any:
         driver: Any = self.tooz
