@@ -16,6 +16,7 @@ from ._leadership import Leadership as Leadership
 from ._leadership import Term as Term
 from ._lock import Lock as Lock
 from ._lock import fencing_token as fencing_token
+from ._once import once_per as once_per
 from ._process import get_default_coordinator as get_default_coordinator
 from ._process import set_default_coordinator as set_default_coordinator
 from ._semaphore import Semaphore as Semaphore
@@ -42,6 +43,7 @@ __all__ = [
     "UnsupportedOperation",
     "fencing_token",
     "get_default_coordinator",
+    "once_per",
     "set_default_coordinator",
     "synchronized",
 ]

@@ -38,7 +38,9 @@ __all__ = [
     "clock_floor",
     "next_in_file",
     "read_leader_file",
+    "read_record_file",
     "write_leader_file",
+    "write_record_file",
 ]
 
 #: Exceptions that mean "not acquired within the time given" on some drivers
@@ -71,6 +73,10 @@ class Capability(enum.Enum):
     #: The driver can say who holds a leadership lock: the holder publishes its member
     #: id (``publish_leader``), anyone reads it back (``read_leader``).
     NAMES_LEADER = "names leader"
+    #: The driver keeps one small record beside a lock's key, written by the holder with
+    #: its fencing token and kept after the lock is released (``read_record``,
+    #: ``write_record``): what ``@once_per`` remembers of each window.
+    KEEPS_RECORDS = "keeps records"
 
 
 @final
@@ -293,6 +299,22 @@ class Driver:
         """
         raise tooz.NotImplemented("leader records")
 
+    # -- records beside a lock (``Capability.KEEPS_RECORDS``) -------------------------
+
+    def read_record(self, lock: Any) -> bytes | None:
+        """The record kept beside ``lock``'s key (we hold it), or ``None`` if there is none."""
+        raise tooz.NotImplemented("records beside locks")
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """Replace the record beside ``lock``'s key; ``lock`` is ours, fenced with ``token``.
+
+        The record outlives the lock (it is read by later holders). Fenced: nothing is
+        written, and ``False`` returned, if the stored record carries a larger token (a
+        later holder wrote it: this writer is stale) or, where the backend can tell in
+        the same step, if ``lock`` is no longer ours.
+        """
+        raise tooz.NotImplemented("records beside locks")
+
     def still_owner(self, lock: Any) -> bool | None:
         """Whether ``lock`` is still ours at the backend; ``None`` if it cannot tell."""
         try:
@@ -445,3 +467,41 @@ def read_leader_file(counter_path: str, holder_pid: int | None) -> str | None:
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return member_id if token == current and pid == str(holder_pid) else None
+
+
+#: The record beside a fencing counter (``Capability.KEEPS_RECORDS``): ``<token> <record>``.
+_KEPT_SUFFIX = "~record"
+
+
+def read_record_file(counter_path: str) -> bytes | None:
+    """The record kept beside the fencing counter at ``counter_path``, if any."""
+    try:
+        with open(counter_path + _KEPT_SUFFIX, "rb") as kept:
+            _, _, record = kept.read().partition(b" ")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return record
+
+
+def write_record_file(counter_path: str, record: bytes, token: int) -> bool:
+    """Replace the record beside the fencing counter at ``counter_path``, fenced by ``token``.
+
+    Only the lock's holder writes it, and a file or ipc lock is held until its process
+    dies, so a larger token stored means a later holder wrote it. Written to a temporary
+    file and renamed: a reader (or a writer that dies half-way) leaves the old record or
+    the new one, never half of one.
+    """
+    path = counter_path + _KEPT_SUFFIX
+    try:
+        with open(path, "rb") as kept:
+            stored = kept.read().partition(b" ")[0]
+    except (FileNotFoundError, NotADirectoryError):
+        stored = b""
+    if stored.isdigit() and int(stored) > token:
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "wb") as kept:
+        kept.write(b"%d %s" % (token, record))
+    os.replace(temporary, path)
+    return True

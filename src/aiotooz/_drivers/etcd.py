@@ -28,6 +28,7 @@ class EtcdDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
 
@@ -162,6 +163,34 @@ class EtcdDriver(Driver):
         token, member_id = record[:_TOKEN_BYTES], record[_TOKEN_BYTES:]
         return member_id.decode("utf-8", "replace") if token == values[0] else None
 
+    def read_record(self, lock: Any) -> bytes | None:
+        records = self.tooz.client.get(_record_key(lock))  # type: ignore[attr-defined]
+        return bytes(records[0]).partition(b" ")[2] if records else None
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """A key beside the lock's, on no lease, written in a transaction that checks the lock.
+
+        Only the lock's holder can write it, and one holder follows another, so a
+        writer whose lock is gone is refused: no stored token can be larger than ours.
+        """
+        value = base64.b64encode(b"%d %s" % (token, record)).decode("ascii")
+        txn = {
+            "compare": [
+                {"key": lock._key_b64, "result": "EQUAL", "target": "VALUE", "value": lock._uuid}
+            ],
+            "success": [
+                {
+                    "request_put": {
+                        "key": base64.b64encode(_record_key(lock)).decode("ascii"),
+                        "value": value,
+                    }
+                }
+            ],
+            "failure": [],
+        }
+        result = self.tooz.client.transaction(txn)  # type: ignore[attr-defined]
+        return bool(result.get("succeeded", False))
+
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
         """A watch on the lock key's deletion, from the revision after the one read.
 
@@ -227,3 +256,8 @@ _TOKEN_BYTES = 16
 def _leader_key(lock: Any) -> bytes:
     """The key of a lock's leader record (the lock key with a suffix no lock key has)."""
     return bytes(lock._key) + b"~leader"
+
+
+def _record_key(lock: Any) -> bytes:
+    """The key of the record kept beside a lock (another suffix no lock key has)."""
+    return bytes(lock._key) + b"~record"

@@ -16,6 +16,8 @@ from ._base import (
     ReleaseSignal,
     next_in_file,
     read_leader_file,
+    read_record_file,
+    write_record_file,
 )
 from ._inotify import CloseWatches
 
@@ -55,6 +57,7 @@ class FileDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
@@ -201,6 +204,13 @@ class FileDriver(Driver):
     def release(self, lock: Any) -> bool:
         """Release ``lock`` (tooz), after removing the leader record written for it, if any."""
         return self._records.release(self._counter_path(lock), lambda: bool(lock.release()))
+
+    def read_record(self, lock: Any) -> bytes | None:
+        """A file beside the key's fencing counter."""
+        return read_record_file(self._counter_path(lock))
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        return write_record_file(self._counter_path(lock), record, token)
 
     def read_leader(self, key: str) -> str | None:
         """The record, if its token is the counter's and the lock file is locked now.

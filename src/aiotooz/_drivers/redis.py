@@ -66,6 +66,25 @@ return 1
 """
 
 
+#: A record beside a lock we hold: ``<fencing token> <record>`` in a key beside the lock's,
+#: written only if the lock's key holds our token and the stored token is not larger.
+_RECORD_SCRIPT = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+local stored = redis.call('get', KEYS[2])
+if stored then
+  local token = tonumber(string.match(stored, '^(%d+) '))
+  if token and token > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('set', KEYS[2], ARGV[2] .. ' ' .. ARGV[3])
+return 1
+"""
+
+
+def _record_key(lock: Any) -> bytes:
+    """The key of the record kept beside a lock (tooz's key with another suffix)."""
+    return bytes(lock.name)[: -len(b"_lock")] + b"_record"
+
+
 def _leader_key(lock: Any) -> bytes:
     """The key of a lock's leader record (tooz's key with another suffix)."""
     return bytes(lock.name)[: -len(b"_lock")] + b"_leader"
@@ -188,6 +207,7 @@ class RedisDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
     #: Bounded socket waits, so that a dead or hung server is noticed in seconds.
@@ -288,6 +308,20 @@ class RedisDriver(Driver):
             return None
         token, _, member_id = bytes(record).partition(b" ")
         return member_id.decode("utf-8", "replace") if token == lock_token else None
+
+    def read_record(self, lock: Any) -> bytes | None:
+        client = self.tooz._client  # type: ignore[attr-defined]
+        stored = client.get(_record_key(lock))
+        return None if stored is None else bytes(stored).partition(b" ")[2]
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """One script: the lock's key must hold our token; no TTL (it outlives the lock)."""
+        lock_token = lock._lock.local.token
+        if lock_token is None:
+            return False
+        client = self.tooz._client  # type: ignore[attr-defined]
+        keys = (lock.name, _record_key(lock))
+        return bool(client.eval(_RECORD_SCRIPT, 2, *keys, lock_token, str(token), record))
 
     def _forget(self, lock: Any) -> None:
         with self._held_guard:

@@ -58,6 +58,32 @@ _MYSQL_LEADER_SQL = (
     "SELECT member FROM aiotooz_leaders WHERE name = %s AND conn_id = IS_USED_LOCK(%s)"
 )
 
+#: The records kept beside locks (``Capability.KEEPS_RECORDS``) of both databases: one
+#: row per lock key with the fencing token that wrote it, replaced only by a token at
+#: least as large (a writer whose lock was taken over since is refused).
+_PG_RECORDS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_records (key text PRIMARY KEY, token bigint NOT NULL,"
+    " record bytea NOT NULL)"
+)
+_PG_READ_RECORD_SQL = "SELECT record FROM aiotooz_records WHERE key = %s"
+_PG_WRITE_RECORD_SQL = (
+    "INSERT INTO aiotooz_records VALUES (%s, %s, %s) ON CONFLICT (key) DO UPDATE"
+    " SET token = EXCLUDED.token, record = EXCLUDED.record"
+    " WHERE aiotooz_records.token <= EXCLUDED.token"
+)
+_MYSQL_RECORDS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_records (name VARCHAR(64) PRIMARY KEY,"
+    " token BIGINT NOT NULL, record BLOB NOT NULL) ENGINE=InnoDB"
+)
+_MYSQL_READ_RECORD_SQL = "SELECT record FROM aiotooz_records WHERE name = %s"
+#: MySQL assigns left to right: ``record`` is set while ``token`` still holds the stored one.
+_MYSQL_WRITE_RECORD_SQL = (
+    "INSERT INTO aiotooz_records VALUES (%s, %s, %s) ON DUPLICATE KEY UPDATE"
+    " record = IF(token <= VALUES(token), VALUES(record), record),"
+    " token = GREATEST(token, VALUES(token))"
+)
+_MYSQL_RECORD_TOKEN_SQL = "SELECT token FROM aiotooz_records WHERE name = %s"
+
 
 class _SQLDriver(ProbingDriver):
     """What the two database drivers share: a look before each try, and probes.
@@ -128,6 +154,54 @@ class _SQLDriver(ProbingDriver):
                 except Exception:
                     connection.rollback()
 
+    # -- records beside locks: a row, on the session that holds the lock ------------------
+
+    def read_record(self, lock: Any) -> bytes | None:
+        connection = lock._conn
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(self._read_record_sql, (lock.name.decode("ascii"),))
+                row = cursor.fetchone()
+            connection.commit()  # no transaction (or MySQL snapshot) left open
+        except Exception as exc:
+            connection.rollback()  # session locks survive a rollback
+            if not self._no_table(exc):
+                raise
+            return None  # nobody ever kept a record
+        return None if row is None else bytes(row[0])
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """An upsert on the session that holds the lock, making the table if need be."""
+        connection = lock._conn
+        key = lock.name.decode("ascii")
+        for attempt in range(2):
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(self._write_record_sql, (key, token, record))
+                    written = self._record_written(cursor, key, token)
+                connection.commit()
+                return written
+            except Exception:
+                connection.rollback()
+                if attempt:
+                    raise
+                try:
+                    # Two sessions creating it at once: one may fail; the retry tells.
+                    with connection.cursor() as cursor:
+                        cursor.execute(self._records_ddl)
+                    connection.commit()
+                except Exception:
+                    connection.rollback()
+        raise AssertionError("unreachable")
+
+    _records_ddl: str
+    _read_record_sql: str
+    _write_record_sql: str
+
+    @abc.abstractmethod
+    def _record_written(self, cursor: Any, key: str, token: int) -> bool:
+        """Whether the upsert just run on ``cursor`` wrote the record."""
+
     def read_leader(self, key: str) -> str | None:
         """The record's member, if the session that wrote it holds the lock now."""
         lock = self.get_lock(key)
@@ -185,7 +259,14 @@ class PostgreSQLDriver(_SQLDriver):
     """PostgreSQL advisory locks (tooz maps each name to one of 65,536 of them)."""
 
     extra = "postgresql"
-    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS, Capability.NAMES_LEADER})
+    capabilities = frozenset(
+        {
+            Capability.FENCES,
+            Capability.WAKES_WAITERS,
+            Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
+        }
+    )
     #: Two bytes of each key's MD5 (tooz's ``PostgresLock``).
     key_space = 65_536
 
@@ -261,6 +342,12 @@ class PostgreSQLDriver(_SQLDriver):
         self._held_guard = threading.Lock()
 
     _leaders_ddl = _PG_LEADERS_DDL
+    _records_ddl = _PG_RECORDS_DDL
+    _read_record_sql = _PG_READ_RECORD_SQL
+    _write_record_sql = _PG_WRITE_RECORD_SQL
+
+    def _record_written(self, cursor: Any, key: str, token: int) -> bool:
+        return bool(cursor.rowcount > 0)  # 0: the guard refused the update
 
     def _publish(self, cursor: Any, lock: Any, member_id: str) -> None:
         cursor.execute(_PG_PUBLISH_SQL, (lock.name.decode("ascii"), member_id))
@@ -340,7 +427,14 @@ class MySQLDriver(_SQLDriver):
     """
 
     extra = "mysql"
-    capabilities = frozenset({Capability.FENCES, Capability.WAKES_WAITERS, Capability.NAMES_LEADER})
+    capabilities = frozenset(
+        {
+            Capability.FENCES,
+            Capability.WAKES_WAITERS,
+            Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
+        }
+    )
 
     def _probe_connection(self) -> Any:
         driver: Any = self.tooz
@@ -404,6 +498,17 @@ class MySQLDriver(_SQLDriver):
         return int(row[0])
 
     _leaders_ddl = _MYSQL_LEADERS_DDL
+    _records_ddl = _MYSQL_RECORDS_DDL
+    _read_record_sql = _MYSQL_READ_RECORD_SQL
+    _write_record_sql = _MYSQL_WRITE_RECORD_SQL
+
+    def _record_written(self, cursor: Any, key: str, token: int) -> bool:
+        if cursor.rowcount > 0:
+            return True
+        # 0 rows changed: refused, or the same record written again with the same token.
+        cursor.execute(_MYSQL_RECORD_TOKEN_SQL, (key,))
+        row = cursor.fetchone()
+        return row is not None and int(row[0]) == token
 
     def _publish(self, cursor: Any, lock: Any, member_id: str) -> None:
         cursor.execute(_MYSQL_PUBLISH_SQL, (lock.name.decode("ascii"), member_id))

@@ -11,6 +11,10 @@ from ._base import Capability, Driver
 
 __all__ = ["ZooKeeperDriver"]
 
+#: The node of the record kept beside a lock: the lock's path and this suffix (no lock
+#: key has it: plain keys have no ``~``, mapped keys end in ``~`` and 32 hex digits).
+_RECORD_SUFFIX = "~record"
+
 #: What kazoo's lock recipe puts in a contender node's name, before its sequence number.
 _NODE_MARK = "__lock__"
 
@@ -32,6 +36,7 @@ class ZooKeeperDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
 
@@ -116,6 +121,49 @@ class ZooKeeperDriver(Driver):
                 continue  # released or tried and given up meanwhile: the next one
             return bytes(data).decode("utf-8", "replace") or None
         return None
+
+    def read_record(self, lock: Any) -> bytes | None:
+        """The data of a node beside the lock's (not a child: those are its contenders)."""
+        from kazoo.exceptions import NoNodeError
+
+        self._check_connected()
+        try:
+            data, _ = self._client.get(lock._lock.path + _RECORD_SUFFIX)
+        except NoNodeError:
+            return None
+        return bytes(data).partition(b" ")[2]
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """Set (or create) the node in a transaction that checks our lock node is there.
+
+        Our ephemeral node is there as long as we hold the lock, and only the holder
+        writes: a writer whose lock is gone is refused, so no stored token is larger.
+        """
+        from kazoo.exceptions import NodeExistsError, NoNodeError
+
+        self._check_connected()
+        recipe = lock._lock
+        if recipe.node is None:
+            return False
+        path, value = recipe.path + _RECORD_SUFFIX, b"%d %s" % (token, record)
+        create = not self._client.exists(path)
+        for _ in range(3):
+            txn = self._client.transaction()
+            txn.check(f"{recipe.path}/{recipe.node}", -1)  # -1: any version
+            if create:
+                txn.create(path, value)
+            else:
+                txn.set_data(path, value)
+            results = txn.commit()
+            if not any(isinstance(result, Exception) for result in results):
+                return True
+            if isinstance(results[0], NoNodeError):
+                return False  # our lock node is gone: the lock is not ours
+            # Made or removed from outside meanwhile: the other way, once more.
+            create = isinstance(results[1], NoNodeError)
+            if not create and not isinstance(results[1], NodeExistsError):
+                raise results[1]
+        return False
 
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
         """A watch on the holder's node: the contender with the lowest sequence number.
