@@ -168,6 +168,9 @@ def holder(tmp_path: Path, backend_url: str, prefix: str) -> Iterator[tuple[str,
                 "SIGKILL",
                 "--kill-after",
                 f"{EXIT_LOCK_LOST}   the lock was lost while the command ran",
+                "--once-per DURATION",
+                "--finish-required",
+                "with --once-per: this window was claimed already",
             ],
         ),
         (("check",), ["probe lock", "--timeout", "AIOTOOZ_BACKEND_URL"]),
@@ -591,12 +594,45 @@ def test_run_fails_clearly_on_a_bad_backend(
         (("-E", "256"), "exit status 0..255"),
         (("--kill-after", "-1"), "seconds >= 0"),
         (("--kill-after", "inf"), "seconds >= 0"),
+        (("--once-per", "0.5s"), "at least 1 s such as 30s"),
+        (("--once-per", "1w"), "at least 1 s such as 30s"),
+        (("--once-per", "1h", "--no-wait"), "not allowed with"),
+        (("--finish-required",), "--finish-required goes with --once-per"),
     ],
 )
 def test_run_rejects_bad_options(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     done = run("run", *args, "job", "--", "true", cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_once_per_runs_the_command_once_a_window(
+    tmp_path: Path, backend_url: str, prefix: str
+) -> None:
+    log = tmp_path / "log"
+    command = (PY, "-c", RECORD, str(log))
+    options = ("--backend", backend_url, "--prefix", prefix, "--once-per", "1h")
+    first = run("run", *options, "nightly", "--", *command, "first", "0", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = run("run", *options, "nightly", "--", *command, "second", "0", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr  # the documented status: not run
+    told = run("run", *options, "-E", "75", "nightly", "--", *command, "third", "0", cwd=tmp_path)
+    assert told.returncode == 75, told.stderr
+    assert [line.split()[:2] for line in log.read_text().splitlines()] == [
+        ["first", "start"],
+        ["first", "end"],
+    ]
+
+
+def test_once_per_finish_required_runs_again_after_a_failure(tmp_path: Path, file_url: str) -> None:
+    options = ("--backend", file_url, "--once-per", "1h", "--finish-required")
+    marker = tmp_path / "ran"
+    fail = ("--", PY, "-c", "raise SystemExit(3)")
+    assert run("run", *options, "job", *fail, cwd=tmp_path).returncode == 3
+    touch = ("--", PY, "-c", f"open({str(marker)!r}, 'a').write('x')")
+    assert run("run", *options, "job", *touch, cwd=tmp_path).returncode == 0
+    assert run("run", *options, "job", *touch, cwd=tmp_path).returncode == 0
+    assert marker.read_text() == "x"  # failed, then ran, then done
 
 
 # -- check ------------------------------------------------------------------------
