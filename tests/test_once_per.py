@@ -22,11 +22,13 @@ import pytest
 
 from aiotooz import (
     ConfigurationError,
+    Lock,
     LockNameError,
     UnsupportedOperation,
     fencing_token,
     once_per,
 )
+from aiotooz._lock import held_handle
 from aiotooz._once import ONCE_NAMESPACE
 
 from ._procs import Worker
@@ -290,3 +292,28 @@ def test_lengths_are_microseconds() -> None:
     assert check_every(1) == 1_000_000
     assert check_every(1.5) == 1_500_000
     assert check_every(datetime.timedelta(days=1)) == 86_400_000_000
+
+
+@pytest.mark.parametrize("backend", [*RECORD_BACKENDS, "ipc"])
+async def test_the_record_outlives_its_lock_and_refuses_an_older_token(
+    backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """The driver capability under once_per: kept after release, fenced by the token."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with make_coordinator(url, prefix) as coordinator:
+        lock = Lock("kept", coordinator=coordinator, fencing=True)
+        async with lock:
+            handle = held_handle(lock)
+            assert await handle.read_record() is None
+            old = lock.fencing_token
+            assert await handle.write_record(b"first", old)
+            assert await handle.read_record() == b"first"
+        async with lock:
+            handle = held_handle(lock)
+            new = lock.fencing_token
+            assert new > old
+            assert await handle.read_record() == b"first"
+            assert await handle.write_record(b"second 2", new)
+            # A writer with an older token (one whose lock has passed on) is refused.
+            assert not await handle.write_record(b"stale", old)
+            assert await handle.read_record() == b"second 2"

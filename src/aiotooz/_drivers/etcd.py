@@ -170,26 +170,28 @@ class EtcdDriver(Driver):
     def write_record(self, lock: Any, record: bytes, token: int) -> bool:
         """A key beside the lock's, on no lease, written in a transaction that checks the lock.
 
-        Only the lock's holder can write it, and one holder follows another, so a
-        writer whose lock is gone is refused: no stored token can be larger than ours.
+        The transaction also checks that the record is the one whose token was read
+        (its ``mod_revision``; 0 while there is none).
         """
+        client = self.tooz.client  # type: ignore[attr-defined]
+        stored = client.get(_record_key(lock), metadata=True)
+        revision = 0
+        if stored:
+            value, meta = stored[0]
+            if int(bytes(value).partition(b" ")[0] or 0) > token:
+                return False
+            revision = int(meta["mod_revision"])
+        key = base64.b64encode(_record_key(lock)).decode("ascii")
         value = base64.b64encode(b"%d %s" % (token, record)).decode("ascii")
         txn = {
             "compare": [
-                {"key": lock._key_b64, "result": "EQUAL", "target": "VALUE", "value": lock._uuid}
+                {"key": lock._key_b64, "result": "EQUAL", "target": "VALUE", "value": lock._uuid},
+                {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": str(revision)},
             ],
-            "success": [
-                {
-                    "request_put": {
-                        "key": base64.b64encode(_record_key(lock)).decode("ascii"),
-                        "value": value,
-                    }
-                }
-            ],
+            "success": [{"request_put": {"key": key, "value": value}}],
             "failure": [],
         }
-        result = self.tooz.client.transaction(txn)  # type: ignore[attr-defined]
-        return bool(result.get("succeeded", False))
+        return bool(client.transaction(txn).get("succeeded", False))
 
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
         """A watch on the lock key's deletion, from the revision after the one read.

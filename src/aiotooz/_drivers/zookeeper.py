@@ -136,33 +136,35 @@ class ZooKeeperDriver(Driver):
     def write_record(self, lock: Any, record: bytes, token: int) -> bool:
         """Set (or create) the node in a transaction that checks our lock node is there.
 
-        Our ephemeral node is there as long as we hold the lock, and only the holder
-        writes: a writer whose lock is gone is refused, so no stored token is larger.
+        Our ephemeral node is there as long as we hold the lock. The transaction also
+        checks that the record is the version whose token was read.
         """
-        from kazoo.exceptions import NodeExistsError, NoNodeError
+        from kazoo.exceptions import NoNodeError
 
         self._check_connected()
         recipe = lock._lock
         if recipe.node is None:
             return False
         path, value = recipe.path + _RECORD_SUFFIX, b"%d %s" % (token, record)
-        create = not self._client.exists(path)
         for _ in range(3):
+            try:
+                stored, stat = self._client.get(path)
+            except NoNodeError:
+                stored, stat = None, None
+            if stored is not None and int(bytes(stored).partition(b" ")[0] or 0) > token:
+                return False
             txn = self._client.transaction()
             txn.check(f"{recipe.path}/{recipe.node}", -1)  # -1: any version
-            if create:
+            if stat is None:
                 txn.create(path, value)
             else:
-                txn.set_data(path, value)
+                txn.set_data(path, value, stat.version)
             results = txn.commit()
             if not any(isinstance(result, Exception) for result in results):
                 return True
             if isinstance(results[0], NoNodeError):
                 return False  # our lock node is gone: the lock is not ours
-            # Made or removed from outside meanwhile: the other way, once more.
-            create = isinstance(results[1], NoNodeError)
-            if not create and not isinstance(results[1], NodeExistsError):
-                raise results[1]
+            # The record was written or removed meanwhile: read it again.
         return False
 
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
