@@ -82,7 +82,7 @@ class WindowClaim:
     ``async with WindowClaim(...) as claim:`` computes the window, takes the lock and
     reads the record; ``claim.claimed`` says whether this call claimed the window (the
     lock is then held until the block ends) or not (nothing is held). A body that did
-    its work calls [`finish()`][aiotooz._once.WindowClaim.finish] before the block ends.
+    its work calls ``finish()`` before the block ends.
 
     Args:
         name: the job's name (its lock is ``ONCE_NAMESPACE + name``).
