@@ -192,7 +192,9 @@ async def campaign(url: str, prefix: str, name: str, record: str) -> None:
 
 async def once(url: str, prefix: str, name: str, every: str, log: str, finish: str) -> None:
     period = float(every)
-    async with _coordinator(url, prefix) as coordinator:
+    # A loaded machine starts four of these at once: connecting may take longer than 5 s.
+    settings = CoordinationSettings(backend_url=url, call_timeout=20)
+    async with Coordinator(prefix=prefix, settings=settings) as coordinator:
 
         @once_per(name, period, coordinator=coordinator, finish_required=finish != "at-most-once")
         async def job(before: float) -> None:
