@@ -23,6 +23,7 @@ import pytest
 from aiotooz import (
     ConfigurationError,
     Lock,
+    LockLost,
     LockNameError,
     UnsupportedOperation,
     fencing_token,
@@ -317,3 +318,31 @@ async def test_the_record_outlives_its_lock_and_refuses_an_older_token(
             # A writer with an older token (one whose lock has passed on) is refused.
             assert not await handle.write_record(b"stale", old)
             assert await handle.read_record() == b"second 2"
+
+
+async def test_a_runner_whose_lock_was_taken_cannot_mark_its_window_finished(
+    redis_url: str, prefix: str
+) -> None:
+    """The finish is refused (the lock's key no longer holds our token): ``LockLost``,
+    and with ``finish_required`` the next call runs the window again."""
+    import redis
+
+    calls: list[bool] = []
+    async with make_coordinator(redis_url, prefix) as coordinator:
+
+        @once_per("taken", 3600, coordinator=coordinator, finish_required=True)
+        async def job(take_it: bool) -> str:
+            calls.append(take_it)
+            if take_it:
+                client = redis.Redis.from_url(redis_url)
+                keys = client.keys(f"*{prefix}aiotooz.once.taken_lock")
+                assert len(keys) == 1
+                client.delete(*keys)  # taken away from outside; the job returns at once
+                client.close()
+            return "done"
+
+        with pytest.raises(LockLost):
+            await job(True)
+        assert await job(False) == "done"
+        assert await job(False) is None
+    assert calls == [True, False]
