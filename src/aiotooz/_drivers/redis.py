@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import uuid
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Final
 
 import anyio
 
@@ -55,6 +55,27 @@ if redis.call('get', KEYS[1]) ~= ARGV[1] then return -1 end
 redis.call('del', KEYS[1])
 return redis.call('publish', KEYS[2], '')
 """
+
+
+#: One beat for many locks: each key that still holds our token has its TTL set again;
+#: the answer is the (1-based) positions of those that do not (expired, released, or
+#: overwritten by another holder). ``ARGV[1]`` is the TTL in milliseconds, ``ARGV[i + 1]``
+#: the token of ``KEYS[i]``.
+_REFRESH_SCRIPT = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('get', key) == ARGV[i + 1] then
+    redis.call('pexpire', key, ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+#: Keys refreshed by one run of the refresh script: a run blocks the server, so a beat
+#: of many locks is several short runs (sent together, in one round trip).
+_REFRESH_BATCH: Final = 500
 
 
 #: A leader record for a lock we hold: ``<lock token> <member id>`` in a key beside the
@@ -231,16 +252,40 @@ class RedisDriver(Driver):
         self.tooz._make_client = make_client_without_retries  # type: ignore[attr-defined]
 
     def heartbeat(self) -> None:
-        import redis.exceptions
+        self.beat(())
 
-        super().heartbeat()  # refreshes the locks tooz took itself
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """Refresh every lock this connection holds, and check ``locks``, in one round trip.
+
+        tooz's heartbeat refreshes one lock per command (a round trip each); here one
+        pipeline writes tooz's membership key (as its heartbeat does) and runs the refresh
+        script over every held key: a key that still holds our token gets its TTL again,
+        one that does not (expired, released, or overwritten by another holder) is named
+        back. Locks held that are not in ``locks`` (being handed from one task to the
+        next, say) are refreshed too.
+        """
         with self._held_guard:
-            held = list(self._held_natively)
-        for lock in held:
-            try:
-                lock._lock.reacquire()  # PEXPIRE if the key still holds our token
-            except redis.exceptions.LockError:
-                pass  # released meanwhile, or lost: the ownership check tells which
+            held = {id(lock): lock for lock in self._held_natively}
+        held.update((id(lock), lock) for lock in self.tooz._acquired_locks.copy())  # type: ignore[attr-defined]
+        held.update((id(lock), lock) for lock in locks if lock is not None)
+        keyed = [(lock, lock._lock.local.token) for lock in held.values()]
+        keyed = [(lock, token) for lock, token in keyed if token is not None]
+        client = self.tooz._client  # type: ignore[attr-defined]
+        pipeline = client.pipeline(transaction=False)
+        member = self.tooz._encode_beat_id(self.tooz._member_id)  # type: ignore[attr-defined]
+        membership_ms = max(0, int(self.tooz.membership_timeout * 1000))  # type: ignore[attr-defined]
+        pipeline.psetex(member, membership_ms, self.tooz.STILL_ALIVE)  # type: ignore[attr-defined]
+        ttl_ms = int(self.lock_ttl * 1000)
+        batches = [keyed[at : at + _REFRESH_BATCH] for at in range(0, len(keyed), _REFRESH_BATCH)]
+        for batch in batches:
+            keys = [lock.name for lock, _ in batch]
+            pipeline.eval(_REFRESH_SCRIPT, len(keys), *keys, ttl_ms, *(t for _, t in batch))
+        answers = pipeline.execute()
+        lost: set[int] = set()
+        for batch, positions in zip(batches, answers[1:], strict=True):
+            lost.update(id(batch[int(at) - 1][0]) for at in positions)
+        ours = {id(lock) for lock, _ in keyed} - lost
+        return [None if lock is None else id(lock) in ours for lock in locks]
 
     def release(self, lock: Any) -> bool:
         """Release with the lock's token (compare and delete), tooz's way but quiet."""
