@@ -218,7 +218,7 @@ class EtcdDriver(Driver):
         if not values:
             return False
         value, meta = values[0]
-        return int(meta.get("lease", 0)) == lock.lease and bytes(value) == token
+        return bool(int(meta.get("lease", 0)) == lock.lease and bytes(value) == token)
 
     def fencing_token(self, lock: Any) -> int | None:
         """The revision etcd gives a write to the lock key.

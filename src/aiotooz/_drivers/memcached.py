@@ -79,7 +79,7 @@ class MemcachedDriver(Driver):
             for at in range(0, len(names), _BEAT_BATCH):
                 batch = names[at : at + _BEAT_BATCH]
                 owners.update(_meta_get_and_touch(connection, batch, ttl))
-        member = tooz._member_id  # type: ignore[attr-defined]
+        member = tooz._member_id
         acquired = {id(lock) for lock in list(tooz._acquired_locks)}  # type: ignore[attr-defined]
         return [
             None if lock is None or id(lock) not in acquired else owners.get(lock.name) == member
