@@ -329,3 +329,99 @@ async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
         assert not again.lost
         await again.release()
     assert not client.get(_etcd_lock_key(prefix, names[0]))
+
+
+# -- ZooKeeper: the session carries the lock nodes ------------------------------------
+
+
+async def test_zookeeper_locks_of_an_expired_session_are_lost(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """A beat reads no lock node: it proves the session. A session that expired (here:
+    closed from outside with its id and password) took its nodes with it, and kazoo
+    makes a new one; every lock granted in the old one must read lost."""
+    from kazoo.client import KazooClient
+
+    url = url_for("zookeeper", server_pool, tmp_path) + "?timeout=3"
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        locks = [
+            Lock(f"session-{n}", coordinator=coordinator, cancel_on_loss=False) for n in range(3)
+        ]
+        for lock in locks:
+            assert await lock.acquire()
+        connection = coordinator._connection
+        assert connection is not None
+        kazoo = connection.driver.tooz._coord  # type: ignore[attr-defined]
+        intruder = KazooClient(hosts=urlsplit(url).netloc, client_id=kazoo.client_id)
+        await anyio.to_thread.run_sync(intruder.start)
+        await anyio.to_thread.run_sync(intruder.stop)  # closes the holder's session
+        await anyio.to_thread.run_sync(intruder.close)
+        with anyio.fail_after(10):
+            for lock in locks:
+                await lock.wait_lost()
+        for lock in locks:
+            await lock.release()
+        again = Lock("session-0", coordinator=coordinator)
+        with anyio.fail_after(15):
+            assert await again.acquire()
+        await again.release()
+
+
+# -- batched ownership checks: one beat for every lock held -----------------------------
+
+
+def _take_from_outside(backend: str, url: str, prefix: str, name: str, delete: bool) -> None:
+    """Delete a held lock's key, or give it to another owner, as a foreign process could."""
+    parts = urlsplit(url)
+    if backend == "redis":
+        client = redis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379)
+        key = _redis_key(prefix, name)
+        if delete:
+            client.delete(key)
+        else:
+            client.set(key, b"someone-else", px=30_000)
+        client.close()
+    elif backend == "memcached":
+        from pymemcache.client.base import Client
+
+        memcached = Client((parts.hostname or "127.0.0.1", parts.port or 11211))
+        key = f"__TOOZ_LOCK_{prefix}{name}".encode()
+        if delete:
+            memcached.delete(key)
+        else:
+            memcached.set(key, b"someone-else", expire=30)
+        memcached.close()
+    else:
+        client = _etcd_client(url)
+        key = _etcd_lock_key(prefix, name)
+        if delete:
+            client.delete(key)
+        else:
+            client.put(key, "someone-else")  # on no lease: not on ours any more
+
+
+@pytest.mark.parametrize("backend", ["redis", "memcached", "etcd3+http"])
+async def test_a_lock_taken_among_many_is_told_to_its_holder_only(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
+) -> None:
+    """The beat refreshes and checks every held lock at once: each lock's answer must
+    still be its own (a key deleted, a key given to another owner), the others kept."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        locks = {
+            f"many-{n}": Lock(f"many-{n}", coordinator=coordinator, cancel_on_loss=False)
+            for n in range(40)
+        }
+        for lock in locks.values():
+            assert await lock.acquire()
+        _take_from_outside(backend, url, prefix, "many-7", delete=True)
+        _take_from_outside(backend, url, prefix, "many-23", delete=False)
+        with anyio.fail_after(5):
+            await locks["many-7"].wait_lost()
+            await locks["many-23"].wait_lost()
+        await anyio.sleep(1)  # more beats
+        assert [name for name, lock in locks.items() if lock.lost] == ["many-7", "many-23"]
+        assert coordinator.statistics().locks_lost == 2
+        for lock in locks.values():
+            await lock.release()
+    _take_from_outside(backend, url, prefix, "many-23", delete=True)
