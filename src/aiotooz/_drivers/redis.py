@@ -226,8 +226,9 @@ class RedisDriver(Driver):
 
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
-        #: Locks taken on the event loop, which tooz's heartbeat does not refresh.
-        self._held_natively: set[Any] = set()
+        #: The token of every lock this connection holds, by key: what a beat refreshes
+        #: (joined as it is, with no work per lock in Python).
+        self._held: dict[bytes, bytes] = {}
         self._held_guard = threading.Lock()  # never held across a network call
         self._async_client: Any = None
         self._async_release: Any = None
@@ -269,37 +270,43 @@ class RedisDriver(Driver):
         script over every held key: a key that still holds our token gets its TTL again,
         one that does not (expired, released, or overwritten by another holder) is named
         back. Locks held that are not in ``locks`` (being handed from one task to the
-        next, say) are refreshed too.
+        next, say) are refreshed too. tooz's own per-lock refresh is not used.
         """
         with self._held_guard:
-            held = {id(lock): lock for lock in self._held_natively}
-        held.update((id(lock), lock) for lock in self.tooz._acquired_locks.copy())  # type: ignore[attr-defined]
-        held.update((id(lock), lock) for lock in locks if lock is not None)
-        keyed = [(lock, lock._lock.local.token) for lock in held.values()]
+            held = self._held.copy()
         # A key or token with a newline (a URL's namespace could hold one) cannot be
-        # joined: it is checked as not ours, and the lease rule ends it.
-        keyed = [
-            (lock, token)
-            for lock, token in keyed
-            if token is not None and b"\n" not in lock.name and b"\n" not in token
-        ]
+        # joined: it reads as not ours, and its holder is told.
+        if any(b"\n" in key for key in held):
+            held = {key: token for key, token in held.items() if b"\n" not in key}
+        keys, tokens = list(held), list(held.values())
         client = self.tooz._client  # type: ignore[attr-defined]
         pipeline = client.pipeline(transaction=False)
         member = self.tooz._encode_beat_id(self.tooz._member_id)  # type: ignore[attr-defined]
         membership_ms = max(0, int(self.tooz.membership_timeout * 1000))  # type: ignore[attr-defined]
         pipeline.psetex(member, membership_ms, self.tooz.STILL_ALIVE)  # type: ignore[attr-defined]
         ttl_ms = int(self.lock_ttl * 1000)
-        batches = [keyed[at : at + _REFRESH_BATCH] for at in range(0, len(keyed), _REFRESH_BATCH)]
-        for batch in batches:
-            keys = b"\n".join(lock.name for lock, _ in batch)
-            tokens = b"\n".join(token for _, token in batch)
-            pipeline.eval(_REFRESH_SCRIPT, 0, ttl_ms, keys, tokens)
+        starts = range(0, len(keys), _REFRESH_BATCH)
+        for at in starts:
+            joined_keys = b"\n".join(keys[at : at + _REFRESH_BATCH])
+            joined_tokens = b"\n".join(tokens[at : at + _REFRESH_BATCH])
+            pipeline.eval(_REFRESH_SCRIPT, 0, ttl_ms, joined_keys, joined_tokens)
         answers = pipeline.execute()
-        lost: set[int] = set()
-        for batch, positions in zip(batches, answers[1:], strict=True):
-            lost.update(id(batch[int(at) - 1][0]) for at in positions)
-        ours = {id(lock) for lock, _ in keyed} - lost
-        return [None if lock is None else id(lock) in ours for lock in locks]
+        for at, positions in zip(starts, answers[1:], strict=True):
+            for position in positions:
+                del held[keys[at + int(position) - 1]]
+        # ``held`` now has the keys still ours; a lock is ours if its key holds its token.
+        return [
+            None
+            if lock is None or lock._lock.local.token is None
+            else held.get(lock.name) == lock._lock.local.token
+            for lock in locks
+        ]
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        granted = super().try_acquire(lock, key)
+        if granted:
+            self._keep(lock)
+        return granted
 
     def release(self, lock: Any) -> bool:
         """Release with the lock's token (compare and delete), tooz's way but quiet."""
@@ -348,9 +355,18 @@ class RedisDriver(Driver):
         token, _, member_id = bytes(record).partition(b" ")
         return member_id.decode("utf-8", "replace") if token == lock_token else None
 
+    def _keep(self, lock: Any) -> None:
+        """``lock`` was granted: its key is refreshed by every beat until released."""
+        token = lock._lock.local.token
+        if token is not None:
+            with self._held_guard:
+                self._held[bytes(lock.name)] = token
+
     def _forget(self, lock: Any) -> None:
+        token = lock._lock.local.token
         with self._held_guard:
-            self._held_natively.discard(lock)
+            if token is not None and self._held.get(bytes(lock.name)) == token:
+                del self._held[bytes(lock.name)]
         self.tooz._acquired_locks.discard(lock)  # type: ignore[attr-defined]
 
     # -- on the event loop ---------------------------------------------------------------
@@ -397,8 +413,7 @@ class RedisDriver(Driver):
         if not granted:
             sync_lock.local.token = None
             return False
-        with self._held_guard:
-            self._held_natively.add(lock)
+        self._keep(lock)
         return True
 
     async def release_async(self, lock: Any) -> int:
