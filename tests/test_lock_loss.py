@@ -291,73 +291,137 @@ async def test_memcached_ttls_it_cannot_honour_are_refused(
             pass  # pragma: no cover
 
 
-async def test_etcd_lock_whose_lease_was_swapped_is_lost(
+async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
-    """A late tooz try on the held lock's own object gives it a new lease and revokes it.
-
-    The key stays on the lease it was granted with, which then nobody refreshes: the
-    heartbeat refreshes the revoked lease (etcd answers "not found" without an error,
-    and tooz ignores it), and the key still holds our token until the old lease
-    expires. The holder must be told before the key goes.
-    """
+    """Every lock key of a coordinator is on its one lease (the beat keeps one lease
+    alive, whatever is held). Revoked from outside, it takes every key, every holder is
+    told, and the next acquire is granted on a new lease."""
     url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
     client = _etcd_client(url)
-    key = _etcd_lock_key(prefix, "swapped")
+    names = [f"shared-{number}" for number in range(5)]
     async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("swapped", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            connection = coordinator._connection
-            assert connection is not None
-            [hold] = coordinator.lock_table.holds_through(connection)
-            tooz_lock = hold.handle._tooz_lock
-            granted_lease = tooz_lock._lease.id
+        locks = [Lock(name, coordinator=coordinator, cancel_on_loss=False) for name in names]
+        for lock in locks:
+            assert await lock.acquire()
+        leases = {
+            int(client.get(_etcd_lock_key(prefix, name), metadata=True)[0][1]["lease"])
+            for name in names
+        }
+        assert len(leases) == 1
+        from etcd3gw.lease import Lease
 
-            def late_try() -> None:
-                # What the rest of EtcdDriver.try_acquire does once its read found the key
-                # free: a tooz try (a new lease on the object; the key is taken, so it
-                # fails), then the revoke of the object's lease.
-                assert not tooz_lock.acquire(blocking=False)
-                tooz_lock._lease.revoke()
+        [lease] = leases
+        assert sorted(Lease(lease, client).keys()) == sorted(
+            _etcd_lock_key(prefix, name) for name in names
+        )
+        Lease(lease, client).revoke()
+        with anyio.fail_after(5):
+            for lock in locks:
+                await lock.wait_lost()
+        for lock in locks:
+            await lock.release()
+        again = Lock(names[0], coordinator=coordinator)
+        assert await again.acquire(blocking=5)
+        [(_, meta)] = client.get(_etcd_lock_key(prefix, names[0]), metadata=True)
+        assert int(meta["lease"]) != lease
+        await anyio.sleep(1)  # a few beats: the new lease is kept alive
+        assert not again.lost
+        await again.release()
+    assert not client.get(_etcd_lock_key(prefix, names[0]))
 
-            before = _etcd_revision(client)
-            await anyio.to_thread.run_sync(late_try)
-            assert tooz_lock._lease.id != granted_lease
-            # It leaves no trace in the revisions (a failed transaction, a lease with no
-            # key granted and revoked): the next write is the key's expiry.
-            assert _etcd_revision(client) == before
-            # A keepalive of the revoked lease is answered without a TTL, not refused.
-            assert await anyio.to_thread.run_sync(tooz_lock._lease.refresh) == -1
-            [(_, meta)] = client.get(key, metadata=True)
-            assert int(meta["lease"]) == granted_lease  # the key is on the old lease
-            await _told_before_the_key_goes(lock, client, key)
+
+# -- ZooKeeper: the session carries the lock nodes ------------------------------------
 
 
-async def test_etcd_lock_dropped_from_the_refresh_list_is_lost(
+async def test_zookeeper_locks_of_an_expired_session_are_lost(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
-    """A held lock that tooz no longer refreshes (a late release of the same lock object
-    takes it off tooz's list, whatever the release did at etcd) expires with its token
-    still in the key: the holder must be told before the key goes."""
-    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
-    client = _etcd_client(url)
-    key = _etcd_lock_key(prefix, "dropped")
+    """A beat reads no lock node: it proves the session. A session that expired (here:
+    closed from outside with its id and password) took its nodes with it, and kazoo
+    makes a new one; every lock granted in the old one must read lost."""
+    from kazoo.client import KazooClient
+
+    url = url_for("zookeeper", server_pool, tmp_path) + "?timeout=3"
     async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("dropped", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            connection = coordinator._connection
-            assert connection is not None
-            [hold] = coordinator.lock_table.holds_through(connection)
-            refreshed: set[Any] = connection.driver.tooz._acquired_locks  # type: ignore[attr-defined]
-            refreshed.discard(hold.handle._tooz_lock)
-            await _told_before_the_key_goes(lock, client, key)
+        locks = [
+            Lock(f"session-{n}", coordinator=coordinator, cancel_on_loss=False) for n in range(3)
+        ]
+        for lock in locks:
+            assert await lock.acquire()
+        connection = coordinator._connection
+        assert connection is not None
+        kazoo = connection.driver.tooz._coord  # type: ignore[attr-defined]
+        intruder = KazooClient(hosts=urlsplit(url).netloc, client_id=kazoo.client_id)
+        await anyio.to_thread.run_sync(intruder.start)
+        await anyio.to_thread.run_sync(intruder.stop)  # closes the holder's session
+        await anyio.to_thread.run_sync(intruder.close)
+        with anyio.fail_after(10):
+            for lock in locks:
+                await lock.wait_lost()
+        for lock in locks:
+            await lock.release()
+        again = Lock("session-0", coordinator=coordinator)
+        with anyio.fail_after(15):
+            assert await again.acquire()
+        await again.release()
 
 
-async def _told_before_the_key_goes(lock: Lock, client: Any, key: bytes) -> None:
-    """Wait until ``lock`` is lost or its key is gone; it must be lost first."""
-    with anyio.fail_after(10):
-        while not lock.lost and client.get(key):
-            await anyio.sleep(0.05)
-    gone = not client.get(key)
-    assert lock.lost, "the key's lease expired and the holder was never told"
-    assert not gone, "the holder was told only after the key was gone"
+# -- batched ownership checks: one beat for every lock held -----------------------------
+
+
+def _take_from_outside(backend: str, url: str, prefix: str, name: str, delete: bool) -> None:
+    """Delete a held lock's key, or give it to another owner, as a foreign process could."""
+    parts = urlsplit(url)
+    if backend == "redis":
+        client = redis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379)
+        key = _redis_key(prefix, name)
+        if delete:
+            client.delete(key)
+        else:
+            client.set(key, b"someone-else", px=30_000)
+        client.close()
+    elif backend == "memcached":
+        from pymemcache.client.base import Client
+
+        memcached = Client((parts.hostname or "127.0.0.1", parts.port or 11211))
+        key = f"__TOOZ_LOCK_{prefix}{name}".encode()
+        if delete:
+            memcached.delete(key)
+        else:
+            memcached.set(key, b"someone-else", expire=30)
+        memcached.close()
+    else:
+        client = _etcd_client(url)
+        key = _etcd_lock_key(prefix, name)
+        if delete:
+            client.delete(key)
+        else:
+            client.put(key, "someone-else")  # on no lease: not on ours any more
+
+
+@pytest.mark.parametrize("backend", ["redis", "memcached", "etcd3+http"])
+async def test_a_lock_taken_among_many_is_told_to_its_holder_only(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
+) -> None:
+    """The beat refreshes and checks every held lock at once: each lock's answer must
+    still be its own (a key deleted, a key given to another owner), the others kept."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        locks = {
+            f"many-{n}": Lock(f"many-{n}", coordinator=coordinator, cancel_on_loss=False)
+            for n in range(40)
+        }
+        for lock in locks.values():
+            assert await lock.acquire()
+        _take_from_outside(backend, url, prefix, "many-7", delete=True)
+        _take_from_outside(backend, url, prefix, "many-23", delete=False)
+        with anyio.fail_after(5):
+            await locks["many-7"].wait_lost()
+            await locks["many-23"].wait_lost()
+        await anyio.sleep(1)  # more beats
+        assert [name for name, lock in locks.items() if lock.lost] == ["many-7", "many-23"]
+        assert coordinator.statistics().locks_lost == 2
+        for lock in locks.values():
+            await lock.release()
+    _take_from_outside(backend, url, prefix, "many-23", delete=True)

@@ -602,7 +602,9 @@ class Connection(_Caller):
 
         A beat that returns normally proves nothing about the locks (tooz's redis and
         memcached drivers swallow a failed refresh, its etcd driver ignores one), so each
-        is checked where the driver ``KNOWS_OWNER``.
+        is checked where the driver ``KNOWS_OWNER``, in as few round trips as the driver
+        can (``Driver.beat``): a beat's cost must not grow with the locks held, or it
+        outgrows the lease once a few thousand are held.
 
         Returns:
             For each handle: ``True`` still ours, ``False`` no longer ours, ``None`` the
@@ -611,18 +613,8 @@ class Connection(_Caller):
         Raises:
             BackendUnavailable: the backend failed or did not answer in time.
         """
-        knows_owner = Capability.KNOWS_OWNER in self.capabilities
-
-        def beat() -> list[bool | None]:
-            self.driver.heartbeat()
-            return [
-                self.driver.still_owner(handle._tooz_lock)
-                if knows_owner and handle._tooz_lock is not None
-                else None
-                for handle in handles
-            ]
-
-        return await self._call(self._control_lane, "heartbeat", beat)
+        locks = [handle._tooz_lock for handle in handles]
+        return await self._call(self._control_lane, "heartbeat", lambda: self.driver.beat(locks))
 
     async def close(self) -> None:
         """Let the calls in flight end, then stop the tooz coordinator; errors are swallowed.

@@ -291,7 +291,14 @@ class Coordinator(LeadershipMethods):
     async def _beat_forever(self) -> None:
         while True:
             self._beat_event = anyio.Event()
-            with anyio.move_on_after(self.settings.heartbeat):
+            # Beats start a heartbeat apart, however long the last one took: a beat of
+            # many locks, or on a loaded machine, must not stretch the time between
+            # refreshes (the lease rule counts from a beat's start). A tenth of it at
+            # least, so that nothing can make this loop spin.
+            wait = beat = self.settings.heartbeat
+            if self._last_beat > -math.inf:
+                wait = max(beat / 10, self._last_beat + beat - anyio.current_time())
+            with anyio.move_on_after(wait):
                 await self._beat_event.wait()
             connection = self._connection
             if connection is None:

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, final
 
 import anyio
@@ -182,6 +182,23 @@ class Driver:
     def heartbeat(self) -> None:
         """One heartbeat: prove the connection is alive and refresh TTL locks."""
         self.tooz.heartbeat()
+
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """One heartbeat, then whether each of ``locks`` (held, or ``None``) is still ours.
+
+        The default is :meth:`heartbeat` and then :meth:`still_owner` per lock (where the
+        driver ``KNOWS_OWNER``): a round trip per held lock. Drivers that can refresh and
+        check every lock in a few round trips, whatever is held, override it.
+
+        Returns:
+            For each lock: ``True`` still ours, ``False`` no longer ours, ``None`` the
+            driver cannot tell (and for a ``None`` lock).
+        """
+        self.heartbeat()
+        knows_owner = Capability.KNOWS_OWNER in self.capabilities
+        return [
+            self.still_owner(lock) if knows_owner and lock is not None else None for lock in locks
+        ]
 
     # -- locks ---------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tooz.coordination
@@ -14,6 +14,8 @@ __all__ = ["ZooKeeperDriver"]
 #: The node of the record kept beside a lock: the lock's path and this suffix (no lock
 #: key has it: plain keys have no ``~``, mapped keys end in ``~`` and 32 hex digits).
 _RECORD_SUFFIX = "~record"
+#: The attribute of a tooz lock object that names the session its node was made in.
+_SESSION_ATTRIBUTE = "_aiotooz_session"
 
 #: What kazoo's lock recipe puts in a contender node's name, before its sequence number.
 _NODE_MARK = "__lock__"
@@ -71,9 +73,36 @@ class ZooKeeperDriver(Driver):
                 f"ZooKeeper did not answer within {deadline:g} s"
             ) from exc
 
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """Prove the session; a lock granted in this session is still ours.
+
+        The session carries its ephemeral lock nodes: while it is the one a lock was
+        granted in, the node is there, and no read per lock is needed (tooz's check
+        reads each node: a round trip per held lock per beat). A session that expired
+        and was replaced by kazoo took its nodes with it: each lock granted in it reads
+        lost.
+        """
+        self.heartbeat()
+        session = self._session_id()
+        return [
+            None
+            if lock is None or not lock.acquired
+            else getattr(lock, _SESSION_ATTRIBUTE, None) == session
+            for lock in locks
+        ]
+
+    def _session_id(self) -> int:
+        return int(self._client.client_id[0])
+
     def try_acquire(self, lock: Any, key: str) -> bool:
         self._check_connected()
-        return super().try_acquire(lock, key)
+        session = self._session_id()
+        granted = super().try_acquire(lock, key)
+        if granted:
+            # The session the node was made in (read before: a session replaced during
+            # the try makes the grant read lost at the next beat, never the reverse).
+            setattr(lock, _SESSION_ATTRIBUTE, session)
+        return granted
 
     def release(self, lock: Any) -> bool:
         # The lock node is ephemeral: it goes with the session if we cannot release it.
