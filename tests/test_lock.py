@@ -369,3 +369,21 @@ async def test_a_polled_file_lock_is_fully_released(
         gc.collect()
     assert not [record for record in caplog.records if "Unreleased lock" in record.getMessage()]
     assert run_worker("try", file_url, prefix, "polled") == "acquired"
+
+
+async def test_a_release_inside_the_block_leaves_its_exit_quiet(coordinator: Coordinator) -> None:
+    """The exit releases nothing more, and never puts LockNotHeld in place of the body's
+    own exception; a second explicit release() still raises LockNotHeld."""
+    lock = coordinator.get_lock("early")
+    async with lock:
+        await lock.release()
+        assert not lock.locked()
+        with pytest.raises(LockNotHeld):
+            await lock.release()
+    with pytest.raises(ValueError, match="the body's own"):
+        async with lock:
+            await lock.release()
+            raise ValueError("the body's own")
+    async with lock(blocking=False):  # free again
+        assert coordinator.statistics().locks_held == 1
+    assert coordinator.statistics().locks_held == 0

@@ -576,12 +576,12 @@ class Connection(_Caller):
 
         def beat() -> list[bool | None]:
             self.driver.heartbeat()
-            return [
-                self.driver.still_owner(handle._tooz_lock)
-                if knows_owner and handle._tooz_lock is not None
-                else None
-                for handle in handles
-            ]
+            if not knows_owner:
+                return [None] * len(handles)
+            locks = [handle._tooz_lock for handle in handles]
+            known = self.driver.still_owners([lock for lock in locks if lock is not None])
+            answers = iter(known)
+            return [None if lock is None else next(answers) for lock in locks]
 
         return await self._call(self._control_lane, "heartbeat", beat)
 

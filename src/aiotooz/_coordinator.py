@@ -315,7 +315,10 @@ class Coordinator(LeadershipMethods):
         for hold, still_ours in zip(holds, owned, strict=True):
             if still_ours is False:
                 self.lock_table.declare_lost(
-                    hold, "the backend says another owner has it, or it expired", "taken_over"
+                    hold,
+                    "the backend says another owner has it, or it expired, or the session "
+                    "that held it ended",
+                    "taken_over",
                 )
 
     async def _reconnect(self, old: Connection) -> None:

@@ -311,6 +311,10 @@ class Lock:
         up locally and a warning is logged: the backend frees it when its TTL or
         session ends.
 
+        A lock found lost as it is released -- by the lease rule (the event loop was
+        blocked past the lease), or because the backend answers that it is no longer
+        ours -- leaves [`lost`][aiotooz.Lock.lost] true, with its reason.
+
         Raises:
             LockNotHeld: this lock object does not hold the lock.
         """
@@ -318,8 +322,15 @@ class Lock:
         table, self._table = self._table, None
         if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be released")
-        self._lost_reason = hold.lost_reason
-        await table.release(hold)
+        # Released now: a loss found from here on is recorded, never a cancellation.
+        hold.on_lost = None
+        # The lease rule, as at any read of `lost`: a body that blocked the event loop
+        # past the lease, then ended without an await, lost the lock while it ran.
+        table.check_lease(hold, anyio.current_time())
+        try:
+            await table.release(hold)
+        finally:
+            self._lost_reason = hold.lost_reason
 
     def __call__(self, blocking: Blocking = True) -> BudgetContext[Lock]:
         """``async with lock(blocking=2.5):`` takes the lock with that budget or raises."""
@@ -368,18 +379,29 @@ async def _exit(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Release after an ``async with`` block; turn a loss into [`LockLost`][aiotooz.LockLost]."""
+    """Release after an ``async with`` block; turn a loss into [`LockLost`][aiotooz.LockLost].
+
+    A loss found by the release itself (the lease rule, or the backend's "not ours")
+    counts too. A lock the body released itself is not released again: the exit is
+    quiet, unless a loss cancelled the body first.
+    """
     context, lock._context = lock._context, None
     if context is not None:
         _FENCED.reset(context)
     scope, lock._scope = lock._scope, None
+    cut_short = False
     if scope is not None:
         # Swallows the cancellation the loss caused, and only that one.
         if scope.__exit__(exc_type, exc, tb):
             exc = None
-    hold = lock._hold
-    reason = hold.lost_reason if hold is not None else None
-    await lock.release()
+            cut_short = True
+    if lock._hold is None:
+        # Released inside the block: nothing to release, and no error to put in place
+        # of the body's own; but a body the loss cut short must not pass as finished.
+        reason = lock._lost_reason if cut_short else None
+    else:
+        await lock.release()
+        reason = lock._lost_reason
     if reason is None or not lock._cancel_on_loss:
         return
     if isinstance(exc, anyio.get_cancelled_exc_class()):

@@ -183,6 +183,14 @@ class _Holdings:
         """
         if hold.lost or hold.released:
             return
+        self._mark_lost(hold, reason, kind)
+        if hold.ended is not None:
+            hold.ended.set()
+        if hold.on_lost is not None:
+            hold.on_lost()
+
+    def _mark_lost(self, hold: Hold, reason: str, kind: str) -> None:
+        """Record ``hold``'s loss: its reason, the count, the telemetry and the log."""
         hold.lost_reason = reason
         self.lost_count += 1
         instruments.lost.add(1, {**hold.attributes, "aiotooz.reason": kind})
@@ -192,10 +200,6 @@ class _Holdings:
             reason=reason,
             held=round(time.perf_counter() - hold.acquired_at, 6),
         )
-        if hold.ended is not None:
-            hold.ended.set()
-        if hold.on_lost is not None:
-            hold.on_lost()
 
     def declare_lost_through(self, connection: Connection, reason: str) -> None:
         """Every hold taken through ``connection`` is lost (it failed or was replaced)."""
@@ -425,7 +429,8 @@ class LockTable(_Holdings):
 
         A lost lock is still released at the backend when it was taken through the
         current connection: the driver's release checks ownership (token, lease, member
-        id), and it stops tooz from refreshing the lock in later beats.
+        id), and it stops tooz from refreshing the lock in later beats. A release the
+        backend answers with "not ours" makes ``hold`` lost: it was lost while held.
         """
         if hold.released:
             return
@@ -438,9 +443,19 @@ class LockTable(_Holdings):
             if hold.handle.connection is self._owner.connection:
                 # Not shielded: a cancelled caller (or one whose backend hangs) stops
                 # waiting, and the release still runs in its worker thread.
-                await self._tries.release(
-                    hold.handle, hold.name, hold.lost, contended=hold.queue.waiting > 0
+                ours = await self._tries.release(
+                    hold.handle, hold.name, lost=True, contended=hold.queue.waiting > 0
                 )
+                if not ours and not hold.lost:
+                    # Taken by another owner (or expired) since the last check: lost while
+                    # held. Recorded for the holder (`lost`, and `LockLost` out of an
+                    # `async with` block); nothing left to cancel, it is released.
+                    self._mark_lost(
+                        hold,
+                        "the backend said at release that another owner had it, or that "
+                        "it had expired",
+                        "taken_over",
+                    )
                 if hold.handle.woken and hold.queue.waiting:
                     # Fairness: waiters elsewhere were woken by this release; the next
                     # waiter here lets them go first instead of winning the race.

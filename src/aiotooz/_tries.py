@@ -219,19 +219,26 @@ class BackendTries:
 
     async def release(
         self, handle: LockHandle, name: str, lost: bool = False, contended: bool = False
-    ) -> None:
+    ) -> bool:
         """Release ``handle``'s lock at the backend; failures are logged, not raised.
 
         ``contended``: a local waiter is next, so ask who waits elsewhere (fairness).
+        ``lost``: the lock is known to be lost, or the caller deals with a "no longer
+        ours" answer itself (no warning is logged for it here).
+
+        Returns:
+            ``False`` if the backend said the lock was no longer ours; ``True`` if it was
+            released, or the backend could not be told.
         """
         try:
             released = await handle.connection.release(handle, contended)
         except CoordinationError as exc:
             # Nothing the caller could do: the lock ends with its TTL or session.
             self._log.warning("backend release failed", lock=name, error=str(exc))
-            return
+            return True
         if not released and not lost:
             self._log.warning("lock was no longer held at the backend when released", lock=name)
+        return released
 
     # -- loss ----------------------------------------------------------------------------
 

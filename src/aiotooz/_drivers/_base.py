@@ -19,7 +19,7 @@ import enum
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, final
 
 import anyio
@@ -291,6 +291,14 @@ class Driver:
             return bool(lock.is_still_owner())
         except tooz.NotImplemented:
             return None
+
+    def still_owners(self, locks: Sequence[Any]) -> list[bool | None]:
+        """:meth:`still_owner` for each of ``locks`` (held): the heartbeat's check.
+
+        One call per lock here; a driver that can ask about all of them at once (one
+        round trip per beat, whatever is held) does so.
+        """
+        return [self.still_owner(lock) for lock in locks]
 
 
 #: The TTL options tooz derives from ``timeout`` on the memcached and etcd drivers.
