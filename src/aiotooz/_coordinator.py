@@ -25,7 +25,7 @@ from ._logging import get_logger
 from ._names import check_prefix
 from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
-from ._tasks import BackgroundTask, spawn, task_id_getter
+from ._tasks import BackgroundTask, spawn, task_id_getter, threadsafe_starter
 from ._telemetry import instruments, register_coordinator, unregister_coordinator
 
 __all__ = ["Coordinator", "CoordinatorStatistics"]
@@ -196,6 +196,7 @@ class Coordinator(LeadershipMethods):
         self._connection = connection
         self.lock_table.last_refresh = connecting
         self.lock_table.task_id = task_id_getter()
+        self.lock_table.start_soon_threadsafe = threadsafe_starter()
         self._started = True
         register_coordinator(self)
         self._state_changed()

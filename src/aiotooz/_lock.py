@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -168,6 +169,9 @@ class Lock:
     true and a warning is logged). [`wait_lost()`][aiotooz.Lock.wait_lost] lets a task
     watch for it.
 
+    A lock object garbage-collected while held is released by its coordinator, with a
+    ``ResourceWarning``, as Python closes a file left open.
+
     Args:
         name: the lock name, any non-empty ``str``; with ``data``, a format string.
         data: values for the ``{field}`` parts of ``name``.
@@ -217,6 +221,20 @@ class Lock:
     def __repr__(self) -> str:
         state = "lost" if self.lost else "locked" if self.locked() else "unlocked"
         return f"<aiotooz.Lock {self.name!r} {state}>"
+
+    def __del__(self) -> None:
+        # As Python closes a file left open: a lock dropped while held would otherwise
+        # stay held (and refreshed) until its coordinator stops.
+        hold, table = self._hold, self._table
+        if hold is None or table is None or hold.released:
+            return
+        warnings.warn(
+            f"aiotooz.Lock {self.name!r} was garbage-collected while held; its coordinator "
+            "releases it. Release locks you acquire (or use 'async with lock:')",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        table.release_dropped(hold)
 
     @property
     def coordinator(self) -> Coordinator:

@@ -19,10 +19,11 @@ Glossary:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -287,6 +288,9 @@ class LockTable(_Holdings):
         self._describe = describe
         #: The current task's id; picked for the event loop when the coordinator starts.
         self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
+        #: Starts a task on the coordinator's event loop from any thread (a finalizer's);
+        #: set when the coordinator starts (see ``_tasks.threadsafe_starter``).
+        self.start_soon_threadsafe: Callable[[Callable[[], Awaitable[object]]], None] | None = None
         # name -> key, for names used again and again (bounded: cleared when full).
         self._keys: dict[str, str] = {}
         self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
@@ -468,6 +472,27 @@ class LockTable(_Holdings):
                 lost=hold.lost_reason,
                 held=round(time.perf_counter() - hold.acquired_at, 6),
             )
+
+    def release_dropped(self, hold: Hold) -> None:
+        """``hold``'s lock object was garbage-collected while held: release it soon.
+
+        Called from a finalizer, in any thread: the release runs as a task of the
+        coordinator's event loop. Nothing happens if the loop is gone (the process is
+        ending: the backend frees the lock with its TTL, session or process).
+        """
+        start = self.start_soon_threadsafe
+        if start is None or hold.released:
+            return
+
+        async def release() -> None:
+            self._log.warning("lock dropped while held; released", lock=hold.name)
+            try:
+                await self.release(hold)
+            except Exception:  # nobody to raise it to
+                self._log.exception("releasing a dropped lock failed", lock=hold.name)
+
+        with contextlib.suppress(RuntimeError):  # the event loop is closed
+            start(release)
 
     async def release_all(self, within: float) -> None:
         """On stop: declare every hold lost and release it, all within ``within`` s.
