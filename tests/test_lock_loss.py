@@ -567,3 +567,23 @@ async def test_a_loss_that_cut_the_body_short_is_raised_after_a_release_inside(
                 finally:
                     await lock.release()
     client.close()
+
+
+async def test_a_grant_too_late_to_use_is_not_handed_out(redis_url: str, prefix: str) -> None:
+    """A try that takes more than the lease rule's share of the TTL (a backend slowed
+    down) is granted a lock the lease rule already calls lost: the block would be
+    cancelled at once, or, with no await, raise LockLost at its exit. It is given back
+    and tried again instead."""
+    parts = urlsplit(redis_url)
+    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.0) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=1"
+        async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+            lock = coordinator.get_lock("late")
+            proxy.set_delay(0.5)  # a round trip takes 1 s: more than 3/4 of the TTL
+            assert await lock.acquire(blocking=5) is False
+            proxy.set_delay(0.0)
+            # Nothing was left held: given back at once, it is free now.
+            with anyio.fail_after(10):
+                async with lock:
+                    pass
+            assert not lock.lost

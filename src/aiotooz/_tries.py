@@ -155,7 +155,8 @@ class BackendTries:
                 token = await self.fence(handle, tried_at, fencing)
                 if token is not False:
                     return handle, tried_at, token
-                # Gone already (expired, or taken over): not granted after all.
+                # Gone already (expired, taken over), or granted too late to use: not
+                # granted after all.
                 await self.release(handle, key, lost=True)
         except BackendUnavailable as exc:
             if handle.held:  # granted, but no fencing token could be had for it
@@ -181,17 +182,18 @@ class BackendTries:
     ) -> int | Literal[False] | None:
         """A new fencing token for a grant (``None`` if none was asked for).
 
-        ``False`` if the lock turned out not to be ours, or the token came too late to
-        use: past the lease rule's share of the TTL, another holder may exist already.
+        ``False`` if the lock turned out not to be ours, or the grant (or its token)
+        came too late to use: past the lease rule's share of the TTL, another holder may
+        exist already (a try that took that long, say, on a backend that was paused), and
+        the holder would be told it lost the lock at once, or at its block's exit.
         """
-        if not fencing:
-            return None
-        token = await handle.connection.fencing_token(handle)
-        if token is not None:
+        token = None
+        if fencing:
+            token = await handle.connection.fencing_token(handle)
+            if token is None:
+                return False
             instruments.fencing_tokens.add(1, {"aiotooz.backend": handle.connection.scheme})
         ttl = handle.connection.lock_ttl
-        if token is None:
-            return False
         if ttl is not None:
             refreshed = max(lease_start, self._refreshed())
             if anyio.current_time() - refreshed > ttl * LEASE_SHARE:
