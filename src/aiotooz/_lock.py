@@ -225,7 +225,8 @@ class Lock:
     def __del__(self) -> None:
         # As Python closes a file left open: a lock dropped while held would otherwise
         # stay held (and refreshed) until its coordinator stops.
-        hold, table = self._hold, self._table
+        # getattr: a bad name fails __init__ before the slots are set.
+        hold, table = getattr(self, "_hold", None), getattr(self, "_table", None)
         if hold is None or table is None or hold.released:
             return
         warnings.warn(
