@@ -628,7 +628,6 @@ class MySQLDriver(_SQLDriver):
         with driver._conn.cursor() as cursor:
             cursor.execute(f"SELECT {columns}", [lock.name for lock, _ in asked])
             row = cursor.fetchone()
-        driver._conn.commit()  # no snapshot kept for the next beat
         pairs = zip(asked, row, strict=True)
         return {id(lock) for (lock, session), holder in pairs if holder == session}
 
