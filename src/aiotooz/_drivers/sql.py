@@ -103,9 +103,10 @@ class _SQLDriver(ProbingDriver):
 
         Each lock has a session of its own (tooz opens a connection per lock); the
         question goes once per beat, on the driver's own connection, with the session
-        ids of every held lock (PostgreSQL: backend pids, in ``pg_locks``; MySQL:
-        connection ids, against ``IS_USED_LOCK``). A session our side knows is closed
-        needs no question. The own connection is reopened and asked again once if it
+        ids of every held lock (PostgreSQL: backend pids, in ``pg_locks``, each asked
+        once on its session at the first beat after its grant; MySQL: connection ids
+        from the handshake, against ``IS_USED_LOCK``). A session our side knows is
+        closed needs no question. The own connection is reopened and asked again once if it
         failed (it may have been killed on its own); a second failure is the server's.
         """
         sessions = [self._session_of(lock) for lock in locks]
@@ -391,10 +392,28 @@ class PostgreSQLDriver(_SQLDriver):
         return int(row[0]) if row else 0
 
     def _session_of(self, lock: Any) -> int | None:
+        """The server's pid of the lock's session, asked once on that session.
+
+        Not the pid the client was told at connect: behind a pooler (PgBouncer in
+        session mode) that one is the pooler's, not the server's.
+        """
+        import psycopg2
+
         connection = lock._conn
         if not lock.acquired or connection is None or connection.closed:
             return None
-        return int(connection.get_backend_pid())  # known client side: no round trip
+        known = getattr(lock, "_aiotooz_session", None)
+        if known is None or known[0] is not connection:
+            try:
+                # psycopg2 connections are thread-safe: a call of the holder's (a
+                # fencing token, a leader record) waits for this one, or the reverse.
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    row = cursor.fetchone()
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                return None  # the session died: the server freed the lock with it
+            known = lock._aiotooz_session = (connection, int(row[0]))
+        return int(known[1])
 
     def _held_by_sessions(self, driver: Any, asked: list[tuple[Any, int]]) -> set[int]:
         with driver._conn.cursor() as cursor:
