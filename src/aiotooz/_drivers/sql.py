@@ -106,8 +106,9 @@ class _SQLDriver(ProbingDriver):
         ids of every held lock (PostgreSQL: backend pids, in ``pg_locks``, each asked
         once on its session at the first beat after its grant; MySQL: connection ids
         from the handshake, against ``IS_USED_LOCK``). A session our side knows is
-        closed needs no question. The own connection is reopened and asked again once if it
-        failed (it may have been killed on its own); a second failure is the server's.
+        closed needs no question. The own connection is reopened and asked again once
+        if it failed (it may have been killed on its own); a second failure is the
+        server's.
         """
         sessions = [self._session_of(lock) for lock in locks]
         asked = [
@@ -141,11 +142,13 @@ class _SQLDriver(ProbingDriver):
     def _held_by_sessions(self, driver: Any, asked: list[tuple[Any, int]]) -> set[int]:
         """Ask, in one query, which locks their sessions hold; their ``id()``s."""
 
-    @abc.abstractmethod
-    def _drop_own(self, driver: Any) -> None:
+    @staticmethod
+    def _drop_own(driver: Any) -> None:
         """Close the driver's own connection, so that it is reopened."""
+        with contextlib.suppress(Exception):
+            driver._conn.close()
 
-    def granted(self, lock: Any) -> None:
+    def _granted_now(self, lock: Any) -> None:
         with self._granted_guard:
             self._granted.add(lock)
 
@@ -421,10 +424,6 @@ class PostgreSQLDriver(_SQLDriver):
             rows = {(int(pid), int(classid), int(objid)) for pid, classid, objid in cursor}
         return {id(lock) for lock, pid in asked if (pid, *tuple(lock.key)) in rows}
 
-    def _drop_own(self, driver: Any) -> None:
-        with contextlib.suppress(Exception):
-            driver._conn.close()
-
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One try, refusing a name that would wait for its own holder.
 
@@ -455,7 +454,7 @@ class PostgreSQLDriver(_SQLDriver):
         if granted:
             with self._held_guard:
                 self._held[advisory] = key
-            self.granted(lock)
+            self._granted_now(lock)
         return granted
 
     def release(self, lock: Any) -> bool:
@@ -608,7 +607,7 @@ class MySQLDriver(_SQLDriver):
                 self._close_quietly(spare)
         granted = super().try_acquire(lock, key)
         if granted:
-            self.granted(lock)
+            self._granted_now(lock)
         return granted
 
     def release(self, lock: Any) -> bool:
@@ -649,10 +648,6 @@ class MySQLDriver(_SQLDriver):
             row = cursor.fetchone()
         pairs = zip(asked, row, strict=True)
         return {id(lock) for (lock, session), holder in pairs if holder == session}
-
-    def _drop_own(self, driver: Any) -> None:
-        with contextlib.suppress(Exception):
-            driver._conn.close()
 
     def _ready_for_try(self, connection: Any) -> bool:
         return bool(connection.open)
