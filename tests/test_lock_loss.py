@@ -425,3 +425,229 @@ async def test_a_lock_taken_among_many_is_told_to_its_holder_only(
         for lock in locks.values():
             await lock.release()
     _take_from_outside(backend, url, prefix, "many-23", delete=True)
+
+
+# -- PostgreSQL and MySQL: a lock lives as long as its session --------------------------
+
+
+def _kill_sessions(backend: str, url: str, key: str, every: bool) -> None:
+    """From outside, as an operator or a reaper would: end the session holding ``key``
+    (``pg_terminate_backend``, ``KILL``), or, with ``every``, every client session."""
+    parts = urlsplit(url)
+    if backend == "postgresql":
+        import hashlib
+
+        import psycopg2
+
+        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
+        connection = psycopg2.connect(url)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                if every:
+                    cursor.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                        " AND backend_type = 'client backend'"
+                    )
+                else:
+                    cursor.execute(
+                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                        " AND classid = %s AND objid = %s AND objsubid = 2",
+                        advisory,
+                    )
+                pids = [pid for (pid,) in cursor.fetchall()]
+                assert pids, "no session to kill"
+                for pid in pids:
+                    cursor.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                query = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+                _wait_gone(cursor, query, pids)
+        finally:
+            connection.close()
+        return
+    import pymysql
+
+    connection = pymysql.connect(
+        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
+    )
+    try:
+        with connection.cursor() as cursor:
+            if every:
+                cursor.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
+                    " AND COMMAND NOT IN ('Daemon', 'Binlog Dump') AND USER = %s",
+                    (parts.username or "root",),
+                )
+            else:
+                cursor.execute("SELECT IS_USED_LOCK(%s)", (key,))
+            ids = [row[0] for row in cursor.fetchall() if row[0] is not None]
+            assert ids, "no session to kill"
+            for session in ids:
+                cursor.execute(f"KILL {int(session)}")
+            ids_in = ", ".join(str(int(session)) for session in ids)
+            query = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({ids_in})"
+            _wait_gone(cursor, query, None)
+    finally:
+        connection.close()
+
+
+def _wait_gone(cursor: Any, query: str, sessions: list[int] | None) -> None:
+    """Wait until the killed sessions are gone (a kill is a signal: it takes a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        cursor.execute(query, None if sessions is None else (sessions,))
+        if cursor.fetchone()[0] == 0:
+            return
+        assert time.monotonic() < deadline, "the killed sessions did not end"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["its session", "every session"])
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+async def test_a_killed_sql_session_is_a_lost_lock(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str, every: bool
+) -> None:
+    """The server frees a lock the moment its session ends: the holder went on, never
+    told, while another process took the lock. With ``every``, the coordinator's own
+    connection (the one the check asks on) is killed too."""
+    url = url_for(backend, server_pool, tmp_path)
+    heartbeat = 0.5
+    async with make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator:
+        with pytest.raises(LockLost, match="the session that held it ended"):
+            async with coordinator.get_lock("killed"):
+                await anyio.to_thread.run_sync(
+                    _kill_sessions, backend, url, f"{prefix}killed", every
+                )
+                killed = anyio.current_time()
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    noticed = anyio.current_time() - killed
+        # A beat or two, and slack for a loaded machine.
+        assert noticed < 2 * heartbeat + 2, noticed
+        assert coordinator.statistics().reconnects == 0  # the lock's loss, not the connection's
+        # Another process can take it, and so can this coordinator.
+        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
+        assert outcome == "acquired"
+        with anyio.fail_after(10):
+            async with coordinator.get_lock("killed"):
+                pass
+
+
+# -- a loss found at the release: the lease rule, and the backend's "not ours" -----------
+
+
+async def test_a_block_that_outlives_its_lease_without_an_await_raises_lock_lost(
+    redis_url: str, prefix: str
+) -> None:
+    """The body blocks the event loop past the lease (another process takes the lock
+    meanwhile) and ends without an await: the exit must not pass quietly."""
+    url = f"{redis_url}?lock_timeout=1"
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        with pytest.raises(LockLost, match="no refresh reached the backend"):
+            async with coordinator.get_lock("overrun"):
+                time.sleep(1.6)  # noqa: ASYNC251 - blocking the loop is the point
+                assert run_worker("try", redis_url, prefix, "overrun") == "acquired"
+        # An explicit release tells it too, through `lost`.
+        lock = coordinator.get_lock("overrun")
+        await lock.acquire()
+        time.sleep(1.6)  # noqa: ASYNC251
+        await lock.release()
+        assert lock.lost
+        assert "no refresh reached the backend" in (lock.lost_reason or "")
+
+
+def _take_away(backend: str, url: str, key: str) -> None:
+    """From outside, with the backend's own client: ``key`` is no longer ours (another
+    owner's token on it, our node deleted, our session killed)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    if backend == "redis":
+        client = redis.Redis(host=host, port=port or 6379)
+        client.set(f"_tooz_{key}_lock".encode(), b"someone-else", px=30_000)
+        client.close()
+    elif backend == "memcached":
+        from pymemcache.client.base import Client
+
+        memcached = Client((host, port or 11211))
+        # flags=1: raw bytes, as tooz stores a member id.
+        memcached.set(b"__TOOZ_LOCK_" + key.encode(), b"someone-else", 30, noreply=False, flags=1)
+        memcached.close()
+    elif backend == "etcd3+http":
+        _etcd_client(url).put(f"/tooz/locks{key}", "someone-else")
+    elif backend == "zookeeper":
+        from kazoo.client import KazooClient
+
+        zookeeper = KazooClient(hosts=f"{host}:{port}")
+        zookeeper.start(timeout=10)
+        try:
+            path = f"/tooz/locks/{key}"
+            children = zookeeper.get_children(path)
+            assert children
+            for child in children:
+                zookeeper.delete(f"{path}/{child}")
+        finally:
+            zookeeper.stop()
+            zookeeper.close()
+    else:
+        _kill_sessions(backend, url, key, every=False)
+
+
+@pytest.mark.parametrize(
+    "backend", ["redis", "memcached", "etcd3+http", "zookeeper", "postgresql", "mysql"]
+)
+async def test_a_release_answered_not_ours_is_a_loss(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
+) -> None:
+    """Taken away from outside before the next beat could tell: the release is the first
+    to know. The block raises LockLost; an explicit release leaves `lost` true."""
+    url = url_for(backend, server_pool, tmp_path)
+    # No beat within the test (the first comes 4 s after the start): the release tells.
+    async with make_coordinator(url, prefix, heartbeat=4) as coordinator:
+        with pytest.raises(LockLost, match="said at release"):
+            async with coordinator.get_lock("block"):
+                _take_away(backend, url, f"{prefix}block")
+        lock = coordinator.get_lock("explicit")
+        await lock.acquire()
+        await anyio.to_thread.run_sync(_take_away, backend, url, f"{prefix}explicit")
+        await lock.release()
+        assert lock.lost
+        assert "said at release" in (lock.lost_reason or "")
+        assert coordinator.statistics().locks_lost == 2
+
+
+async def test_a_loss_that_cut_the_body_short_is_raised_after_a_release_inside(
+    redis_url: str, prefix: str
+) -> None:
+    """A body cancelled by the loss that releases in its ``finally`` must not pass as
+    finished: the exit is quiet after a release inside the block, but not then."""
+    client = redis.Redis.from_url(redis_url)
+    async with make_coordinator(redis_url, prefix, heartbeat=0.1) as coordinator:
+        lock = coordinator.get_lock("cut")
+        with pytest.raises(LockLost, match="another owner"):
+            async with lock:
+                try:
+                    client.set(_redis_key(prefix, "cut"), b"someone-else", px=30_000)
+                    await anyio.sleep(10)
+                finally:
+                    await lock.release()
+    client.close()
+
+
+async def test_a_grant_too_late_to_use_is_not_handed_out(redis_url: str, prefix: str) -> None:
+    """A try that takes more than the lease rule's share of the TTL (a backend slowed
+    down) is granted a lock the lease rule already calls lost: the block would be
+    cancelled at once, or, with no await, raise LockLost at its exit. It is given back
+    and tried again instead."""
+    parts = urlsplit(redis_url)
+    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.0) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=1"
+        async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+            lock = coordinator.get_lock("late")
+            proxy.set_delay(0.5)  # a round trip takes 1 s: more than 3/4 of the TTL
+            assert await lock.acquire(blocking=5) is False
+            proxy.set_delay(0.0)
+            # Nothing was left held: given back at once, it is free now.
+            with anyio.fail_after(10):
+                async with lock:
+                    pass
+            assert not lock.lost

@@ -411,3 +411,33 @@ async def test_a_reconnect_cancels_holders_and_waiters_ride_it_out(
                 await coordinator.wait_connected()
         assert outcomes[-1] == "waiter held"
         assert coordinator.statistics().locks_held == 0
+
+
+async def test_a_slot_found_lost_at_its_release_raises_lock_lost(
+    redis_url: str, prefix: str
+) -> None:
+    """As for a lock: a block whose slot the release finds taken (before any beat could
+    tell) raises LockLost."""
+    client = redis.Redis.from_url(redis_url)
+    async with make_coordinator(redis_url, prefix, heartbeat=4) as coordinator:
+        semaphore = Semaphore("taken", 1, coordinator=coordinator)
+        with pytest.raises(LockLost, match="said at release"):
+            async with semaphore:
+                key = slot_key(prefix, "taken", semaphore.slot)
+                client.set(f"_tooz_{key}_lock".encode(), b"someone-else", px=30_000)
+    client.close()
+
+
+async def test_a_release_inside_a_block_never_replaces_the_body_error(
+    file_url: str, prefix: str
+) -> None:
+    """release() never takes a block's own slot (it raises LockNotHeld where it is
+    called); the block's exit releases it, and the body's exception comes through."""
+    async with make_coordinator(file_url, prefix) as coordinator:
+        semaphore = Semaphore("early", 2, coordinator=coordinator)
+        with pytest.raises(ValueError, match="the body's own"):
+            async with semaphore:
+                with pytest.raises(LockNotHeld):
+                    await semaphore.release()
+                raise ValueError("the body's own")
+        assert coordinator.statistics().locks_held == 0

@@ -25,7 +25,7 @@ from ._logging import get_logger
 from ._names import check_prefix
 from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
-from ._tasks import BackgroundTask, spawn, task_id_getter
+from ._tasks import BackgroundTask, spawn, task_id_getter, threadsafe_starter
 from ._telemetry import instruments, register_coordinator, unregister_coordinator
 
 __all__ = ["Coordinator", "CoordinatorStatistics"]
@@ -197,6 +197,7 @@ class Coordinator(LeadershipMethods):
         self._connection = connection
         self.lock_table.last_refresh = connecting
         self.lock_table.task_id = task_id_getter()
+        self.lock_table.start_soon_threadsafe = threadsafe_starter()
         self._started = True
         register_coordinator(self)
         self._state_changed()
@@ -323,7 +324,10 @@ class Coordinator(LeadershipMethods):
         for hold, still_ours in zip(holds, owned, strict=True):
             if still_ours is False:
                 self.lock_table.declare_lost(
-                    hold, "the backend says another owner has it, or it expired", "taken_over"
+                    hold,
+                    "the backend says another owner has it, or it expired, or the session "
+                    "that held it ended",
+                    "taken_over",
                 )
 
     async def _reconnect(self, old: Connection) -> None:

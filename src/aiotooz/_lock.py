@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -168,6 +169,9 @@ class Lock:
     true and a warning is logged). [`wait_lost()`][aiotooz.Lock.wait_lost] lets a task
     watch for it.
 
+    A lock object garbage-collected while held is released by its coordinator, with a
+    ``ResourceWarning``, as Python closes a file left open.
+
     Args:
         name: the lock name, any non-empty ``str``; with ``data``, a format string.
         data: values for the ``{field}`` parts of ``name``.
@@ -217,6 +221,21 @@ class Lock:
     def __repr__(self) -> str:
         state = "lost" if self.lost else "locked" if self.locked() else "unlocked"
         return f"<aiotooz.Lock {self.name!r} {state}>"
+
+    def __del__(self) -> None:
+        # As Python closes a file left open: a lock dropped while held would otherwise
+        # stay held (and refreshed) until its coordinator stops.
+        # getattr: a bad name fails __init__ before the slots are set.
+        hold, table = getattr(self, "_hold", None), getattr(self, "_table", None)
+        if hold is None or table is None or hold.released:
+            return
+        warnings.warn(
+            f"aiotooz.Lock {self.name!r} was garbage-collected while held; its coordinator "
+            "releases it. Release locks you acquire (or use 'async with lock:')",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        table.release_dropped(hold)
 
     @property
     def coordinator(self) -> Coordinator:
@@ -313,6 +332,10 @@ class Lock:
         up locally and a warning is logged: the backend frees it when its TTL or
         session ends.
 
+        A lock found lost as it is released -- by the lease rule (the event loop was
+        blocked past the lease), or because the backend answers that it is no longer
+        ours -- leaves [`lost`][aiotooz.Lock.lost] true, with its reason.
+
         Raises:
             LockNotHeld: this lock object does not hold the lock.
         """
@@ -320,8 +343,15 @@ class Lock:
         table, self._table = self._table, None
         if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be released")
-        self._lost_reason = hold.lost_reason
-        await table.release(hold)
+        # Released now: a loss found from here on is recorded, never a cancellation.
+        hold.on_lost = None
+        # The lease rule, as at any read of `lost`: a body that blocked the event loop
+        # past the lease, then ended without an await, lost the lock while it ran.
+        table.check_lease(hold, anyio.current_time())
+        try:
+            await table.release(hold)
+        finally:
+            self._lost_reason = hold.lost_reason
 
     def __call__(self, blocking: Blocking = True) -> BudgetContext[Lock]:
         """``async with lock(blocking=2.5):`` takes the lock with that budget or raises."""
@@ -370,18 +400,29 @@ async def _exit(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Release after an ``async with`` block; turn a loss into [`LockLost`][aiotooz.LockLost]."""
+    """Release after an ``async with`` block; turn a loss into [`LockLost`][aiotooz.LockLost].
+
+    A loss found by the release itself (the lease rule, or the backend's "not ours")
+    counts too. A lock the body released itself is not released again: the exit is
+    quiet, unless a loss cancelled the body first.
+    """
     context, lock._context = lock._context, None
     if context is not None:
         _FENCED.reset(context)
     scope, lock._scope = lock._scope, None
+    cut_short = False
     if scope is not None:
         # Swallows the cancellation the loss caused, and only that one.
         if scope.__exit__(exc_type, exc, tb):
             exc = None
-    hold = lock._hold
-    reason = hold.lost_reason if hold is not None else None
-    await lock.release()
+            cut_short = True
+    if lock._hold is None:
+        # Released inside the block: nothing to release, and no error to put in place
+        # of the body's own; but a body the loss cut short must not pass as finished.
+        reason = lock._lost_reason if cut_short else None
+    else:
+        await lock.release()
+        reason = lock._lost_reason
     if reason is None or not lock._cancel_on_loss:
         return
     if isinstance(exc, anyio.get_cancelled_exc_class()):

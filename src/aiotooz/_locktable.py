@@ -19,10 +19,11 @@ Glossary:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -184,6 +185,14 @@ class _Holdings:
         """
         if hold.lost or hold.released:
             return
+        self._mark_lost(hold, reason, kind)
+        if hold.ended is not None:
+            hold.ended.set()
+        if hold.on_lost is not None:
+            hold.on_lost()
+
+    def _mark_lost(self, hold: Hold, reason: str, kind: str) -> None:
+        """Record ``hold``'s loss: its reason, the count, the telemetry and the log."""
         hold.lost_reason = reason
         self.lost_count += 1
         instruments.lost.add(1, {**hold.attributes, "aiotooz.reason": kind})
@@ -193,10 +202,6 @@ class _Holdings:
             reason=reason,
             held=round(time.perf_counter() - hold.acquired_at, 6),
         )
-        if hold.ended is not None:
-            hold.ended.set()
-        if hold.on_lost is not None:
-            hold.on_lost()
 
     def declare_lost_through(self, connection: Connection, reason: str) -> None:
         """Every hold taken through ``connection`` is lost (it failed or was replaced)."""
@@ -290,6 +295,9 @@ class LockTable(_Holdings):
         self._describe = describe
         #: The current task's id; picked for the event loop when the coordinator starts.
         self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
+        #: Starts a task on the coordinator's event loop from any thread (a finalizer's);
+        #: set when the coordinator starts (see ``_tasks.threadsafe_starter``).
+        self.start_soon_threadsafe: Callable[[Callable[[], Awaitable[object]]], None] | None = None
         # name -> key, for names used again and again (bounded: cleared when full).
         self._keys: dict[str, str] = {}
         self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
@@ -457,7 +465,8 @@ class LockTable(_Holdings):
 
         A lost lock is still released at the backend when it was taken through the
         current connection: the driver's release checks ownership (token, lease, member
-        id), and it stops tooz from refreshing the lock in later beats.
+        id), and it stops tooz from refreshing the lock in later beats. A release the
+        backend answers with "not ours" makes ``hold`` lost: it was lost while held.
         """
         if hold.released:
             return
@@ -470,9 +479,19 @@ class LockTable(_Holdings):
             if hold.handle.connection is self._owner.connection:
                 # Not shielded: a cancelled caller (or one whose backend hangs) stops
                 # waiting, and the release still runs in its worker thread.
-                await self._tries.release(
-                    hold.handle, hold.name, hold.lost, contended=hold.queue.waiting > 0
+                ours = await self._tries.release(
+                    hold.handle, hold.name, lost=True, contended=hold.queue.waiting > 0
                 )
+                if not ours and not hold.lost:
+                    # Taken by another owner (or expired) since the last check: lost while
+                    # held. Recorded for the holder (`lost`, and `LockLost` out of an
+                    # `async with` block); nothing left to cancel, it is released.
+                    self._mark_lost(
+                        hold,
+                        "the backend said at release that another owner had it, or that "
+                        "it had expired",
+                        "taken_over",
+                    )
                 if hold.handle.woken and hold.queue.waiting:
                     # Fairness: waiters elsewhere were woken by this release; the next
                     # waiter here lets them go first instead of winning the race.
@@ -485,6 +504,27 @@ class LockTable(_Holdings):
                 lost=hold.lost_reason,
                 held=round(time.perf_counter() - hold.acquired_at, 6),
             )
+
+    def release_dropped(self, hold: Hold) -> None:
+        """``hold``'s lock object was garbage-collected while held: release it soon.
+
+        Called from a finalizer, in any thread: the release runs as a task of the
+        coordinator's event loop. Nothing happens if the loop is gone (the process is
+        ending: the backend frees the lock with its TTL, session or process).
+        """
+        start = self.start_soon_threadsafe
+        if start is None or hold.released:
+            return
+
+        async def release() -> None:
+            self._log.warning("lock dropped while held; released", lock=hold.name)
+            try:
+                await self.release(hold)
+            except Exception:  # nobody to raise it to
+                self._log.exception("releasing a dropped lock failed", lock=hold.name)
+
+        with contextlib.suppress(RuntimeError):  # the event loop is closed
+            start(release)
 
     async def release_all(self, within: float) -> None:
         """On stop: declare every hold lost and release it, all within ``within`` s.

@@ -310,8 +310,13 @@ async def _exit(
     scope, slot.scope = slot.scope, None
     if scope is not None and scope.__exit__(exc_type, exc, tb):
         exc = None  # the cancellation the loss caused, and only that one
-    reason = slot.hold.lost_reason
+    # As for a lock: the lease rule at the exit (a body that blocked the event loop past
+    # the lease and ended without an await), and a "not ours" answer of the release,
+    # are losses too; found now, they are recorded, never a cancellation.
+    slot.hold.on_lost = None
+    slot.table.check_lease(slot.hold, anyio.current_time())
     await semaphore._release(task, slot)
+    reason = slot.hold.lost_reason
     if reason is None or not semaphore._cancel_on_loss:
         return
     if isinstance(exc, anyio.get_cancelled_exc_class()):

@@ -18,7 +18,14 @@ from typing import Any, final
 import anyio
 import anyio.lowlevel
 
-__all__ = ["BackgroundTask", "native_loop", "running_on_asyncio", "spawn", "task_id_getter"]
+__all__ = [
+    "BackgroundTask",
+    "native_loop",
+    "running_on_asyncio",
+    "spawn",
+    "task_id_getter",
+    "threadsafe_starter",
+]
 
 
 @final
@@ -77,6 +84,30 @@ def spawn(func: Callable[[], Awaitable[object]], name: str) -> BackgroundTask:
 
         trio.lowlevel.spawn_system_task(task._run, name=name)
     return task
+
+
+def threadsafe_starter() -> Callable[[Callable[[], Awaitable[object]]], None]:
+    """How to start ``func()`` as a task of the running event loop, from any thread.
+
+    For finalizers: a ``__del__`` may run in any thread, outside any task, where anyio
+    cannot tell which event loop it is on. The returned function does not wait; it
+    raises ``RuntimeError`` once the event loop is closed. ``func`` must handle its own
+    errors, as for :func:`spawn`.
+    """
+    native = native_loop()
+    create_task = getattr(native, "create_task", None)
+    if create_task is not None:  # asyncio
+        running: set[Any] = set()  # asyncio keeps only a weak reference to a task
+
+        def start_task(func: Callable[[], Awaitable[object]]) -> None:
+            task = create_task(func())
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+        return lambda func: native.call_soon_threadsafe(start_task, func)
+    import trio
+
+    return lambda func: native.run_sync_soon(trio.lowlevel.spawn_system_task, func)
 
 
 def task_id_getter() -> Callable[[], int]:

@@ -161,7 +161,8 @@ class BackendTries:
                 token = await self.fence(handle, tried_at, fencing)
                 if token is not False:
                     return handle, tried_at, token
-                # Gone already (expired, or taken over): not granted after all.
+                # Gone already (expired, taken over), or granted too late to use: not
+                # granted after all.
                 await self.release(handle, key, lost=True)
         except BackendUnavailable as exc:
             if handle.held:  # granted, but no fencing token could be had for it
@@ -187,17 +188,18 @@ class BackendTries:
     ) -> int | Literal[False] | None:
         """A new fencing token for a grant (``None`` if none was asked for).
 
-        ``False`` if the lock turned out not to be ours, or the token came too late to
-        use: past the lease rule's share of the TTL, another holder may exist already.
+        ``False`` if the lock turned out not to be ours, or the grant (or its token)
+        came too late to use: past the lease rule's share of the TTL, another holder may
+        exist already (a try that took that long, say, on a backend that was paused), and
+        the holder would be told it lost the lock at once, or at its block's exit.
         """
-        if not fencing:
-            return None
-        token = await handle.connection.fencing_token(handle)
-        if token is not None:
+        token = None
+        if fencing:
+            token = await handle.connection.fencing_token(handle)
+            if token is None:
+                return False
             instruments.fencing_tokens.add(1, {"aiotooz.backend": handle.connection.scheme})
         ttl = handle.connection.lock_ttl
-        if token is None:
-            return False
         if ttl is not None:
             refreshed = max(lease_start, self._refreshed())
             if anyio.current_time() - refreshed > ttl * LEASE_SHARE:
@@ -225,19 +227,26 @@ class BackendTries:
 
     async def release(
         self, handle: LockHandle, name: str, lost: bool = False, contended: bool = False
-    ) -> None:
+    ) -> bool:
         """Release ``handle``'s lock at the backend; failures are logged, not raised.
 
         ``contended``: a local waiter is next, so ask who waits elsewhere (fairness).
+        ``lost``: the lock is known to be lost, or the caller deals with a "no longer
+        ours" answer itself (no warning is logged for it here).
+
+        Returns:
+            ``False`` if the backend said the lock was no longer ours; ``True`` if it was
+            released, or the backend could not be told.
         """
         try:
             released = await handle.connection.release(handle, contended)
         except CoordinationError as exc:
             # Nothing the caller could do: the lock ends with its TTL or session.
             self._log.warning("backend release failed", lock=name, error=str(exc))
-            return
+            return True
         if not released and not lost:
             self._log.warning("lock was no longer held at the backend when released", lock=name)
+        return released
 
     # -- loss ----------------------------------------------------------------------------
 

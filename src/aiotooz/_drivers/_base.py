@@ -186,19 +186,20 @@ class Driver:
     def beat(self, locks: Sequence[Any]) -> list[bool | None]:
         """One heartbeat, then whether each of ``locks`` (held, or ``None``) is still ours.
 
-        The default is :meth:`heartbeat` and then :meth:`still_owner` per lock (where the
-        driver ``KNOWS_OWNER``): a round trip per held lock. Drivers that can refresh and
-        check every lock in a few round trips, whatever is held, override it.
+        The default is :meth:`heartbeat` and then :meth:`still_owners` (where the driver
+        ``KNOWS_OWNER``): a round trip per held lock unless the driver asks about them
+        all at once. Drivers that can refresh and check every lock in a few round trips,
+        whatever is held, override it.
 
         Returns:
             For each lock: ``True`` still ours, ``False`` no longer ours, ``None`` the
             driver cannot tell (and for a ``None`` lock).
         """
         self.heartbeat()
-        knows_owner = Capability.KNOWS_OWNER in self.capabilities
-        return [
-            self.still_owner(lock) if knows_owner and lock is not None else None for lock in locks
-        ]
+        if Capability.KNOWS_OWNER not in self.capabilities:
+            return [None] * len(locks)
+        answers = iter(self.still_owners([lock for lock in locks if lock is not None]))
+        return [None if lock is None else next(answers) for lock in locks]
 
     # -- locks ---------------------------------------------------------------------------
 
@@ -338,6 +339,14 @@ class Driver:
             return bool(lock.is_still_owner())
         except tooz.NotImplemented:
             return None
+
+    def still_owners(self, locks: Sequence[Any]) -> list[bool | None]:
+        """:meth:`still_owner` for each of ``locks`` (held): the heartbeat's check.
+
+        One call per lock here; a driver that can ask about all of them at once (one
+        round trip per beat, whatever is held) does so.
+        """
+        return [self.still_owner(lock) for lock in locks]
 
 
 #: The TTL options tooz derives from ``timeout`` on the memcached and etcd drivers.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import tooz.coordination
@@ -106,6 +107,95 @@ class _SQLDriver(ProbingDriver):
         super().__init__(coordinator, call_timeout)
         #: Serialises the driver's own connection, which is not thread-safe.
         self._look_guard = threading.Lock()
+        #: The lock objects granted and not released: their sessions are closed on stop.
+        self._granted: set[Any] = set()
+        self._granted_guard = threading.Lock()
+
+    # -- a lock lives as long as its session: the heartbeat checks the sessions ----------
+
+    @property
+    def requires_beating(self) -> bool:
+        """Always: the heartbeat asks whether each held lock's session still holds it.
+
+        The server frees a lock the moment its session ends (killed, reaped, failed over).
+        """
+        return True
+
+    def heartbeat(self) -> None:
+        """Nothing to refresh: the ownership check (:meth:`still_owners`) is the beat."""
+
+    def still_owners(self, locks: Sequence[Any]) -> list[bool | None]:
+        """Whether each lock's session is alive and holds it: one query for them all.
+
+        Each lock has a session of its own (tooz opens a connection per lock); the
+        question goes once per beat, on the driver's own connection, with the session
+        ids of every held lock (PostgreSQL: backend pids, in ``pg_locks``, each asked
+        once on its session at the first beat after its grant; MySQL: connection ids
+        from the handshake, against ``IS_USED_LOCK``). A session our side knows is
+        closed needs no question. The own connection is reopened and asked again once
+        if it failed (it may have been killed on its own); a second failure is the
+        server's.
+        """
+        sessions = [self._session_of(lock) for lock in locks]
+        asked = [
+            (lock, session)
+            for lock, session in zip(locks, sessions, strict=True)
+            if session is not None
+        ]
+        held: set[int] = set()
+        if asked:
+            driver: Any = self.tooz
+            with self._look_guard:
+                for attempt in range(2):
+                    try:
+                        self._reconnect_own(driver)
+                        held = self._held_by_sessions(driver, asked)
+                        break
+                    except Exception:
+                        if attempt:
+                            raise
+                        self._drop_own(driver)
+        return [
+            session is not None and id(lock) in held
+            for lock, session in zip(locks, sessions, strict=True)
+        ]
+
+    @abc.abstractmethod
+    def _session_of(self, lock: Any) -> int | None:
+        """The server's id of the session holding ``lock``; ``None`` if it is gone."""
+
+    @abc.abstractmethod
+    def _held_by_sessions(self, driver: Any, asked: list[tuple[Any, int]]) -> set[int]:
+        """Ask, in one query, which locks their sessions hold; their ``id()``s."""
+
+    @staticmethod
+    def _drop_own(driver: Any) -> None:
+        """Close the driver's own connection, so that it is reopened."""
+        with contextlib.suppress(Exception):
+            driver._conn.close()
+
+    def _granted_now(self, lock: Any) -> None:
+        with self._granted_guard:
+            self._granted.add(lock)
+
+    def _released(self, lock: Any) -> None:
+        with self._granted_guard:
+            self._granted.discard(lock)
+
+    def stop(self) -> None:
+        """Stop, closing the sessions of the locks still held.
+
+        tooz's stop leaves them open, holding their locks at the server (after a failed
+        heartbeat, say, when the coordinator replaces this connection).
+        """
+        with self._granted_guard:
+            granted, self._granted = list(self._granted), set()
+        for lock in granted:
+            lock.acquired = False
+            connection = lock._conn
+            if connection is not None:
+                self._close_quietly(connection)
+        super().stop()
 
     def waiters_elsewhere(self, lock: Any) -> int:
         """Other sessions waiting for ``lock`` at the server: other coordinators' probes."""
@@ -239,6 +329,13 @@ class _SQLDriver(ProbingDriver):
         """Whether ``exc`` says there is no leader table yet (nobody ever led)."""
 
 
+#: The advisory locks (tooz's two int4 keys) that the given sessions hold now.
+_PG_SESSIONS_HOLDING_SQL = (
+    "SELECT pid, classid, objid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND mode = 'ExclusiveLock' AND objsubid = 2 AND pid = ANY(%s)"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
 #: Sessions waiting for the shared advisory lock a probe takes on tooz's two int4 keys.
 _PG_WAITING_SQL = (
     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
@@ -261,6 +358,7 @@ class PostgreSQLDriver(_SQLDriver):
     extra = "postgresql"
     capabilities = frozenset(
         {
+            Capability.KNOWS_OWNER,
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
@@ -379,6 +477,36 @@ class PostgreSQLDriver(_SQLDriver):
             row = cursor.fetchone()
         return int(row[0]) if row else 0
 
+    def _session_of(self, lock: Any) -> int | None:
+        """The server's pid of the lock's session, asked once on that session.
+
+        Not the pid the client was told at connect: behind a pooler (PgBouncer in
+        session mode) that one is the pooler's, not the server's.
+        """
+        import psycopg2
+
+        connection = lock._conn
+        if not lock.acquired or connection is None or connection.closed:
+            return None
+        known = getattr(lock, "_aiotooz_session", None)
+        if known is None or known[0] is not connection:
+            try:
+                # psycopg2 connections are thread-safe: a call of the holder's (a
+                # fencing token, a leader record) waits for this one, or the reverse.
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    row = cursor.fetchone()
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                return None  # the session died: the server freed the lock with it
+            known = lock._aiotooz_session = (connection, int(row[0]))
+        return int(known[1])
+
+    def _held_by_sessions(self, driver: Any, asked: list[tuple[Any, int]]) -> set[int]:
+        with driver._conn.cursor() as cursor:
+            cursor.execute(_PG_SESSIONS_HOLDING_SQL, ([pid for _, pid in asked],))
+            rows = {(int(pid), int(classid), int(objid)) for pid, classid, objid in cursor}
+        return {id(lock) for lock, pid in asked if (pid, *tuple(lock.key)) in rows}
+
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One try, refusing a name that would wait for its own holder.
 
@@ -409,12 +537,35 @@ class PostgreSQLDriver(_SQLDriver):
         if granted:
             with self._held_guard:
                 self._held[advisory] = key
+            self._granted_now(lock)
         return granted
 
     def release(self, lock: Any) -> bool:
+        """Unlock on the lock's session; ``False`` if that session no longer held it.
+
+        tooz's release ignores what ``pg_advisory_unlock`` answers; a session that was
+        killed (the server freed the lock then) fails the call instead.
+        """
+        import psycopg2
+
         with self._held_guard:
             self._held.pop(bytes(lock.key), None)
-        return super().release(lock)
+        self._released(lock)
+        if not lock.acquired:
+            return False
+        lock.acquired = False
+        connection = lock._conn
+        if connection is None or connection.closed:
+            return False  # the session is gone, and the lock with it
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s, %s)", tuple(lock.key))
+                row = cursor.fetchone()
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            return False  # the session died: the server freed the lock with it
+        finally:
+            self._close_quietly(connection)
+        return bool(row and row[0])
 
 
 class MySQLDriver(_SQLDriver):
@@ -429,6 +580,7 @@ class MySQLDriver(_SQLDriver):
     extra = "mysql"
     capabilities = frozenset(
         {
+            Capability.KNOWS_OWNER,
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
@@ -548,7 +700,49 @@ class MySQLDriver(_SQLDriver):
                 lock._conn = spare  # tooz's try then needs no connect of its own
             else:
                 self._close_quietly(spare)
-        return super().try_acquire(lock, key)
+        granted = super().try_acquire(lock, key)
+        if granted:
+            self._granted_now(lock)
+        return granted
+
+    def release(self, lock: Any) -> bool:
+        """``RELEASE_LOCK`` on the lock's session; ``False`` if it no longer held it.
+
+        It answers 0 (another session holds it) or NULL (nobody does); a session that
+        was killed (the server freed the lock then) fails the call instead.
+        """
+        import pymysql
+
+        self._released(lock)
+        if not lock.acquired:
+            return False
+        lock.acquired = False
+        connection = lock._conn
+        if not connection.open:
+            return False  # the session is gone, and the lock with it
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT RELEASE_LOCK(%s)", (lock.name,))
+                row = cursor.fetchone()
+        except (pymysql.OperationalError, pymysql.InterfaceError):
+            return False  # the session died: the server freed the lock with it
+        finally:
+            self._close_quietly(connection)
+        return row is not None and row[0] == 1
+
+    def _session_of(self, lock: Any) -> int | None:
+        connection = lock._conn
+        if not lock.acquired or not connection.open:
+            return None
+        return int(connection.thread_id())  # from the handshake: no round trip
+
+    def _held_by_sessions(self, driver: Any, asked: list[tuple[Any, int]]) -> set[int]:
+        columns = ", ".join(["IS_USED_LOCK(%s)"] * len(asked))
+        with driver._conn.cursor() as cursor:
+            cursor.execute(f"SELECT {columns}", [lock.name for lock, _ in asked])
+            row = cursor.fetchone()
+        pairs = zip(asked, row, strict=True)
+        return {id(lock) for (lock, session), holder in pairs if holder == session}
 
     def _ready_for_try(self, connection: Any) -> bool:
         return bool(connection.open)

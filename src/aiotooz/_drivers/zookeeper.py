@@ -105,9 +105,27 @@ class ZooKeeperDriver(Driver):
         return granted
 
     def release(self, lock: Any) -> bool:
+        """Delete our node; ``False`` if it was gone (deleted, or its session ended).
+
+        kazoo's release ignores a missing node, so it cannot say "not ours".
+        """
+        from kazoo.exceptions import NoNodeError
+
         # The lock node is ephemeral: it goes with the session if we cannot release it.
         self._check_connected()
-        return super().release(lock)
+        recipe = lock._lock
+        if not recipe.is_acquired or recipe.node is None:
+            return False
+        try:
+            self._client.delete(f"{recipe.path}/{recipe.node}")
+        except NoNodeError:
+            ours = False
+        else:
+            ours = True
+        # What kazoo's own release does once the node is deleted (or found gone).
+        recipe.is_acquired = False
+        recipe.node = None
+        return ours
 
     def fencing_token(self, lock: Any) -> int | None:
         """The zxid of a write to our lock node.
