@@ -599,6 +599,20 @@ def test_run_rejects_bad_options(tmp_path: Path, args: tuple[str, ...], message:
     assert message in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "message"), [("", "must not be empty"), ("x" * 1025, "at most 1024 characters")]
+)
+def test_run_refuses_a_bad_lock_name_as_bad_usage(
+    tmp_path: Path, file_url: str, name: str, message: str
+) -> None:
+    """It exited 69, as if the backend could not be reached."""
+    marker = tmp_path / "ran"
+    done = run("run", "--backend", file_url, name, "--", "touch", str(marker), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "argument NAME" in done.stderr and message in done.stderr
+    assert not marker.exists()
+
+
 # -- check ------------------------------------------------------------------------
 
 

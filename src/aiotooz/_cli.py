@@ -33,8 +33,10 @@ from ._exceptions import (
     ConfigurationError,
     CoordinationError,
     LockAcquireFailed,
+    LockNameError,
 )
 from ._lock import Lock
+from ._names import MAX_NAME_LENGTH, check_name
 from ._settings import CoordinationSettings
 
 __all__ = [
@@ -99,7 +101,7 @@ exit status:
   {EXIT_BACKEND_UNAVAILABLE}   the backend could not be reached
   {EXIT_CONFIG}   bad settings or backend URL, or a missing client library
   {EXIT_CANNOT_EXECUTE}  the command cannot be executed; {EXIT_NOT_FOUND} it was not found
-  2    bad usage
+  2    bad usage (a bad option, an empty or over-long lock NAME, no COMMAND)
 
 The lock is held from before the command starts until after it ends. SIGINT, SIGTERM
 and SIGHUP sent to aiotooz are passed on to the command (a Ctrl-C at a terminal reaches
@@ -233,7 +235,12 @@ def _parser() -> argparse.ArgumentParser:
         "SECONDS after SIGTERM, like timeout -k (default: 5; 0: SIGKILL at once, "
         "without SIGTERM)",
     )
-    run.add_argument("name", metavar="NAME", help="the lock name (any non-empty string)")
+    run.add_argument(
+        "name",
+        type=_lock_name,
+        metavar="NAME",
+        help=f"the lock name (any non-empty string of at most {MAX_NAME_LENGTH} characters)",
+    )
     run.add_argument(
         "command",
         nargs=argparse.REMAINDER,
@@ -269,6 +276,15 @@ def _seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {text!r}")
     return value
+
+
+def _lock_name(text: str) -> str:
+    # Checked as the command line is parsed: a name no backend can take is bad usage,
+    # not a backend that could not be reached.
+    try:
+        return check_name(text)
+    except LockNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _status(text: str) -> int:

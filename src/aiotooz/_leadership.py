@@ -137,6 +137,12 @@ async def run_as_leader(
 ) -> None:
     """Campaign, run ``job`` while leading, again after each term (see the method)."""
     name = check_name(name)
+    if not callable(job):
+        # Refused before campaigning: it would fail only once its term came.
+        raise TypeError(
+            f"run_as_leader({name!r}, job): job must be a callable returning an awaitable "
+            f"(an 'async def' function), not {type(job).__name__}: {job!r}"
+        )
     log = get_logger(agent_id=coordinator.agent_id, leadership=name)
     while True:
         campaign = Leadership(coordinator, name, True)
@@ -207,5 +213,8 @@ class LeadershipMethods:
         ``job`` returns (which gives leadership up, so another process may take it).
 
         Returns only when cancelled; an exception of ``job``'s own is raised as is.
+
+        Raises:
+            TypeError: ``job`` is not callable (at once, before campaigning).
         """
         await run_as_leader(self, name, job)

@@ -77,12 +77,18 @@ def check_blocking(blocking: object) -> float | bool:
     Needs no event loop, so decorators can check it at import time.
 
     Raises:
-        ConfigurationError: ``blocking`` is not a bool or a non-negative number.
+        ConfigurationError: ``blocking`` is not a bool or a non-negative number (that
+            a float can hold).
     """
     if isinstance(blocking, bool):
         return blocking
-    if isinstance(blocking, int | float) and float(blocking) >= 0:  # NaN fails too
-        return float(blocking)
+    if isinstance(blocking, int | float):
+        try:
+            seconds = float(blocking)
+        except OverflowError:  # an int too large for a float (10**400)
+            seconds = math.nan
+        if seconds >= 0:  # NaN fails too
+            return seconds
     raise ConfigurationError(
         "blocking must be True (wait as long as it takes), False (try once) or a "
         f"number of seconds >= 0 to wait at most, not {blocking!r}"
