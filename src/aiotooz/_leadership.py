@@ -123,6 +123,7 @@ async def read_leader(coordinator: Coordinator, name: str) -> str | None:
         raise LockCreationFailed(
             f"{coordinator!r} is not started: start it before asking who leads {name!r}"
         )
+    coordinator.check_loop()
     connection = coordinator.connection
     if connection is None:
         raise BackendUnavailable(
@@ -199,6 +200,7 @@ class LeadershipMethods:
         Raises:
             LockCreationFailed: the coordinator is not started.
             BackendUnavailable: the backend failed, or the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop.
         """
         return await read_leader(self, name)
 

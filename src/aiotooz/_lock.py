@@ -299,6 +299,8 @@ class Lock:
             LockAcquireFailed: this task already holds this name (not reentrant).
             BackendUnavailable: the backend failed; with ``blocking=False``, also while
                 the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop, or
+                before this process was forked.
         """
         deadline = deadline_for(blocking)
         table = self.coordinator.lock_table
@@ -319,7 +321,11 @@ class Lock:
 
         Raises:
             LockNotHeld: this lock object does not hold the lock.
+            WrongEventLoop: its coordinator was started in another event loop (the lock
+                stays held).
         """
+        if self._table is not None:
+            self._table.check_loop()  # before anything changes
         hold, self._hold = self._hold, None
         table, self._table = self._table, None
         if hold is None or table is None:

@@ -336,6 +336,7 @@ class LockTable(_Holdings):
                 for itself).
         """
         self._tries.check_started()
+        self._owner.check_loop()
         if key is None:
             key = self._keys.get(name)
         if key is None:
@@ -410,6 +411,10 @@ class LockTable(_Holdings):
         instruments.held.add(1, attributes)
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
+
+    def check_loop(self) -> None:
+        """Refuse a call from outside the coordinator's event loop (`WrongEventLoop`)."""
+        self._owner.check_loop()
 
     def owned_here(self, key: str) -> bool:
         """Whether a task of this table holds ``key``, or is taking it, now."""

@@ -209,6 +209,8 @@ class Semaphore:
             LockCreationFailed: there is no started coordinator to acquire through.
             BackendUnavailable: the backend failed; with ``blocking=False``, also while
                 the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop, or
+                before this process was forked.
         """
         deadline = deadline_for(blocking)
         table = self.coordinator.lock_table
@@ -247,6 +249,7 @@ class Semaphore:
         )
 
     async def _release(self, task: int, slot: _Slot) -> None:
+        slot.table.check_loop()  # before anything changes
         slots = self._held[task]
         slots.remove(slot)
         if not slots:
@@ -336,6 +339,7 @@ async def _take(
     table: LockTable, name: str, limit: int, deadline: float
 ) -> tuple[int, Hold, SemaphoreQueue] | None:
     """Wait for the head of the local queue, then for a slot, until ``deadline``."""
+    table.check_loop()
     state = table.semaphores.get(name)
     if state is None:
         state = table.semaphores[name] = SemaphoreQueue(limit)

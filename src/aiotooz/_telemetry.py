@@ -33,6 +33,7 @@ exception would leave a lock held or a holder untold.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -132,6 +133,10 @@ except ImportError:  # the extra is not installed: instruments cost a no-op call
 
 #: Started coordinators, for the ``connected`` gauge: name -> (backend, is_connected).
 _coordinators: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's started
+    os.register_at_fork(after_in_child=_coordinators.clear)
 
 
 def register_coordinator(coordinator: Any) -> None:
