@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+from . import _options
 from ._base import Capability, Driver, client_timeout_options
 
 __all__ = ["EtcdDriver"]
@@ -21,6 +22,7 @@ class EtcdDriver(Driver):
     """
 
     extra = "etcd"
+    accepted_options = _options.ETCD
     capabilities = frozenset(
         {
             Capability.EXPIRES,

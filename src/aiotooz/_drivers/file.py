@@ -12,6 +12,7 @@ import weakref
 from typing import Any, ClassVar
 
 from .._process import file_lock_object
+from . import _options
 from ._base import (
     Capability,
     Driver,
@@ -64,6 +65,7 @@ class FileDriver(Driver):
             Capability.NAMES_LEADER,
         }
     )
+    accepted_options = _options.FILE
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
     reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing", "waiting"})
 

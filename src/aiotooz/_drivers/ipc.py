@@ -9,6 +9,7 @@ import sys
 import tempfile
 from typing import Any
 
+from . import _options
 from ._base import Capability, next_in_file, read_leader_file, write_leader_file
 from ._probes import ProbingDriver
 
@@ -62,6 +63,7 @@ class IpcDriver(ProbingDriver):
     """
 
     extra = "ipc"
+    accepted_options = _options.IPC
     capabilities = frozenset(
         {Capability.FENCES, Capability.NAMES_LEADER, Capability.WAKES_WAITERS}
         if _SEMTIMEDOP is not None
