@@ -34,6 +34,7 @@ from ._exceptions import (
     CoordinationError,
     LockAcquireFailed,
     LockNameError,
+    UnsupportedOperation,
 )
 from ._lock import Lock
 from ._names import MAX_NAME_LENGTH, check_name
@@ -99,7 +100,8 @@ exit status:
   {EXIT_LOCK_LOST}   the lock was lost while the command ran (whatever the command's
        own status, even 0, and with --on-loss ignore too)
   {EXIT_BACKEND_UNAVAILABLE}   the backend could not be reached
-  {EXIT_CONFIG}   bad settings or backend URL, or a missing client library
+  {EXIT_CONFIG}   bad settings or backend URL, a missing client library, or a NAME the
+       backend cannot lock (MySQL: over 64 characters with the prefix)
   {EXIT_CANNOT_EXECUTE}  the command cannot be executed; {EXIT_NOT_FOUND} it was not found
   2    bad usage (a bad option, an empty or over-long lock NAME, no COMMAND)
 
@@ -318,7 +320,9 @@ def _settings(backend: str | None) -> CoordinationSettings:
 
 
 def _status_for(exc: CoordinationError) -> int:
-    if isinstance(exc, ConfigurationError):
+    # A key the backend cannot lock (MySQL: over 64 characters with the prefix) is fixed
+    # by changing the name, the prefix or the backend: configuration, not availability.
+    if isinstance(exc, ConfigurationError | UnsupportedOperation):
         return EXIT_CONFIG
     return EXIT_BACKEND_UNAVAILABLE
 
