@@ -194,6 +194,8 @@ def test_a_coordinator_refuses_every_use_from_another_event_loop(
             assert anyio.run(_every_use, coordinator, backend=loop) == []
             with pytest.raises(WrongEventLoop):
                 anyio.run(held.release, backend=loop)
+            with pytest.raises(WrongEventLoop):
+                anyio.run(held.wait_lost, backend=loop)
             assert held.locked()
             assert coordinator.is_started
             stats = coordinator.statistics()

@@ -281,6 +281,7 @@ class Lock:
         hold, table = self._hold, self._table
         if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be lost")
+        table.check_loop()
         await table.wait_ended(hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:

@@ -190,6 +190,7 @@ class Semaphore:
             LockNotHeld: the current task holds no slot through this object.
         """
         slot = self._latest()
+        slot.table.check_loop()
         await slot.table.wait_ended(slot.hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:
