@@ -152,7 +152,7 @@ def test_a_zookeeper_connect_string_of_several_servers_is_a_url() -> None:
     [
         ("redis://127.0.0.1:6379?lock_timout=5", "lock_timout", "lock_timeout"),
         ("redis://127.0.0.1:6379?decode_responses=True", "decode_responses", "socket_timeout"),
-        ("memcached://127.0.0.1:11211?lock_timeout=5&timout=2", "timout", "timeout"),
+        ("memcached://127.0.0.1:11211?timeout=2&lock_ttl=5", "lock_ttl", "lock_timeout"),
         ("zookeeper://127.0.0.1:2181?session_timeout=5", "session_timeout", "timeout"),
         ("etcd3+http://127.0.0.1:2379?lease=5", "lease", "lock_timeout"),
         ("file:///tmp/locks?lock_timeout=5", "lock_timeout", "timeout"),
