@@ -17,6 +17,7 @@ import pytest
 from aiotooz._cli import EXIT_CONFIG, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
 
 from ._servers import PrivateRedis, free_port
+from .helpers import ServerPool, url_for
 
 PY = sys.executable
 
@@ -633,6 +634,35 @@ def test_once_per_finish_required_runs_again_after_a_failure(tmp_path: Path, fil
     assert run("run", *options, "job", *touch, cwd=tmp_path).returncode == 0
     assert run("run", *options, "job", *touch, cwd=tmp_path).returncode == 0
     assert marker.read_text() == "x"  # failed, then ran, then done
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("", "must not be empty"), ("x" * 1025, "at most 1024 characters")]
+)
+def test_run_refuses_a_bad_lock_name_as_bad_usage(
+    tmp_path: Path, file_url: str, name: str, message: str
+) -> None:
+    """It exited 69, as if the backend could not be reached."""
+    marker = tmp_path / "ran"
+    done = run("run", "--backend", file_url, name, "--", "touch", str(marker), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "argument NAME" in done.stderr and message in done.stderr
+    assert not marker.exists()
+
+
+def test_run_refuses_a_name_the_backend_cannot_lock_as_configuration(
+    tmp_path: Path, server_pool: ServerPool
+) -> None:
+    """MySQL keys are at most 64 characters: a long prefix and name exited 69."""
+    url = url_for("mysql", server_pool, tmp_path)
+    marker = tmp_path / "ran"
+    done = run(
+        "run", "--backend", url, "--prefix", "p" * 10, "x" * 60, "--", "touch", str(marker),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert "64" in done.stderr
+    assert not marker.exists()
 
 
 # -- check ------------------------------------------------------------------------

@@ -399,3 +399,19 @@ async def test_bad_arguments_get_clear_errors(file_url: str, prefix: str) -> Non
             coordinator.leadership("x", blocking=-1)
         with pytest.raises(LockNameError):
             await coordinator.leader(42)  # type: ignore[arg-type]
+
+
+async def test_run_as_leader_refuses_a_job_that_is_not_callable_at_once(
+    file_url: str, prefix: str
+) -> None:
+    """It campaigned first, and waited as long as another process led, to fail only
+    when its term came (kazoo's election refuses a non-callable before campaigning)."""
+    async with (
+        make_coordinator(file_url, prefix) as leading,
+        make_coordinator(file_url, prefix) as coordinator,
+        leading.leadership("busy"),
+    ):
+        with anyio.fail_after(5), pytest.raises(TypeError, match="callable"):
+            await coordinator.run_as_leader("busy", 42)  # type: ignore[arg-type]
+        assert coordinator.statistics().tasks_waiting == 0
+        assert coordinator.statistics().locks_held == 0

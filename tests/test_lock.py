@@ -284,7 +284,7 @@ async def test_release_of_a_lock_not_held(coordinator: Coordinator) -> None:
         await lock.release()
 
 
-@pytest.mark.parametrize("blocking", [-1, math.nan, "yes", None, [1]])
+@pytest.mark.parametrize("blocking", [-1, math.nan, "yes", None, [1], 10**400])
 async def test_bad_blocking_is_refused(coordinator: Coordinator, blocking: object) -> None:
     lock = coordinator.get_lock("b")
     with pytest.raises(ConfigurationError, match="blocking must be"):

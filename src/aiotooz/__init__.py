@@ -12,6 +12,7 @@ from ._exceptions import LockLost as LockLost
 from ._exceptions import LockNameError as LockNameError
 from ._exceptions import LockNotHeld as LockNotHeld
 from ._exceptions import UnsupportedOperation as UnsupportedOperation
+from ._exceptions import WrongEventLoop as WrongEventLoop
 from ._leadership import Leadership as Leadership
 from ._leadership import Term as Term
 from ._lock import Lock as Lock
@@ -41,6 +42,7 @@ __all__ = [
     "Semaphore",
     "Term",
     "UnsupportedOperation",
+    "WrongEventLoop",
     "fencing_token",
     "get_default_coordinator",
     "once_per",

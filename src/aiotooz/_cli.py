@@ -34,8 +34,11 @@ from ._exceptions import (
     CoordinationError,
     LockAcquireFailed,
     LockLost,
+    LockNameError,
+    UnsupportedOperation,
 )
 from ._lock import Lock
+from ._names import MAX_NAME_LENGTH, check_name
 from ._once import WindowClaim, check_every
 from ._settings import CoordinationSettings
 
@@ -101,9 +104,10 @@ exit status:
   {EXIT_LOCK_LOST}   the lock was lost while the command ran (whatever the command's
        own status, even 0, and with --on-loss ignore too)
   {EXIT_BACKEND_UNAVAILABLE}   the backend could not be reached
-  {EXIT_CONFIG}   bad settings or backend URL, or a missing client library
+  {EXIT_CONFIG}   bad settings or backend URL, a missing client library, or a NAME the
+       backend cannot lock (MySQL: over 64 characters with the prefix)
   {EXIT_CANNOT_EXECUTE}  the command cannot be executed; {EXIT_NOT_FOUND} it was not found
-  2    bad usage
+  2    bad usage (a bad option, an empty or over-long lock NAME, no COMMAND)
 
 The lock is held from before the command starts until after it ends. SIGINT, SIGTERM
 and SIGHUP sent to aiotooz are passed on to the command (a Ctrl-C at a terminal reaches
@@ -258,7 +262,12 @@ def _parser() -> argparse.ArgumentParser:
         "SECONDS after SIGTERM, like timeout -k (default: 5; 0: SIGKILL at once, "
         "without SIGTERM)",
     )
-    run.add_argument("name", metavar="NAME", help="the lock name (any non-empty string)")
+    run.add_argument(
+        "name",
+        type=_lock_name,
+        metavar="NAME",
+        help=f"the lock name (any non-empty string of at most {MAX_NAME_LENGTH} characters)",
+    )
     run.add_argument(
         "command",
         nargs=argparse.REMAINDER,
@@ -311,6 +320,15 @@ def _duration(text: str) -> int:
         ) from None
 
 
+def _lock_name(text: str) -> str:
+    # Checked as the command line is parsed: a name no backend can take is bad usage,
+    # not a backend that could not be reached.
+    try:
+        return check_name(text)
+    except LockNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _status(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 255:
         raise argparse.ArgumentTypeError(f"expected an exit status 0..255, not {text!r}")
@@ -342,7 +360,9 @@ def _settings(backend: str | None) -> CoordinationSettings:
 
 
 def _status_for(exc: CoordinationError) -> int:
-    if isinstance(exc, ConfigurationError):
+    # A key the backend cannot lock (MySQL: over 64 characters with the prefix) is fixed
+    # by changing the name, the prefix or the backend: configuration, not availability.
+    if isinstance(exc, ConfigurationError | UnsupportedOperation):
         return EXIT_CONFIG
     return EXIT_BACKEND_UNAVAILABLE
 

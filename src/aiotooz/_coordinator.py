@@ -25,7 +25,7 @@ from ._logging import get_logger
 from ._names import check_prefix
 from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
-from ._tasks import BackgroundTask, spawn, task_id_getter, threadsafe_starter
+from ._tasks import BackgroundTask, Home, spawn, task_id_getter, threadsafe_starter
 from ._telemetry import instruments, register_coordinator, unregister_coordinator
 
 __all__ = ["Coordinator", "CoordinatorStatistics"]
@@ -115,6 +115,7 @@ class Coordinator(LeadershipMethods):
         self._beat_event: anyio.Event | None = None
         self._last_beat = -math.inf
         self._reconnects = 0
+        self._home = Home()  # the event loop and process that started it
 
     def __repr__(self) -> str:
         state = "started" if self._started else "stopped"
@@ -157,8 +158,13 @@ class Coordinator(LeadershipMethods):
             held_names=table.held_names(),
         )
 
+    def check_loop(self) -> None:
+        """Raise `WrongEventLoop` outside the event loop and process that started it."""
+        self._home.check(self)
+
     async def wait_connected(self) -> None:
         """Wait until the coordinator is started and connected to its backend."""
+        self.check_loop()
         while not self.is_connected:
             await self.next_state_change()
 
@@ -183,6 +189,7 @@ class Coordinator(LeadershipMethods):
             BackendUnavailable: the backend cannot be reached.
         """
         if self._started:
+            self.check_loop()
             return
         connecting = anyio.current_time()
         connection = await self._connect()
@@ -198,6 +205,7 @@ class Coordinator(LeadershipMethods):
         self.lock_table.last_refresh = connecting
         self.lock_table.task_id = task_id_getter()
         self.lock_table.start_soon_threadsafe = threadsafe_starter()
+        self._home.enter()
         self._started = True
         register_coordinator(self)
         self._state_changed()
@@ -231,6 +239,7 @@ class Coordinator(LeadershipMethods):
         """
         if not self._started:
             return
+        self.check_loop()
         self._started = False
         with anyio.CancelScope(shield=True):
             background, self._background = self._background, []
@@ -243,6 +252,7 @@ class Coordinator(LeadershipMethods):
             if connection is not None:
                 await connection.close()
         unregister_coordinator(self)
+        self._home.leave()
         self._state_changed()
         if is_default(self):
             set_default_coordinator(None)

@@ -78,12 +78,18 @@ def check_blocking(blocking: object) -> float | bool:
     Needs no event loop, so decorators can check it at import time.
 
     Raises:
-        ConfigurationError: ``blocking`` is not a bool or a non-negative number.
+        ConfigurationError: ``blocking`` is not a bool or a non-negative number (that
+            a float can hold).
     """
     if isinstance(blocking, bool):
         return blocking
-    if isinstance(blocking, int | float) and float(blocking) >= 0:  # NaN fails too
-        return float(blocking)
+    if isinstance(blocking, int | float):
+        try:
+            seconds = float(blocking)
+        except OverflowError:  # an int too large for a float (10**400)
+            seconds = math.nan
+        if seconds >= 0:  # NaN fails too
+            return seconds
     raise ConfigurationError(
         "blocking must be True (wait as long as it takes), False (try once) or a "
         f"number of seconds >= 0 to wait at most, not {blocking!r}"
@@ -294,6 +300,7 @@ class Lock:
         hold, table = self._hold, self._table
         if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be lost")
+        table.check_loop()
         await table.wait_ended(hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:
@@ -314,6 +321,8 @@ class Lock:
             LockAcquireFailed: this task already holds this name (not reentrant).
             BackendUnavailable: the backend failed; with ``blocking=False``, also while
                 the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop, or
+                before this process was forked.
         """
         deadline = deadline_for(blocking)
         table = self.coordinator.lock_table
@@ -338,7 +347,11 @@ class Lock:
 
         Raises:
             LockNotHeld: this lock object does not hold the lock.
+            WrongEventLoop: its coordinator was started in another event loop (the lock
+                stays held).
         """
+        if self._table is not None:
+            self._table.check_loop()  # before anything changes
         hold, self._hold = self._hold, None
         table, self._table = self._table, None
         if hold is None or table is None:

@@ -359,6 +359,7 @@ class LockTable(_Holdings):
                 for itself).
         """
         self._tries.check_started()
+        self._owner.check_loop()
         if key is None:
             key = self._keys.get(name)
         if key is None:
@@ -450,6 +451,10 @@ class LockTable(_Holdings):
         """
         connection = self._owner.connection
         return connection is None or connection.driver.key_space is None
+
+    def check_loop(self) -> None:
+        """Refuse a call from outside the coordinator's event loop (`WrongEventLoop`)."""
+        self._owner.check_loop()
 
     def owned_here(self, key: str) -> bool:
         """Whether a task of this table holds ``key``, or is taking it, now."""

@@ -190,6 +190,7 @@ class Semaphore:
             LockNotHeld: the current task holds no slot through this object.
         """
         slot = self._latest()
+        slot.table.check_loop()
         await slot.table.wait_ended(slot.hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:
@@ -209,6 +210,8 @@ class Semaphore:
             LockCreationFailed: there is no started coordinator to acquire through.
             BackendUnavailable: the backend failed; with ``blocking=False``, also while
                 the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop, or
+                before this process was forked.
         """
         deadline = deadline_for(blocking)
         table = self.coordinator.lock_table
@@ -247,6 +250,7 @@ class Semaphore:
         )
 
     async def _release(self, task: int, slot: _Slot) -> None:
+        slot.table.check_loop()  # before anything changes
         slots = self._held[task]
         slots.remove(slot)
         if not slots:
@@ -341,6 +345,7 @@ async def _take(
     table: LockTable, name: str, limit: int, deadline: float
 ) -> tuple[int, Hold, SemaphoreQueue] | None:
     """Wait for the head of the local queue, then for a slot, until ``deadline``."""
+    table.check_loop()
     state = table.semaphores.get(name)
     if state is None:
         state = table.semaphores[name] = SemaphoreQueue(limit)

@@ -54,6 +54,9 @@ class TableOwner(Protocol):
     def beat_now(self) -> None:
         """Have the heartbeat check the connection soon."""
 
+    def check_loop(self) -> None:
+        """Refuse a call from outside the event loop (or process) that started it."""
+
 
 @final
 class BackendTries:

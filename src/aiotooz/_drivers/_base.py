@@ -28,6 +28,7 @@ import tooz
 import tooz.coordination
 
 from .._exceptions import ConfigurationError
+from ._options import Option, check_options
 
 __all__ = [
     "Capability",
@@ -118,6 +119,9 @@ class Driver:
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     #: Driver options aiotooz sets unless the URL's query sets them.
     default_options: ClassVar[Mapping[str, str]] = {}
+    #: The options a URL may set, and what their values must be (``_options``);
+    #: ``None``: not known (a tooz driver without a module here), so not checked.
+    accepted_options: ClassVar[Mapping[str, Option] | None] = None
     #: Keys the driver keeps for itself; a lock name on one of them is mapped instead.
     reserved_keys: ClassVar[frozenset[str]] = frozenset()
     #: How many backend locks all keys share, where that is few enough that two keys in
@@ -134,6 +138,12 @@ class Driver:
     @classmethod
     def check_url(cls, parts: urllib.parse.SplitResult) -> None:
         """Refuse a URL that cannot work on this backend (``ValueError``, no URL echoed)."""
+
+    @classmethod
+    def check_query(cls, parts: urllib.parse.SplitResult) -> None:
+        """Refuse an option this backend does not take, or a bad value (``ValueError``)."""
+        if cls.accepted_options is not None:
+            check_options(parts, cls.accepted_options)
 
     @classmethod
     def prepare_url(cls, url: str) -> str:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
+from . import _options
 from ._base import Capability, Driver, client_timeout_options
 
 __all__ = ["EtcdDriver"]
@@ -65,6 +66,7 @@ class EtcdDriver(Driver):
     """
 
     extra = "etcd"
+    accepted_options = _options.ETCD
     capabilities = frozenset(
         {
             Capability.EXPIRES,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import struct
+import sys
 import urllib.parse
+import weakref
 from typing import Any, ClassVar
 
-from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
+from .._process import file_lock_object
+from . import _options
 from ._base import (
     Capability,
     Driver,
@@ -39,8 +43,12 @@ class FileDriver(Driver):
       spellings: ``/var/lock`` and ``/run/lock``) would each open it, and closing the
       idle one would silently free the other's lock. So the process keeps one lock
       object per file, keyed by the directory's device and inode and the file's name
-      (``aiotooz._process.FILE_LOCKS``), shared by every coordinator; creating it under
-      one mutex also closes tooz's non-atomic barrier creation race.
+      (``aiotooz._process.file_lock_object``), shared by every coordinator; creating
+      it under one mutex also closes tooz's non-atomic barrier creation race.
+    * A child made by ``os.fork()`` forgets the lock objects and tooz's barriers (the
+      thread-level lock each lock file has in tooz): the parent's say "held" for locks
+      the child does not hold (``fcntl`` locks are not inherited), and the child would
+      wait forever for a release only the parent can make.
 
     Waiters are woken by the kernel (Linux): a release closes the lock file, which
     inotify reports (``_inotify``). A waiter keeps the lock file open between its tries
@@ -60,6 +68,7 @@ class FileDriver(Driver):
             Capability.KEEPS_RECORDS,
         }
     )
+    accepted_options = _options.FILE
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
     reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing", "waiting"})
 
@@ -90,12 +99,7 @@ class FileDriver(Driver):
 
     def get_lock(self, key: str) -> Any:
         identity = (*self._directory, key)
-        with FILE_LOCKS_GUARD:
-            lock = FILE_LOCKS.get(identity)
-            if lock is None:
-                # A new lock object has not opened its file yet: nothing to close.
-                lock = FILE_LOCKS[identity] = super().get_lock(key)
-            return lock
+        return file_lock_object(identity, functools.partial(super().get_lock, key))
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One try, holding the path's barrier throughout (tooz's acquire re-enters it).
@@ -228,6 +232,17 @@ class FileDriver(Driver):
             else:
                 holder = _holder_elsewhere(lock.name)
         return read_leader_file(self._counter_path(lock), holder)
+
+
+def _forget_barriers_in_child() -> None:
+    """A forked child starts with no tooz barriers (see the class docstring)."""
+    tooz_file = sys.modules.get("tooz.drivers.file")
+    if tooz_file is not None:
+        tooz_file.FileDriver._barriers = weakref.WeakValueDictionary()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_barriers_in_child)
 
 
 def _holder_elsewhere(path: str | bytes) -> int | None:

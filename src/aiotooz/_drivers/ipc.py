@@ -9,6 +9,7 @@ import sys
 import tempfile
 from typing import Any
 
+from . import _options
 from ._base import (
     Capability,
     LeaderRecords,
@@ -69,6 +70,7 @@ class IpcDriver(ProbingDriver):
     """
 
     extra = "ipc"
+    accepted_options = _options.IPC
     capabilities = frozenset(
         {
             Capability.FENCES,

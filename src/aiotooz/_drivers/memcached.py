@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from .._exceptions import ConfigurationError
+from . import _options
 from ._base import Capability, Driver, client_timeout_options, clock_floor
 
 __all__ = ["MemcachedDriver"]
@@ -29,6 +30,7 @@ class MemcachedDriver(Driver):
     """
 
     extra = "memcached"
+    accepted_options = _options.MEMCACHED
     capabilities = frozenset(
         {Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES, Capability.NAMES_LEADER}
     )

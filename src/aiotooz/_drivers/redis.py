@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Final
@@ -11,6 +12,7 @@ from typing import Any, ClassVar, Final
 import anyio
 
 from .._tasks import BackgroundTask, spawn
+from . import _options
 from ._base import Capability, Driver, ReleaseSignal
 
 __all__ = ["RedisDriver"]
@@ -123,6 +125,26 @@ def _channel(lock: Any) -> bytes:
     return bytes(lock.name) + b"_released"
 
 
+def _database(parts: urllib.parse.SplitResult) -> int | None:
+    """The database a host URL's path selects (``/2``), or ``None`` (no path, or a socket).
+
+    Raises:
+        ValueError: the path is not a database number, or ``db=`` says another one.
+    """
+    if not parts.hostname or parts.path in ("", "/"):
+        return None  # without a host, the path is a Unix socket's (tooz's rule)
+    number = parts.path[1:]
+    if not number.isdigit():
+        raise ValueError(
+            "the path of a redis://host URL selects the database, a number such as "
+            "redis://host:6379/2 (a Unix socket is redis:///path/to/socket, without a host)"
+        )
+    given = urllib.parse.parse_qs(parts.query).get("db")
+    if given is not None and any(value != number for value in given):
+        raise ValueError("the redis:// URL selects two databases, by its path and by db=: give one")
+    return int(number)
+
+
 class _Channels:
     """One pub/sub connection of the asyncio client: release signals per channel.
 
@@ -227,6 +249,7 @@ class RedisDriver(Driver):
     """
 
     extra = "redis"
+    accepted_options = _options.REDIS
     capabilities = frozenset(
         {
             Capability.EXPIRES,
@@ -243,6 +266,26 @@ class RedisDriver(Driver):
         "socket_timeout": "2",
         "socket_connect_timeout": "2",
     }
+
+    @classmethod
+    def check_url(cls, parts: urllib.parse.SplitResult) -> None:
+        """The path of ``redis://host:6379/2`` selects the database, as in redis-py's URLs."""
+        _database(parts)
+
+    @classmethod
+    def prepare_url(cls, url: str) -> str:
+        """``redis://host/2`` as ``redis://host?db=2``, the only way tooz reads it.
+
+        tooz ignores the path of a URL with a host: it used database 0.
+        """
+        parts = urllib.parse.urlsplit(url)
+        database = _database(parts)
+        if database is None:
+            return url
+        query = f"{parts.query}&db={database}" if parts.query else f"db={database}"
+        if "db" in urllib.parse.parse_qs(parts.query):
+            query = parts.query  # the same database: checked by _database
+        return urllib.parse.urlunsplit(parts._replace(path="", query=query))
 
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)

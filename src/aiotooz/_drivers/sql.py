@@ -11,6 +11,7 @@ from typing import Any
 import tooz.coordination
 
 from .._exceptions import UnsupportedOperation
+from . import _options
 from ._base import Capability
 from ._probes import ProbingDriver
 
@@ -356,6 +357,7 @@ class PostgreSQLDriver(_SQLDriver):
     """PostgreSQL advisory locks (tooz maps each name to one of 65,536 of them)."""
 
     extra = "postgresql"
+    accepted_options = _options.POSTGRESQL
     capabilities = frozenset(
         {
             Capability.KNOWS_OWNER,
@@ -578,6 +580,7 @@ class MySQLDriver(_SQLDriver):
     """
 
     extra = "mysql"
+    accepted_options = _options.MYSQL
     capabilities = frozenset(
         {
             Capability.KNOWS_OWNER,

@@ -7,6 +7,7 @@ from typing import Any
 
 import tooz.coordination
 
+from . import _options
 from ._base import Capability, Driver
 
 __all__ = ["ZooKeeperDriver"]
@@ -31,6 +32,7 @@ class ZooKeeperDriver(Driver):
     """
 
     extra = "zookeeper"
+    accepted_options = _options.ZOOKEEPER
     capabilities = frozenset(
         {
             Capability.EXPIRES,
