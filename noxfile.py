@@ -160,10 +160,11 @@ def docs_serve(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmark against the peers, then waiting across processes on every backend.
+    """The benchmark against the peers, waiting across processes, and scale per backend.
 
     Starts private servers (tests/_servers.py); `-- --quick` for a smoke run.
     """
     install(session, "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "wakeups.py"), *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "scale.py"), *session.posargs)

@@ -91,9 +91,52 @@ def test_no_scheme_strings_outside_the_driver_registry() -> None:
                 assert not any(f"'{scheme}:" in text for scheme in SCHEMES), text
 
 
+#: Lines a module may have before it is asked whether it holds more than one idea.
+MODULE_BUDGET = 500
+#: Modules over the budget, each with the reason it is not split (yet).
+OVER_BUDGET = {
+    "aiotooz._cli": "one command line: argparse set-up, `run` and `check`, with their exit codes",
+    "aiotooz._connection": "URL loading, call routes, watches and the beat: to be split by job",
+    "aiotooz._locktable": "the lock table with its holdings and loss delivery: one idea, long",
+    "aiotooz._drivers._base": "the driver interface with its defaults and the file-record helpers",
+    "aiotooz._drivers.redis": "tooz's driver adapted, the native asyncio path and the batched beat",
+    "aiotooz._drivers._sessions": (
+        "one coordinator's database sessions: the main session, the waiter links that queue "
+        "at the server and park their grants, and the dialect interface they share"
+    ),
+}
+#: Private base classes and mixins with a single user, each with why it still exists.
+SINGLE_USER_BASES = {
+    "_Holdings": "split from LockTable by the former 300-line class rule; to be merged back",
+    "_Caller": "split from Connection by the former 300-line class rule; to be merged back",
+    "LeadershipMethods": "split from Coordinator by the former 300-line class rule",
+}
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda path: _module(path))
-def test_classes_stay_readable(path: Path) -> None:
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ClassDef):
-            lines = (node.end_lineno or node.lineno) - node.lineno + 1
-            assert lines <= 300, f"{node.name} has {lines} lines"
+def test_modules_stay_within_their_budget(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    if _module(path) in OVER_BUDGET:
+        return
+    assert lines <= MODULE_BUDGET, (
+        f"{_module(path)} has {lines} lines: split it by idea, or name it in OVER_BUDGET "
+        "with the reason it is one idea"
+    )
+
+
+def test_no_private_base_class_has_a_single_user() -> None:
+    """A base class exists when two real classes share it, never to keep one short."""
+    trees = [ast.parse(path.read_text()) for path in SOURCES]
+    classes = [node for tree in trees for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    users: dict[str, int] = {}
+    for node in classes:
+        for base in node.bases:
+            name = ast.unparse(base).rsplit(".", 1)[-1]
+            users[name] = users.get(name, 0) + 1
+    ours = {node.name for node in classes}
+    single = {
+        name
+        for name, count in users.items()
+        if count == 1 and name in ours and (name.startswith("_") or name.endswith("Methods"))
+    }
+    assert single <= set(SINGLE_USER_BASES), sorted(single - set(SINGLE_USER_BASES))

@@ -17,6 +17,7 @@ import pytest
 from aiotooz._cli import EXIT_CONFIG, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
 
 from ._servers import PrivateRedis, free_port
+from .helpers import ServerPool, url_for
 
 PY = sys.executable
 
@@ -168,6 +169,9 @@ def holder(tmp_path: Path, backend_url: str, prefix: str) -> Iterator[tuple[str,
                 "SIGKILL",
                 "--kill-after",
                 f"{EXIT_LOCK_LOST}   the lock was lost while the command ran",
+                "--once-per DURATION",
+                "--finish-required",
+                "with --once-per: this window was claimed already",
             ],
         ),
         (("check",), ["probe lock", "--timeout", "AIOTOOZ_BACKEND_URL"]),
@@ -591,12 +595,74 @@ def test_run_fails_clearly_on_a_bad_backend(
         (("-E", "256"), "exit status 0..255"),
         (("--kill-after", "-1"), "seconds >= 0"),
         (("--kill-after", "inf"), "seconds >= 0"),
+        (("--once-per", "0.5s"), "at least 1 s such as 30s"),
+        (("--once-per", "1w"), "at least 1 s such as 30s"),
+        (("--once-per", "1h", "--no-wait"), "not allowed with"),
+        (("--finish-required",), "--finish-required goes with --once-per"),
     ],
 )
 def test_run_rejects_bad_options(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
     done = run("run", *args, "job", "--", "true", cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_once_per_runs_the_command_once_a_window(
+    tmp_path: Path, backend_url: str, prefix: str
+) -> None:
+    log = tmp_path / "log"
+    command = (PY, "-c", RECORD, str(log))
+    options = ("--backend", backend_url, "--prefix", prefix, "--once-per", "1h")
+    first = run("run", *options, "nightly", "--", *command, "first", "0", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = run("run", *options, "nightly", "--", *command, "second", "0", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr  # the documented status: not run
+    told = run("run", *options, "-E", "75", "nightly", "--", *command, "third", "0", cwd=tmp_path)
+    assert told.returncode == 75, told.stderr
+    assert [line.split()[:2] for line in log.read_text().splitlines()] == [
+        ["first", "start"],
+        ["first", "end"],
+    ]
+
+
+def test_once_per_finish_required_runs_again_after_a_failure(tmp_path: Path, file_url: str) -> None:
+    options = ("--backend", file_url, "--once-per", "1h", "--finish-required")
+    marker = tmp_path / "ran"
+    fail = ("--", PY, "-c", "raise SystemExit(3)")
+    assert run("run", *options, "job", *fail, cwd=tmp_path).returncode == 3
+    touch = ("--", PY, "-c", f"open({str(marker)!r}, 'a').write('x')")
+    assert run("run", *options, "job", *touch, cwd=tmp_path).returncode == 0
+    assert run("run", *options, "job", *touch, cwd=tmp_path).returncode == 0
+    assert marker.read_text() == "x"  # failed, then ran, then done
+
+
+@pytest.mark.parametrize(
+    ("name", "message"), [("", "must not be empty"), ("x" * 1025, "at most 1024 characters")]
+)
+def test_run_refuses_a_bad_lock_name_as_bad_usage(
+    tmp_path: Path, file_url: str, name: str, message: str
+) -> None:
+    """It exited 69, as if the backend could not be reached."""
+    marker = tmp_path / "ran"
+    done = run("run", "--backend", file_url, name, "--", "touch", str(marker), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "argument NAME" in done.stderr and message in done.stderr
+    assert not marker.exists()
+
+
+def test_run_refuses_a_name_the_backend_cannot_lock_as_configuration(
+    tmp_path: Path, server_pool: ServerPool
+) -> None:
+    """MySQL keys are at most 64 characters: a long prefix and name exited 69."""
+    url = url_for("mysql", server_pool, tmp_path)
+    marker = tmp_path / "ran"
+    done = run(
+        "run", "--backend", url, "--prefix", "p" * 10, "x" * 60, "--", "touch", str(marker),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert "64" in done.stderr
+    assert not marker.exists()
 
 
 # -- check ------------------------------------------------------------------------

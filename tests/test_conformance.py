@@ -213,8 +213,9 @@ def test_stop_releases_held_locks(any_backend_url: str, prefix: str) -> None:
     async def main() -> None:
         coordinator = make_coordinator(any_backend_url, prefix)
         await coordinator.start()
-        for name in names:
-            assert await coordinator.get_lock(name).acquire(blocking=False)
+        held = [coordinator.get_lock(name) for name in names]
+        for lock in held:
+            assert await lock.acquire(blocking=False)
         await coordinator.stop()
 
     anyio.run(main)

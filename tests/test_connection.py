@@ -128,7 +128,9 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
         assert coordinator.statistics().locks_held == 0
         monkeypatch.setattr(connection_module, "run_in_lane", original)
         # The worker got the lock after its taker left, and released it itself.
-        assert await Lock("mid-try", coordinator=coordinator).acquire(blocking=5)
+        again = Lock("mid-try", coordinator=coordinator)
+        assert await again.acquire(blocking=5)
+        await again.release()
 
 
 async def test_errors_in_the_worker_are_translated(file_url: str, prefix: str) -> None:

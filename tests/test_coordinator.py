@@ -1,14 +1,28 @@
-"""Coordinator lifecycle: heartbeat keeps TTL locks, reconnect heals, logs carry context."""
+"""Coordinator lifecycle: heartbeat keeps TTL locks, reconnect heals, logs carry context,
+one event loop and one process."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import anyio
+import anyio.from_thread
 import pytest
+import trio
 from structlog.testing import capture_logs
 
-from aiotooz import BackendUnavailable, Lock
+from aiotooz import (
+    BackendUnavailable,
+    Coordinator,
+    Lock,
+    Semaphore,
+    WrongEventLoop,
+    set_default_coordinator,
+    synchronized,
+)
 
-from ._procs import run_worker
+from ._procs import holding_process, run_worker
 from ._servers import PrivateRedis
 from .helpers import make_coordinator
 
@@ -99,3 +113,162 @@ async def test_the_backend_password_never_reaches_logs_or_reprs(
     shown += [str(entry) for entry in logs]
     assert "nobody:***@" in str(raised.value)
     assert not [text for text in shown if "s3cret-pw" in text]
+
+
+async def _wait_until(predicate: Callable[[], bool], within: float = 10) -> None:
+    with anyio.fail_after(within):
+        while not predicate():
+            await anyio.sleep(0.01)
+
+
+async def test_statistics_count_a_task_waiting_for_another_process(
+    backend_url: str, prefix: str
+) -> None:
+    """The task at the head of the local queue, waiting at the backend for a lock or a
+    slot that another process holds, was not counted: both figures read 0."""
+    async with make_coordinator(backend_url, prefix) as coordinator:
+        with holding_process("hold", backend_url, prefix, "busy"):
+            async with anyio.create_task_group() as group:
+                group.start_soon(Lock("busy", coordinator=coordinator).acquire, 30.0)
+                await _wait_until(lambda: coordinator.statistics().tasks_waiting == 1)
+                assert coordinator.statistics().names_waited_for == 1
+                # A second task waits behind the first, in the local queue.
+                group.start_soon(Lock("busy", coordinator=coordinator).acquire, 30.0)
+                await _wait_until(lambda: coordinator.statistics().tasks_waiting == 2)
+                assert coordinator.statistics().names_waited_for == 1
+                group.cancel_scope.cancel()
+        stats = coordinator.statistics()
+        assert (stats.tasks_waiting, stats.names_waited_for) == (0, 0)
+        # A semaphore whose one slot another coordinator (another process, to this one)
+        # holds.
+        async with make_coordinator(backend_url, prefix) as other:
+            async with Semaphore("pool", 1, coordinator=other):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(Semaphore("pool", 1, coordinator=coordinator).acquire, 30.0)
+                    await _wait_until(lambda: coordinator.statistics().tasks_waiting == 1)
+                    assert coordinator.statistics().names_waited_for == 1
+                    assert other.statistics().tasks_waiting == 0
+                    group.cancel_scope.cancel()
+        stats = coordinator.statistics()
+        assert (stats.tasks_waiting, stats.names_waited_for, stats.locks_held) == (0, 0, 0)
+
+
+# -- one event loop, one process ----------------------------------------------------------
+
+
+async def _every_use(coordinator: Coordinator) -> list[str]:
+    """Try every use of ``coordinator``; the ones that were not refused."""
+
+    async def job() -> None:
+        pass  # pragma: no cover - never leads
+
+    @synchronized("decorated")
+    async def decorated() -> None:
+        pass  # pragma: no cover - never runs
+
+    async def lock_block() -> None:
+        async with coordinator.get_lock("x"):
+            pass  # pragma: no cover
+
+    async def semaphore_block() -> None:
+        async with Semaphore("s", 2, coordinator=coordinator):
+            pass  # pragma: no cover
+
+    async def leadership_block() -> None:
+        async with coordinator.leadership("l"):
+            pass  # pragma: no cover
+
+    uses: dict[str, Callable[[], Awaitable[object]]] = {
+        "acquire": coordinator.get_lock("x").acquire,
+        "acquire(blocking=False)": lambda: coordinator.get_lock("x").acquire(blocking=False),
+        "async with lock": lock_block,
+        "semaphore acquire": Semaphore("s", 2, coordinator=coordinator).acquire,
+        "async with semaphore": semaphore_block,
+        "async with leadership": leadership_block,
+        "leader()": lambda: coordinator.leader("l"),
+        "run_as_leader()": lambda: coordinator.run_as_leader("l", job),
+        "@synchronized on the default coordinator": decorated,
+        "wait_connected()": coordinator.wait_connected,
+        "start()": coordinator.start,
+        "stop()": coordinator.stop,
+    }
+    set_default_coordinator(coordinator)
+    allowed = []
+    try:
+        for use, call in uses.items():
+            with anyio.fail_after(5):
+                try:
+                    await call()
+                except WrongEventLoop as exc:
+                    assert "another event loop" in str(exc)
+                    assert isinstance(exc, RuntimeError)
+                else:
+                    allowed.append(use)
+    finally:
+        set_default_coordinator(None)
+    return allowed
+
+
+async def _nothing_held(url: str, prefix: str) -> None:
+    async with make_coordinator(url, prefix) as other:
+        lock, semaphore = other.get_lock("x"), Semaphore("s", 1, coordinator=other)
+        assert await lock.acquire(blocking=False)
+        assert await semaphore.acquire(blocking=False)
+        async with other.leadership("l", blocking=False):
+            pass
+        await semaphore.release()
+        await lock.release()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_coordinator_refuses_every_use_from_another_event_loop(
+    loop: str, backend_url: str, prefix: str
+) -> None:
+    """Its heartbeat and lease watchdog ran only in the loop that started it: a lock
+    taken from a second loop was held untold past its TTL (two holders on Redis)."""
+    coordinator = make_coordinator(backend_url, prefix)
+    with anyio.from_thread.start_blocking_portal(loop) as portal:
+        portal.call(coordinator.start)
+        held = coordinator.get_lock("held")
+        assert portal.call(held.acquire)
+        try:
+            assert anyio.run(_every_use, coordinator, backend=loop) == []
+            with pytest.raises(WrongEventLoop):
+                anyio.run(held.release, backend=loop)
+            with pytest.raises(WrongEventLoop):
+                anyio.run(held.wait_lost, backend=loop)
+            assert held.locked()
+            assert coordinator.is_started
+            stats = coordinator.statistics()
+            assert (stats.locks_held, stats.tasks_waiting) == (1, 0)
+            assert stats.held_names == ("held",)
+            anyio.run(_nothing_held, backend_url, prefix, backend=loop)
+        finally:
+            portal.call(held.release)
+            portal.call(coordinator.stop)
+
+
+def test_a_coordinator_started_in_one_asyncio_run_is_refused_in_the_next(
+    file_url: str, prefix: str
+) -> None:
+    """The shape from the report: a start-up step in an asyncio.run() of its own."""
+    coordinator = make_coordinator(file_url, prefix)
+
+    async def use() -> None:
+        async with coordinator.get_lock("x"):
+            pass  # pragma: no cover
+
+    async def cycle() -> None:
+        async with coordinator, coordinator.get_lock("x"):
+            pass
+
+    with asyncio.Runner() as first:
+        first.run(coordinator.start())
+        with pytest.raises(WrongEventLoop, match="another event loop"):
+            asyncio.run(use())
+        with pytest.raises(WrongEventLoop):
+            asyncio.run(coordinator.stop())
+        assert coordinator.statistics().locks_held == 0
+        first.run(coordinator.stop())
+    asyncio.run(cycle())  # once stopped, any loop may start it again
+    trio.run(cycle)

@@ -157,6 +157,12 @@ CASES = [
         "blocking must be",
         lambda c: c.get_lock("x").acquire(blocking=math.nan),
     ),
+    Case(
+        "blocking too large for a float",
+        ConfigurationError,
+        "blocking must be",
+        lambda c: c.get_lock("x").acquire(blocking=10**400),
+    ),
     Case("release not held", LockNotHeld, "is not held", lambda c: c.get_lock("x").release()),
     Case("double release", LockNotHeld, "is not held", _release_twice),
     Case("use after stop", LockCreationFailed, "is not started", _use_after_stop),

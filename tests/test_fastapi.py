@@ -107,7 +107,8 @@ async def test_shutdown_releases_locks_still_held(redis_url: str, prefix: str) -
 
     @app.post("/hold")
     async def hold(coordinator: CoordinatorDep) -> None:
-        await coordinator.get_lock("held").acquire()
+        lock = coordinator.get_lock("held")
+        await lock.acquire()
         entered.set()
         await anyio.sleep_forever()
 

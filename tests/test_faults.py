@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aiotooz import BackendUnavailable, Lock, LockLost
+from aiotooz import BackendUnavailable, Lock, LockLost, Semaphore
 
 from ._procs import Worker, holding_process, run_worker
 from ._servers import SERVERS, PrivateServer
@@ -221,6 +221,38 @@ async def test_a_hung_sql_server_holds_no_caller_past_its_deadline(
             with anyio.fail_after(20):
                 async with Lock("held", coordinator=coordinator):
                     pass
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql", "redis", "etcd"])
+async def test_a_semaphore_wait_keeps_its_budget_on_a_hung_server(
+    backend: str, tmp_path: Path, prefix: str
+) -> None:
+    """Each slot try had no deadline of its own: Semaphore.acquire(blocking=1) took the
+    call timeout (5 s) on a hung PostgreSQL and about 2 s on Redis and etcd, where
+    Lock.acquire(blocking=1) took 1 s."""
+    server = SERVERS[backend](tmp_path / backend)
+    server.start()
+    try:
+        async with make_coordinator(server.url, prefix[:7]) as coordinator:
+            semaphore = Semaphore("pool", 3, coordinator=coordinator)
+            async with semaphore:  # the slots work before the fault
+                pass
+            server.pause()
+            try:
+                for _ in range(2):
+                    started = anyio.current_time()
+                    assert await semaphore.acquire(blocking=1.0) is False
+                    took = anyio.current_time() - started
+                    assert took < 2.5, took
+            finally:
+                server.resume()
+            # The server is back: the slots work again (late releases went through).
+            with anyio.fail_after(30):
+                async with semaphore:
+                    pass
+            assert coordinator.statistics().locks_held == 0
     finally:
         server.close()
 

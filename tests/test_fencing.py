@@ -7,6 +7,7 @@ the backend's server; a stale holder's token is smaller than its successor's.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,71 @@ async def test_fencing_costs_nothing_without_it(redis_url: str, prefix: str) -> 
     finally:
         client.delete(f"_tooz_{prefix}fenced_fence".encode())
         client.close()
+
+
+def _counter_path(coordinator: aiotooz.Coordinator, backend: str, name: str) -> Path:
+    """Where the file or ipc backend keeps the fencing counter of lock ``name``."""
+    connection = coordinator.connection
+    assert connection is not None
+    tooz_lock: Any = connection.driver.get_lock(coordinator.prefix + name)
+    if backend == "file":
+        directory, key = os.path.split(tooz_lock.name)
+        return Path(directory, "fencing", key)
+    from aiotooz._drivers.ipc import _FENCING_DIR
+
+    return Path(_FENCING_DIR, str(tooz_lock.key))
+
+
+@pytest.mark.parametrize("backend", ["file", "ipc"])
+@pytest.mark.parametrize("content", [b"\0\0\0\0", b"garbage", b"1.5", b"-7", b"1_000", b"9" * 5000])
+async def test_a_corrupt_counter_is_a_clear_error_and_leaves_nothing_held(
+    backend: str, content: bytes, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """A counter that is not a whole number made a fenced acquire of a free lock wait
+    forever (the error counted as a backend failure to ride out), and blocking=False
+    raised BackendUnavailable for a local file."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with make_coordinator(url, prefix) as coordinator:
+        counter = _counter_path(coordinator, backend, "corrupt")
+        counter.parent.mkdir(parents=True, exist_ok=True)
+        counter.write_bytes(content)
+        try:
+            for blocking in (True, 2.0, False):
+                with anyio.fail_after(10):
+                    with pytest.raises(ConfigurationError, match="corrupt") as caught:
+                        await Lock("corrupt", coordinator=coordinator, fencing=True).acquire(
+                            blocking=blocking
+                        )
+                assert str(counter) in str(caught.value)
+                assert "delete it" in str(caught.value)
+                assert coordinator.statistics().locks_held == 0
+                # Nothing left held: the lock is free for anyone.
+                plain = Lock("corrupt", coordinator=coordinator)
+                assert await plain.acquire(blocking=False)
+                await plain.release()
+            assert counter.read_bytes() == content  # left for the operator to mend
+            counter.unlink()  # what the error says to do
+            async with Lock("corrupt", coordinator=coordinator, fencing=True) as lock:
+                assert lock.fencing_token > 0
+        finally:
+            counter.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("backend", ["file", "ipc"])
+async def test_a_counter_of_many_digits_never_goes_back(
+    backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """Only the first 32 bytes were read: after 10**32 came 10**31 + 1."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with make_coordinator(url, prefix) as coordinator:
+        counter = _counter_path(coordinator, backend, "huge")
+        counter.parent.mkdir(parents=True, exist_ok=True)
+        counter.write_text(str(10**32 - 1))
+        try:
+            tokens = []
+            for _ in range(3):
+                async with Lock("huge", coordinator=coordinator, fencing=True) as lock:
+                    tokens.append(lock.fencing_token)
+            assert tokens == [10**32, 10**32 + 1, 10**32 + 2]
+        finally:
+            counter.unlink(missing_ok=True)

@@ -1,10 +1,14 @@
-"""The file backend: one directory under several spellings, and URLs with '.' or '..'."""
+"""The file backend: one directory under several spellings, URLs with '.' or '..', and
+a forked child."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
+import pytest
 
 from aiotooz import Lock
 
@@ -56,3 +60,73 @@ async def test_a_url_with_dot_segments_locks_the_directory_it_names(
                 async with Lock("dotted", coordinator=coordinator):
                     assert run_worker("try", plain, prefix, "dotted") == "busy"
             assert run_worker("try", plain, prefix, "dotted") == "acquired"
+
+
+# A parent holds a file lock through a coordinator whose event loop runs in a thread,
+# forks, and releases the lock once the child says it waits. The child (one thread) tries
+# the parent's coordinator (refused), then takes the lock with a coordinator of its own.
+FORKED = """\
+import os, select, signal, sys
+import anyio, anyio.from_thread
+from aiotooz import Coordinator, CoordinationSettings, WrongEventLoop
+
+url, prefix, loop = sys.argv[1:4]
+settings = CoordinationSettings(backend_url=url)
+
+
+async def child(parent, ready):
+    try:
+        with anyio.fail_after(5):
+            await parent.get_lock("other").acquire()
+    except WrongEventLoop as exc:
+        assert "this process was forked from it" in str(exc), exc
+    else:
+        return "the parent's coordinator was not refused"
+    async with Coordinator(prefix=prefix, settings=settings) as fresh:
+        lock = fresh.get_lock("forked")
+        if await lock.acquire(blocking=False):
+            return "the child got the lock while the parent held it"
+        os.write(ready, b"waiting")
+        if not await lock.acquire(blocking=30):
+            return "the child never got the lock the parent released"
+        await lock.release()
+    return "ok"
+
+
+parent = Coordinator(prefix=prefix, settings=settings)
+with anyio.from_thread.start_blocking_portal(loop) as portal:
+    portal.call(parent.start)
+    held = parent.get_lock("forked")
+    assert portal.call(held.acquire)
+    ready_read, ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            outcome = anyio.run(child, parent, ready, backend=loop)
+        except BaseException as exc:
+            outcome = repr(exc)
+        print(outcome, flush=True)
+        os._exit(0 if outcome == "ok" else 1)
+    if not select.select([ready_read], [], [], 60)[0]:
+        os.kill(pid, signal.SIGKILL)  # it hangs: leave no orphan behind
+        print("the child never said it waits", flush=True)
+    portal.call(held.release)
+    _, status = os.waitpid(pid, 0)
+    portal.call(parent.stop)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_forked_child_starts_afresh(tmp_path: Path, loop: str, prefix: str) -> None:
+    """The child inherited the process's file lock objects, which said "held" for the
+    parent's lock: its own coordinator never got that lock, even once the parent let go."""
+    url = (tmp_path / "locks").as_uri()
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, url, prefix, loop],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr

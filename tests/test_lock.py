@@ -5,6 +5,7 @@ Exclusion between processes is checked on every backend by tests/test_conformanc
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 
@@ -283,7 +284,7 @@ async def test_release_of_a_lock_not_held(coordinator: Coordinator) -> None:
         await lock.release()
 
 
-@pytest.mark.parametrize("blocking", [-1, math.nan, "yes", None, [1]])
+@pytest.mark.parametrize("blocking", [-1, math.nan, "yes", None, [1], 10**400])
 async def test_bad_blocking_is_refused(coordinator: Coordinator, blocking: object) -> None:
     lock = coordinator.get_lock("b")
     with pytest.raises(ConfigurationError, match="blocking must be"):
@@ -369,3 +370,43 @@ async def test_a_polled_file_lock_is_fully_released(
         gc.collect()
     assert not [record for record in caplog.records if "Unreleased lock" in record.getMessage()]
     assert run_worker("try", file_url, prefix, "polled") == "acquired"
+
+
+async def test_a_release_inside_the_block_leaves_its_exit_quiet(coordinator: Coordinator) -> None:
+    """The exit releases nothing more, and never puts LockNotHeld in place of the body's
+    own exception; a second explicit release() still raises LockNotHeld."""
+    lock = coordinator.get_lock("early")
+    async with lock:
+        await lock.release()
+        assert not lock.locked()
+        with pytest.raises(LockNotHeld):
+            await lock.release()
+    with pytest.raises(ValueError, match="the body's own"):
+        async with lock:
+            await lock.release()
+            raise ValueError("the body's own")
+    async with lock(blocking=False):  # free again
+        assert coordinator.statistics().locks_held == 1
+    assert coordinator.statistics().locks_held == 0
+
+
+async def test_a_held_lock_dropped_without_release_is_released_with_a_resource_warning(
+    coordinator: Coordinator,
+) -> None:
+    """As Python closes a file left open: it stayed held, and refreshed, until stop()."""
+    lock = coordinator.get_lock("dropped")
+    assert await lock.acquire()
+    with pytest.warns(ResourceWarning, match="'dropped' was garbage-collected while held"):
+        del lock
+        gc.collect()
+    with anyio.fail_after(5):
+        while coordinator.statistics().locks_held:
+            await anyio.sleep(0.01)
+    url, prefix = coordinator.settings.backend_url, coordinator.prefix
+    assert await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "dropped") == "acquired"
+    # A lock released, or dropped after its coordinator stopped, is no resource left open.
+    released = coordinator.get_lock("released")
+    await released.acquire()
+    await released.release()
+    del released
+    gc.collect()

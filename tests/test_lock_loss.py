@@ -291,73 +291,449 @@ async def test_memcached_ttls_it_cannot_honour_are_refused(
             pass  # pragma: no cover
 
 
-async def test_etcd_lock_whose_lease_was_swapped_is_lost(
+async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
-    """A late tooz try on the held lock's own object gives it a new lease and revokes it.
-
-    The key stays on the lease it was granted with, which then nobody refreshes: the
-    heartbeat refreshes the revoked lease (etcd answers "not found" without an error,
-    and tooz ignores it), and the key still holds our token until the old lease
-    expires. The holder must be told before the key goes.
-    """
+    """Every lock key of a coordinator is on its one lease (the beat keeps one lease
+    alive, whatever is held). Revoked from outside, it takes every key, every holder is
+    told, and the next acquire is granted on a new lease."""
     url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
     client = _etcd_client(url)
-    key = _etcd_lock_key(prefix, "swapped")
+    names = [f"shared-{number}" for number in range(5)]
     async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("swapped", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            connection = coordinator._connection
-            assert connection is not None
-            [hold] = coordinator.lock_table.holds_through(connection)
-            tooz_lock = hold.handle._tooz_lock
-            granted_lease = tooz_lock._lease.id
+        locks = [Lock(name, coordinator=coordinator, cancel_on_loss=False) for name in names]
+        for lock in locks:
+            assert await lock.acquire()
+        leases = {
+            int(client.get(_etcd_lock_key(prefix, name), metadata=True)[0][1]["lease"])
+            for name in names
+        }
+        assert len(leases) == 1
+        from etcd3gw.lease import Lease
 
-            def late_try() -> None:
-                # What the rest of EtcdDriver.try_acquire does once its read found the key
-                # free: a tooz try (a new lease on the object; the key is taken, so it
-                # fails), then the revoke of the object's lease.
-                assert not tooz_lock.acquire(blocking=False)
-                tooz_lock._lease.revoke()
+        [lease] = leases
+        assert sorted(Lease(lease, client).keys()) == sorted(
+            _etcd_lock_key(prefix, name) for name in names
+        )
+        Lease(lease, client).revoke()
+        with anyio.fail_after(5):
+            for lock in locks:
+                await lock.wait_lost()
+        for lock in locks:
+            await lock.release()
+        again = Lock(names[0], coordinator=coordinator)
+        assert await again.acquire(blocking=5)
+        [(_, meta)] = client.get(_etcd_lock_key(prefix, names[0]), metadata=True)
+        assert int(meta["lease"]) != lease
+        await anyio.sleep(1)  # a few beats: the new lease is kept alive
+        assert not again.lost
+        await again.release()
+    assert not client.get(_etcd_lock_key(prefix, names[0]))
 
-            before = _etcd_revision(client)
-            await anyio.to_thread.run_sync(late_try)
-            assert tooz_lock._lease.id != granted_lease
-            # It leaves no trace in the revisions (a failed transaction, a lease with no
-            # key granted and revoked): the next write is the key's expiry.
-            assert _etcd_revision(client) == before
-            # A keepalive of the revoked lease is answered without a TTL, not refused.
-            assert await anyio.to_thread.run_sync(tooz_lock._lease.refresh) == -1
-            [(_, meta)] = client.get(key, metadata=True)
-            assert int(meta["lease"]) == granted_lease  # the key is on the old lease
-            await _told_before_the_key_goes(lock, client, key)
+
+# -- ZooKeeper: the session carries the lock nodes ------------------------------------
 
 
-async def test_etcd_lock_dropped_from_the_refresh_list_is_lost(
+async def test_zookeeper_locks_of_an_expired_session_are_lost(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
-    """A held lock that tooz no longer refreshes (a late release of the same lock object
-    takes it off tooz's list, whatever the release did at etcd) expires with its token
-    still in the key: the holder must be told before the key goes."""
-    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
-    client = _etcd_client(url)
-    key = _etcd_lock_key(prefix, "dropped")
+    """A beat reads no lock node: it proves the session. A session that expired (here:
+    closed from outside with its id and password) took its nodes with it, and kazoo
+    makes a new one; every lock granted in the old one must read lost."""
+    from kazoo.client import KazooClient
+
+    url = url_for("zookeeper", server_pool, tmp_path) + "?timeout=3"
     async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("dropped", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            connection = coordinator._connection
-            assert connection is not None
-            [hold] = coordinator.lock_table.holds_through(connection)
-            refreshed: set[Any] = connection.driver.tooz._acquired_locks  # type: ignore[attr-defined]
-            refreshed.discard(hold.handle._tooz_lock)
-            await _told_before_the_key_goes(lock, client, key)
+        locks = [
+            Lock(f"session-{n}", coordinator=coordinator, cancel_on_loss=False) for n in range(3)
+        ]
+        for lock in locks:
+            assert await lock.acquire()
+        connection = coordinator._connection
+        assert connection is not None
+        kazoo = connection.driver.tooz._coord  # type: ignore[attr-defined]
+        intruder = KazooClient(hosts=urlsplit(url).netloc, client_id=kazoo.client_id)
+        await anyio.to_thread.run_sync(intruder.start)
+        await anyio.to_thread.run_sync(intruder.stop)  # closes the holder's session
+        await anyio.to_thread.run_sync(intruder.close)
+        with anyio.fail_after(10):
+            for lock in locks:
+                await lock.wait_lost()
+        for lock in locks:
+            await lock.release()
+        again = Lock("session-0", coordinator=coordinator)
+        with anyio.fail_after(15):
+            assert await again.acquire()
+        await again.release()
 
 
-async def _told_before_the_key_goes(lock: Lock, client: Any, key: bytes) -> None:
-    """Wait until ``lock`` is lost or its key is gone; it must be lost first."""
+# -- batched ownership checks: one beat for every lock held -----------------------------
+
+
+def _take_from_outside(backend: str, url: str, prefix: str, name: str, delete: bool) -> None:
+    """Delete a held lock's key, or give it to another owner, as a foreign process could."""
+    parts = urlsplit(url)
+    if backend == "redis":
+        client = redis.Redis(host=parts.hostname or "127.0.0.1", port=parts.port or 6379)
+        key = _redis_key(prefix, name)
+        if delete:
+            client.delete(key)
+        else:
+            client.set(key, b"someone-else", px=30_000)
+        client.close()
+    elif backend == "memcached":
+        from pymemcache.client.base import Client
+
+        memcached = Client((parts.hostname or "127.0.0.1", parts.port or 11211))
+        key = f"__TOOZ_LOCK_{prefix}{name}".encode()
+        if delete:
+            memcached.delete(key)
+        else:
+            memcached.set(key, b"someone-else", expire=30)
+        memcached.close()
+    else:
+        client = _etcd_client(url)
+        key = _etcd_lock_key(prefix, name)
+        if delete:
+            client.delete(key)
+        else:
+            client.put(key, "someone-else")  # on no lease: not on ours any more
+
+
+@pytest.mark.parametrize("backend", ["redis", "memcached", "etcd3+http"])
+async def test_a_lock_taken_among_many_is_told_to_its_holder_only(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
+) -> None:
+    """The beat refreshes and checks every held lock at once: each lock's answer must
+    still be its own (a key deleted, a key given to another owner), the others kept."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        locks = {
+            f"many-{n}": Lock(f"many-{n}", coordinator=coordinator, cancel_on_loss=False)
+            for n in range(40)
+        }
+        for lock in locks.values():
+            assert await lock.acquire()
+        _take_from_outside(backend, url, prefix, "many-7", delete=True)
+        _take_from_outside(backend, url, prefix, "many-23", delete=False)
+        with anyio.fail_after(5):
+            await locks["many-7"].wait_lost()
+            await locks["many-23"].wait_lost()
+        await anyio.sleep(1)  # more beats
+        assert [name for name, lock in locks.items() if lock.lost] == ["many-7", "many-23"]
+        assert coordinator.statistics().locks_lost == 2
+        for lock in locks.values():
+            await lock.release()
+    _take_from_outside(backend, url, prefix, "many-23", delete=True)
+
+
+# -- PostgreSQL and MySQL: a lock lives as long as its session --------------------------
+
+
+def _kill_sessions(backend: str, url: str, key: str, every: bool) -> None:
+    """From outside, as an operator or a reaper would: end the session holding ``key``
+    (``pg_terminate_backend``, ``KILL``), or, with ``every``, every client session.
+
+    The session is found by the server lock of ``key`` (plain tooz's advisory key on
+    PostgreSQL, the name on MySQL): a coordinator's main session, which holds the locks
+    it tried for, or the waiter connection a lock was granted on."""
+    parts = urlsplit(url)
+    if backend == "postgresql":
+        import hashlib
+
+        import psycopg
+
+        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
+        with psycopg.connect(url, autocommit=True) as connection:
+            if every:
+                rows = connection.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                    " AND backend_type = 'client backend'"
+                ).fetchall()
+            else:
+                rows = connection.execute(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND classid = %s AND objid = %s AND objsubid = 2",
+                    advisory,
+                ).fetchall()
+            pids = [pid for (pid,) in rows]
+            assert pids, "no session to kill"
+            for pid in pids:
+                connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+            _wait_gone(connection.cursor(), query, pids)
+        return
+    import pymysql
+
+    connection = pymysql.connect(
+        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
+    )
+    try:
+        with connection.cursor() as cursor:
+            if every:
+                cursor.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
+                    " AND COMMAND NOT IN ('Daemon', 'Binlog Dump') AND USER = %s",
+                    (parts.username or "root",),
+                )
+            else:
+                cursor.execute("SELECT IS_USED_LOCK(%s)", (key,))
+            ids = [row[0] for row in cursor.fetchall() if row[0] is not None]
+            assert ids, "no session to kill"
+            for session in ids:
+                cursor.execute(f"KILL {int(session)}")
+            ids_in = ", ".join(str(int(session)) for session in ids)
+            query = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({ids_in})"
+            _wait_gone(cursor, query, None)
+    finally:
+        connection.close()
+
+
+def _queued_at_server(backend: str, url: str, key: str) -> bool:
+    """Whether a session waits for ``key`` in the server's queue."""
+    if backend == "postgresql":
+        import hashlib
+
+        import psycopg
+
+        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
+        with psycopg.connect(url, autocommit=True) as connection:
+            row = connection.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid = %s AND objid = %s AND objsubid = 2",
+                advisory,
+            ).fetchone()
+        return bool(row and row[0])
+    import pymysql
+
+    parts = urlsplit(url)
+    connection = pymysql.connect(
+        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
+    )
+    try:
+        with connection.cursor() as cursor:
+            # The name is in the statement as text or, sent as bytes, in hex (X'...').
+            cursor.execute(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
+                " AND (INFO LIKE %s OR INFO LIKE %s)",
+                (f"%{key}%", f"%{key.encode().hex()}%"),
+            )
+            row = cursor.fetchone()
+        return bool(row and row[0])
+    finally:
+        connection.close()
+
+
+def _wait_gone(cursor: Any, query: str, sessions: list[int] | None) -> None:
+    """Wait until the killed sessions are gone (a kill is a signal: it takes a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        cursor.execute(query, None if sessions is None else (sessions,))
+        if cursor.fetchone()[0] == 0:
+            return
+        assert time.monotonic() < deadline, "the killed sessions did not end"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+async def test_a_killed_sql_session_is_a_lost_lock(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
+) -> None:
+    """The server frees a lock the moment its session ends: the holder went on, never
+    told, while another process took the lock. Here the lock was granted through the
+    server's queue, on a waiter connection of its own (the coordinator's main session
+    holds the rest): killing that session loses that lock, and the coordinator keeps
+    its connection."""
+    url = url_for(backend, server_pool, tmp_path)
+    heartbeat = 0.5
+    async with (
+        make_coordinator(url, prefix) as other,
+        make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator,
+    ):
+        held = coordinator.get_lock("kept")
+        await held.acquire()
+        taken = other.get_lock("killed")
+        await taken.acquire()
+        async with anyio.create_task_group() as group:
+            group.start_soon(_wait_then_release, backend, url, f"{prefix}killed", taken)
+            with pytest.raises(LockLost, match="the session that held it ended"):
+                async with coordinator.get_lock("killed"):
+                    await anyio.to_thread.run_sync(
+                        _kill_sessions, backend, url, f"{prefix}killed", False
+                    )
+                    killed = anyio.current_time()
+                    try:
+                        await anyio.sleep(30)
+                    finally:
+                        noticed = anyio.current_time() - killed
+        # A beat or two, and slack for a loaded machine.
+        assert noticed < 2 * heartbeat + 2, noticed
+        assert coordinator.statistics().reconnects == 0  # the lock's loss, not the connection's
+        assert not held.lost  # held by the main session, which lives on
+        # Another process can take it, and so can this coordinator.
+        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
+        assert outcome == "acquired"
+        with anyio.fail_after(10):
+            async with coordinator.get_lock("killed"):
+                pass
+        await held.release()
+
+
+async def _wait_then_release(backend: str, url: str, key: str, lock: Any) -> None:
+    """Release ``lock`` once another session waits for it in the server's queue."""
     with anyio.fail_after(10):
-        while not lock.lost and client.get(key):
-            await anyio.sleep(0.05)
-    gone = not client.get(key)
-    assert lock.lost, "the key's lease expired and the holder was never told"
-    assert not gone, "the holder was told only after the key was gone"
+        while not await anyio.to_thread.run_sync(_queued_at_server, backend, url, key):
+            await anyio.sleep(0.02)
+    await lock.release()
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["its session", "every session"])
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+async def test_a_killed_main_sql_session_loses_its_locks_and_reconnects(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str, every: bool
+) -> None:
+    """The coordinator's main session holds every lock it took with a try: killing it
+    (alone, or with every session) loses them all, each holder is told, and the
+    coordinator reconnects."""
+    url = url_for(backend, server_pool, tmp_path)
+    heartbeat = 0.5
+    async with make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator:
+        with pytest.raises(LockLost, match="the connection to the backend failed"):
+            async with coordinator.get_lock("killed"):
+                await anyio.to_thread.run_sync(
+                    _kill_sessions, backend, url, f"{prefix}killed", every
+                )
+                killed = anyio.current_time()
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    noticed = anyio.current_time() - killed
+        # A beat or two, and slack for a loaded machine.
+        assert noticed < 2 * heartbeat + 2, noticed
+        # Another process can take it, and so can this coordinator (reconnected).
+        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
+        assert outcome == "acquired"
+        with anyio.fail_after(10):
+            async with coordinator.get_lock("killed"):
+                pass
+        assert coordinator.statistics().reconnects >= 1
+
+
+# -- a loss found at the release: the lease rule, and the backend's "not ours" -----------
+
+
+async def test_a_block_that_outlives_its_lease_without_an_await_raises_lock_lost(
+    redis_url: str, prefix: str
+) -> None:
+    """The body blocks the event loop past the lease (another process takes the lock
+    meanwhile) and ends without an await: the exit must not pass quietly."""
+    url = f"{redis_url}?lock_timeout=1"
+    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+        with pytest.raises(LockLost, match="no refresh reached the backend"):
+            async with coordinator.get_lock("overrun"):
+                time.sleep(1.6)  # noqa: ASYNC251 - blocking the loop is the point
+                assert run_worker("try", redis_url, prefix, "overrun") == "acquired"
+        # An explicit release tells it too, through `lost`.
+        lock = coordinator.get_lock("overrun")
+        await lock.acquire()
+        time.sleep(1.6)  # noqa: ASYNC251
+        await lock.release()
+        assert lock.lost
+        assert "no refresh reached the backend" in (lock.lost_reason or "")
+
+
+def _take_away(backend: str, url: str, key: str) -> None:
+    """From outside, with the backend's own client: ``key`` is no longer ours (another
+    owner's token on it, our node deleted, our session killed)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    if backend == "redis":
+        client = redis.Redis(host=host, port=port or 6379)
+        client.set(f"_tooz_{key}_lock".encode(), b"someone-else", px=30_000)
+        client.close()
+    elif backend == "memcached":
+        from pymemcache.client.base import Client
+
+        memcached = Client((host, port or 11211))
+        # flags=1: raw bytes, as tooz stores a member id.
+        memcached.set(b"__TOOZ_LOCK_" + key.encode(), b"someone-else", 30, noreply=False, flags=1)
+        memcached.close()
+    elif backend == "etcd3+http":
+        _etcd_client(url).put(f"/tooz/locks{key}", "someone-else")
+    elif backend == "zookeeper":
+        from kazoo.client import KazooClient
+
+        zookeeper = KazooClient(hosts=f"{host}:{port}")
+        zookeeper.start(timeout=10)
+        try:
+            path = f"/tooz/locks/{key}"
+            children = zookeeper.get_children(path)
+            assert children
+            for child in children:
+                zookeeper.delete(f"{path}/{child}")
+        finally:
+            zookeeper.stop()
+            zookeeper.close()
+    else:
+        _kill_sessions(backend, url, key, every=False)
+
+
+@pytest.mark.parametrize(
+    "backend", ["redis", "memcached", "etcd3+http", "zookeeper", "postgresql", "mysql"]
+)
+async def test_a_release_answered_not_ours_is_a_loss(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
+) -> None:
+    """Taken away from outside before the next beat could tell: the release is the first
+    to know. The block raises LockLost; an explicit release leaves `lost` true."""
+    url = url_for(backend, server_pool, tmp_path)
+    # No beat within the test (the first comes 4 s after the start): the release tells.
+    async with make_coordinator(url, prefix, heartbeat=4) as coordinator:
+        with pytest.raises(LockLost, match="said at release"):
+            async with coordinator.get_lock("block"):
+                _take_away(backend, url, f"{prefix}block")
+        lock = coordinator.get_lock("explicit")
+        await lock.acquire()
+        await anyio.to_thread.run_sync(_take_away, backend, url, f"{prefix}explicit")
+        await lock.release()
+        assert lock.lost
+        assert "said at release" in (lock.lost_reason or "")
+        assert coordinator.statistics().locks_lost == 2
+
+
+async def test_a_loss_that_cut_the_body_short_is_raised_after_a_release_inside(
+    redis_url: str, prefix: str
+) -> None:
+    """A body cancelled by the loss that releases in its ``finally`` must not pass as
+    finished: the exit is quiet after a release inside the block, but not then."""
+    client = redis.Redis.from_url(redis_url)
+    async with make_coordinator(redis_url, prefix, heartbeat=0.1) as coordinator:
+        lock = coordinator.get_lock("cut")
+        with pytest.raises(LockLost, match="another owner"):
+            async with lock:
+                try:
+                    client.set(_redis_key(prefix, "cut"), b"someone-else", px=30_000)
+                    await anyio.sleep(10)
+                finally:
+                    await lock.release()
+    client.close()
+
+
+async def test_a_grant_too_late_to_use_is_not_handed_out(redis_url: str, prefix: str) -> None:
+    """A try that takes more than the lease rule's share of the TTL (a backend slowed
+    down) is granted a lock the lease rule already calls lost: the block would be
+    cancelled at once, or, with no await, raise LockLost at its exit. It is given back
+    and tried again instead."""
+    parts = urlsplit(redis_url)
+    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.0) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=1"
+        async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+            lock = coordinator.get_lock("late")
+            proxy.set_delay(0.5)  # a round trip takes 1 s: more than 3/4 of the TTL
+            assert await lock.acquire(blocking=5) is False
+            proxy.set_delay(0.0)
+            # Nothing was left held: given back at once, it is free now.
+            with anyio.fail_after(10):
+                async with lock:
+                    pass
+            assert not lock.lost

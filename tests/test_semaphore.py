@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import uuid
@@ -26,7 +27,7 @@ from aiotooz._names import backend_key, slot_key
 
 from ._procs import Worker
 from ._servers import PrivateRedis
-from .helpers import HOSTILE_NAMES, make_coordinator
+from .helpers import HOSTILE_NAMES, ServerPool, make_coordinator, url_for
 
 
 @pytest.fixture
@@ -279,6 +280,37 @@ async def test_a_waiter_finds_a_larger_limit_elsewhere(file_url: str, prefix: st
         await a.release()
 
 
+async def test_postgresql_a_lock_sharing_the_probe_slots_advisory_lock_is_no_larger_limit(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz maps every key to one of 65,536 advisory locks (two bytes of its MD5). An
+    unrelated lock held on the advisory lock of slot ``limit`` made every waiting
+    acquire of the semaphore raise a false "larger limit" ConfigurationError."""
+    url = url_for("postgresql", server_pool, tmp_path)
+
+    def advisory(key: str) -> bytes:
+        return hashlib.md5(key.encode("ascii"), usedforsecurity=False).digest()[:2]
+
+    probed = advisory(slot_key(prefix, "pool", 1))  # one past limit 1
+    unrelated = next(
+        name
+        for name in (f"job-{number}" for number in range(1_000_000))
+        if advisory(backend_key(prefix, name)) == probed
+    )
+    async with (
+        make_coordinator(url, prefix) as elsewhere,
+        make_coordinator(url, prefix) as holder,
+        make_coordinator(url, prefix) as waiter,
+    ):
+        async with elsewhere.get_lock(unrelated), Semaphore("pool", 1, coordinator=holder):
+            started = anyio.current_time()
+            # Waits its budget out (probing meanwhile), and is not told of a larger limit.
+            assert await Semaphore("pool", 1, coordinator=waiter).acquire(blocking=2.5) is False
+            assert anyio.current_time() - started >= 2.5
+        async with Semaphore("pool", 1, coordinator=waiter):
+            pass
+
+
 async def test_a_lost_slot_cancels_its_holder(redis_url: str, prefix: str) -> None:
     client = redis.Redis.from_url(redis_url)
     finished = False
@@ -378,4 +410,34 @@ async def test_a_reconnect_cancels_holders_and_waiters_ride_it_out(
             with anyio.fail_after(30):
                 await coordinator.wait_connected()
         assert outcomes[-1] == "waiter held"
+        assert coordinator.statistics().locks_held == 0
+
+
+async def test_a_slot_found_lost_at_its_release_raises_lock_lost(
+    redis_url: str, prefix: str
+) -> None:
+    """As for a lock: a block whose slot the release finds taken (before any beat could
+    tell) raises LockLost."""
+    client = redis.Redis.from_url(redis_url)
+    async with make_coordinator(redis_url, prefix, heartbeat=4) as coordinator:
+        semaphore = Semaphore("taken", 1, coordinator=coordinator)
+        with pytest.raises(LockLost, match="said at release"):
+            async with semaphore:
+                key = slot_key(prefix, "taken", semaphore.slot)
+                client.set(f"_tooz_{key}_lock".encode(), b"someone-else", px=30_000)
+    client.close()
+
+
+async def test_a_release_inside_a_block_never_replaces_the_body_error(
+    file_url: str, prefix: str
+) -> None:
+    """release() never takes a block's own slot (it raises LockNotHeld where it is
+    called); the block's exit releases it, and the body's exception comes through."""
+    async with make_coordinator(file_url, prefix) as coordinator:
+        semaphore = Semaphore("early", 2, coordinator=coordinator)
+        with pytest.raises(ValueError, match="the body's own"):
+            async with semaphore:
+                with pytest.raises(LockNotHeld):
+                    await semaphore.release()
+                raise ValueError("the body's own")
         assert coordinator.statistics().locks_held == 0

@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from aiotooz import ConfigurationError, Coordinator, Lock
+from aiotooz._lock import held_handle
 
 from ._servers import PrivatePgBouncer
 from .helpers import ServerPool, make_coordinator, url_for
@@ -216,6 +217,54 @@ async def test_a_killed_session_loses_every_lock_on_it_and_the_coordinator_recon
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_record_is_written_only_while_the_holders_session_holds_the_lock(
+    backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """The record beside a lock (``@once_per``'s) is written on the main session for the
+    session that holds the lock: once that session is gone (a waiter link killed before
+    any beat could tell), the write is refused; a write of the same record again, with
+    the same token, is no refusal."""
+    url = url_for(backend, server_pool, tmp_path)
+    async with (
+        make_coordinator(url, prefix) as other,
+        make_coordinator(url, prefix, heartbeat=30) as coordinator,
+    ):
+        kept = Lock("kept", coordinator=coordinator, fencing=True)
+        async with kept:
+            handle = held_handle(kept)
+            first = kept.fencing_token
+            assert first is not None
+            assert await handle.write_record(b"one", first)
+            assert await handle.write_record(b"one", first)  # unchanged, still ours
+            assert await handle.read_record() == b"one"
+        contested = Lock("contested", coordinator=other)
+        await contested.acquire()
+        waited = Lock("contested", coordinator=coordinator, fencing=True)
+        async with anyio.create_task_group() as group:
+            group.start_soon(waited.acquire)
+            with anyio.fail_after(10):
+                while _waiting_at_server(backend, url, prefix + "contested") == 0:
+                    await anyio.sleep(0.02)
+            await contested.release()
+        handle = held_handle(waited)
+        token = waited.fencing_token
+        assert token is not None
+        link = _holder(backend, url, prefix + "contested")
+        async with Lock("on-main", coordinator=coordinator):
+            main = _holder(backend, url, prefix + "on-main")
+        assert link is not None and main is not None and link != main
+        assert await handle.write_record(b"granted", token)
+        _kill(backend, url, {link})
+        with anyio.fail_after(10):
+            while _holder(backend, url, prefix + "contested") is not None:
+                await anyio.sleep(0.02)
+        assert not await handle.write_record(b"too late", token + 1)
+        assert await handle.read_record() == b"granted"
+        with contextlib.suppress(Exception):
+            await waited.release()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_a_waiter_that_gives_up_leaves_the_servers_queue_at_once(
     backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
@@ -237,7 +286,9 @@ async def test_a_waiter_that_gives_up_leaves_the_servers_queue_at_once(
             assert not lock.locked()
         # No grant was left behind on the waiter's side: a third coordinator gets it.
         async with make_coordinator(url, prefix) as third:
-            assert await Lock("queue", coordinator=third).acquire(blocking=False)
+            taken = Lock("queue", coordinator=third)
+            assert await taken.acquire(blocking=False)
+            await taken.release()
 
 
 async def test_64_bit_keys_are_a_url_option(
@@ -256,7 +307,7 @@ async def test_64_bit_keys_are_a_url_option(
                     (f"aiotooz {coordinator.member_id}"[:63],),
                 )
             assert [row[0] for row in rows] == [1]  # 1: one int8 key; 2: two int4
-    with pytest.raises(ConfigurationError, match="keys=tooz"):
+    with pytest.raises(ConfigurationError, match=r"keys='32'.* must be tooz"):
         async with make_coordinator(f"{url}?keys=32", prefix):
             pass
 

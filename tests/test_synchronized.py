@@ -149,7 +149,9 @@ async def test_the_lock_is_released_when_the_function_raises(coordinator: Coordi
 
     with pytest.raises(RuntimeError):
         await boom()
-    assert await coordinator.get_lock("raises").acquire(blocking=False)
+    lock = coordinator.get_lock("raises")
+    assert await lock.acquire(blocking=False)
+    await lock.release()
 
 
 def _held_names(coordinator: Coordinator) -> tuple[str, ...]:

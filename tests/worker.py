@@ -26,6 +26,16 @@ Commands:
                                                appends "begin ID TOKEN TIME" to the file RECORD,
                                                then "alive ID TOKEN TIME" every 50 ms; stop at
                                                the end of input
+  once URL PREFIX NAME EVERY LOG FINISH LOOP   on the anyio backend LOOP, print "ready", read
+                                               "go START END" (wall clock), then call a job
+                                               decorated with once_per(NAME, EVERY) every
+                                               0.1 s from START to END; the job appends
+                                               "W0 W1 PID TOKEN" to LOG (W0: the window before
+                                               the call, W1: at the job's start, in seconds
+                                               since 1970) and prints "ran W1". FINISH: "at-
+                                               most-once", or "finish-required"; with "hang-
+                                               first", also the first run of all (LOG empty)
+                                               hangs until it is killed
 """
 
 from __future__ import annotations
@@ -41,7 +51,14 @@ from pathlib import Path
 import anyio
 import structlog
 
-from aiotooz import CoordinationSettings, Coordinator, Lock, Semaphore, fencing_token
+from aiotooz import (
+    CoordinationSettings,
+    Coordinator,
+    Lock,
+    Semaphore,
+    fencing_token,
+    once_per,
+)
 
 # Keep stdout for the protocol with the test ("held", "acquired", "busy").
 structlog.configure(
@@ -173,6 +190,36 @@ async def campaign(url: str, prefix: str, name: str, record: str) -> None:
             group.cancel_scope.cancel()
 
 
+async def once(url: str, prefix: str, name: str, every: str, log: str, finish: str) -> None:
+    period = float(every)
+    # A loaded machine starts four of these at once: connecting may take longer than 5 s.
+    settings = CoordinationSettings(backend_url=url, call_timeout=20)
+    async with Coordinator(prefix=prefix, settings=settings) as coordinator:
+
+        @once_per(name, period, coordinator=coordinator, finish_required=finish != "at-most-once")
+        async def job(before: float) -> None:
+            started = time.time() // period * period
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                first = os.fstat(fd).st_size == 0
+                # One write with O_APPEND: lines of several processes never interleave.
+                line = f"{before:.0f} {started:.0f} {os.getpid()} {fencing_token()}\n"
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+            print(f"ran {started:.0f}", flush=True)
+            if finish == "hang-first" and first:
+                await anyio.sleep_forever()
+
+        print("ready", flush=True)
+        line = await anyio.to_thread.run_sync(sys.stdin.readline)
+        _, start, end = line.split()
+        await anyio.sleep(max(0.0, float(start) - time.time()))
+        while time.time() < float(end):
+            await job(time.time() // period * period)
+            await anyio.sleep(0.1)
+
+
 def tooz_hold(url: str, prefix: str, name: str) -> None:
     from tooz import coordination
 
@@ -195,6 +242,10 @@ def main() -> None:
     if command == "campaign":
         url, prefix, name, record, loop = args
         anyio.run(campaign, url, prefix, name, record, backend=loop)
+        return
+    if command == "once":
+        url, prefix, name, every, log, finish, loop = args
+        anyio.run(once, url, prefix, name, every, log, finish, backend=loop)
         return
     commands: dict[str, Callable[..., Awaitable[None]]] = {
         "count": count,

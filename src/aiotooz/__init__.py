@@ -12,10 +12,12 @@ from ._exceptions import LockLost as LockLost
 from ._exceptions import LockNameError as LockNameError
 from ._exceptions import LockNotHeld as LockNotHeld
 from ._exceptions import UnsupportedOperation as UnsupportedOperation
+from ._exceptions import WrongEventLoop as WrongEventLoop
 from ._leadership import Leadership as Leadership
 from ._leadership import Term as Term
 from ._lock import Lock as Lock
 from ._lock import fencing_token as fencing_token
+from ._once import once_per as once_per
 from ._process import get_default_coordinator as get_default_coordinator
 from ._process import set_default_coordinator as set_default_coordinator
 from ._semaphore import Semaphore as Semaphore
@@ -40,8 +42,10 @@ __all__ = [
     "Semaphore",
     "Term",
     "UnsupportedOperation",
+    "WrongEventLoop",
     "fencing_token",
     "get_default_coordinator",
+    "once_per",
     "set_default_coordinator",
     "synchronized",
 ]

@@ -33,8 +33,13 @@ from ._exceptions import (
     ConfigurationError,
     CoordinationError,
     LockAcquireFailed,
+    LockLost,
+    LockNameError,
+    UnsupportedOperation,
 )
 from ._lock import Lock
+from ._names import MAX_NAME_LENGTH, check_name
+from ._once import WindowClaim, check_every
 from ._settings import CoordinationSettings
 
 __all__ = [
@@ -94,12 +99,15 @@ exit status:
   the command's own status, or 128+N if it died by signal N;
   {EXIT_NOT_ACQUIRED}   the lock was not acquired (--no-wait, or --wait ran out;
        see --conflict-exit-code)
+  0    with --once-per: this window was claimed already (or the lock stayed busy
+       until it ended), so the command did not run (see --conflict-exit-code)
   {EXIT_LOCK_LOST}   the lock was lost while the command ran (whatever the command's
        own status, even 0, and with --on-loss ignore too)
   {EXIT_BACKEND_UNAVAILABLE}   the backend could not be reached
-  {EXIT_CONFIG}   bad settings or backend URL, or a missing client library
+  {EXIT_CONFIG}   bad settings or backend URL, a missing client library, or a NAME the
+       backend cannot lock (MySQL: over 64 characters with the prefix)
   {EXIT_CANNOT_EXECUTE}  the command cannot be executed; {EXIT_NOT_FOUND} it was not found
-  2    bad usage
+  2    bad usage (a bad option, an empty or over-long lock NAME, no COMMAND)
 
 The lock is held from before the command starts until after it ends. SIGINT, SIGTERM
 and SIGHUP sent to aiotooz are passed on to the command (a Ctrl-C at a terminal reaches
@@ -111,6 +119,12 @@ when the session expires. If the lock is lost while the command runs (its TTL ra
 the backend connection was replaced), the command gets SIGTERM, then SIGKILL if it
 still runs --kill-after seconds later (see --on-loss), and aiotooz exits with {EXIT_LOCK_LOST}.
 Like the signals passed on, these go to the command only, not to processes it started.
+
+With --once-per DURATION, NAME is a job that runs once per window of DURATION across
+every host (windows aligned to the Unix epoch, UTC: 1h is each clock hour): the command
+runs only if no host has claimed this window yet, e.g. from the same cron line on every
+host. With --finish-required, a window counts as done only once a command exited 0 in
+it: one that failed, was killed or lost its lock may run again in the same window.
 """
 
 _EPILOG_SETTINGS: Final = """\
@@ -208,13 +222,28 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"give up at once if the lock is held elsewhere (exit {EXIT_NOT_ACQUIRED})",
     )
+    wait.add_argument(
+        "--once-per",
+        type=_duration,
+        metavar="DURATION",
+        help="run the command at most once per window of DURATION (30s, 15m, 1h, 1d; at "
+        "least 1 s) across hosts; if this window was claimed already, exit 0 without "
+        "running it (see --conflict-exit-code). Waits for the lock at most until the "
+        "window ends",
+    )
+    run.add_argument(
+        "--finish-required",
+        action="store_true",
+        help="with --once-per: a window counts as done only once the command exited 0 "
+        "in it (else it may run again in the same window)",
+    )
     run.add_argument(
         "-E",
         "--conflict-exit-code",
         type=_status,
-        default=EXIT_NOT_ACQUIRED,
         metavar="STATUS",
-        help=f"exit status when the lock is not acquired (default: {EXIT_NOT_ACQUIRED})",
+        help="exit status when the lock is not acquired, or with --once-per when the "
+        f"window was claimed already (default: {EXIT_NOT_ACQUIRED}; with --once-per, 0)",
     )
     run.add_argument(
         "--on-loss",
@@ -233,7 +262,12 @@ def _parser() -> argparse.ArgumentParser:
         "SECONDS after SIGTERM, like timeout -k (default: 5; 0: SIGKILL at once, "
         "without SIGTERM)",
     )
-    run.add_argument("name", metavar="NAME", help="the lock name (any non-empty string)")
+    run.add_argument(
+        "name",
+        type=_lock_name,
+        metavar="NAME",
+        help=f"the lock name (any non-empty string of at most {MAX_NAME_LENGTH} characters)",
+    )
     run.add_argument(
         "command",
         nargs=argparse.REMAINDER,
@@ -271,6 +305,30 @@ def _seconds(text: str) -> float:
     return value
 
 
+#: The units ``--once-per`` takes, in seconds.
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    """``30s``, ``15m``, ``1h``, ``1d`` (or plain seconds), in microseconds (``check_every``)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        return check_every(float(number) * _UNITS[unit])
+    except (ValueError, ConfigurationError):
+        raise argparse.ArgumentTypeError(
+            f"expected a duration of at least 1 s such as 30s, 15m, 1h or 1d, not {text!r}"
+        ) from None
+
+
+def _lock_name(text: str) -> str:
+    # Checked as the command line is parsed: a name no backend can take is bad usage,
+    # not a backend that could not be reached.
+    try:
+        return check_name(text)
+    except LockNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _status(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 255:
         raise argparse.ArgumentTypeError(f"expected an exit status 0..255, not {text!r}")
@@ -302,7 +360,9 @@ def _settings(backend: str | None) -> CoordinationSettings:
 
 
 def _status_for(exc: CoordinationError) -> int:
-    if isinstance(exc, ConfigurationError):
+    # A key the backend cannot lock (MySQL: over 64 characters with the prefix) is fixed
+    # by changing the name, the prefix or the backend: configuration, not availability.
+    if isinstance(exc, ConfigurationError | UnsupportedOperation):
         return EXIT_CONFIG
     return EXIT_BACKEND_UNAVAILABLE
 
@@ -323,12 +383,19 @@ def _run_main(
         if os.sep in command[0] and os.path.exists(command[0]):
             raise _Failure(EXIT_CANNOT_EXECUTE, f"not an executable file: {command[0]!r}")
         raise _Failure(EXIT_NOT_FOUND, f"command not found: {command[0]!r}")
+    if args.finish_required and args.once_per is None:
+        parser.error("run: --finish-required goes with --once-per")
     blocking: bool | float = False if args.no_wait else (True if args.wait is None else args.wait)
+    conflict_status = args.conflict_exit_code
+    if conflict_status is None:
+        conflict_status = EXIT_NOT_ACQUIRED if args.once_per is None else 0
     runner = _Runner(
         name=args.name,
         command=command,
         blocking=blocking,
-        conflict_status=args.conflict_exit_code,
+        conflict_status=conflict_status,
+        once_per=args.once_per,
+        finish_required=args.finish_required,
         prefix=args.prefix,
         settings=settings,
         on_loss=args.on_loss,
@@ -347,6 +414,8 @@ class _Runner:
         command: list[str],
         blocking: bool | float,
         conflict_status: int,
+        once_per: int | None = None,
+        finish_required: bool = False,
         prefix: str,
         settings: CoordinationSettings,
         on_loss: str,
@@ -358,6 +427,9 @@ class _Runner:
         self.command = command
         self.blocking = blocking
         self.conflict_status = conflict_status
+        #: ``--once-per``, in microseconds.
+        self.once_per = once_per
+        self.finish_required = finish_required
         self.prefix = prefix
         self.settings = settings
         self.child: Process | None = None
@@ -386,6 +458,8 @@ class _Runner:
 
     async def _locked_run(self) -> int:
         async with Coordinator(prefix=self.prefix, settings=self.settings) as coordinator:
+            if self.once_per is not None:
+                return await self._once_run(coordinator, self.once_per)
             lock = coordinator.get_lock(self.name)
             acquired = False
             assert self.waiting is not None
@@ -407,6 +481,33 @@ class _Runner:
             finally:
                 if lock.locked():
                     await lock.release()
+
+    async def _once_run(self, coordinator: Coordinator, every: int) -> int:
+        claim = WindowClaim(
+            self.name,
+            every,
+            coordinator=coordinator,
+            finish_required=self.finish_required,
+            cancel_on_loss=False,  # a loss is handled as for any run (see _on_loss)
+        )
+        assert self.waiting is not None
+        with self.waiting:
+            await claim.__aenter__()
+        try:
+            if self.interrupted is not None:
+                return 128 + self.interrupted
+            if not claim.claimed:
+                return self.conflict_status
+            status = await self._spawn_and_wait(claim.lock)
+            if status == 0:
+                try:
+                    await claim.finish()
+                except LockLost as exc:
+                    _say(f"aiotooz run: {exc}; exit status {EXIT_LOCK_LOST}, not 0")
+                    return EXIT_LOCK_LOST
+            return status
+        finally:
+            await claim.__aexit__(None, None, None)
 
     async def _spawn_and_wait(self, lock: Lock) -> int:
         with anyio.CancelScope(shield=True):

@@ -153,6 +153,43 @@ class LockHandle:
             return self.connection.driver.get_lock(self.key)
         return self._tooz_lock
 
+    # -- the record kept beside the lock (``Capability.KEEPS_RECORDS``) -----------------
+
+    async def read_record(self) -> bytes | None:
+        """The record kept beside this lock (held), or ``None`` if none was written.
+
+        Raises:
+            UnsupportedOperation: the backend keeps no records.
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        connection, tooz_lock = self._keeping_records(), self._tooz_lock
+        read = lambda: connection.driver.read_record(tooz_lock)  # noqa: E731
+        return await connection._call_quick(f"reading the record of {self.key!r}", read)
+
+    async def write_record(self, record: bytes, token: int) -> bool:
+        """Replace the record beside this lock (held, fenced with ``token``).
+
+        Returns ``False`` if nothing was written: the lock is no longer ours, or a later
+        holder wrote a record with a larger token.
+
+        Raises:
+            UnsupportedOperation: the backend keeps no records.
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        connection, tooz_lock = self._keeping_records(), self._tooz_lock
+        write = lambda: connection.driver.write_record(tooz_lock, record, token)  # noqa: E731
+        return await connection._call_quick(f"writing the record of {self.key!r}", write)
+
+    def _keeping_records(self) -> Connection:
+        if Capability.KEEPS_RECORDS not in self.connection.capabilities:
+            raise UnsupportedOperation(
+                f"the {self.connection.scheme!r} backend keeps no records beside locks "
+                f"(needed for {self.key!r}): memcached may evict one at any time, which "
+                "would let a window run twice; use file, ipc, redis, zookeeper, "
+                "etcd3+http, postgresql or mysql"
+            )
+        return self.connection
+
 
 @final
 class Watch:
@@ -256,6 +293,12 @@ class _Caller:
         """
         await anyio.lowlevel.checkpoint()
         return self._run_inline(action, func)
+
+    async def _call_quick(self, action: str, func: Callable[[], T]) -> T:
+        """A short call about a held lock: inline where tries are, else in the acquire lane."""
+        if self._inline:
+            return await self._call_inline(action, func)
+        return await self._call(self._acquire_lane, action, func)
 
     async def _call_native(
         self,
@@ -438,12 +481,8 @@ class Connection(_Caller):
                 "postgresql, mysql)"
             )
         tooz_lock = handle._tooz_lock
-        action = f"fencing {handle.key!r}"
-        if self._inline:
-            return await self._call_inline(action, lambda: self.driver.fencing_token(tooz_lock))
-        return await self._call(
-            self._acquire_lane, action, lambda: self.driver.fencing_token(tooz_lock)
-        )
+        fence = lambda: self.driver.fencing_token(tooz_lock)  # noqa: E731
+        return await self._call_quick(f"fencing {handle.key!r}", fence)
 
     async def publish_leader(self, handle: LockHandle, member_id: str, token: int) -> None:
         """Record ``member_id`` as the leader holding ``handle``'s lock (``NAMES_LEADER``)."""
@@ -568,7 +607,9 @@ class Connection(_Caller):
 
         A beat that returns normally proves nothing about the locks (tooz's redis and
         memcached drivers swallow a failed refresh, its etcd driver ignores one), so each
-        is checked where the driver ``KNOWS_OWNER``.
+        is checked where the driver ``KNOWS_OWNER``, in as few round trips as the driver
+        can (``Driver.beat``): a beat's cost must not grow with the locks held, or it
+        outgrows the lease once a few thousand are held.
 
         Returns:
             For each handle: ``True`` still ours, ``False`` no longer ours, ``None`` the
@@ -577,18 +618,8 @@ class Connection(_Caller):
         Raises:
             BackendUnavailable: the backend failed or did not answer in time.
         """
-        knows_owner = Capability.KNOWS_OWNER in self.capabilities
-
-        def beat() -> list[bool | None]:
-            self.driver.heartbeat()
-            return [
-                self.driver.still_owner(handle._tooz_lock)
-                if knows_owner and handle._tooz_lock is not None
-                else None
-                for handle in handles
-            ]
-
-        return await self._call(self._control_lane, "heartbeat", beat)
+        locks = [handle._tooz_lock for handle in handles]
+        return await self._call(self._control_lane, "heartbeat", lambda: self.driver.beat(locks))
 
     async def close(self) -> None:
         """Let the calls in flight end, then stop the tooz coordinator; errors are swallowed.

@@ -25,7 +25,7 @@ from ._logging import get_logger
 from ._names import check_prefix
 from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
-from ._tasks import BackgroundTask, spawn, task_id_getter
+from ._tasks import BackgroundTask, Home, spawn, task_id_getter, threadsafe_starter
 from ._telemetry import instruments, register_coordinator, unregister_coordinator
 
 __all__ = ["Coordinator", "CoordinatorStatistics"]
@@ -43,9 +43,10 @@ class CoordinatorStatistics:
     #: Locks held at the backend through this coordinator (by a task, or being handed
     #: from one task to the next).
     locks_held: int
-    #: Lock names that tasks of this coordinator wait for.
+    #: Lock and semaphore names that tasks of this coordinator wait for.
     names_waited_for: int
-    #: Tasks waiting for a lock that another task or process holds.
+    #: Tasks waiting for a lock or slot that another task or process holds (the task
+    #: trying the backend for a local queue is one of them while its tries fail).
     tasks_waiting: int
     #: Worker threads of the current connection that are alive.
     threads: int
@@ -114,6 +115,7 @@ class Coordinator(LeadershipMethods):
         self._beat_event: anyio.Event | None = None
         self._last_beat = -math.inf
         self._reconnects = 0
+        self._home = Home()  # the event loop and process that started it
 
     def __repr__(self) -> str:
         state = "started" if self._started else "stopped"
@@ -156,8 +158,13 @@ class Coordinator(LeadershipMethods):
             held_names=table.held_names(),
         )
 
+    def check_loop(self) -> None:
+        """Raise `WrongEventLoop` outside the event loop and process that started it."""
+        self._home.check(self)
+
     async def wait_connected(self) -> None:
         """Wait until the coordinator is started and connected to its backend."""
+        self.check_loop()
         while not self.is_connected:
             await self.next_state_change()
 
@@ -182,6 +189,7 @@ class Coordinator(LeadershipMethods):
             BackendUnavailable: the backend cannot be reached.
         """
         if self._started:
+            self.check_loop()
             return
         connecting = anyio.current_time()
         connection = await self._connect()
@@ -196,6 +204,8 @@ class Coordinator(LeadershipMethods):
         self._connection = connection
         self.lock_table.last_refresh = connecting
         self.lock_table.task_id = task_id_getter()
+        self.lock_table.start_soon_threadsafe = threadsafe_starter()
+        self._home.enter()
         self._started = True
         register_coordinator(self)
         self._state_changed()
@@ -229,6 +239,7 @@ class Coordinator(LeadershipMethods):
         """
         if not self._started:
             return
+        self.check_loop()
         self._started = False
         with anyio.CancelScope(shield=True):
             background, self._background = self._background, []
@@ -241,6 +252,7 @@ class Coordinator(LeadershipMethods):
             if connection is not None:
                 await connection.close()
         unregister_coordinator(self)
+        self._home.leave()
         self._state_changed()
         if is_default(self):
             set_default_coordinator(None)
@@ -290,7 +302,14 @@ class Coordinator(LeadershipMethods):
     async def _beat_forever(self) -> None:
         while True:
             self._beat_event = anyio.Event()
-            with anyio.move_on_after(self.settings.heartbeat):
+            # Beats start a heartbeat apart, however long the last one took: a beat of
+            # many locks, or on a loaded machine, must not stretch the time between
+            # refreshes (the lease rule counts from a beat's start). A tenth of it at
+            # least, so that nothing can make this loop spin.
+            wait = beat = self.settings.heartbeat
+            if self._last_beat > -math.inf:
+                wait = max(beat / 10, self._last_beat + beat - anyio.current_time())
+            with anyio.move_on_after(wait):
                 await self._beat_event.wait()
             connection = self._connection
             if connection is None:
@@ -315,7 +334,10 @@ class Coordinator(LeadershipMethods):
         for hold, still_ours in zip(holds, owned, strict=True):
             if still_ours is False:
                 self.lock_table.declare_lost(
-                    hold, "the backend says another owner has it, or it expired", "taken_over"
+                    hold,
+                    "the backend says another owner has it, or it expired, or the session "
+                    "that held it ended",
+                    "taken_over",
                 )
 
     async def _reconnect(self, old: Connection) -> None:

@@ -12,10 +12,13 @@ translated, once, in `aiotooz._connection`, into one of these:
     ├── LockLost                  a held lock was lost (expired, taken over, connection gone)
     │   └── LeadershipLost        a leadership term ended while leading (its lock was lost)
     ├── LockNotHeld               release of a lock that is not held
-    └── UnsupportedOperation      the backend cannot do what was asked
+    ├── UnsupportedOperation      the backend cannot do what was asked
+    └── WrongEventLoop            a coordinator used outside the event loop (or the
+                                  process) that started it
 
-``ConfigurationError`` and ``LockNameError`` are also ``ValueError`` so that code
-written for the standard library's conventions keeps working.
+``ConfigurationError`` and ``LockNameError`` are also ``ValueError``, and
+``WrongEventLoop`` is also ``RuntimeError`` (as asyncio's "attached to a different
+loop"), so that code written for the standard library's conventions keeps working.
 """
 
 from __future__ import annotations
@@ -74,3 +77,13 @@ class LockNotHeld(CoordinationError):
 
 class UnsupportedOperation(CoordinationError):
     """The backend cannot do what was asked (for example a non-blocking try)."""
+
+
+class WrongEventLoop(CoordinationError, RuntimeError):
+    """A coordinator was used from an event loop other than the one that started it.
+
+    Or from a process forked after it started. Its heartbeat and lease watchdog run as
+    tasks of that event loop, and its connection's threads live in that process: from
+    anywhere else locks would be taken with nothing to keep them or tell of their loss.
+    Nothing is taken or released; start a coordinator in the event loop that uses it.
+    """

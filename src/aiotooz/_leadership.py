@@ -123,6 +123,7 @@ async def read_leader(coordinator: Coordinator, name: str) -> str | None:
         raise LockCreationFailed(
             f"{coordinator!r} is not started: start it before asking who leads {name!r}"
         )
+    coordinator.check_loop()
     connection = coordinator.connection
     if connection is None:
         raise BackendUnavailable(
@@ -137,6 +138,12 @@ async def run_as_leader(
 ) -> None:
     """Campaign, run ``job`` while leading, again after each term (see the method)."""
     name = check_name(name)
+    if not callable(job):
+        # Refused before campaigning: it would fail only once its term came.
+        raise TypeError(
+            f"run_as_leader({name!r}, job): job must be a callable returning an awaitable "
+            f"(an 'async def' function), not {type(job).__name__}: {job!r}"
+        )
     log = get_logger(agent_id=coordinator.agent_id, leadership=name)
     while True:
         campaign = Leadership(coordinator, name, True)
@@ -193,6 +200,7 @@ class LeadershipMethods:
         Raises:
             LockCreationFailed: the coordinator is not started.
             BackendUnavailable: the backend failed, or the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop.
         """
         return await read_leader(self, name)
 
@@ -207,5 +215,8 @@ class LeadershipMethods:
         ``job`` returns (which gives leadership up, so another process may take it).
 
         Returns only when cancelled; an exception of ``job``'s own is raised as is.
+
+        Raises:
+            TypeError: ``job`` is not callable (at once, before campaigning).
         """
         await run_as_leader(self, name, job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -77,12 +78,18 @@ def check_blocking(blocking: object) -> float | bool:
     Needs no event loop, so decorators can check it at import time.
 
     Raises:
-        ConfigurationError: ``blocking`` is not a bool or a non-negative number.
+        ConfigurationError: ``blocking`` is not a bool or a non-negative number (that
+            a float can hold).
     """
     if isinstance(blocking, bool):
         return blocking
-    if isinstance(blocking, int | float) and float(blocking) >= 0:  # NaN fails too
-        return float(blocking)
+    if isinstance(blocking, int | float):
+        try:
+            seconds = float(blocking)
+        except OverflowError:  # an int too large for a float (10**400)
+            seconds = math.nan
+        if seconds >= 0:  # NaN fails too
+            return seconds
     raise ConfigurationError(
         "blocking must be True (wait as long as it takes), False (try once) or a "
         f"number of seconds >= 0 to wait at most, not {blocking!r}"
@@ -168,6 +175,9 @@ class Lock:
     true and a warning is logged). [`wait_lost()`][aiotooz.Lock.wait_lost] lets a task
     watch for it.
 
+    A lock object garbage-collected while held is released by its coordinator, with a
+    ``ResourceWarning``, as Python closes a file left open.
+
     Args:
         name: the lock name, any non-empty ``str``; with ``data``, a format string.
         data: values for the ``{field}`` parts of ``name``.
@@ -217,6 +227,21 @@ class Lock:
     def __repr__(self) -> str:
         state = "lost" if self.lost else "locked" if self.locked() else "unlocked"
         return f"<aiotooz.Lock {self.name!r} {state}>"
+
+    def __del__(self) -> None:
+        # As Python closes a file left open: a lock dropped while held would otherwise
+        # stay held (and refreshed) until its coordinator stops.
+        # getattr: a bad name fails __init__ before the slots are set.
+        hold, table = getattr(self, "_hold", None), getattr(self, "_table", None)
+        if hold is None or table is None or hold.released:
+            return
+        warnings.warn(
+            f"aiotooz.Lock {self.name!r} was garbage-collected while held; its coordinator "
+            "releases it. Release locks you acquire (or use 'async with lock:')",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        table.release_dropped(hold)
 
     @property
     def coordinator(self) -> Coordinator:
@@ -275,6 +300,7 @@ class Lock:
         hold, table = self._hold, self._table
         if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be lost")
+        table.check_loop()
         await table.wait_ended(hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:
@@ -288,11 +314,15 @@ class Lock:
             Whether the lock is now held.
 
         Raises:
-            ConfigurationError: ``blocking`` is not a bool or a number >= 0.
+            ConfigurationError: ``blocking`` is not a bool or a number >= 0; or, with
+                ``fencing``, the file or ipc backend's counter file is corrupt (the
+                error names it; the lock is not left held).
             LockCreationFailed: there is no started coordinator to lock through.
             LockAcquireFailed: this task already holds this name (not reentrant).
             BackendUnavailable: the backend failed; with ``blocking=False``, also while
                 the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop, or
+                before this process was forked.
         """
         deadline = deadline_for(blocking)
         table = self.coordinator.lock_table
@@ -311,15 +341,30 @@ class Lock:
         up locally and a warning is logged: the backend frees it when its TTL or
         session ends.
 
+        A lock found lost as it is released -- by the lease rule (the event loop was
+        blocked past the lease), or because the backend answers that it is no longer
+        ours -- leaves [`lost`][aiotooz.Lock.lost] true, with its reason.
+
         Raises:
             LockNotHeld: this lock object does not hold the lock.
+            WrongEventLoop: its coordinator was started in another event loop (the lock
+                stays held).
         """
+        if self._table is not None:
+            self._table.check_loop()  # before anything changes
         hold, self._hold = self._hold, None
         table, self._table = self._table, None
         if hold is None or table is None:
             raise LockNotHeld(f"lock {self.name!r} is not held, so it cannot be released")
-        self._lost_reason = hold.lost_reason
-        await table.release(hold)
+        # Released now: a loss found from here on is recorded, never a cancellation.
+        hold.on_lost = None
+        # The lease rule, as at any read of `lost`: a body that blocked the event loop
+        # past the lease, then ended without an await, lost the lock while it ran.
+        table.check_lease(hold, anyio.current_time())
+        try:
+            await table.release(hold)
+        finally:
+            self._lost_reason = hold.lost_reason
 
     def __call__(self, blocking: Blocking = True) -> BudgetContext[Lock]:
         """``async with lock(blocking=2.5):`` takes the lock with that budget or raises."""
@@ -368,18 +413,29 @@ async def _exit(
     exc: BaseException | None,
     tb: TracebackType | None,
 ) -> None:
-    """Release after an ``async with`` block; turn a loss into [`LockLost`][aiotooz.LockLost]."""
+    """Release after an ``async with`` block; turn a loss into [`LockLost`][aiotooz.LockLost].
+
+    A loss found by the release itself (the lease rule, or the backend's "not ours")
+    counts too. A lock the body released itself is not released again: the exit is
+    quiet, unless a loss cancelled the body first.
+    """
     context, lock._context = lock._context, None
     if context is not None:
         _FENCED.reset(context)
     scope, lock._scope = lock._scope, None
+    cut_short = False
     if scope is not None:
         # Swallows the cancellation the loss caused, and only that one.
         if scope.__exit__(exc_type, exc, tb):
             exc = None
-    hold = lock._hold
-    reason = hold.lost_reason if hold is not None else None
-    await lock.release()
+            cut_short = True
+    if lock._hold is None:
+        # Released inside the block: nothing to release, and no error to put in place
+        # of the body's own; but a body the loss cut short must not pass as finished.
+        reason = lock._lost_reason if cut_short else None
+    else:
+        await lock.release()
+        reason = lock._lost_reason
     if reason is None or not lock._cancel_on_loss:
         return
     if isinstance(exc, anyio.get_cancelled_exc_class()):

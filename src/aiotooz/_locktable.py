@@ -19,10 +19,11 @@ Glossary:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -148,14 +149,15 @@ class _Holdings:
 
     @property
     def names_waited_for(self) -> int:
-        """Lock and semaphore names some task waits for (behind another task)."""
+        """Lock and semaphore names some task waits for (behind another task or process)."""
         queues = [*self._queues.values(), *(s.queue for s in self.semaphores.values())]
-        return sum(1 for queue in queues if queue.waiting)
+        return sum(1 for queue in queues if queue.tasks_waiting)
 
     @property
     def tasks_waiting(self) -> int:
+        """Tasks waiting for a lock or a slot that another task or process holds."""
         queues = [*self._queues.values(), *(s.queue for s in self.semaphores.values())]
-        return sum(queue.waiting for queue in queues)
+        return sum(queue.tasks_waiting for queue in queues)
 
     def holds_through(self, connection: Connection) -> list[Hold]:
         """The holds taken through ``connection`` that are not known to be lost."""
@@ -183,6 +185,14 @@ class _Holdings:
         """
         if hold.lost or hold.released:
             return
+        self._mark_lost(hold, reason, kind)
+        if hold.ended is not None:
+            hold.ended.set()
+        if hold.on_lost is not None:
+            hold.on_lost()
+
+    def _mark_lost(self, hold: Hold, reason: str, kind: str) -> None:
+        """Record ``hold``'s loss: its reason, the count, the telemetry and the log."""
         hold.lost_reason = reason
         self.lost_count += 1
         instruments.lost.add(1, {**hold.attributes, "aiotooz.reason": kind})
@@ -192,10 +202,6 @@ class _Holdings:
             reason=reason,
             held=round(time.perf_counter() - hold.acquired_at, 6),
         )
-        if hold.ended is not None:
-            hold.ended.set()
-        if hold.on_lost is not None:
-            hold.on_lost()
 
     def declare_lost_through(self, connection: Connection, reason: str) -> None:
         """Every hold taken through ``connection`` is lost (it failed or was replaced)."""
@@ -241,6 +247,12 @@ class _Holdings:
             now = anyio.current_time()
             # Woken a quarter of the TTL late: the event loop itself was blocked.
             stalled = now - before - interval > ttl / 4
+            # Every hold was refreshed no earlier than the last beat: while that is
+            # recent, none can have run out, and the sweep (a check per held lock, on
+            # the event loop twenty times per TTL) is skipped. With thousands held it
+            # took a quarter of the loop's time.
+            if now - self.last_refresh <= ttl * LEASE_SHARE:
+                continue
             for hold in list(self._holds):
                 self.check_lease(hold, now, stalled)
 
@@ -283,6 +295,9 @@ class LockTable(_Holdings):
         self._describe = describe
         #: The current task's id; picked for the event loop when the coordinator starts.
         self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
+        #: Starts a task on the coordinator's event loop from any thread (a finalizer's);
+        #: set when the coordinator starts (see ``_tasks.threadsafe_starter``).
+        self.start_soon_threadsafe: Callable[[Callable[[], Awaitable[object]]], None] | None = None
         # name -> key, for names used again and again (bounded: cleared when full).
         self._keys: dict[str, str] = {}
         self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
@@ -295,19 +310,26 @@ class LockTable(_Holdings):
     # -- acquire -------------------------------------------------------------------------
 
     async def acquire(
-        self, name: str, deadline: float, fencing: bool = False, key: str | None = None
+        self,
+        name: str,
+        deadline: float,
+        fencing: bool = False,
+        key: str | None = None,
+        once: bool = False,
     ) -> Hold | None:
         """Take ``name`` through the local queue and then the backend, and measure it.
 
         See :meth:`_acquire`; the wait and its outcome go to the telemetry. ``key``, if
         given, is the backend key to lock instead of the one ``name`` maps to (a
-        semaphore's slot, see :func:`aiotooz._names.slot_key`).
+        semaphore's slot, see :func:`aiotooz._names.slot_key`). With ``once``, one try
+        as for ``TRY_ONCE``, but given up at ``deadline`` if the backend hangs (a
+        semaphore's slot tries within its budget).
         """
         attributes = self._attributes(name)
         wait = _Wait(attributes)
         outcome = "error"
         try:
-            hold = await self._acquire(name, deadline, fencing, wait, attributes, key)
+            hold = await self._acquire(name, deadline, fencing, wait, attributes, key, once)
             outcome = "acquired" if hold is not None else "timeout"
             return hold
         except anyio.get_cancelled_exc_class():
@@ -324,6 +346,7 @@ class LockTable(_Holdings):
         wait: _Wait,
         attributes: Mapping[str, str],
         key: str | None = None,
+        once: bool = False,
     ) -> Hold | None:
         """Take ``name`` through the local queue and then the backend.
 
@@ -336,6 +359,7 @@ class LockTable(_Holdings):
                 for itself).
         """
         self._tries.check_started()
+        self._owner.check_loop()
         if key is None:
             key = self._keys.get(name)
         if key is None:
@@ -346,7 +370,7 @@ class LockTable(_Holdings):
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = KeyQueue()
-        elif queue.owner == task and deadline != TRY_ONCE:
+        elif queue.owner == task and deadline != TRY_ONCE and not once:
             raise LockAcquireFailed(
                 f"lock {name!r} is already held by this task: aiotooz locks are not "
                 "reentrant (acquiring it again would wait for itself)"
@@ -357,7 +381,7 @@ class LockTable(_Holdings):
         try:
             if queue.owner is not None or queue.waiting:
                 wait.begin()
-            if not await queue.take(task, deadline):
+            if not await queue.take(task, TRY_ONCE if once else deadline):
                 return None
             previous = self._take_handed_over(key)
             if previous is not None:
@@ -373,9 +397,17 @@ class LockTable(_Holdings):
                 else:
                     granted = previous.handle, previous.lease_start, token
             if previous is None:
-                granted = await self._tries.acquire(
-                    key, deadline, fencing, queue.step_back_until, wait.begin
-                )
+
+                def waiting() -> None:
+                    wait.begin()
+                    queue.owner_waits = True  # for statistics(): it waits for a process
+
+                try:
+                    granted = await self._tries.acquire(
+                        key, deadline, fencing, queue.step_back_until, waiting, once
+                    )
+                finally:
+                    queue.owner_waits = False
                 queue.step_back_until = -math.inf
         except BaseException:
             if queue.owner == task:
@@ -411,6 +443,19 @@ class LockTable(_Holdings):
         self._log.debug("lock acquired", lock=name, key=key, waited=round(now - started, 6))
         return hold
 
+    @property
+    def keys_distinct(self) -> bool:
+        """Whether a key found held is held under that very key, not one sharing its lock.
+
+        Not so on PostgreSQL, where tooz maps every key to one of 65,536 advisory locks.
+        """
+        connection = self._owner.connection
+        return connection is None or connection.driver.key_space is None
+
+    def check_loop(self) -> None:
+        """Refuse a call from outside the coordinator's event loop (`WrongEventLoop`)."""
+        self._owner.check_loop()
+
     def owned_here(self, key: str) -> bool:
         """Whether a task of this table holds ``key``, or is taking it, now."""
         queue = self._queues.get(key)
@@ -425,7 +470,8 @@ class LockTable(_Holdings):
 
         A lost lock is still released at the backend when it was taken through the
         current connection: the driver's release checks ownership (token, lease, member
-        id), and it stops tooz from refreshing the lock in later beats.
+        id), and it stops tooz from refreshing the lock in later beats. A release the
+        backend answers with "not ours" makes ``hold`` lost: it was lost while held.
         """
         if hold.released:
             return
@@ -438,9 +484,19 @@ class LockTable(_Holdings):
             if hold.handle.connection is self._owner.connection:
                 # Not shielded: a cancelled caller (or one whose backend hangs) stops
                 # waiting, and the release still runs in its worker thread.
-                await self._tries.release(
-                    hold.handle, hold.name, hold.lost, contended=hold.queue.waiting > 0
+                ours = await self._tries.release(
+                    hold.handle, hold.name, lost=True, contended=hold.queue.waiting > 0
                 )
+                if not ours and not hold.lost:
+                    # Taken by another owner (or expired) since the last check: lost while
+                    # held. Recorded for the holder (`lost`, and `LockLost` out of an
+                    # `async with` block); nothing left to cancel, it is released.
+                    self._mark_lost(
+                        hold,
+                        "the backend said at release that another owner had it, or that "
+                        "it had expired",
+                        "taken_over",
+                    )
                 if hold.handle.woken and hold.queue.waiting:
                     # Fairness: waiters elsewhere were woken by this release; the next
                     # waiter here lets them go first instead of winning the race.
@@ -453,6 +509,27 @@ class LockTable(_Holdings):
                 lost=hold.lost_reason,
                 held=round(time.perf_counter() - hold.acquired_at, 6),
             )
+
+    def release_dropped(self, hold: Hold) -> None:
+        """``hold``'s lock object was garbage-collected while held: release it soon.
+
+        Called from a finalizer, in any thread: the release runs as a task of the
+        coordinator's event loop. Nothing happens if the loop is gone (the process is
+        ending: the backend frees the lock with its TTL, session or process).
+        """
+        start = self.start_soon_threadsafe
+        if start is None or hold.released:
+            return
+
+        async def release() -> None:
+            self._log.warning("lock dropped while held; released", lock=hold.name)
+            try:
+                await self.release(hold)
+            except Exception:  # nobody to raise it to
+                self._log.exception("releasing a dropped lock failed", lock=hold.name)
+
+        with contextlib.suppress(RuntimeError):  # the event loop is closed
+            start(release)
 
     async def release_all(self, within: float) -> None:
         """On stop: declare every hold lost and release it, all within ``within`` s.

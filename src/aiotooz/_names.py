@@ -26,9 +26,10 @@ name): it contains two ``~``, so no lock name ever maps to it, and it is at most
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 import string
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ._exceptions import ConfigurationError, LockNameError
@@ -36,6 +37,7 @@ from ._exceptions import ConfigurationError, LockNameError
 __all__ = [
     "MAX_NAME_LENGTH",
     "backend_key",
+    "call_namer",
     "check_name",
     "check_prefix",
     "format_fields",
@@ -180,3 +182,41 @@ def format_name(template: object, data: Mapping[str, Any] | None, *, where: str 
             f"cannot build lock name {template!r} from {source}: {type(exc).__name__}: {exc}"
         ) from exc
     return check_name(name)
+
+
+def call_namer(template: str, func: Callable[..., Any]) -> Callable[..., str]:
+    """The name ``template`` gives each call of ``func`` (for decorators such as ``@synchronized``).
+
+    The fields of ``template`` are ``func``'s parameters, bound by name with defaults
+    applied (and names passed through ``**kwargs``), and ``f_name``, the function's name.
+    The returned callable takes the call's ``*args, **kwargs``.
+
+    Raises:
+        LockNameError: ``template`` is not a valid name or uses a field that is not a
+            parameter of ``func``.
+    """
+    check_name(template)
+    fields = format_fields(template)
+    signature = inspect.signature(func)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    unknown = fields - set(signature.parameters) - {"f_name"}
+    if unknown and not accepts_any:
+        raise LockNameError(
+            f"lock name {template!r} uses {', '.join(sorted(unknown))}, which "
+            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} "
+            f"of {func.__qualname__}{signature}"
+        )
+    where = f"the arguments of {func.__qualname__}()"
+
+    def name_for(*args: Any, **kwargs: Any) -> str:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        for param in signature.parameters.values():
+            # Names passed through **kwargs are addressable as fields too.
+            if param.kind is param.VAR_KEYWORD:
+                values = {**values.pop(param.name), **values}
+        values["f_name"] = func.__name__
+        return format_name(template, values, where=where)
+
+    return name_for

@@ -2,7 +2,7 @@
 
 Tasks of one process that want the same key line up here, so that only the task at
 the head talks to the backend and waiting costs no thread. The queue knows nothing of
-the backend; :mod:`aiotooz._coordinator` takes a place in it before trying the backend
+the backend; :mod:`aiotooz._locktable` takes a place in it before trying the backend
 and hands the place on after releasing.
 """
 
@@ -30,7 +30,7 @@ class _Waiter:
 class KeyQueue:
     """First come, first served ownership of one key among the tasks of a process."""
 
-    __slots__ = ("_waiters", "owner", "step_back_until")
+    __slots__ = ("_waiters", "owner", "owner_waits", "step_back_until")
 
     def __init__(self) -> None:
         #: Until when the next owner lets waiters of other processes go first.
@@ -38,6 +38,8 @@ class KeyQueue:
         #: The id of the task that owns the key locally (it may still be trying the
         #: backend), or ``None``.
         self.owner: int | None = None
+        #: The owner waits at the backend: another process holds what it wants.
+        self.owner_waits = False
         self._waiters: deque[_Waiter] = deque()
 
     @property
@@ -49,6 +51,11 @@ class KeyQueue:
     def waiting(self) -> int:
         """How many tasks wait behind the owner."""
         return len(self._waiters)
+
+    @property
+    def tasks_waiting(self) -> int:
+        """How many tasks wait: those behind the owner, and the owner at the backend."""
+        return len(self._waiters) + self.owner_waits
 
     async def take(self, task: int, deadline: float) -> bool:
         """Become the owner; wait in line until ``deadline`` (``math.inf``: forever).
@@ -76,6 +83,7 @@ class KeyQueue:
 
     def give_back(self) -> None:
         """Hand ownership to the first waiter, or leave the key unowned."""
+        self.owner_waits = False
         if self._waiters:
             waiter = self._waiters.popleft()
             self.owner = waiter.task

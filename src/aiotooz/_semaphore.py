@@ -190,6 +190,7 @@ class Semaphore:
             LockNotHeld: the current task holds no slot through this object.
         """
         slot = self._latest()
+        slot.table.check_loop()
         await slot.table.wait_ended(slot.hold)
 
     async def acquire(self, blocking: Blocking = True) -> bool:
@@ -209,6 +210,8 @@ class Semaphore:
             LockCreationFailed: there is no started coordinator to acquire through.
             BackendUnavailable: the backend failed; with ``blocking=False``, also while
                 the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop, or
+                before this process was forked.
         """
         deadline = deadline_for(blocking)
         table = self.coordinator.lock_table
@@ -247,6 +250,7 @@ class Semaphore:
         )
 
     async def _release(self, task: int, slot: _Slot) -> None:
+        slot.table.check_loop()  # before anything changes
         slots = self._held[task]
         slots.remove(slot)
         if not slots:
@@ -310,8 +314,13 @@ async def _exit(
     scope, slot.scope = slot.scope, None
     if scope is not None and scope.__exit__(exc_type, exc, tb):
         exc = None  # the cancellation the loss caused, and only that one
-    reason = slot.hold.lost_reason
+    # As for a lock: the lease rule at the exit (a body that blocked the event loop past
+    # the lease and ended without an await), and a "not ours" answer of the release,
+    # are losses too; found now, they are recorded, never a cancellation.
+    slot.hold.on_lost = None
+    slot.table.check_lease(slot.hold, anyio.current_time())
     await semaphore._release(task, slot)
+    reason = slot.hold.lost_reason
     if reason is None or not semaphore._cancel_on_loss:
         return
     if isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -336,6 +345,7 @@ async def _take(
     table: LockTable, name: str, limit: int, deadline: float
 ) -> tuple[int, Hold, SemaphoreQueue] | None:
     """Wait for the head of the local queue, then for a slot, until ``deadline``."""
+    table.check_loop()
     state = table.semaphores.get(name)
     if state is None:
         state = table.semaphores[name] = SemaphoreQueue(limit)
@@ -369,18 +379,19 @@ async def _rounds(
         # Taken before the round, so a local release during the round is not missed.
         released = state.release_signal()
         try:
-            taken = await _round(table, state, name, limit)
+            taken = await _round(table, state, name, limit, deadline)
             if taken is not None:
                 return taken
             now = anyio.current_time()
             if deadline - now <= 0:
                 return None
+            state.queue.owner_waits = True  # for statistics(): it waits for a slot
             due = now - state.probed_at >= _PROBE_EVERY
             if suspect_since is not None:
                 due = now - suspect_since >= _PROBE_CONFIRM
             if due:
                 state.probed_at = now
-                if not await _larger_limit_elsewhere(table, name, limit):
+                if not await _larger_limit_elsewhere(table, name, limit, deadline):
                     suspect_since = None
                 elif suspect_since is None:
                     suspect_since = now
@@ -404,20 +415,26 @@ async def _rounds(
 
 
 async def _round(
-    table: LockTable, state: SemaphoreQueue, name: str, limit: int
+    table: LockTable, state: SemaphoreQueue, name: str, limit: int, deadline: float
 ) -> tuple[int, Hold] | None:
-    """Try every slot once, from a random one; the first granted, or ``None``."""
+    """Try every slot once, from a random one; the first granted, or ``None``.
+
+    Each try is given up at ``deadline`` (a hung backend), as a lock's try is, and a
+    round whose deadline passed tries no further slot (``TRY_ONCE`` tries them all).
+    """
     start = random.randrange(limit)
     unsupported: UnsupportedOperation | None = None
     tried = False
     for offset in range(limit):
+        if offset and deadline != TRY_ONCE and anyio.current_time() >= deadline:
+            break
         index = (start + offset) % limit
         key = slot_key(table.prefix, name, index)
         if table.owned_here(key):
             tried = True
             continue  # held by a task here: no need to ask the backend
         try:
-            hold = await table.acquire(_slot_name(name, index), TRY_ONCE, key=key)
+            hold = await table.acquire(_slot_name(name, index), deadline, key=key, once=True)
         except UnsupportedOperation as exc:
             # PostgreSQL: two slots on one of its 65,536 advisory locks, one held here.
             unsupported = unsupported or exc
@@ -431,14 +448,21 @@ async def _round(
     return None
 
 
-async def _larger_limit_elsewhere(table: LockTable, name: str, limit: int) -> bool:
-    """Whether slot ``limit`` -- one past ours -- is held: someone uses a larger limit."""
+async def _larger_limit_elsewhere(table: LockTable, name: str, limit: int, deadline: float) -> bool:
+    """Whether slot ``limit`` -- one past ours -- is held: someone uses a larger limit.
+
+    Not asked where keys share backend locks (PostgreSQL): there an unrelated lock held
+    on the slot's advisory lock would pass for it, and fail every waiting acquire.
+    """
+    if not table.keys_distinct:
+        return False  # cannot tell
     key = slot_key(table.prefix, name, limit)
     try:
-        hold = await table.acquire(_slot_name(name, limit), TRY_ONCE, key=key)
+        hold = await table.acquire(_slot_name(name, limit), deadline, key=key, once=True)
     except UnsupportedOperation:
         return False  # cannot tell
     if hold is None:
-        return True
+        # A try given up at the deadline (a hung backend) says nothing either.
+        return anyio.current_time() < deadline
     await table.release(hold)
     return False

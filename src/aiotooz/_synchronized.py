@@ -8,9 +8,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from ._coordinator import Coordinator
-from ._exceptions import LockNameError
 from ._lock import Blocking, Lock, check_blocking
-from ._names import check_name, format_fields, format_name
+from ._names import call_namer, check_name, format_fields
 
 __all__ = ["synchronized"]
 
@@ -53,8 +52,7 @@ def synchronized(
         LockAcquireFailed: (at call) the lock was not acquired within ``blocking``.
         LockLost: (at call) the lock was lost while the function ran.
     """
-    check_name(name)
-    fields = format_fields(name)
+    format_fields(check_name(name))  # refuse a bad template before there is a function
     check_blocking(blocking)  # refuse a bad value at decoration, not at the first call
 
     def decorate(
@@ -65,29 +63,12 @@ def synchronized(
                 f"@synchronized decorates async functions; {func.__qualname__} is not "
                 "an 'async def' (for sync code use tooz directly)"
             )
-        signature = inspect.signature(func)
-        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-        unknown = fields - set(signature.parameters) - {"f_name"}
-        if unknown and not accepts_any:
-            raise LockNameError(
-                f"lock name {name!r} uses {', '.join(sorted(unknown))}, which "
-                f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} "
-                f"of {func.__qualname__}{signature}"
-            )
-        where = f"the arguments of {func.__qualname__}()"
+        name_for = call_namer(name, func)
 
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            values = dict(bound.arguments)
-            for param in signature.parameters.values():
-                # Names passed through **kwargs are addressable as fields too.
-                if param.kind is param.VAR_KEYWORD:
-                    values = {**values.pop(param.name), **values}
-            values["f_name"] = func.__name__
             lock = Lock(
-                format_name(name, values, where=where),
+                name_for(*args, **kwargs),
                 coordinator=coordinator,
                 cancel_on_loss=cancel_on_loss,
                 fencing=fencing,

@@ -12,13 +12,26 @@ inside a cancel scope of its own that :meth:`BackgroundTask.cancel` cancels.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, final
 
 import anyio
 import anyio.lowlevel
 
-__all__ = ["BackgroundTask", "native_loop", "running_on_asyncio", "spawn", "task_id_getter"]
+from ._exceptions import WrongEventLoop
+from ._process import forks
+
+__all__ = [
+    "BackgroundTask",
+    "Home",
+    "loop_getter",
+    "native_loop",
+    "running_on_asyncio",
+    "spawn",
+    "task_id_getter",
+    "threadsafe_starter",
+]
 
 
 @final
@@ -77,6 +90,104 @@ def spawn(func: Callable[[], Awaitable[object]], name: str) -> BackgroundTask:
 
         trio.lowlevel.spawn_system_task(task._run, name=name)
     return task
+
+
+def threadsafe_starter() -> Callable[[Callable[[], Awaitable[object]]], None]:
+    """How to start ``func()`` as a task of the running event loop, from any thread.
+
+    For finalizers: a ``__del__`` may run in any thread, outside any task, where anyio
+    cannot tell which event loop it is on. The returned function does not wait; it
+    raises ``RuntimeError`` once the event loop is closed. ``func`` must handle its own
+    errors, as for :func:`spawn`.
+    """
+    native = native_loop()
+    create_task = getattr(native, "create_task", None)
+    if create_task is not None:  # asyncio
+        running: set[Any] = set()  # asyncio keeps only a weak reference to a task
+
+        def start_task(func: Callable[[], Awaitable[object]]) -> None:
+            task = create_task(func())
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+        return lambda func: native.call_soon_threadsafe(start_task, func)
+    import trio
+
+    return lambda func: native.run_sync_soon(trio.lowlevel.spawn_system_task, func)
+
+
+def loop_getter() -> Callable[[], object]:
+    """A cheap function giving the running event loop's handle, as `native_loop()` does.
+
+    Picked for the running event loop's kind: it gives ``None`` where no event loop of
+    that kind runs (none at all, or trio's where asyncio's ran, or the reverse).
+    """
+    get: Callable[[], object]
+    if running_on_asyncio():
+        import asyncio
+
+        get = asyncio.get_running_loop
+    else:
+        import trio
+
+        get = trio.lowlevel.current_trio_token
+
+    def current() -> object:
+        try:
+            return get()
+        except RuntimeError:  # no event loop of that kind runs in this thread
+            return None
+
+    return current
+
+
+@final
+class Home:
+    """The event loop and process a started coordinator belongs to.
+
+    Its background tasks run in that loop, its connection's threads in that process:
+    from another loop (a later ``asyncio.run()``) or a forked child, locks would be held
+    with nothing to keep them or tell of their loss. :meth:`check` refuses that, cheaply
+    (an identity test and an int compare).
+    """
+
+    __slots__ = ("_current", "_forks", "_loop", "_pid")
+
+    def __init__(self) -> None:
+        self._loop: object = None
+        self._current: Callable[[], object] = lambda: None
+        self._forks = 0
+        self._pid = 0
+
+    def enter(self) -> None:
+        """The running event loop and this process are home from now on."""
+        self._current = loop_getter()
+        self._loop = self._current()
+        self._forks, self._pid = forks(), os.getpid()
+
+    def leave(self) -> None:
+        """No home: any event loop may :meth:`enter` next."""
+        self._loop = None
+
+    def check(self, owner: object) -> None:
+        """Raise `WrongEventLoop` (naming ``owner``) unless called from home."""
+        if self._loop is None or (self._forks == forks() and self._current() is self._loop):
+            return
+        if self._forks != forks():
+            raise WrongEventLoop(
+                f"{owner!r} was started in process {self._pid}, and this process was "
+                "forked from it after that: its connection, threads and event loop are "
+                "the parent's. Start a new coordinator in the child (the parent's locks "
+                "stay the parent's)"
+            )
+        raise WrongEventLoop(
+            f"{owner!r} was started in another event loop (another asyncio.run() or "
+            "trio.run(), or another thread's loop), which runs its heartbeat and lease "
+            "watchdog: from this one, locks would be held with nothing keeping them or "
+            "telling of their loss. Start and use a coordinator in one event loop "
+            "(async with Coordinator(...) inside the asyncio.run() or trio.run() that uses "
+            "it); stop this one from the loop that started it"
+        )
 
 
 def task_id_getter() -> Callable[[], int]:

@@ -23,14 +23,23 @@ the lock name, only with the ``metrics_lock_names`` setting, since names can be 
 Spans: ``aiotooz.lock.acquire`` for each acquire that had to wait (uncontended ones make
 none), with the wait, the outcome and the backend; a lock loss is an event
 ``aiotooz.lock.lost`` on the span current in the holder's task when it learns of it.
+
+Telemetry never changes locking: an instrument or span that raises (a buggy view,
+exemplar filter or span processor of the application's SDK set-up) is logged as
+``telemetry failed`` when it begins to fail, not at every call, and otherwise ignored.
+The calls sit in the middle of acquiring, releasing and declaring a loss, where an
+exception would leave a lock held or a holder untold.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final
+
+from ._logging import get_logger
 
 __all__ = [
     "LOSS_REASONS",
@@ -64,6 +73,55 @@ class _NoOp:
 
 _NOOP: Final = _NoOp()
 
+_log = get_logger()
+#: The instruments failing now: each failure is logged once, when its instrument begins
+#: to fail (again, if it worked in between), not at every call.
+_failing: set[str] = set()
+
+
+def _failed(instrument: str, exc: Exception) -> None:
+    if instrument in _failing:
+        return
+    _failing.add(instrument)
+    _log.warning(
+        "telemetry failed",
+        instrument=instrument,
+        error=f"{type(exc).__name__}: {exc}",
+        effect="ignored, locking goes on; not logged again until the instrument works",
+    )
+
+
+def _worked(instrument: str) -> None:
+    if _failing:  # nearly always empty: the usual cost is this test
+        _failing.discard(instrument)
+
+
+class _Guarded:
+    """An SDK instrument whose failures are logged (see ``_failed``) instead of raised."""
+
+    __slots__ = ("_instrument", "_name")
+
+    def __init__(self, instrument: Any, name: str) -> None:
+        self._instrument = instrument
+        self._name = name
+
+    def add(self, amount: float, attributes: Any = None) -> None:
+        try:
+            self._instrument.add(amount, attributes)
+        except Exception as exc:
+            _failed(self._name, exc)
+        else:
+            _worked(self._name)
+
+    def record(self, amount: float, attributes: Any = None) -> None:
+        try:
+            self._instrument.record(amount, attributes)
+        except Exception as exc:
+            _failed(self._name, exc)
+        else:
+            _worked(self._name)
+
+
 try:
     from opentelemetry import metrics as _metrics
     from opentelemetry import trace as _trace
@@ -75,6 +133,10 @@ except ImportError:  # the extra is not installed: instruments cost a no-op call
 
 #: Started coordinators, for the ``connected`` gauge: name -> (backend, is_connected).
 _coordinators: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's started
+    os.register_at_fork(after_in_child=_coordinators.clear)
 
 
 def register_coordinator(coordinator: Any) -> None:
@@ -111,25 +173,36 @@ class Instruments:
             self.tracer: Any = None
             return
         meter = _metrics.get_meter("aiotooz")
-        self.wait_duration = meter.create_histogram(
-            "aiotooz.lock.wait.duration", unit="s", description="How long an acquire took"
+
+        def guarded(create: Any, name: str, unit: str, description: str) -> _Guarded:
+            return _Guarded(create(name, unit=unit, description=description), name)
+
+        self.wait_duration = guarded(
+            meter.create_histogram,
+            "aiotooz.lock.wait.duration",
+            "s",
+            "How long an acquire took",
         )
-        self.hold_duration = meter.create_histogram(
-            "aiotooz.lock.hold.duration", unit="s", description="How long a lock was held"
+        self.hold_duration = guarded(
+            meter.create_histogram, "aiotooz.lock.hold.duration", "s", "How long a lock was held"
         )
-        self.lost = meter.create_counter(
-            "aiotooz.lock.lost", unit="{lock}", description="Locks lost while held"
+        self.lost = guarded(
+            meter.create_counter, "aiotooz.lock.lost", "{lock}", "Locks lost while held"
         )
-        self.held = meter.create_up_down_counter(
-            "aiotooz.locks.held", unit="{lock}", description="Locks held now"
+        self.held = guarded(
+            meter.create_up_down_counter, "aiotooz.locks.held", "{lock}", "Locks held now"
         )
-        self.waiters = meter.create_up_down_counter(
-            "aiotooz.lock.waiters", unit="{task}", description="Tasks waiting for a lock now"
+        self.waiters = guarded(
+            meter.create_up_down_counter,
+            "aiotooz.lock.waiters",
+            "{task}",
+            "Tasks waiting for a lock now",
         )
-        self.reconnects = meter.create_counter(
+        self.reconnects = guarded(
+            meter.create_counter,
             "aiotooz.coordinator.reconnects",
-            unit="{reconnect}",
-            description="Reconnects to the backend",
+            "{reconnect}",
+            "Reconnects to the backend",
         )
         meter.create_observable_gauge(
             "aiotooz.coordinator.connected",
@@ -137,15 +210,17 @@ class Instruments:
             unit="1",
             description="1 while a started coordinator is connected to its backend, else 0",
         )
-        self.wakeups = meter.create_counter(
+        self.wakeups = guarded(
+            meter.create_counter,
             "aiotooz.lock.wakeups",
-            unit="{wakeup}",
-            description="Waiters woken by the backend when a lock was released",
+            "{wakeup}",
+            "Waiters woken by the backend when a lock was released",
         )
-        self.fencing_tokens = meter.create_counter(
+        self.fencing_tokens = guarded(
+            meter.create_counter,
             "aiotooz.lock.fencing_tokens",
-            unit="{token}",
-            description="Fencing tokens handed out",
+            "{token}",
+            "Fencing tokens handed out",
         )
         self.tracer = _trace.get_tracer("aiotooz")
 
@@ -172,18 +247,28 @@ def record_waited_acquire(
     tracer = instruments.tracer
     if tracer is None:
         return
-    span = tracer.start_span("aiotooz.lock.acquire", start_time=started_ns)
-    for key, value in attributes.items():
-        span.set_attribute(key, value)
-    span.set_attribute("aiotooz.outcome", outcome)
-    span.set_attribute("aiotooz.wait.duration", (ended_ns - started_ns) / 1e9)
-    span.end(end_time=ended_ns)
+    try:
+        span = tracer.start_span("aiotooz.lock.acquire", start_time=started_ns)
+        for key, value in attributes.items():
+            span.set_attribute(key, value)
+        span.set_attribute("aiotooz.outcome", outcome)
+        span.set_attribute("aiotooz.wait.duration", (ended_ns - started_ns) / 1e9)
+        span.end(end_time=ended_ns)
+    except Exception as exc:
+        _failed("aiotooz.lock.acquire (span)", exc)
+    else:
+        _worked("aiotooz.lock.acquire (span)")
 
 
 def lost_event(lock_name: str, reason: str) -> None:
     """Record a lock loss on the span current in the holder's task."""
     if not _INSTALLED:
         return
-    _trace.get_current_span().add_event(
-        "aiotooz.lock.lost", {"aiotooz.lock": lock_name, "aiotooz.reason": reason}
-    )
+    try:
+        _trace.get_current_span().add_event(
+            "aiotooz.lock.lost", {"aiotooz.lock": lock_name, "aiotooz.reason": reason}
+        )
+    except Exception as exc:
+        _failed("aiotooz.lock.lost (span event)", exc)
+    else:
+        _worked("aiotooz.lock.lost (span event)")

@@ -54,6 +54,9 @@ class TableOwner(Protocol):
     def beat_now(self) -> None:
         """Have the heartbeat check the connection soon."""
 
+    def check_loop(self) -> None:
+        """Refuse a call from outside the event loop (or process) that started it."""
+
 
 @final
 class BackendTries:
@@ -85,6 +88,7 @@ class BackendTries:
         fencing: bool,
         step_back_until: float,
         waiting: Callable[[], object],
+        once: bool = False,
     ) -> tuple[LockHandle, float, int | None] | None:
         """Try the backend until granted or ``deadline``; the lock and when its try began.
 
@@ -93,13 +97,14 @@ class BackendTries:
         release between a failed try and the wait is never missed. Until
         ``step_back_until`` it lets a woken waiter of another process go first.
         ``waiting`` is called when the first try fails (the acquire has to wait).
+        With ``once``, one try only, as for ``TRY_ONCE``, but given up at ``deadline``.
         """
         delay = _POLL_FIRST
         handle: LockHandle | None = None
         watch: Watch | None = None
         try:
             while True:
-                connection = await self.connected(deadline)
+                connection = await self.connected(TRY_ONCE if once else deadline)
                 if connection is None:
                     return None
                 if handle is None or handle.connection is not connection:
@@ -111,8 +116,8 @@ class BackendTries:
                     if pause > 0:
                         await anyio.sleep(pause)
                         continue
-                granted = await self._try(connection, handle, key, deadline, fencing)
-                if granted is not None:
+                granted = await self._try(connection, handle, key, deadline, fencing, once)
+                if granted is not None or once:
                     return granted
                 remaining = deadline - anyio.current_time()
                 if remaining <= 0:
@@ -143,8 +148,12 @@ class BackendTries:
         key: str,
         deadline: float,
         fencing: bool,
+        once: bool = False,
     ) -> tuple[LockHandle, float, int | None] | None:
-        """One try (with its fencing token); ``None`` if not granted."""
+        """One try (with its fencing token); ``None`` if not granted.
+
+        A failing backend is ridden out (``None``) unless the caller tries only once.
+        """
         tried_at = anyio.current_time()
         # A try that hangs is given up at the deadline (but gets _TRY_FLOOR).
         wait = None if math.isinf(deadline) else max(deadline - tried_at, _TRY_FLOOR)
@@ -155,13 +164,14 @@ class BackendTries:
                 token = await self.fence(handle, tried_at, fencing)
                 if token is not False:
                     return handle, tried_at, token
-                # Gone already (expired, or taken over): not granted after all.
+                # Gone already (expired, taken over), or granted too late to use: not
+                # granted after all.
                 await self.release(handle, key, lost=True)
         except BackendUnavailable as exc:
             if handle.held:  # granted, but no fencing token could be had for it
                 with anyio.CancelScope(shield=True):
                     await self.release(handle, key, lost=True)
-            if deadline == TRY_ONCE:
+            if deadline == TRY_ONCE or once:
                 raise
             # A patient waiter rides out a failing backend: the heartbeat checks the
             # connection now (and reconnects if it is gone), and the try is repeated.
@@ -181,17 +191,18 @@ class BackendTries:
     ) -> int | Literal[False] | None:
         """A new fencing token for a grant (``None`` if none was asked for).
 
-        ``False`` if the lock turned out not to be ours, or the token came too late to
-        use: past the lease rule's share of the TTL, another holder may exist already.
+        ``False`` if the lock turned out not to be ours, or the grant (or its token)
+        came too late to use: past the lease rule's share of the TTL, another holder may
+        exist already (a try that took that long, say, on a backend that was paused), and
+        the holder would be told it lost the lock at once, or at its block's exit.
         """
-        if not fencing:
-            return None
-        token = await handle.connection.fencing_token(handle)
-        if token is not None:
+        token = None
+        if fencing:
+            token = await handle.connection.fencing_token(handle)
+            if token is None:
+                return False
             instruments.fencing_tokens.add(1, {"aiotooz.backend": handle.connection.scheme})
         ttl = handle.connection.lock_ttl
-        if token is None:
-            return False
         if ttl is not None:
             refreshed = max(lease_start, self._refreshed())
             if anyio.current_time() - refreshed > ttl * LEASE_SHARE:
@@ -219,19 +230,26 @@ class BackendTries:
 
     async def release(
         self, handle: LockHandle, name: str, lost: bool = False, contended: bool = False
-    ) -> None:
+    ) -> bool:
         """Release ``handle``'s lock at the backend; failures are logged, not raised.
 
         ``contended``: a local waiter is next, so ask who waits elsewhere (fairness).
+        ``lost``: the lock is known to be lost, or the caller deals with a "no longer
+        ours" answer itself (no warning is logged for it here).
+
+        Returns:
+            ``False`` if the backend said the lock was no longer ours; ``True`` if it was
+            released, or the backend could not be told.
         """
         try:
             released = await handle.connection.release(handle, contended)
         except CoordinationError as exc:
             # Nothing the caller could do: the lock ends with its TTL or session.
             self._log.warning("backend release failed", lock=name, error=str(exc))
-            return
+            return True
         if not released and not lost:
             self._log.warning("lock was no longer held at the backend when released", lock=name)
+        return released
 
     # -- loss ----------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ library's for scripts run from there (``python tests/worker.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import assert_type
 
 import aiotooz
@@ -21,6 +22,7 @@ from aiotooz import (
     Lock,
     LockAcquireFailed,
     Semaphore,
+    once_per,
     synchronized,
 )
 
@@ -49,6 +51,18 @@ async def decorated_functions_keep_their_signatures() -> None:
     await resize(Share("a"))  # type: ignore[call-arg]
     await resize(Share("a"), 30, force=True)  # type: ignore[call-arg]
     await Volumes().attach(1)  # type: ignore[arg-type]
+
+
+@once_per("report-{day}", timedelta(days=1), finish_required=True)
+async def report(day: str) -> int:
+    return len(day)
+
+
+async def once_per_keeps_the_signature_and_may_return_none() -> None:
+    assert_type(await report("mon"), int | None)
+    await report(1)  # type: ignore[arg-type]
+    once_per("x", 60.0)
+    once_per("x", "60")  # type: ignore[arg-type]
 
 
 def synchronized_takes_only_sensible_blocking_values() -> None:

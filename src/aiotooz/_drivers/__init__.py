@@ -49,7 +49,9 @@ def driver_class(scheme: str) -> type[Driver]:
 
 def check_url_for_driver(parts: urllib.parse.SplitResult) -> None:
     """Refuse a parsed URL its driver cannot work with (``ValueError``)."""
-    driver_class(parts.scheme).check_url(parts)
+    driver = driver_class(parts.scheme)
+    driver.check_url(parts)
+    driver.check_query(parts)
 
 
 def known_schemes() -> list[str]:

@@ -5,7 +5,7 @@ on its backend: how to try a lock once without waiting, release it, beat, tell w
 a held lock is still ours, how long a lock outlives its last refresh. Every method has
 a default that is the plain tooz call, so a tooz backend without a module here still
 works as far as tooz goes. Driver methods run in worker threads (or, for drivers with
-``inline_calls``, on the event loop) and may raise anything: the connection translates
+``Capability.LOCAL_CALLS``, on the event loop) and may raise anything: the connection translates
 errors, once.
 
 A driver also *declares* what it can do (:class:`Capability`), so that the layers above
@@ -17,24 +17,31 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, final
 
 import anyio
 import tooz
 import tooz.coordination
 
+from .._exceptions import ConfigurationError
+from ._options import Option, check_options
+
 __all__ = [
     "Capability",
     "Driver",
+    "LeaderRecords",
     "ReleaseSignal",
     "client_timeout_options",
     "clock_floor",
     "next_in_file",
     "read_leader_file",
+    "read_record_file",
     "write_leader_file",
+    "write_record_file",
 ]
 
 #: Exceptions that mean "not acquired within the time given" on some drivers
@@ -70,6 +77,10 @@ class Capability(enum.Enum):
     #: The driver can say who holds a leadership lock: the holder publishes its member
     #: id (``publish_leader``), anyone reads it back (``read_leader``).
     NAMES_LEADER = "names leader"
+    #: The driver keeps one small record beside a lock's key, written by the holder with
+    #: its fencing token and kept after the lock is released (``read_record``,
+    #: ``write_record``): what ``@once_per`` remembers of each window.
+    KEEPS_RECORDS = "keeps records"
 
 
 @final
@@ -111,8 +122,15 @@ class Driver:
     capabilities: ClassVar[frozenset[Capability]] = frozenset()
     #: Driver options aiotooz sets unless the URL's query sets them.
     default_options: ClassVar[Mapping[str, str]] = {}
+    #: The options a URL may set, and what their values must be (``_options``);
+    #: ``None``: not known (a tooz driver without a module here), so not checked.
+    accepted_options: ClassVar[Mapping[str, Option] | None] = None
     #: Keys the driver keeps for itself; a lock name on one of them is mapped instead.
     reserved_keys: ClassVar[frozenset[str]] = frozenset()
+    #: How many backend locks all keys share, where that is few enough that two keys in
+    #: use fall on one (tooz's PostgreSQL driver: 65,536); ``None`` if each key is a lock
+    #: of its own. Where they share, a key found held may be held under another key.
+    key_space: ClassVar[int | None] = None
 
     def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
         self.tooz = coordinator
@@ -135,6 +153,12 @@ class Driver:
     @classmethod
     def check_url(cls, parts: urllib.parse.SplitResult) -> None:
         """Refuse a URL that cannot work on this backend (``ValueError``, no URL echoed)."""
+
+    @classmethod
+    def check_query(cls, parts: urllib.parse.SplitResult) -> None:
+        """Refuse an option this backend does not take, or a bad value (``ValueError``)."""
+        if cls.accepted_options is not None:
+            check_options(parts, cls.accepted_options)
 
     @classmethod
     def prepare_url(cls, url: str) -> str:
@@ -183,6 +207,24 @@ class Driver:
     def heartbeat(self) -> None:
         """One heartbeat: prove the connection is alive and refresh TTL locks."""
         self.tooz.heartbeat()
+
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """One heartbeat, then whether each of ``locks`` (held, or ``None``) is still ours.
+
+        The default is :meth:`heartbeat` and then :meth:`still_owners` (where the driver
+        ``KNOWS_OWNER``): a round trip per held lock unless the driver asks about them
+        all at once. Drivers that can refresh and check every lock in a few round trips,
+        whatever is held, override it.
+
+        Returns:
+            For each lock: ``True`` still ours, ``False`` no longer ours, ``None`` the
+            driver cannot tell (and for a ``None`` lock).
+        """
+        self.heartbeat()
+        if Capability.KNOWS_OWNER not in self.capabilities:
+            return [None] * len(locks)
+        answers = iter(self.still_owners([lock for lock in locks if lock is not None]))
+        return [None if lock is None else next(answers) for lock in locks]
 
     # -- locks ---------------------------------------------------------------------------
 
@@ -308,12 +350,36 @@ class Driver:
         """
         raise tooz.NotImplemented("leader records")
 
+    # -- records beside a lock (``Capability.KEEPS_RECORDS``) -------------------------
+
+    def read_record(self, lock: Any) -> bytes | None:
+        """The record kept beside ``lock``'s key (we hold it), or ``None`` if there is none."""
+        raise tooz.NotImplemented("records beside locks")
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """Replace the record beside ``lock``'s key; ``lock`` is ours, fenced with ``token``.
+
+        The record outlives the lock (it is read by later holders). Fenced: nothing is
+        written, and ``False`` returned, if the stored record carries a larger token (a
+        later holder wrote it: this writer is stale) or, where the backend can tell in
+        the same step, if ``lock`` is no longer ours.
+        """
+        raise tooz.NotImplemented("records beside locks")
+
     def still_owner(self, lock: Any) -> bool | None:
         """Whether ``lock`` is still ours at the backend; ``None`` if it cannot tell."""
         try:
             return bool(lock.is_still_owner())
         except tooz.NotImplemented:
             return None
+
+    def still_owners(self, locks: Sequence[Any]) -> list[bool | None]:
+        """:meth:`still_owner` for each of ``locks`` (held): the heartbeat's check.
+
+        One call per lock here; a driver that can ask about all of them at once (one
+        round trip per beat, whatever is held) does so.
+        """
+        return [self.still_owner(lock) for lock in locks]
 
 
 #: The TTL options tooz derives from ``timeout`` on the memcached and etcd drivers.
@@ -343,16 +409,36 @@ def clock_floor() -> int:
     return time.time_ns() // 1000
 
 
+#: The longest counter file read: far more digits than a counter bumped once per grant
+#: can ever reach from the clock; a longer file is refused as corrupt, never cut short.
+_COUNTER_MAX = 4096
+
+
 def next_in_file(path: str) -> int:
     """Bump the counter in the file at ``path`` (made if missing); return its new value.
 
     Only ever called by the holder of the lock the counter belongs to, so no other
-    writer races it; a file that is lost restarts from :func:`clock_floor`.
+    writer races it; a file that is lost (or empty) restarts from :func:`clock_floor`.
+
+    Raises:
+        ConfigurationError: the file holds something other than a whole number (a token
+            from it could go back, so none is given); it names the file and the fix.
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        text = os.pread(fd, 32, 0).strip()
+        text = os.pread(fd, _COUNTER_MAX + 1, 0).strip()
+        # ASCII digits only: int() would also take "1_000", "+5" or other scripts' digits.
+        if len(text) > _COUNTER_MAX or (text and not text.isdigit()):
+            shown = text[:40].decode("ascii", "backslashreplace")
+            raise ConfigurationError(
+                f"the fencing counter {path} is corrupt: it holds {shown!r}"
+                f"{'...' if len(text) > 40 else ''}, not a whole number, so no token "
+                "can be given that is surely larger than the last. Write the last token "
+                "handed out for this lock (or a larger number) into it, or delete it "
+                "(tokens then restart from the clock in microseconds, larger than any "
+                "that aiotooz's own counters reach)"
+            )
         token = max(int(text or 0) + 1, clock_floor())
         data = str(token).encode()
         os.pwrite(fd, data, 0)
@@ -380,14 +466,55 @@ def write_leader_file(counter_path: str, member_id: str, token: int) -> None:
     os.replace(temporary, path)
 
 
+@final
+class LeaderRecords:
+    """The leader records one driver wrote (file, ipc), each removed before its lock goes.
+
+    A reader believes a record while the process it names holds the lock, as the kernel
+    tells; but two coordinators of one process are one process to the kernel, so the
+    next holder in the same process would be taken for the last, from its grant until
+    it fences and writes its own record. So a record is retracted as its lock is let
+    go. A publish shares a mutex with the release, so one that comes late (its caller
+    gave up on it and released the lock meanwhile) writes nothing.
+    """
+
+    __slots__ = ("_guard", "_written")
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        #: The counter paths whose records this driver wrote for locks it holds.
+        self._written: set[str] = set()
+
+    def publish(
+        self, counter_path: str, member_id: str, token: int, held: Callable[[], bool]
+    ) -> None:
+        """Write the record (:func:`write_leader_file`) if ``held()``: the lock is ours."""
+        with self._guard:
+            if held():
+                write_leader_file(counter_path, member_id, token)
+                self._written.add(counter_path)
+
+    def release(self, counter_path: str, release: Callable[[], bool]) -> bool:
+        """Remove the record written beside ``counter_path``, if any; then ``release()``."""
+        with self._guard:
+            if counter_path in self._written:
+                self._written.discard(counter_path)
+                try:
+                    os.remove(counter_path + _RECORD_SUFFIX)
+                except FileNotFoundError:
+                    pass
+            return release()
+
+
 def read_leader_file(counter_path: str, holder_pid: int | None) -> str | None:
     """The member id in the leader record beside ``counter_path``, if it is current.
 
     Current means its token is the counter's value (the last grant fenced on this key
     wrote it) and its process is ``holder_pid``, the process that holds the lock now as
     the kernel tells the caller (``None``: nobody). Both are needed: a holder that died
-    or let go leaves the files behind, and the next holder takes the lock before it
-    fences and writes its own record.
+    leaves the files behind, and the next holder takes the lock before it fences and
+    writes its own record. A holder that lets go removes its record first
+    (:class:`LeaderRecords`): the next holder may be in the same process.
     """
     if holder_pid is None:
         return None
@@ -399,3 +526,41 @@ def read_leader_file(counter_path: str, holder_pid: int | None) -> str | None:
     except (FileNotFoundError, NotADirectoryError, ValueError):
         return None
     return member_id if token == current and pid == str(holder_pid) else None
+
+
+#: The record beside a fencing counter (``Capability.KEEPS_RECORDS``): ``<token> <record>``.
+_KEPT_SUFFIX = "~record"
+
+
+def read_record_file(counter_path: str) -> bytes | None:
+    """The record kept beside the fencing counter at ``counter_path``, if any."""
+    try:
+        with open(counter_path + _KEPT_SUFFIX, "rb") as kept:
+            _, _, record = kept.read().partition(b" ")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return record
+
+
+def write_record_file(counter_path: str, record: bytes, token: int) -> bool:
+    """Replace the record beside the fencing counter at ``counter_path``, fenced by ``token``.
+
+    Only the lock's holder writes it, and a file or ipc lock is held until its process
+    dies, so a larger token stored means a later holder wrote it. Written to a temporary
+    file and renamed: a reader (or a writer that dies half-way) leaves the old record or
+    the new one, never half of one.
+    """
+    path = counter_path + _KEPT_SUFFIX
+    try:
+        with open(path, "rb") as kept:
+            stored = kept.read().partition(b" ")[0]
+    except (FileNotFoundError, NotADirectoryError):
+        stored = b""
+    if stored.isdigit() and int(stored) > token:
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "wb") as kept:
+        kept.write(b"%d %s" % (token, record))
+    os.replace(temporary, path)
+    return True

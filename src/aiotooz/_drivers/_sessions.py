@@ -51,7 +51,7 @@ __all__ = ["Dialect", "Link", "ServerLock", "SessionDriver", "WaiterLinks", "clo
 class Link:
     """One server session (a connection) of a coordinator."""
 
-    __slots__ = ("busy", "connection", "failed", "guard", "held", "id", "waiting")
+    __slots__ = ("busy", "connection", "ended", "failed", "guard", "held", "id", "waiting")
 
     def __init__(self, connection: Any, session_id: int) -> None:
         self.connection = connection
@@ -67,6 +67,9 @@ class Link:
         self.waiting = False
         #: Why the session is no longer usable, once a call found out.
         self.failed: str | None = None
+        #: The failure says the session ended at the server (killed, closed), so its
+        #: locks were freed with it; not so for a call that got no answer in time.
+        self.ended = False
 
 
 @final
@@ -140,9 +143,14 @@ class Dialect(abc.ABC):
         """Whether ``link``'s connection still works after an error."""
         return True
 
+    @staticmethod
+    def timed_out(exc: Exception) -> bool:
+        """Whether ``exc`` is a call that got no answer in time (the session may live on)."""
+        return "timed out" in str(exc)
+
     def failure(self, exc: Exception, call_timeout: float) -> str:
         """Why a session is broken, for the calls that come after ``exc`` broke it."""
-        if "timed out" in str(exc):
+        if self.timed_out(exc):
             return (
                 f"the server gave no answer within {call_timeout:g} s "
                 "(AIOTOOZ_CALL_TIMEOUT) on this session"
@@ -191,6 +199,19 @@ class Dialect(abc.ABC):
     @abc.abstractmethod
     def read_leader(self, main: Link, lock: ServerLock) -> str | None:
         """The record's member, if the session it names holds ``lock`` now."""
+
+    @abc.abstractmethod
+    def read_record(self, main: Link, lock: ServerLock) -> bytes | None:
+        """The record kept beside ``lock``'s key, or ``None`` (``Capability.KEEPS_RECORDS``)."""
+
+    @abc.abstractmethod
+    def write_record(
+        self, main: Link, lock: ServerLock, holder: Link, record: bytes, token: int
+    ) -> bool:
+        """Upsert the record if ``holder`` holds ``lock`` and no larger token is stored.
+
+        One statement, asked on the main session. Returns whether it was written.
+        """
 
 
 @final
@@ -406,6 +427,7 @@ class SessionDriver(Driver):
             Capability.NAMES_LEADER,
             Capability.KNOWS_OWNER,
             Capability.PARKS_GRANTS,
+            Capability.KEEPS_RECORDS,
         }
     )
     #: Waiter links a coordinator opens at most (each is a connection and a thread).
@@ -496,6 +518,7 @@ class SessionDriver(Driver):
             except Exception as exc:
                 if not self.sql.usable(link):
                     link.failed = self.sql.failure(exc, self.call_timeout)
+                    link.ended = not self.sql.timed_out(exc)
                 raise
 
     def _live_main(self) -> Link:
@@ -560,6 +583,11 @@ class SessionDriver(Driver):
         self._held_args[lock.args] = lock.key
 
     def release(self, lock: Any) -> bool:
+        """Let go of ``lock``; ``False`` if it was not ours (the block raises ``LockLost``).
+
+        Not ours: not held here, its session ended, or the server says that session does
+        not hold it. A call that gets no answer raises instead: the lock may still be held.
+        """
         with self._guard:
             link = self._holders.pop(lock.key, None)
             if link is None:
@@ -570,6 +598,10 @@ class SessionDriver(Driver):
                 return False  # its session is gone, and the lock with it
         try:
             return self._use(link, lambda: self.sql.unlock(link, lock))
+        except Exception:
+            if link.ended:
+                return False  # the session ended: the server freed the lock with it
+            raise
         finally:
             with self._guard:
                 link.held.discard(lock.key)
@@ -628,3 +660,21 @@ class SessionDriver(Driver):
     def read_leader(self, key: str) -> str | None:
         main = self._live_main()
         return self._use(main, lambda: self.sql.read_leader(main, self.sql.lock_for(key)))
+
+    # -- records beside locks: a row, written only while the holder's session holds it ---
+
+    def read_record(self, lock: Any) -> bytes | None:
+        main = self._live_main()
+        return self._use(main, lambda: self.sql.read_record(main, lock))
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """Write the record, fenced; ``False`` if the lock is not ours or a token is larger.
+
+        Asked on the main session, like a fencing token: one statement checks that the
+        holder's session holds the lock and that no larger token is stored, and writes.
+        """
+        holder = self._holder(lock)
+        if holder is None:
+            return False  # released, or its session is gone
+        main = self._live_main()
+        return self._use(main, lambda: self.sql.write_record(main, lock, holder, record, token))

@@ -1,26 +1,72 @@
-"""The etcd backend (tooz's etcd3gw driver, over etcd's HTTP gateway)."""
+"""The etcd backend: tooz's etcd3gw coordinator, with locks of this driver's own.
+
+tooz's etcd3gw lock grants a lease per try (three HTTP calls and a lease grant each) and
+keeps a lease per held lock, refreshed one HTTP call at a time: a coordinator holding a
+few thousand locks spent its whole heartbeat refreshing them, and lost them all. Here,
+as in etcd's own ``concurrency.Session``, one lease per coordinator carries every lock
+key; a try is one transaction, the heartbeat keeps the one lease alive and reads back the
+keys on it, whatever is held. The key layout and values are tooz's (``/tooz/locks`` +
+name, a 16-byte token), so plain tooz processes and aiotooz exclude each other.
+"""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Final
 
+from . import _options
 from ._base import Capability, Driver, client_timeout_options
 
 __all__ = ["EtcdDriver"]
 
+#: Where tooz's etcd3gw driver keeps lock keys (``Etcd3Lock.LOCK_PREFIX``): the key of
+#: lock ``name`` is this and the name, with nothing between.
+_LOCK_PREFIX: Final = b"/tooz/locks"
+
+
+def _b64(data: bytes) -> str:
+    """How the HTTP gateway takes keys and values."""
+    return base64.b64encode(data).decode("ascii")
+
+
+class _EtcdLock:
+    """One lock key as this driver tries and holds it.
+
+    ``token`` is the value the grant wrote (a fresh one per grant, as tooz's value: 16
+    random bytes) and ``lease`` the coordinator's lease it was written with; both are
+    ``None`` while the key is not held through this object.
+    """
+
+    __slots__ = ("key", "key_b64", "lease", "token")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.key_b64 = _b64(key)
+        self.token: bytes | None = None
+        self.lease: int | None = None
+
+
+def _value_is(lock: _EtcdLock, token: bytes) -> dict[str, Any]:
+    """A transaction's comparison: ``lock``'s key holds ``token``."""
+    return {"key": lock.key_b64, "result": "EQUAL", "target": "VALUE", "value": _b64(token)}
+
 
 class EtcdDriver(Driver):
-    """etcd locks: a key with a lease of ``lock_timeout`` seconds, refreshed each beat.
+    """etcd locks: a key on the coordinator's lease of ``lock_timeout`` seconds.
 
-    tooz leaks leases (one per try, and one per release) and cannot tell a lock's owner;
-    this driver revokes what it leaves and reads the key to tell.
+    A try is one transaction (the key is created on the lease if it does not exist); a
+    release deletes the key if it still holds the grant's token; a beat keeps the lease
+    alive and asks etcd which keys are on it (two calls, whatever is held). A lease that
+    expired or was revoked takes every key on it, and every holder is told; the next try
+    grants a new one.
     """
 
     extra = "etcd"
+    accepted_options = _options.ETCD
     capabilities = frozenset(
         {
             Capability.EXPIRES,
@@ -28,6 +74,7 @@ class EtcdDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
 
@@ -39,6 +86,10 @@ class EtcdDriver(Driver):
         #: Armed watches (a thread and an HTTP stream each), by lock object.
         self._watchers: dict[int, Any] = {}
         self._watchers_guard = threading.Lock()
+        #: The coordinator's lease for lock keys; ``None`` until granted, and once found
+        #: gone (the next try grants another).
+        self._lease: int | None = None
+        self._lease_guard = threading.Lock()
 
     @classmethod
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
@@ -49,54 +100,128 @@ class EtcdDriver(Driver):
     def lock_ttl(self) -> float:
         return float(self.tooz.lock_timeout)  # type: ignore[attr-defined]
 
-    def try_acquire(self, lock: Any, key: str) -> bool:
-        """One try that leaks no lease.
+    @property
+    def _client(self) -> Any:
+        return self.tooz.client  # type: ignore[attr-defined]
 
-        tooz grants a new lease (``lock_timeout`` long) on every try and never revokes
-        the ones that lose: a waiter polling a busy lock would pile up hundreds of live
-        leases. A key that exists is busy without asking for a lease, and the lease of a
-        try that loses the race is revoked at once.
+    def start(self) -> None:
+        super().start()
+        self._current_lease()
+
+    def _current_lease(self) -> int:
+        """The coordinator's lease, granted now if there is none."""
+        with self._lease_guard:
+            if self._lease is None:
+                self._lease = int(self._client.lease(int(self.tooz.lock_timeout)).id)  # type: ignore[attr-defined]
+            return self._lease
+
+    def _drop_lease(self, lease: int) -> None:
+        """``lease`` is gone at etcd: the next try grants another."""
+        with self._lease_guard:
+            if self._lease == lease:
+                self._lease = None
+
+    def get_lock(self, key: str) -> _EtcdLock:
+        return _EtcdLock(_LOCK_PREFIX + key.encode("ascii"))
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        """One transaction: create the key on our lease unless it exists (tooz's check).
+
+        A lease that etcd no longer knows (it expired) is replaced, and the try made once
+        more with the new one.
         """
-        if self.tooz.client.get(lock._key):  # type: ignore[attr-defined]
+        for _ in range(2):
+            lease = self._current_lease()
+            token = uuid.uuid4().bytes
+            # Set before the call: a caller that gives up on the try has the release run
+            # with them, which deletes the key only if it holds this token.
+            lock.token, lock.lease = token, lease
+            txn = {
+                "compare": [
+                    {
+                        "key": lock.key_b64,
+                        "result": "EQUAL",
+                        "target": "CREATE",
+                        "create_revision": 0,
+                    }
+                ],
+                "success": [
+                    {"request_put": {"key": lock.key_b64, "value": _b64(token), "lease": lease}}
+                ],
+                "failure": [],
+            }
+            try:
+                result = self._client.transaction(txn)
+            except Exception as exc:
+                lock.token = lock.lease = None
+                if "lease not found" not in str(exc):
+                    raise
+                self._drop_lease(lease)
+                continue
+            if result.get("succeeded", False):
+                return True
+            lock.token = lock.lease = None
             return False
-        if lock.acquire(blocking=False):
-            return True
-        lock._lease.revoke()
         return False
 
     def release(self, lock: Any) -> bool:
-        """Release with tooz, then revoke the lock's lease, which tooz leaves alive.
+        """Delete the key (and its leader record) if it still holds the grant's token."""
+        token, lock.token, lock.lease = lock.token, None, None
+        if token is None:
+            return False
+        txn = {
+            "compare": [_value_is(lock, token)],
+            "success": [
+                {"request_delete_range": {"key": lock.key_b64}},
+                {"request_delete_range": {"key": _b64(_leader_key(lock))}},
+            ],
+            "failure": [],
+        }
+        return bool(self._client.transaction(txn).get("succeeded", False))
 
-        Without the revoke every acquire and release left a lease living
-        ``lock_timeout`` seconds. A lock that was lost is also dropped from the driver's
-        refresh list, which tooz keeps it in.
+    def heartbeat(self) -> None:
+        self.beat(())
+
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """Keep the lease alive, and read which keys are still on it: two calls in all.
+
+        A key deleted from outside (or taken by another after that) is no longer on our
+        lease; a lease revoked or expired has no keys left (and etcd answers its
+        keepalive without a TTL, not with an error). tooz's own heartbeat runs first: it
+        keeps its membership lease (our locks are not in its refresh list).
         """
-        try:
-            return bool(lock.release())
-        finally:
-            self.tooz._acquired_locks.discard(lock)  # type: ignore[attr-defined]
-            with contextlib.suppress(Exception):  # gone already: nothing left to revoke
-                lock._lease.revoke()
+        super().heartbeat()
+        checked = self._lease
+        alive = False
+        on_lease: set[bytes] = set()
+        if checked is not None:
+            url = self._client.get_url("/lease/keepalive")
+            answer = self._client.post(url, json={"ID": checked})
+            if int(answer.get("result", {}).get("TTL", -1)) > 0:
+                url = self._client.get_url("/kv/lease/timetolive")
+                answer = self._client.post(url, json={"ID": checked, "keys": True})
+                # A TTL of -1: revoked between the two calls.
+                alive = int(answer.get("TTL", -1)) > 0
+                on_lease = {base64.b64decode(key) for key in answer.get("keys", ())}
+            if not alive:
+                self._drop_lease(checked)
+        # A lease granted during this beat (the checked one was found gone by a try) is
+        # checked by the next beat; its locks are new, and the lease rule covers them.
+        newer = self._lease if self._lease != checked else None
+        return [_still_on(lock, checked if alive else None, on_lease, newer) for lock in locks]
 
-    def still_owner(self, lock: Any) -> bool:
-        """Whether the lock's key holds this lock's token, on the lease the heartbeat refreshes.
-
-        tooz cannot tell (``is_still_owner`` is not implemented) and its heartbeat
-        ignores a lease that is gone (etcd answers a keepalive of an unknown lease
-        without a TTL, not with an error), so a key deleted or a lease revoked from
-        outside would go unnoticed. The token alone is not enough either: a tooz try
-        on the same lock object gives the object a new lease (and ours revokes it when
-        the try fails), so the key can hold our token on a lease that nobody refreshes
-        any more, and expire while its token still reads "ours".
-        """
-        if not lock.acquired:
-            return False  # not in tooz's refresh list: its lease is not refreshed
-        values = self.tooz.client.get(lock._key, metadata=True)  # type: ignore[attr-defined]
+    def still_owner(self, lock: Any) -> bool | None:
+        """Whether the key holds this grant's token, on the lease the heartbeat keeps."""
+        token = lock.token
+        if token is None:
+            return None  # released: not held here any more, and not lost either
+        if lock.lease != self._lease:
+            return False  # its lease is gone: the key went with it
+        values = self._client.get(lock.key, metadata=True)
         if not values:
             return False
         value, meta = values[0]
-        on_our_lease = int(meta.get("lease", 0)) == lock._lease.id
-        return on_our_lease and bytes(value) == base64.b64decode(lock._uuid)
+        return bool(int(meta.get("lease", 0)) == lock.lease and bytes(value) == token)
 
     def fencing_token(self, lock: Any) -> int | None:
         """The revision etcd gives a write to the lock key.
@@ -105,23 +230,17 @@ class EtcdDriver(Driver):
         checks it still holds our token; the cluster-wide revision of that write is the
         token.
         """
-        client = self.tooz.client  # type: ignore[attr-defined]
+        token, lease = lock.token, lock.lease
+        if token is None:
+            return None
         txn = {
-            "compare": [
-                {"key": lock._key_b64, "result": "EQUAL", "target": "VALUE", "value": lock._uuid}
-            ],
+            "compare": [_value_is(lock, token)],
             "success": [
-                {
-                    "request_put": {
-                        "key": lock._key_b64,
-                        "value": lock._uuid,
-                        "lease": lock._lease.id,
-                    }
-                }
+                {"request_put": {"key": lock.key_b64, "value": _b64(token), "lease": lease}}
             ],
             "failure": [],
         }
-        result = client.transaction(txn)
+        result = self._client.transaction(txn)
         if not result.get("succeeded", False):
             return None
         return int(result["header"]["revision"])
@@ -129,38 +248,71 @@ class EtcdDriver(Driver):
     def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
         """A record key on the lock's lease, naming the lock's token and the member id.
 
-        Written in a transaction that checks the lock key still holds our token; on the
-        lease, the record goes when the lock's lease ends (expiry or release).
+        Written in a transaction that checks the lock key still holds our token; the
+        release deletes it with the key, and it goes with the lease too.
         """
-        record = base64.b64encode(base64.b64decode(lock._uuid) + member_id.encode())
+        lock_token, lease = lock.token, lock.lease
+        if lock_token is None:
+            return
+        record = lock_token + member_id.encode()
         txn = {
-            "compare": [
-                {"key": lock._key_b64, "result": "EQUAL", "target": "VALUE", "value": lock._uuid}
-            ],
+            "compare": [_value_is(lock, lock_token)],
             "success": [
                 {
                     "request_put": {
-                        "key": base64.b64encode(_leader_key(lock)).decode("ascii"),
-                        "value": record.decode("ascii"),
-                        "lease": lock._lease.id,
+                        "key": _b64(_leader_key(lock)),
+                        "value": _b64(record),
+                        "lease": lease,
                     }
                 }
             ],
             "failure": [],
         }
-        self.tooz.client.transaction(txn)  # type: ignore[attr-defined]
+        self._client.transaction(txn)
 
     def read_leader(self, key: str) -> str | None:
         """The record, if the lock key holds the token it names."""
         lock = self.get_lock(key)
-        client = self.tooz.client  # type: ignore[attr-defined]
-        records = client.get(_leader_key(lock))
-        values = client.get(lock._key)
+        records = self._client.get(_leader_key(lock))
+        values = self._client.get(lock.key)
         if not records or not values:
             return None
         record = bytes(records[0])  # the lock's 16-byte token, then the member id
         token, member_id = record[:_TOKEN_BYTES], record[_TOKEN_BYTES:]
         return member_id.decode("utf-8", "replace") if token == values[0] else None
+
+    def read_record(self, lock: Any) -> bytes | None:
+        records = self._client.get(_record_key(lock))
+        return bytes(records[0]).partition(b" ")[2] if records else None
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """A key beside the lock's, on no lease, written in a transaction that checks the lock.
+
+        The transaction also checks that the record is the one whose token was read
+        (its ``mod_revision``; 0 while there is none).
+        """
+        lock_token = lock.token
+        if lock_token is None:
+            return False
+        client = self._client
+        stored = client.get(_record_key(lock), metadata=True)
+        revision = 0
+        if stored:
+            value, meta = stored[0]
+            if int(bytes(value).partition(b" ")[0] or 0) > token:
+                return False
+            revision = int(meta["mod_revision"])
+        key = base64.b64encode(_record_key(lock)).decode("ascii")
+        value = base64.b64encode(b"%d %s" % (token, record)).decode("ascii")
+        txn = {
+            "compare": [
+                _value_is(lock, lock_token),
+                {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": str(revision)},
+            ],
+            "success": [{"request_put": {"key": key, "value": value}}],
+            "failure": [],
+        }
+        return bool(client.transaction(txn).get("succeeded", False))
 
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
         """A watch on the lock key's deletion, from the revision after the one read.
@@ -179,8 +331,8 @@ class EtcdDriver(Driver):
             self._watchers[id(lock)] = None  # the slot is ours until the watch runs
         watcher = None
         try:
-            client = self.tooz.client  # type: ignore[attr-defined]
-            values = client.get(lock._key, metadata=True)
+            client = self._client
+            values = client.get(lock.key, metadata=True)
             if not values:
                 return True
             revision = int(values[0][1]["mod_revision"]) + 1
@@ -189,7 +341,7 @@ class EtcdDriver(Driver):
                 fire()
 
             watcher = watch.Watcher(
-                client, lock._key, on_event, start_revision=revision, filters=["NOPUT"]
+                client, lock.key, on_event, start_revision=revision, filters=["NOPUT"]
             )
         finally:
             with self._watchers_guard:
@@ -217,6 +369,11 @@ class EtcdDriver(Driver):
         for watcher in watchers:
             if watcher is not None:
                 watcher.stop()  # their threads would otherwise hold up interpreter exit
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            # Whatever is still held goes at once, not a TTL later.
+            with contextlib.suppress(Exception):
+                self._client.post(self._client.get_url("/kv/lease/revoke"), json={"ID": lease})
         super().stop()
 
 
@@ -224,6 +381,22 @@ class EtcdDriver(Driver):
 _TOKEN_BYTES = 16
 
 
-def _leader_key(lock: Any) -> bytes:
+def _leader_key(lock: _EtcdLock) -> bytes:
     """The key of a lock's leader record (the lock key with a suffix no lock key has)."""
-    return bytes(lock._key) + b"~leader"
+    return lock.key + b"~leader"
+
+
+def _record_key(lock: _EtcdLock) -> bytes:
+    """The key of the record kept beside a lock (another suffix no lock key has)."""
+    return lock.key + b"~record"
+
+
+def _still_on(
+    lock: _EtcdLock | None, alive: int | None, on_lease: set[bytes], newer: int | None
+) -> bool | None:
+    """Whether a held ``lock``'s key is among the keys on our live lease ``alive``."""
+    if lock is None or lock.token is None:
+        return None  # not held through this object (released meanwhile)
+    if newer is not None and lock.lease == newer:
+        return None  # granted on a lease this beat did not check
+    return alive is not None and lock.lease == alive and lock.key in on_lease

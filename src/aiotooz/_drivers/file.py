@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import struct
+import sys
 import urllib.parse
+import weakref
 from typing import Any, ClassVar
 
-from .._process import FILE_LOCKS, FILE_LOCKS_GUARD
+from .._process import file_lock_object
+from . import _options
 from ._base import (
     Capability,
     Driver,
+    LeaderRecords,
     ReleaseSignal,
     next_in_file,
     read_leader_file,
-    write_leader_file,
+    read_record_file,
+    write_record_file,
 )
 from ._inotify import CloseWatches
 
@@ -37,8 +43,12 @@ class FileDriver(Driver):
       spellings: ``/var/lock`` and ``/run/lock``) would each open it, and closing the
       idle one would silently free the other's lock. So the process keeps one lock
       object per file, keyed by the directory's device and inode and the file's name
-      (``aiotooz._process.FILE_LOCKS``), shared by every coordinator; creating it under
-      one mutex also closes tooz's non-atomic barrier creation race.
+      (``aiotooz._process.file_lock_object``), shared by every coordinator; creating
+      it under one mutex also closes tooz's non-atomic barrier creation race.
+    * A child made by ``os.fork()`` forgets the lock objects and tooz's barriers (the
+      thread-level lock each lock file has in tooz): the parent's say "held" for locks
+      the child does not hold (``fcntl`` locks are not inherited), and the child would
+      wait forever for a release only the parent can make.
 
     Waiters are woken by the kernel (Linux): a release closes the lock file, which
     inotify reports (``_inotify``). A waiter keeps the lock file open between its tries
@@ -55,8 +65,10 @@ class FileDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
+    accepted_options = _options.FILE
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
     reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing", "waiting"})
 
@@ -78,6 +90,7 @@ class FileDriver(Driver):
         self._kept_open: set[int] = set()
         #: Watched lock objects (by id) -> the marker file that says a waiter is here.
         self._markers: dict[int, int] = {}
+        self._records = LeaderRecords()
 
     def start(self) -> None:
         super().start()
@@ -86,12 +99,7 @@ class FileDriver(Driver):
 
     def get_lock(self, key: str) -> Any:
         identity = (*self._directory, key)
-        with FILE_LOCKS_GUARD:
-            lock = FILE_LOCKS.get(identity)
-            if lock is None:
-                # A new lock object has not opened its file yet: nothing to close.
-                lock = FILE_LOCKS[identity] = super().get_lock(key)
-            return lock
+        return file_lock_object(identity, functools.partial(super().get_lock, key))
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One try, holding the path's barrier throughout (tooz's acquire re-enters it).
@@ -195,7 +203,18 @@ class FileDriver(Driver):
 
     def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
         """A record file beside the key's fencing counter: the token and the member id."""
-        write_leader_file(self._counter_path(lock), member_id, token)
+        self._records.publish(self._counter_path(lock), member_id, token, lambda: lock.acquired)
+
+    def release(self, lock: Any) -> bool:
+        """Release ``lock`` (tooz), after removing the leader record written for it, if any."""
+        return self._records.release(self._counter_path(lock), lambda: bool(lock.release()))
+
+    def read_record(self, lock: Any) -> bytes | None:
+        """A file beside the key's fencing counter."""
+        return read_record_file(self._counter_path(lock))
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        return write_record_file(self._counter_path(lock), record, token)
 
     def read_leader(self, key: str) -> str | None:
         """The record, if its token is the counter's and the lock file is locked now.
@@ -213,6 +232,17 @@ class FileDriver(Driver):
             else:
                 holder = _holder_elsewhere(lock.name)
         return read_leader_file(self._counter_path(lock), holder)
+
+
+def _forget_barriers_in_child() -> None:
+    """A forked child starts with no tooz barriers (see the class docstring)."""
+    tooz_file = sys.modules.get("tooz.drivers.file")
+    if tooz_file is not None:
+        tooz_file.FileDriver._barriers = weakref.WeakValueDictionary()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_barriers_in_child)
 
 
 def _holder_elsewhere(path: str | bytes) -> int | None:

@@ -9,7 +9,15 @@ import sys
 import tempfile
 from typing import Any
 
-from ._base import Capability, next_in_file, read_leader_file, write_leader_file
+from . import _options
+from ._base import (
+    Capability,
+    LeaderRecords,
+    next_in_file,
+    read_leader_file,
+    read_record_file,
+    write_record_file,
+)
 from ._probes import ProbingDriver
 
 #: Where the ipc backend's fencing counters live: one machine, like its semaphores.
@@ -62,14 +70,22 @@ class IpcDriver(ProbingDriver):
     """
 
     extra = "ipc"
+    accepted_options = _options.IPC
     capabilities = frozenset(
-        {Capability.FENCES, Capability.NAMES_LEADER, Capability.WAKES_WAITERS}
-        if _SEMTIMEDOP is not None
-        else {Capability.FENCES, Capability.NAMES_LEADER}
+        {
+            Capability.FENCES,
+            Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
+            *([Capability.WAKES_WAITERS] if _SEMTIMEDOP is not None else []),
+        }
     )
     #: A probe costs no connection and its waits are system calls: short slices.
     probe_limit = 16
     probe_slice = 0.25
+
+    def __init__(self, coordinator: Any, call_timeout: float) -> None:
+        super().__init__(coordinator, call_timeout)
+        self._records = LeaderRecords()
 
     def taken(self, lock: Any) -> bool:
         import sysv_ipc
@@ -121,7 +137,20 @@ class IpcDriver(ProbingDriver):
 
     def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
         """A record file beside the semaphore's fencing counter."""
-        write_leader_file(os.path.join(_FENCING_DIR, str(lock.key)), member_id, token)
+        path = os.path.join(_FENCING_DIR, str(lock.key))
+        self._records.publish(path, member_id, token, lambda: lock._lock is not None)
+
+    def release(self, lock: Any) -> bool:
+        """Release ``lock`` (tooz), after removing the leader record written for it, if any."""
+        path = os.path.join(_FENCING_DIR, str(lock.key))
+        return self._records.release(path, lambda: bool(lock.release()))
+
+    def read_record(self, lock: Any) -> bytes | None:
+        """A file beside the semaphore's fencing counter."""
+        return read_record_file(os.path.join(_FENCING_DIR, str(lock.key)))
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        return write_record_file(os.path.join(_FENCING_DIR, str(lock.key)), record, token)
 
     def read_leader(self, key: str) -> str | None:
         """The record, if its token is the counter's and its writer holds the semaphore now.

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from .._exceptions import ConfigurationError
+from . import _options
 from ._base import Capability, Driver, client_timeout_options, clock_floor
 
 __all__ = ["MemcachedDriver"]
+
+#: Commands of one beat sent in one write (its answers are read before the next write),
+#: so that neither side's socket buffer has to hold a whole beat of 10,000 locks.
+_BEAT_BATCH: Final = 1000
 
 #: memcached expires items in whole seconds, by a clock that ticks once a second: an item
 #: stored with ``expire=N`` can vanish as early as ``N - 1`` seconds later.
@@ -18,10 +23,14 @@ _EARLY_EXPIRY = 1.0
 class MemcachedDriver(Driver):
     """memcached locks: an item that expires after ``lock_timeout`` seconds.
 
-    The item is touched each beat, and owned by the coordinator's member id.
+    The item is touched each beat, and owned by the coordinator's member id. tooz's
+    heartbeat touches one lock per round trip (and aiotooz then read each back to check
+    its owner): here one beat is a pipeline of meta-get commands that read and touch
+    every held item together, a round trip per thousand locks.
     """
 
     extra = "memcached"
+    accepted_options = _options.MEMCACHED
     capabilities = frozenset(
         {Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES, Capability.NAMES_LEADER}
     )
@@ -43,6 +52,41 @@ class MemcachedDriver(Driver):
                 "expires locks in whole seconds and up to 1 s early, so a lock must live at "
                 "least 2 s (and then only 1 s is guaranteed); use lock_timeout=3 or more"
             )
+
+    def heartbeat(self) -> None:
+        self.beat(())
+
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """Touch every held lock's item and read its owner back, pipelined.
+
+        tooz's membership item is written first, as its heartbeat does. Each item is read
+        and given its TTL again in one meta-get (``mg <key> v k T<ttl> q``; an item
+        that is gone answers nothing). An item that holds another member's id is
+        touched too, once: it is no longer ours, which this beat reports, and the next
+        one leaves it alone.
+        """
+        tooz = self.tooz
+        client = tooz.client  # type: ignore[attr-defined]
+        client.set(
+            tooz._encode_member_id(tooz._member_id),  # type: ignore[attr-defined]
+            tooz.STILL_ALIVE,  # type: ignore[attr-defined]
+            expire=tooz.membership_timeout,  # type: ignore[attr-defined]
+        )
+        held = {lock.name: lock for lock in list(tooz._acquired_locks)}  # type: ignore[attr-defined]
+        held.update((lock.name, lock) for lock in locks if lock is not None)
+        ttl = int(tooz.lock_timeout)  # type: ignore[attr-defined]
+        names = list(held)
+        owners: dict[bytes, bytes] = {}
+        with client.client_pool.get_and_release(destroy_on_fail=True) as connection:
+            for at in range(0, len(names), _BEAT_BATCH):
+                batch = names[at : at + _BEAT_BATCH]
+                owners.update(_meta_get_and_touch(connection, batch, ttl))
+        member = tooz._member_id
+        acquired = {id(lock) for lock in list(tooz._acquired_locks)}  # type: ignore[attr-defined]
+        return [
+            None if lock is None or id(lock) not in acquired else owners.get(lock.name) == member
+            for lock in locks
+        ]
 
     def fencing_token(self, lock: Any) -> int | None:
         """From a counter item beside the lock's, bumped after checking the lock is ours.
@@ -73,3 +117,52 @@ class MemcachedDriver(Driver):
         lock = self.get_lock(key)
         value = self.tooz.client.get(lock.name)  # type: ignore[attr-defined]
         return None if value is None else bytes(value).decode("utf-8", "replace")
+
+
+def _meta_get_and_touch(connection: Any, keys: list[bytes], ttl: int) -> dict[bytes, bytes]:
+    """Send one meta-get per key (value, key, new TTL; quiet on a miss), and read them.
+
+    ``connection`` is a pymemcache ``Client`` of the pool. Its socket is used directly:
+    pymemcache has no pipeline and no meta commands. Returns the value of each key found.
+    """
+    import pymemcache.exceptions
+
+    if not keys:
+        return {}
+    if connection.sock is None:
+        connection._connect()
+    sock = connection.sock
+    try:
+        sock.sendall(b"".join(b"mg %s v k T%d q\r\n" % (key, ttl) for key in keys) + b"mn\r\n")
+        buffer = bytearray()
+        found: dict[bytes, bytes] = {}
+        at = 0
+        while True:
+            end = buffer.find(b"\r\n", at)
+            if end < 0:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise pymemcache.exceptions.MemcacheUnexpectedCloseError()
+                buffer += chunk
+                continue
+            line = bytes(buffer[at:end])
+            if line == b"MN":
+                return found
+            words = line.split()
+            if words[:1] != [b"VA"]:
+                raise pymemcache.exceptions.MemcacheUnknownError(
+                    f"unexpected answer to a meta get: {line[:80]!r}"
+                )
+            size = int(words[1])
+            if len(buffer) < end + 2 + size + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise pymemcache.exceptions.MemcacheUnexpectedCloseError()
+                buffer += chunk
+                continue
+            key = next(word[1:] for word in words[2:] if word.startswith(b"k"))
+            found[key] = bytes(buffer[end + 2 : end + 2 + size])
+            at = end + 2 + size + 2
+    except Exception:
+        connection.close()  # the stream is out of step: never reuse it
+        raise

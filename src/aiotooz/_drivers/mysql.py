@@ -11,6 +11,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any, ClassVar
 
+from . import _options
 from ._sessions import Dialect, Link, ServerLock, SessionDriver
 
 __all__ = ["MySQLDialect", "MySQLDriver"]
@@ -43,6 +44,25 @@ _PUBLISH_SQL = (
 )
 #: The record's member, if the connection that wrote it holds the named lock now.
 _LEADER_SQL = "SELECT member FROM aiotooz_leaders WHERE name = %s AND conn_id = IS_USED_LOCK(%s)"
+#: The records kept beside locks (``Capability.KEEPS_RECORDS``): one row per name with the
+#: fencing token that wrote it, written only while the holder's connection holds the
+#: lock and never over a larger token. MySQL assigns left to right: ``record`` is set
+#: while ``token`` still holds the stored one.
+_RECORDS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_records (name VARCHAR(64) PRIMARY KEY,"
+    " token BIGINT NOT NULL, record BLOB NOT NULL) ENGINE=InnoDB"
+)
+_READ_RECORD_SQL = "SELECT record FROM aiotooz_records WHERE name = %s"
+_WRITE_RECORD_SQL = (
+    "INSERT INTO aiotooz_records (name, token, record) SELECT %s, %s, %s FROM DUAL"
+    " WHERE IS_USED_LOCK(%s) = %s ON DUPLICATE KEY UPDATE"
+    " record = IF(aiotooz_records.token <= VALUES(token), VALUES(record), aiotooz_records.record),"
+    " token = GREATEST(aiotooz_records.token, VALUES(token))"
+)
+#: After a write that changed no row: whether it was refused, or wrote what was there.
+_RECORD_KEPT_SQL = (
+    "SELECT COUNT(*) FROM aiotooz_records WHERE name = %s AND token = %s AND IS_USED_LOCK(%s) = %s"
+)
 #: The TLS options plain tooz takes from the URL's query (``ssl_<name>``).
 _SSL_OPTIONS = ("ca", "capath", "cert", "key", "cipher", "verify_mode")
 
@@ -201,9 +221,41 @@ class MySQLDialect(Dialect):
             return None  # nobody ever led here
         return None if member is None else str(member)
 
+    def read_record(self, main: Link, lock: ServerLock) -> bytes | None:
+        import pymysql
+
+        try:
+            record = self._scalar(main, _READ_RECORD_SQL, (lock.key,))
+        except pymysql.MySQLError as exc:
+            if not _no_table(exc):
+                raise
+            return None  # nobody ever kept a record here
+        return None if record is None else bytes(record)
+
+    def write_record(
+        self, main: Link, lock: ServerLock, holder: Link, record: bytes, token: int
+    ) -> bool:
+        import pymysql
+
+        params = (lock.key, token, record, *lock.args, holder.id)
+        with main.connection.cursor() as cursor:
+            try:
+                cursor.execute(_WRITE_RECORD_SQL, params)
+            except pymysql.MySQLError as exc:
+                if not _no_table(exc):
+                    raise
+                cursor.execute(_RECORDS_DDL)
+                cursor.execute(_WRITE_RECORD_SQL, params)
+            if cursor.rowcount > 0:
+                return True
+        # No row changed: refused, or the same record written again with the same token.
+        kept = self._scalar(main, _RECORD_KEPT_SQL, (lock.key, token, *lock.args, holder.id))
+        return bool(kept)
+
 
 class MySQLDriver(SessionDriver):
     """MySQL/MariaDB named locks, all of a coordinator's held by one session."""
 
     extra = "mysql"
     dialect = MySQLDialect
+    accepted_options = _options.MYSQL

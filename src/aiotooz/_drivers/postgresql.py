@@ -14,6 +14,7 @@ import urllib.parse
 from typing import Any, ClassVar
 
 from .._exceptions import ConfigurationError
+from . import _options
 from ._sessions import Dialect, Link, ServerLock, SessionDriver
 
 __all__ = ["PostgreSQLDialect", "PostgreSQLDriver"]
@@ -47,6 +48,20 @@ _LEADER_SQL = (
     f" JOIN pg_locks l ON l.pid = r.pid AND l.granted AND {_MATCH}"
     " WHERE r.key = %s"
 )
+#: The records kept beside locks (``Capability.KEEPS_RECORDS``): one row per key with the
+#: fencing token that wrote it. Written only while the holder's session holds the lock,
+#: and never over a larger token (a later holder's).
+_RECORDS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_records (key text PRIMARY KEY, token bigint NOT NULL,"
+    " record bytea NOT NULL)"
+)
+_READ_RECORD_SQL = "SELECT record FROM aiotooz_records WHERE key = %s"
+_WRITE_RECORD_SQL = (
+    "INSERT INTO aiotooz_records SELECT %s::text, %s::int8, %s::bytea"
+    f" WHERE EXISTS (SELECT 1 FROM pg_locks WHERE granted AND pid = %s AND {_MATCH})"
+    " ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, record = EXCLUDED.record"
+    " WHERE aiotooz_records.token <= EXCLUDED.token"
+)
 _POOLED = (
     "the PostgreSQL server is reached through a pooler in transaction or statement mode "
     "(two connections were served by one server session{detail}): advisory locks belong "
@@ -74,8 +89,9 @@ class PostgreSQLDialect(Dialect):
                 "keys, the default: aiotooz and plain tooz exclude each other) or keys=64 "
                 "(a 64-bit key space, for fleets with no plain tooz process)"
             )
-        self._wide = keys == "64"
-        self._args_sql = "%s::int8" if self._wide else "%s::int4, %s::int4"
+        #: Whether keys are 64-bit (``keys=64``), not plain tooz's two bytes of MD5.
+        self.wide = keys == "64"
+        self._args_sql = "%s::int8" if self.wide else "%s::int4, %s::int4"
         self._connect_args: dict[str, Any] = {
             "host": query.get("host") or parts.hostname,
             "port": query.get("port") or parts.port,
@@ -93,7 +109,7 @@ class PostgreSQLDialect(Dialect):
     def lock_for(self, key: str) -> ServerLock:
         name = key.encode("ascii")
         digest = hashlib.md5(name, usedforsecurity=False).digest()
-        if self._wide:
+        if self.wide:
             value = int.from_bytes(digest[:8], "big", signed=True)
             unsigned = value & 0xFFFFFFFFFFFFFFFF
             return ServerLock(key, name, (value,), (unsigned >> 32, unsigned & 0xFFFFFFFF, 1))
@@ -236,9 +252,48 @@ class PostgreSQLDialect(Dialect):
             return None  # nobody ever led here
         return None if member is None else str(member)
 
+    def read_record(self, main: Link, lock: ServerLock) -> bytes | None:
+        import psycopg.errors
+
+        try:
+            record = self._scalar(main, _READ_RECORD_SQL, (lock.key,))
+        except psycopg.errors.UndefinedTable:
+            return None  # nobody ever kept a record here
+        return None if record is None else bytes(record)
+
+    def write_record(
+        self, main: Link, lock: ServerLock, holder: Link, record: bytes, token: int
+    ) -> bool:
+        import psycopg.errors
+
+        params = (lock.key, token, record, holder.id, *lock.ids)
+        try:
+            cursor = main.connection.execute(_WRITE_RECORD_SQL, params)
+        except psycopg.errors.UndefinedTable:
+            try:
+                main.connection.execute(_RECORDS_DDL)
+            except psycopg.errors.UniqueViolation:
+                pass  # made by another session at the same time
+            cursor = main.connection.execute(_WRITE_RECORD_SQL, params)
+        return bool(cursor.rowcount > 0)  # 0: not held by the holder's session, or a larger token
+
 
 class PostgreSQLDriver(SessionDriver):
     """PostgreSQL advisory locks, all of a coordinator's held by one session."""
 
     extra = "postgresql"
     dialect = PostgreSQLDialect
+    accepted_options = _options.POSTGRESQL
+    #: Plain tooz's keys: two bytes of each key's MD5.
+    key_space: ClassVar[int | None] = 65_536
+
+    @classmethod
+    def load(cls, url: str, member_id: str, options: Any, call_timeout: float) -> SessionDriver:
+        sql = PostgreSQLDialect(url, member_id, call_timeout, cls.wait_slice)
+        return (_WidePostgreSQLDriver if sql.wide else cls)(sql, call_timeout)
+
+
+class _WidePostgreSQLDriver(PostgreSQLDriver):
+    """``keys=64``: 2**64 advisory keys, so two keys in use never share one."""
+
+    key_space = None

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import urllib.parse
 import uuid
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Final
 
 import anyio
 
 from .._tasks import BackgroundTask, spawn
+from . import _options
 from ._base import Capability, Driver, ReleaseSignal
 
 __all__ = ["RedisDriver"]
@@ -57,6 +59,34 @@ return redis.call('publish', KEYS[2], '')
 """
 
 
+#: One beat for many locks: each key that still holds our token has its TTL set again;
+#: the answer is the (1-based) positions of those that do not (expired, released, or
+#: overwritten by another holder). ``ARGV[1]`` is the TTL in milliseconds, ``ARGV[2]``
+#: the keys and ``ARGV[3]`` their tokens, each joined by newlines: two arguments instead
+#: of two per lock, as redis-py packs every argument in Python (most of a beat's time at
+#: 10,000 locks). A script that names the keys it touches only in ``ARGV`` is fine on a
+#: single Redis (and Sentinel's primary), not on Redis Cluster.
+_REFRESH_SCRIPT = """
+local lost = {}
+local tokens = {}
+for token in string.gmatch(ARGV[3], '[^\\n]+') do tokens[#tokens + 1] = token end
+local i = 0
+for key in string.gmatch(ARGV[2], '[^\\n]+') do
+  i = i + 1
+  if redis.call('get', key) == tokens[i] then
+    redis.call('pexpire', key, ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+"""
+
+#: Keys refreshed by one run of the refresh script: a run blocks the server, so a beat
+#: of many locks is several short runs (sent together, in one round trip).
+_REFRESH_BATCH: Final = 1000
+
+
 #: A leader record for a lock we hold: ``<lock token> <member id>`` in a key beside the
 #: lock's, written only if the lock's key holds our token.
 _LEADER_SCRIPT = """
@@ -64,6 +94,25 @@ if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
 return 1
 """
+
+
+#: A record beside a lock we hold: ``<fencing token> <record>`` in a key beside the lock's,
+#: written only if the lock's key holds our token and the stored token is not larger.
+_RECORD_SCRIPT = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+local stored = redis.call('get', KEYS[2])
+if stored then
+  local token = tonumber(string.match(stored, '^(%d+) '))
+  if token and token > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('set', KEYS[2], ARGV[2] .. ' ' .. ARGV[3])
+return 1
+"""
+
+
+def _record_key(lock: Any) -> bytes:
+    """The key of the record kept beside a lock (tooz's key with another suffix)."""
+    return bytes(lock.name)[: -len(b"_lock")] + b"_record"
 
 
 def _leader_key(lock: Any) -> bytes:
@@ -74,6 +123,26 @@ def _leader_key(lock: Any) -> bytes:
 def _channel(lock: Any) -> bytes:
     """The pub/sub channel that tells a lock's releases (tooz's key, one suffix more)."""
     return bytes(lock.name) + b"_released"
+
+
+def _database(parts: urllib.parse.SplitResult) -> int | None:
+    """The database a host URL's path selects (``/2``), or ``None`` (no path, or a socket).
+
+    Raises:
+        ValueError: the path is not a database number, or ``db=`` says another one.
+    """
+    if not parts.hostname or parts.path in ("", "/"):
+        return None  # without a host, the path is a Unix socket's (tooz's rule)
+    number = parts.path[1:]
+    if not number.isdigit():
+        raise ValueError(
+            "the path of a redis://host URL selects the database, a number such as "
+            "redis://host:6379/2 (a Unix socket is redis:///path/to/socket, without a host)"
+        )
+    given = urllib.parse.parse_qs(parts.query).get("db")
+    if given is not None and any(value != number for value in given):
+        raise ValueError("the redis:// URL selects two databases, by its path and by db=: give one")
+    return int(number)
 
 
 class _Channels:
@@ -180,6 +249,7 @@ class RedisDriver(Driver):
     """
 
     extra = "redis"
+    accepted_options = _options.REDIS
     capabilities = frozenset(
         {
             Capability.EXPIRES,
@@ -188,6 +258,7 @@ class RedisDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
     #: Bounded socket waits, so that a dead or hung server is noticed in seconds.
@@ -196,10 +267,31 @@ class RedisDriver(Driver):
         "socket_connect_timeout": "2",
     }
 
+    @classmethod
+    def check_url(cls, parts: urllib.parse.SplitResult) -> None:
+        """The path of ``redis://host:6379/2`` selects the database, as in redis-py's URLs."""
+        _database(parts)
+
+    @classmethod
+    def prepare_url(cls, url: str) -> str:
+        """``redis://host/2`` as ``redis://host?db=2``, the only way tooz reads it.
+
+        tooz ignores the path of a URL with a host: it used database 0.
+        """
+        parts = urllib.parse.urlsplit(url)
+        database = _database(parts)
+        if database is None:
+            return url
+        query = f"{parts.query}&db={database}" if parts.query else f"db={database}"
+        if "db" in urllib.parse.parse_qs(parts.query):
+            query = parts.query  # the same database: checked by _database
+        return urllib.parse.urlunsplit(parts._replace(path="", query=query))
+
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
-        #: Locks taken on the event loop, which tooz's heartbeat does not refresh.
-        self._held_natively: set[Any] = set()
+        #: The token of every lock this connection holds, by key: what a beat refreshes
+        #: (joined as it is, with no work per lock in Python).
+        self._held: dict[bytes, bytes] = {}
         self._held_guard = threading.Lock()  # never held across a network call
         self._async_client: Any = None
         self._async_release: Any = None
@@ -231,16 +323,53 @@ class RedisDriver(Driver):
         self.tooz._make_client = make_client_without_retries  # type: ignore[attr-defined]
 
     def heartbeat(self) -> None:
-        import redis.exceptions
+        self.beat(())
 
-        super().heartbeat()  # refreshes the locks tooz took itself
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """Refresh every lock this connection holds, and check ``locks``, in one round trip.
+
+        tooz's heartbeat refreshes one lock per command (a round trip each); here one
+        pipeline writes tooz's membership key (as its heartbeat does) and runs the refresh
+        script over every held key: a key that still holds our token gets its TTL again,
+        one that does not (expired, released, or overwritten by another holder) is named
+        back. Locks held that are not in ``locks`` (being handed from one task to the
+        next, say) are refreshed too. tooz's own per-lock refresh is not used.
+        """
         with self._held_guard:
-            held = list(self._held_natively)
-        for lock in held:
-            try:
-                lock._lock.reacquire()  # PEXPIRE if the key still holds our token
-            except redis.exceptions.LockError:
-                pass  # released meanwhile, or lost: the ownership check tells which
+            held = self._held.copy()
+        # A key or token with a newline (a URL's namespace could hold one) cannot be
+        # joined: it reads as not ours, and its holder is told.
+        if any(b"\n" in key for key in held):
+            held = {key: token for key, token in held.items() if b"\n" not in key}
+        keys, tokens = list(held), list(held.values())
+        client = self.tooz._client  # type: ignore[attr-defined]
+        pipeline = client.pipeline(transaction=False)
+        member = self.tooz._encode_beat_id(self.tooz._member_id)  # type: ignore[attr-defined]
+        membership_ms = max(0, int(self.tooz.membership_timeout * 1000))  # type: ignore[attr-defined]
+        pipeline.psetex(member, membership_ms, self.tooz.STILL_ALIVE)  # type: ignore[attr-defined]
+        ttl_ms = int(self.lock_ttl * 1000)
+        starts = range(0, len(keys), _REFRESH_BATCH)
+        for at in starts:
+            joined_keys = b"\n".join(keys[at : at + _REFRESH_BATCH])
+            joined_tokens = b"\n".join(tokens[at : at + _REFRESH_BATCH])
+            pipeline.eval(_REFRESH_SCRIPT, 0, ttl_ms, joined_keys, joined_tokens)
+        answers = pipeline.execute()
+        for at, positions in zip(starts, answers[1:], strict=True):
+            for position in positions:
+                del held[keys[at + int(position) - 1]]
+        # ``held`` now has the keys still ours; a lock is ours if its key holds its token.
+        return [
+            None
+            if lock is None or lock._lock.local.token is None
+            else held.get(lock.name) == lock._lock.local.token
+            for lock in locks
+        ]
+
+    def try_acquire(self, lock: Any, key: str) -> bool:
+        granted = super().try_acquire(lock, key)
+        if granted:
+            self._keep(lock)
+        return granted
 
     def release(self, lock: Any) -> bool:
         """Release with the lock's token (compare and delete), tooz's way but quiet."""
@@ -289,9 +418,32 @@ class RedisDriver(Driver):
         token, _, member_id = bytes(record).partition(b" ")
         return member_id.decode("utf-8", "replace") if token == lock_token else None
 
+    def read_record(self, lock: Any) -> bytes | None:
+        client = self.tooz._client  # type: ignore[attr-defined]
+        stored = client.get(_record_key(lock))
+        return None if stored is None else bytes(stored).partition(b" ")[2]
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """One script: the lock's key must hold our token; no TTL (it outlives the lock)."""
+        lock_token = lock._lock.local.token
+        if lock_token is None:
+            return False
+        client = self.tooz._client  # type: ignore[attr-defined]
+        keys = (lock.name, _record_key(lock))
+        return bool(client.eval(_RECORD_SCRIPT, 2, *keys, lock_token, str(token), record))
+
+    def _keep(self, lock: Any) -> None:
+        """``lock`` was granted: its key is refreshed by every beat until released."""
+        token = lock._lock.local.token
+        if token is not None:
+            with self._held_guard:
+                self._held[bytes(lock.name)] = token
+
     def _forget(self, lock: Any) -> None:
+        token = lock._lock.local.token
         with self._held_guard:
-            self._held_natively.discard(lock)
+            if token is not None and self._held.get(bytes(lock.name)) == token:
+                del self._held[bytes(lock.name)]
         self.tooz._acquired_locks.discard(lock)  # type: ignore[attr-defined]
 
     # -- on the event loop ---------------------------------------------------------------
@@ -338,8 +490,7 @@ class RedisDriver(Driver):
         if not granted:
             sync_lock.local.token = None
             return False
-        with self._held_guard:
-            self._held_natively.add(lock)
+        self._keep(lock)
         return True
 
     async def release_async(self, lock: Any) -> int:

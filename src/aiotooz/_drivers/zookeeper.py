@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tooz.coordination
 
+from . import _options
 from ._base import Capability, Driver
 
 __all__ = ["ZooKeeperDriver"]
+
+#: The node of the record kept beside a lock: the lock's path and this suffix (no lock
+#: key has it: plain keys have no ``~``, mapped keys end in ``~`` and 32 hex digits).
+_RECORD_SUFFIX = "~record"
+#: The attribute of a tooz lock object that names the session its node was made in.
+_SESSION_ATTRIBUTE = "_aiotooz_session"
 
 #: What kazoo's lock recipe puts in a contender node's name, before its sequence number.
 _NODE_MARK = "__lock__"
@@ -25,6 +32,7 @@ class ZooKeeperDriver(Driver):
     """
 
     extra = "zookeeper"
+    accepted_options = _options.ZOOKEEPER
     capabilities = frozenset(
         {
             Capability.EXPIRES,
@@ -32,6 +40,7 @@ class ZooKeeperDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.KEEPS_RECORDS,
         }
     )
 
@@ -66,14 +75,59 @@ class ZooKeeperDriver(Driver):
                 f"ZooKeeper did not answer within {deadline:g} s"
             ) from exc
 
+    def beat(self, locks: Sequence[Any]) -> list[bool | None]:
+        """Prove the session; a lock granted in this session is still ours.
+
+        The session carries its ephemeral lock nodes: while it is the one a lock was
+        granted in, the node is there, and no read per lock is needed (tooz's check
+        reads each node: a round trip per held lock per beat). A session that expired
+        and was replaced by kazoo took its nodes with it: each lock granted in it reads
+        lost.
+        """
+        self.heartbeat()
+        session = self._session_id()
+        return [
+            None
+            if lock is None or not lock.acquired
+            else getattr(lock, _SESSION_ATTRIBUTE, None) == session
+            for lock in locks
+        ]
+
+    def _session_id(self) -> int:
+        return int(self._client.client_id[0])
+
     def try_acquire(self, lock: Any, key: str) -> bool:
         self._check_connected()
-        return super().try_acquire(lock, key)
+        session = self._session_id()
+        granted = super().try_acquire(lock, key)
+        if granted:
+            # The session the node was made in (read before: a session replaced during
+            # the try makes the grant read lost at the next beat, never the reverse).
+            setattr(lock, _SESSION_ATTRIBUTE, session)
+        return granted
 
     def release(self, lock: Any) -> bool:
+        """Delete our node; ``False`` if it was gone (deleted, or its session ended).
+
+        kazoo's release ignores a missing node, so it cannot say "not ours".
+        """
+        from kazoo.exceptions import NoNodeError
+
         # The lock node is ephemeral: it goes with the session if we cannot release it.
         self._check_connected()
-        return super().release(lock)
+        recipe = lock._lock
+        if not recipe.is_acquired or recipe.node is None:
+            return False
+        try:
+            self._client.delete(f"{recipe.path}/{recipe.node}")
+        except NoNodeError:
+            ours = False
+        else:
+            ours = True
+        # What kazoo's own release does once the node is deleted (or found gone).
+        recipe.is_acquired = False
+        recipe.node = None
+        return ours
 
     def fencing_token(self, lock: Any) -> int | None:
         """The zxid of a write to our lock node.
@@ -116,6 +170,51 @@ class ZooKeeperDriver(Driver):
                 continue  # released or tried and given up meanwhile: the next one
             return bytes(data).decode("utf-8", "replace") or None
         return None
+
+    def read_record(self, lock: Any) -> bytes | None:
+        """The data of a node beside the lock's (not a child: those are its contenders)."""
+        from kazoo.exceptions import NoNodeError
+
+        self._check_connected()
+        try:
+            data, _ = self._client.get(lock._lock.path + _RECORD_SUFFIX)
+        except NoNodeError:
+            return None
+        return bytes(data).partition(b" ")[2]
+
+    def write_record(self, lock: Any, record: bytes, token: int) -> bool:
+        """Set (or create) the node in a transaction that checks our lock node is there.
+
+        Our ephemeral node is there as long as we hold the lock. The transaction also
+        checks that the record is the version whose token was read.
+        """
+        from kazoo.exceptions import NoNodeError
+
+        self._check_connected()
+        recipe = lock._lock
+        if recipe.node is None:
+            return False
+        path, value = recipe.path + _RECORD_SUFFIX, b"%d %s" % (token, record)
+        for _ in range(3):
+            try:
+                stored, stat = self._client.get(path)
+            except NoNodeError:
+                stored, stat = None, None
+            if stored is not None and int(bytes(stored).partition(b" ")[0] or 0) > token:
+                return False
+            txn = self._client.transaction()
+            txn.check(f"{recipe.path}/{recipe.node}", -1)  # -1: any version
+            if stat is None:
+                txn.create(path, value)
+            else:
+                txn.set_data(path, value, stat.version)
+            results = txn.commit()
+            if not any(isinstance(result, Exception) for result in results):
+                return True
+            if isinstance(results[0], NoNodeError):
+                return False  # our lock node is gone: the lock is not ours
+            # The record was written or removed meanwhile: read it again.
+        return False
 
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
         """A watch on the holder's node: the contender with the lowest sequence number.
