@@ -628,8 +628,13 @@ class SessionDriver(Driver):
         return self._waiters.watchers
 
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
-        """Queue at the server for ``lock`` on a waiter link, if one is (or can be) had."""
-        if self._main is None:
+        """Queue at the server for ``lock`` on a waiter link, if one is (or can be) had.
+
+        Not while the main session is found broken: the coordinator is about to
+        reconnect, and a grant on this connection's link would be lost with it.
+        """
+        main = self._main
+        if main is None or main.failed is not None:
             return False
         return self._waiters.arm(lock, fire)
 
