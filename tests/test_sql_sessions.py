@@ -294,9 +294,13 @@ async def test_a_waiter_that_gives_up_leaves_the_servers_queue_at_once(
 async def test_64_bit_keys_are_a_url_option(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
-    """keys=64 takes pg_advisory_lock(int8); an unknown key space is refused."""
+    """keys=64 takes pg_advisory_lock(int8); an unknown key space is refused. Only
+    plain tooz's keys may share a lock (semaphores skip their larger-limit check)."""
     url = url_for("postgresql", server_pool, tmp_path)
+    async with make_coordinator(url, prefix) as coordinator:
+        assert not coordinator.lock_table.keys_distinct
     async with make_coordinator(f"{url}?keys=64", prefix) as coordinator:
+        assert coordinator.lock_table.keys_distinct
         async with Lock("wide", coordinator=coordinator):
             with _admin("postgresql", url) as connection:
                 rows = _rows(
