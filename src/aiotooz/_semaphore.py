@@ -378,7 +378,8 @@ async def _rounds(
     try:
         while True:
             try:
-                taken = await _round(table, state, name, limit, deadline)
+                start, waits.woken = waits.woken, None
+                taken = await _round(table, state, name, limit, deadline, start)
                 if taken is not None:
                     return taken
                 now = anyio.current_time()
@@ -436,14 +437,22 @@ async def _check_limit(
 
 
 async def _round(
-    table: LockTable, state: SemaphoreQueue, name: str, limit: int, deadline: float
+    table: LockTable,
+    state: SemaphoreQueue,
+    name: str,
+    limit: int,
+    deadline: float,
+    start: int | None = None,
 ) -> tuple[int, Hold] | None:
-    """Try every slot once, from a random one; the first granted, or ``None``.
+    """Try every slot once; the first granted, or ``None``.
+
+    From ``start`` (the slot whose release woke the waiter), else from a random one.
 
     Each try is given up at ``deadline`` (a hung backend), as a lock's try is, and a
     round whose deadline passed tries no further slot (``TRY_ONCE`` tries them all).
     """
-    start = random.randrange(limit)
+    if start is None:
+        start = random.randrange(limit)
     unsupported: UnsupportedOperation | None = None
     tried = False
     for offset in range(limit):

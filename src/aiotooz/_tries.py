@@ -8,6 +8,7 @@ lock, waiting between tries for a release (where the driver can tell it) or its 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -68,11 +69,14 @@ class Waits:
     off from ``_POLL_FIRST`` to ``_POLL_CAP`` while nothing wakes it.
     """
 
-    __slots__ = ("_connection", "_delay", "_watches", "signal")
+    __slots__ = ("_connection", "_delay", "_watches", "signal", "woken")
 
     def __init__(self) -> None:
         #: Fired by a release of any watched key; a semaphore's local releases fire it too.
         self.signal = ReleaseSignal()
+        #: The index (in ``keys``) of the watched key whose release fired last, if any:
+        #: the key to try first.
+        self.woken: int | None = None
         self._connection: Connection | None = None
         self._watches: list[Watch] = []
         self._delay = _POLL_FIRST
@@ -89,12 +93,16 @@ class Waits:
         await self.close()
         self._connection = connection
         active = False
-        for key in keys:
+        for index, key in enumerate(keys):
             watch = await connection.watch(connection.lock(key))
-            watch.signal.forward_to(self.signal)
+            watch.signal.forward_to(functools.partial(self._fire, index))
             self._watches.append(watch)
             active = active or watch.active
         return active
+
+    def _fire(self, index: int) -> None:
+        self.woken = index
+        self.signal.fire()
 
     async def wait(self, remaining: float) -> None:
         """Wait for a wake-up or the next poll, ``remaining`` seconds at most."""

@@ -85,16 +85,16 @@ class ReleaseSignal:
 
     def __init__(self) -> None:
         self._event = anyio.Event()
-        self._forward: ReleaseSignal | None = None
+        self._forward: Callable[[], object] | None = None
 
     def fire(self) -> None:
         self._event.set()
         if self._forward is not None:
-            self._forward.fire()
+            self._forward()
 
-    def forward_to(self, signal: ReleaseSignal) -> None:
-        """Fire ``signal`` too from now on: one waiter watching several keys waits on one."""
-        self._forward = signal
+    def forward_to(self, fire: Callable[[], object]) -> None:
+        """Call ``fire`` too from now on: one waiter watching several keys waits on one."""
+        self._forward = fire
 
     async def wait(self, seconds: float) -> bool:
         """Wait at most ``seconds`` for a fire; whether one came."""
