@@ -450,10 +450,10 @@ class LockTable(_Holdings):
         queue = self._queues.get(key)
         return queue is not None and queue.owner is not None
 
-    async def watch(self, waits: Waits, keys: Sequence[str]) -> bool:
+    async def watch(self, waits: Waits, keys: Sequence[str], armed: bool = True) -> bool:
         """Have ``waits`` watch ``keys`` through the current connection (`Waits.watch`)."""
         connection = self._owner.connection
-        return connection is not None and await waits.watch(connection, keys)
+        return connection is not None and await waits.watch(connection, keys, armed)
 
     def backend_failed(self) -> None:
         """A try failed with ``BackendUnavailable``: have the heartbeat check the connection."""

@@ -389,7 +389,7 @@ async def _rounds(
                 suspect_since = await _check_limit(
                     table, state, name, limit, deadline, now, suspect_since
                 )
-                if limit <= _WATCHED_SLOTS and await table.watch(waits, keys):
+                if limit <= _WATCHED_SLOTS and await table.watch(waits, keys, armed=False):
                     continue  # watching now: try again before waiting
             except BackendUnavailable:
                 if deadline == TRY_ONCE:

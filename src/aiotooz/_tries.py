@@ -81,8 +81,13 @@ class Waits:
         self._watches: list[Watch] = []
         self._delay = _POLL_FIRST
 
-    async def watch(self, connection: Connection, keys: Sequence[str]) -> bool:
+    async def watch(self, connection: Connection, keys: Sequence[str], armed: bool = True) -> bool:
         """Watch ``keys`` through ``connection`` (anew once it is replaced).
+
+        ``armed=False`` keeps only the watches that need no arming before each wait
+        (those kept on the event loop), for a waiter of many keys: an armed watch costs
+        a call per key and wait, and a probe takes the key at the backend for an instant
+        after each release.
 
         Returns:
             Whether a watch became active just now: a release before it was not seen,
@@ -95,6 +100,9 @@ class Waits:
         active = False
         for index, key in enumerate(keys):
             watch = await connection.watch(connection.lock(key))
+            if not armed and not watch.active:
+                await watch.close()
+                continue
             watch.signal.forward_to(functools.partial(self._fire, index))
             self._watches.append(watch)
             active = active or watch.active
