@@ -9,9 +9,10 @@ Tasks of one process that want one semaphore wait in one local FIFO queue (per
 coordinator and name, `SemaphoreQueue`); only the task at its
 head tries the backend: every slot once per *round*, from a random one so that
 processes do not all crowd slot 0, skipping slots held here. Between rounds it waits
-as a lock's waiter does (`Waits`): it watches every slot's key, so that a release in
-another process wakes it where the backend can tell, as does a local release; else it
-polls (2 ms, backing off to 50 ms).
+as a lock's waiter does (`Waits`): it watches every slot's key where the watch is kept
+on the event loop (file, Redis on asyncio), so that a release in another process wakes
+it, as does a local release; else it polls (2 ms, backing off to 50 ms). A probe (SQL,
+ipc) would take each released slot for an instant, one per slot and waiting process.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ __all__ = ["MAX_LIMIT", "Semaphore", "check_limit"]
 #: The largest limit: a waiting round tries every slot, so a limit is meant to be small.
 MAX_LIMIT: Final = 1000
 
-#: The most slots a waiter watches (each watch costs a subscription, a file descriptor
-#: or a probe): a waiter for a larger semaphore polls.
+#: The most slots a waiter watches (each watch costs a subscription or a file
+#: descriptor): a waiter for a larger semaphore polls.
 _WATCHED_SLOTS: Final = 64
 #: How often a waiting process looks for a larger limit elsewhere (is slot ``limit``
 #: held?), and how long after a first sighting it looks again to be sure: a process
@@ -373,7 +374,7 @@ async def _rounds(
     waits = Waits()
     # Set before the first round, so a local release during a round is not missed.
     state.wake = waits.signal.fire
-    keys = [slot_key(table.prefix, name, i) for i in range(limit)]
+    keys = [slot_key(table.prefix, name, i) for i in range(limit if limit <= _WATCHED_SLOTS else 0)]
     suspect_since: float | None = None  # when slot `limit` was first seen held
     try:
         while True:
@@ -389,7 +390,7 @@ async def _rounds(
                 suspect_since = await _check_limit(
                     table, state, name, limit, deadline, now, suspect_since
                 )
-                if limit <= _WATCHED_SLOTS and await table.watch(waits, keys, armed=False):
+                if await table.watch(waits, keys, armed=False):
                     continue  # watching now: try again before waiting
             except BackendUnavailable:
                 if deadline == TRY_ONCE:
