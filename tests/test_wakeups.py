@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from aiotooz import Lock
+from aiotooz import Lock, Semaphore
 from aiotooz import _tries as tries
 
 from ._procs import worker_process
@@ -185,6 +185,48 @@ async def test_a_release_in_another_process_wakes_a_waiter(
             await lock.release()
     # The worker has to read its closed input first: generous, and far below 5 s.
     assert waited < 1.0, waited
+
+
+@pytest.mark.parametrize(
+    ("backend", "anyio_backend"),
+    [("file", "asyncio"), ("file", "trio"), ("redis", "asyncio")],
+)
+async def test_a_slot_released_in_another_process_wakes_a_semaphore_waiter(
+    backend: str, redis_url: str, tmp_path: Any, prefix: str, slow_polls: None
+) -> None:
+    """A semaphore's waiter watches every slot as a lock's waiter watches its key (where
+    the watch is kept on the event loop: inotify, Redis pub/sub): a slot released in
+    another process wakes it long before its poll (it polled every 2-50 ms on its own,
+    and waited for the poll whatever the backend could tell)."""
+    url = (tmp_path / "locks").as_uri() if backend == "file" else redis_url
+    async with make_coordinator(url, prefix) as coordinator:
+        with worker_process("hold-slots", url, prefix, "api", "3") as holder:
+            await anyio.to_thread.run_sync(holder.expect, "waiting")
+            await anyio.to_thread.run_sync(holder.expect, "held")
+            semaphore = Semaphore("api", 3, coordinator=coordinator)
+            waits = []
+            for _ in range(2):
+                async with anyio.create_task_group() as group:
+                    granted = anyio.Event()
+
+                    async def wait(granted: anyio.Event = granted) -> None:
+                        await semaphore.acquire()
+                        granted.set()
+
+                    group.start_soon(wait)
+                    await anyio.sleep(0.3)  # waiting (and watching) now
+                    assert not granted.is_set()
+                    released = time.perf_counter()
+                    holder.send("release")
+                    with anyio.fail_after(20):
+                        await granted.wait()
+                    waits.append(time.perf_counter() - released)
+            await anyio.to_thread.run_sync(holder.expect, "released")
+            await anyio.to_thread.run_sync(holder.expect, "released")
+            for _ in range(2):
+                await semaphore.release()  # the slots the two waiting tasks took
+    # Far below the poll (the worker reads its line first): only a wake-up is this quick.
+    assert max(waits) < tries._POLL_CAP / 5, waits
 
 
 #: What a coordinator parks at most to wake its waiters (README, "Waiting, wake-ups").
