@@ -100,7 +100,7 @@ OVER_BUDGET = {
     "aiotooz._locktable": "the lock table with its holdings and loss delivery: one idea, long",
     "aiotooz._drivers._base": "the driver interface with its defaults and the file-record helpers",
     "aiotooz._drivers.redis": "tooz's driver adapted, the native asyncio path and the batched beat",
-    "aiotooz._semaphore": "slots, their limit check and the shared wait: the held-block helper to share",
+    "aiotooz._semaphore": "slots, the limit check and a held block of its own (to share)",
     "aiotooz._drivers.sql": "PostgreSQL and MySQL on tooz's drivers, with their probes",
 }
 #: Private base classes and mixins with a single user, each with why it still exists.
