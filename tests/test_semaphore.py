@@ -70,19 +70,35 @@ def _peak(log: Path) -> int:
 async def test_limit_3_under_4_processes_of_5_tasks(
     any_backend_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    """3 worker processes and this one (on asyncio or trio), 5 tasks each, limit 3."""
+    """3 worker processes and this one (on asyncio or trio), 5 tasks each, limit 3.
+
+    The limit is never exceeded; that it is reached is made certain here: this
+    process's tasks hold their first slot until three of them are inside at once
+    (the workers' 30 ms holds alone reach it only by luck on a slow backend).
+    """
     log = tmp_path / "log"
     log.write_text("")
     args = ("semaphore", any_backend_url, prefix, "api", "3", "5", "2", str(log))
     workers = [Worker(*args) for _ in range(3)]
     try:
         fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+        inside = 0
+        three_inside = anyio.Event()
 
         async def one_task(semaphore: Semaphore) -> None:
-            for _ in range(2):
+            nonlocal inside
+            for round_ in range(2):
                 async with semaphore:
                     os.write(fd, b"+")
+                    inside += 1
+                    if inside == 3:
+                        three_inside.set()
+                    if round_ == 0:
+                        # Never a deadlock: the workers release their slots within 30 ms
+                        # and finish, so the third slot comes to one of these tasks.
+                        await three_inside.wait()
                     await anyio.sleep(0.03)
+                    inside -= 1
                     os.write(fd, b"-")
 
         try:
@@ -100,6 +116,7 @@ async def test_limit_3_under_4_processes_of_5_tasks(
         for worker in workers:
             worker.close()
     assert log.read_text().count("+") == 4 * 5 * 2
+    assert three_inside.is_set()
     assert _peak(log) == 3
     assert await _all_slots_free(any_backend_url, prefix, "api", 3)
 
