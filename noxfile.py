@@ -1,8 +1,8 @@
 """Developer tasks; CONTRIBUTING.md says when to run which.
 
 `nox` runs what CI runs: lint, typecheck, the tests on the oldest and newest supported
-Python (under coverage), coverage (combines and checks them), examples, the docs and
-the failover scenarios.
+Python (under coverage), coverage (combines and checks them), examples, the docs, the
+package (built, checked and installed alone) and the failover scenarios.
 `nox -s tests-3.12`, `nox -s bench` and `nox -s docs_serve` are there to be asked for.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import nox
@@ -31,6 +33,7 @@ nox.options.sessions = [
     "coverage",
     "examples",
     "docs",
+    "package",
     "failover",
 ]
 
@@ -149,6 +152,88 @@ def docs(session: nox.Session) -> None:
     session.run(
         "mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs, env=MKDOCS_ENV
     )
+
+
+#: What a wheel may hold besides the package: its metadata directory.
+WHEEL_TOP_LEVEL = {"aiotooz"}
+#: Never in the sdist or the wheel: tool state, build output, local data.
+STRAY = (".nox", ".venv", ".git/", "__pycache__", ".pyc", ".coverage", "site/", "dist/", ".cache")
+
+
+def _check_wheel(session: nox.Session, wheel: Path) -> None:
+    """py.typed, the `aiotooz` command, and nothing but the package and its metadata."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        dist_info = next(name.split("/")[0] for name in names if ".dist-info/" in name)
+        entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
+    tops = {name.split("/")[0] for name in names} - {dist_info}
+    if tops != WHEEL_TOP_LEVEL:
+        session.error(f"{wheel.name}: unexpected top-level entries {sorted(tops)}")
+    if "aiotooz/py.typed" not in names:
+        session.error(f"{wheel.name}: no aiotooz/py.typed (type checkers would ignore it)")
+    if "aiotooz = aiotooz._cli:main" not in entry_points:
+        session.error(f"{wheel.name}: no `aiotooz` console script:\n{entry_points}")
+    stray = [name for name in names if any(part in name for part in STRAY)]
+    if stray:
+        session.error(f"{wheel.name}: stray files {stray}")
+    session.log(f"{wheel.name}: {len(names)} files, py.typed and the aiotooz command")
+
+
+def _check_sdist(session: nox.Session, sdist: Path) -> None:
+    """The sources, README and licence metadata; no tool state or build output."""
+    with tarfile.open(sdist) as archive:
+        names = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "src/aiotooz/__init__.py",
+        "src/aiotooz/py.typed",
+    ):
+        if needed not in names:
+            session.error(f"{sdist.name}: {needed} is missing")
+    stray = [name for name in names if any(part in name for part in STRAY)]
+    if stray:
+        session.error(f"{sdist.name}: stray files {stray}")
+    session.log(f"{sdist.name}: {len(names)} files")
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """Build the sdist and wheel, check them, and run the wheel as a user installs it.
+
+    `twine check --strict` (the metadata PyPI renders), the archives' contents (py.typed,
+    the `aiotooz` console script, no stray files), then the wheel alone (no editable
+    install, no extras) in a fresh venv: the quickstart example on the embedded file
+    backend, and `aiotooz --help`.
+    """
+    session.install(*nox.project.dependency_groups(PYPROJECT, "package"))
+    with tempfile.TemporaryDirectory(prefix="aiotooz-package-") as tmp:
+        dist = Path(tmp) / "dist"
+        session.run("python", "-m", "build", "--outdir", str(dist), str(ROOT))
+        (wheel,) = dist.glob("*.whl")
+        (sdist,) = dist.glob("*.tar.gz")
+        session.run("twine", "check", "--strict", str(wheel), str(sdist))
+        _check_wheel(session, wheel)
+        _check_sdist(session, sdist)
+
+        venv = Path(tmp) / "venv"
+        session.run("python", "-m", "venv", str(venv))
+        python, command = str(venv / "bin" / "python"), str(venv / "bin" / "aiotooz")
+        session.run(python, "-m", "pip", "install", "-q", str(wheel), external=True)
+        # Run from the temporary directory: nothing of this checkout is importable there.
+        with session.chdir(tmp):
+            where = session.run(
+                python, "-c", "import aiotooz; print(aiotooz.__file__)", external=True, silent=True
+            )
+            if not str(where).strip().startswith(str(venv)):
+                session.error(f"aiotooz was imported from {where!r}, not the fresh venv")
+            session.run(
+                python,
+                str(ROOT / "examples" / "quickstart.py"),
+                env={"AIOTOOZ_BACKEND_URL": ""},
+                external=True,
+            )
+            session.run(command, "--help", external=True)
 
 
 @nox.session(default=False)
