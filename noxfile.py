@@ -1,8 +1,9 @@
 """Developer tasks; CONTRIBUTING.md says when to run which.
 
 `nox` runs what CI runs: lint, typecheck, the tests on the oldest and newest supported
-Python (under coverage), coverage (combines and checks them), examples, the docs, the
-package (built, checked and installed alone) and the failover scenarios.
+Python (under coverage), coverage (combines and checks them), a subset of the tests at
+the lowest versions of the dependencies pyproject.toml allows (tests_lowest), examples,
+the docs, the package (built, checked and installed alone) and the failover scenarios.
 `nox -s tests-3.12`, `nox -s bench` and `nox -s docs_serve` are there to be asked for.
 """
 
@@ -31,6 +32,7 @@ nox.options.sessions = [
     f"tests-{OLDEST}",
     f"tests-{NEWEST}",
     "coverage",
+    "tests_lowest",
     "examples",
     "docs",
     "package",
@@ -69,6 +71,66 @@ def tests(session: nox.Session) -> None:
     # `-- -n 0` (or any -n) after the session overrides the number of test processes.
     workers = ["-n", TEST_PROCESSES]
     session.run("coverage", "run", "-m", "pytest", *workers, *session.posargs, env=env)
+
+
+#: What `tests_lowest` runs unless told otherwise: the whole suite (about 11 minutes on two
+#: cores for one Python) would push CI past its 30 minutes; this subset is the conformance
+#: suite over every backend and the locks', semaphores' and leadership's own files.
+LOWEST_TESTS = [
+    "tests/test_conformance.py",
+    "tests/test_lock.py",
+    "tests/test_semaphore.py",
+    "tests/test_leadership.py",
+]
+
+
+def _lowest_pins() -> list[str]:
+    """`name==X` for each `name>=X` the package declares: its dependencies and every
+    backend's extra (not fastapi or otel, which the tests install at their own bounds)."""
+    from packaging.requirements import Requirement
+
+    project = PYPROJECT["project"]
+    (everything,) = project["optional-dependencies"]["all"]
+    requirements = list(project["dependencies"])
+    for extra in sorted(Requirement(everything).extras):
+        requirements += project["optional-dependencies"][extra]
+    pins = []
+    for text in requirements:
+        requirement = Requirement(text)
+        lowest = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        if len(lowest) != 1:
+            raise ValueError(f"{text!r}: no single lower bound (>=) to test at")
+        pins.append(f"{requirement.name}=={lowest[0]}")
+    return pins
+
+
+@nox.session(python=OLDEST)
+def tests_lowest(session: nox.Session) -> None:
+    """A subset of the tests (LOWEST_TESTS; test paths after -- replace it) with every
+    direct dependency at the lowest version pyproject.toml allows (pinned as constraints:
+    tooz, anyio, pydantic-settings, structlog and each backend's client). Not under
+    coverage. anyio 4.5 exercises `_tasks.native_loop`'s branch for anyio < 4.11."""
+    constraints = Path(session.create_tmp()) / "lowest-constraints.txt"
+    pins = _lowest_pins()
+    constraints.write_text("\n".join(pins) + "\n")
+    session.log(f"pinned: {' '.join(pins)}")
+    session.install("-c", str(constraints), "-e", ".[all]")
+    session.install("-c", str(constraints), *nox.project.dependency_groups(PYPROJECT, "test"))
+    # The pins held (the test tools' own requirements could have moved one).
+    session.run("python", "-m", "pip", "check")
+    session.run(
+        "python",
+        "-c",
+        "import sys; from importlib.metadata import version\n"
+        "from packaging.requirements import Requirement\n"
+        "for pin in sys.argv[1:]:\n"
+        "    r = Requirement(pin); v = version(r.name)\n"
+        "    assert v in r.specifier, f'{r.name} {v} is installed, not {r.specifier}'",
+        *pins,
+    )
+    # Test paths after -- replace the subset; other arguments (-x, -k ...) go with it.
+    paths = [arg for arg in session.posargs if arg.startswith("tests")]
+    session.run("pytest", "-n", TEST_PROCESSES, *([] if paths else LOWEST_TESTS), *session.posargs)
 
 
 @nox.session

@@ -3,6 +3,7 @@ every other tooz backend), never mocks. The plain helpers are in tests/helpers.p
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
@@ -27,6 +28,20 @@ from .helpers import (
     seed_for_this_run,
     url_for,
 )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    """Mark every async test for anyio's pytest plugin, as its auto mode does.
+
+    Auto mode (`anyio_mode`) needs anyio 4.11; the package supports anyio 4.5, and
+    `nox -s tests_lowest` runs the tests there. This runs before the plugin's own hook,
+    which then sees the mark.
+    """
+    if isinstance(collector, pytest.Class | pytest.Module) and collector.istestfunction(obj, name):
+        inner = getattr(getattr(obj, "hypothesis", None), "inner_test", obj)
+        if inspect.iscoroutinefunction(inner):
+            pytest.mark.anyio(obj)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
