@@ -288,11 +288,19 @@ def package(session: nox.Session) -> None:
         session.run(python, "-m", "pip", "install", "-q", str(wheel), external=True)
         # Run from the temporary directory: nothing of this checkout is importable there.
         with session.chdir(tmp):
-            where = session.run(
-                python, "-c", "import aiotooz; print(aiotooz.__file__)", external=True, silent=True
+            shown = session.run(
+                python,
+                "-c",
+                "import aiotooz; print(aiotooz.__file__, aiotooz.__version__)",
+                external=True,
+                silent=True,
             )
-            if not str(where).strip().startswith(str(venv)):
+            where, version = str(shown).split()
+            if not where.startswith(str(venv)):
                 session.error(f"aiotooz was imported from {where!r}, not the fresh venv")
+            if f"aiotooz-{version}-" not in wheel.name:
+                session.error(f"aiotooz.__version__ is {version!r}; the wheel is {wheel.name}")
+            session.log(f"aiotooz {version} from the wheel")
             session.run(
                 python,
                 str(ROOT / "examples" / "quickstart.py"),
