@@ -143,8 +143,8 @@ class _Holdings:
         self.semaphores: dict[str, SemaphoreQueue] = {}
         #: When the last heartbeat that succeeded began (or the connection was made):
         #: every lock held through the current connection was refreshed no earlier.
-        self.last_refresh = -math.inf
-        self.lost_count = 0
+        self.last_refresh: float = -math.inf
+        self.lost_count: int = 0
         self._backend_attributes = {"aiotooz.backend": backend}
         self._lock_names = lock_names
 

@@ -35,7 +35,7 @@ class KeyQueue:
 
     def __init__(self) -> None:
         #: Until when the next owner lets waiters of other processes go first.
-        self.step_back_until = float("-inf")
+        self.step_back_until: float = float("-inf")
         #: The id of the task that owns the key locally (it may still be trying the
         #: backend), or ``None``.
         self.owner: int | None = None
