@@ -1,8 +1,9 @@
 """Developer tasks; CONTRIBUTING.md says when to run which.
 
 `nox` runs what CI runs: lint, typecheck, the tests on the oldest and newest supported
-Python (under coverage), coverage (combines and checks them), examples, the docs and
-the failover scenarios.
+Python (under coverage), coverage (combines and checks them), a subset of the tests at
+the lowest versions of the dependencies pyproject.toml allows (tests_lowest), examples,
+the docs, the package (built, checked and installed alone) and the failover scenarios.
 `nox -s tests-3.12`, `nox -s bench` and `nox -s docs_serve` are there to be asked for.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import nox
@@ -29,8 +32,10 @@ nox.options.sessions = [
     f"tests-{OLDEST}",
     f"tests-{NEWEST}",
     "coverage",
+    "tests_lowest",
     "examples",
     "docs",
+    "package",
     "failover",
 ]
 
@@ -66,6 +71,66 @@ def tests(session: nox.Session) -> None:
     # `-- -n 0` (or any -n) after the session overrides the number of test processes.
     workers = ["-n", TEST_PROCESSES]
     session.run("coverage", "run", "-m", "pytest", *workers, *session.posargs, env=env)
+
+
+#: What `tests_lowest` runs unless told otherwise: the whole suite (about 11 minutes on two
+#: cores for one Python) would push CI past its 30 minutes; this subset is the conformance
+#: suite over every backend and the locks', semaphores' and leadership's own files.
+LOWEST_TESTS = [
+    "tests/test_conformance.py",
+    "tests/test_lock.py",
+    "tests/test_semaphore.py",
+    "tests/test_leadership.py",
+]
+
+
+def _lowest_pins() -> list[str]:
+    """`name==X` for each `name>=X` the package declares: its dependencies and every
+    backend's extra (not fastapi or otel, which the tests install at their own bounds)."""
+    from packaging.requirements import Requirement
+
+    project = PYPROJECT["project"]
+    (everything,) = project["optional-dependencies"]["all"]
+    requirements = list(project["dependencies"])
+    for extra in sorted(Requirement(everything).extras):
+        requirements += project["optional-dependencies"][extra]
+    pins = []
+    for text in requirements:
+        requirement = Requirement(text)
+        lowest = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+        if len(lowest) != 1:
+            raise ValueError(f"{text!r}: no single lower bound (>=) to test at")
+        pins.append(f"{requirement.name}=={lowest[0]}")
+    return pins
+
+
+@nox.session(python=OLDEST)
+def tests_lowest(session: nox.Session) -> None:
+    """A subset of the tests (LOWEST_TESTS; test paths after -- replace it) with every
+    direct dependency at the lowest version pyproject.toml allows (pinned as constraints:
+    tooz, anyio, pydantic-settings, structlog and each backend's client). Not under
+    coverage. anyio 4.5 exercises `_tasks.native_loop`'s branch for anyio < 4.11."""
+    constraints = Path(session.create_tmp()) / "lowest-constraints.txt"
+    pins = _lowest_pins()
+    constraints.write_text("\n".join(pins) + "\n")
+    session.log(f"pinned: {' '.join(pins)}")
+    session.install("-c", str(constraints), "-e", ".[all]")
+    session.install("-c", str(constraints), *nox.project.dependency_groups(PYPROJECT, "test"))
+    # The pins held (the test tools' own requirements could have moved one).
+    session.run("python", "-m", "pip", "check")
+    session.run(
+        "python",
+        "-c",
+        "import sys; from importlib.metadata import version\n"
+        "from packaging.requirements import Requirement\n"
+        "for pin in sys.argv[1:]:\n"
+        "    r = Requirement(pin); v = version(r.name)\n"
+        "    assert v in r.specifier, f'{r.name} {v} is installed, not {r.specifier}'",
+        *pins,
+    )
+    # Test paths after -- replace the subset; other arguments (-x, -k ...) go with it.
+    paths = [arg for arg in session.posargs if arg.startswith("tests")]
+    session.run("pytest", "-n", TEST_PROCESSES, *([] if paths else LOWEST_TESTS), *session.posargs)
 
 
 @nox.session
@@ -128,9 +193,13 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over src/ and tests/, with every backend's client library."""
+    """mypy --strict over src/ and tests/, with every backend's client library; then
+    pyright's type-completeness check of the public API (`--verifytypes`: 100% of the
+    exported symbols, or it fails; types that come from other packages, tooz's above all,
+    are theirs to complete: `--ignoreexternal`)."""
     install(session, "typecheck")
     session.run("mypy")
+    session.run("pyright", "--verifytypes", "aiotooz", "--ignoreexternal")
 
 
 @nox.session
@@ -149,6 +218,96 @@ def docs(session: nox.Session) -> None:
     session.run(
         "mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs, env=MKDOCS_ENV
     )
+
+
+#: What a wheel may hold besides the package: its metadata directory.
+WHEEL_TOP_LEVEL = {"aiotooz"}
+#: Never in the sdist or the wheel: tool state, build output, local data.
+STRAY = (".nox", ".venv", ".git/", "__pycache__", ".pyc", ".coverage", "site/", "dist/", ".cache")
+
+
+def _check_wheel(session: nox.Session, wheel: Path) -> None:
+    """py.typed, the `aiotooz` command, and nothing but the package and its metadata."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        dist_info = next(name.split("/")[0] for name in names if ".dist-info/" in name)
+        entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
+    tops = {name.split("/")[0] for name in names} - {dist_info}
+    if tops != WHEEL_TOP_LEVEL:
+        session.error(f"{wheel.name}: unexpected top-level entries {sorted(tops)}")
+    if "aiotooz/py.typed" not in names:
+        session.error(f"{wheel.name}: no aiotooz/py.typed (type checkers would ignore it)")
+    if "aiotooz = aiotooz._cli:main" not in entry_points:
+        session.error(f"{wheel.name}: no `aiotooz` console script:\n{entry_points}")
+    stray = [name for name in names if any(part in name for part in STRAY)]
+    if stray:
+        session.error(f"{wheel.name}: stray files {stray}")
+    session.log(f"{wheel.name}: {len(names)} files, py.typed and the aiotooz command")
+
+
+def _check_sdist(session: nox.Session, sdist: Path) -> None:
+    """The sources, README and licence metadata; no tool state or build output."""
+    with tarfile.open(sdist) as archive:
+        names = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "src/aiotooz/__init__.py",
+        "src/aiotooz/py.typed",
+    ):
+        if needed not in names:
+            session.error(f"{sdist.name}: {needed} is missing")
+    stray = [name for name in names if any(part in name for part in STRAY)]
+    if stray:
+        session.error(f"{sdist.name}: stray files {stray}")
+    session.log(f"{sdist.name}: {len(names)} files")
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """Build the sdist and wheel, check them, and run the wheel as a user installs it.
+
+    `twine check --strict` (the metadata PyPI renders), the archives' contents (py.typed,
+    the `aiotooz` console script, no stray files), then the wheel alone (no editable
+    install, no extras) in a fresh venv: the quickstart example on the embedded file
+    backend, and `aiotooz --help`.
+    """
+    session.install(*nox.project.dependency_groups(PYPROJECT, "package"))
+    with tempfile.TemporaryDirectory(prefix="aiotooz-package-") as tmp:
+        dist = Path(tmp) / "dist"
+        session.run("python", "-m", "build", "--outdir", str(dist), str(ROOT))
+        (wheel,) = dist.glob("*.whl")
+        (sdist,) = dist.glob("*.tar.gz")
+        session.run("twine", "check", "--strict", str(wheel), str(sdist))
+        _check_wheel(session, wheel)
+        _check_sdist(session, sdist)
+
+        venv = Path(tmp) / "venv"
+        session.run("python", "-m", "venv", str(venv))
+        python, command = str(venv / "bin" / "python"), str(venv / "bin" / "aiotooz")
+        session.run(python, "-m", "pip", "install", "-q", str(wheel), external=True)
+        # Run from the temporary directory: nothing of this checkout is importable there.
+        with session.chdir(tmp):
+            shown = session.run(
+                python,
+                "-c",
+                "import aiotooz; print(aiotooz.__file__, aiotooz.__version__)",
+                external=True,
+                silent=True,
+            )
+            where, version = str(shown).split()
+            if not where.startswith(str(venv)):
+                session.error(f"aiotooz was imported from {where!r}, not the fresh venv")
+            if f"aiotooz-{version}-" not in wheel.name:
+                session.error(f"aiotooz.__version__ is {version!r}; the wheel is {wheel.name}")
+            session.log(f"aiotooz {version} from the wheel")
+            session.run(
+                python,
+                str(ROOT / "examples" / "quickstart.py"),
+                env={"AIOTOOZ_BACKEND_URL": ""},
+                external=True,
+            )
+            session.run(command, "--help", external=True)
 
 
 @nox.session(default=False)

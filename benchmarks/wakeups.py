@@ -12,6 +12,8 @@ Sections, per backend:
   waiting; from the release (wall clock, just before the call) to the waiter's grant.
   Peers, the same way: redis-py's asyncio Lock, kazoo's Lock, ``pg_advisory_lock``,
   ``GET_LOCK`` (each peer a blocking call on a connection of its own, in a thread).
+  The same for a semaphore slot (``aiotooz-semaphore``): a ``Semaphore(name, 2)`` whose
+  two slots the first process holds; it releases one to the waiter.
 * a foreign waiter: a waiter in another process against 20 tasks of this one looping on
   the lock with 1 ms holds; its worst wait (``bench.foreign_waits``).
 * PostgreSQL and MySQL: the server sessions of one coordinator that holds 1,000 locks and
@@ -39,13 +41,16 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from aiotooz import CoordinationSettings, Coordinator, Lock
+from aiotooz import CoordinationSettings, Coordinator, Lock, Semaphore
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "wakeups.json"
 BACKENDS = ["file", "ipc", "redis", "memcached", "zookeeper", "etcd", "postgresql", "mysql"]
 #: The issue's targets: hand-off median and max (not on memcached: "no worse").
 HANDOFF_TARGET = (0.002, 0.010)
+#: A semaphore slot's hand-off median, on these backends (asyncio).
+SLOT_TARGET = 0.005
+SLOT_BACKENDS = ("file", "redis")
 #: A foreign waiter's worst wait, on every backend but memcached.
 FOREIGN_TARGET = 0.100
 #: 4 x 25 x 2 x 1 ms: wall time over the sum of holds, on these backends.
@@ -100,10 +105,13 @@ class Holder:
         self._lock: Any = None
 
     async def __aenter__(self) -> Holder:
-        if self.impl == "aiotooz":
+        if self.impl in ("aiotooz", "aiotooz-semaphore"):
             prefix, _, name = self.name.partition(":")
             coord = await self._stack.enter_async_context(coordinator(self.url, prefix))
-            self._lock = Lock(name, coordinator=coord)
+            if self.impl == "aiotooz":
+                self._lock = Lock(name, coordinator=coord)
+            else:
+                self._lock = Semaphore(name, 2, coordinator=coord)
         elif self.impl == "redis-py":
             import redis.asyncio
 
@@ -136,7 +144,7 @@ class Holder:
         await self._stack.aclose()
 
     async def acquire(self) -> None:
-        if self.impl in ("aiotooz", "redis-py"):
+        if self.impl in ("aiotooz", "aiotooz-semaphore", "redis-py"):
             await self._lock.acquire()
         elif self.impl == "kazoo":
             await anyio.to_thread.run_sync(self._lock.acquire)
@@ -146,7 +154,7 @@ class Holder:
             await anyio.to_thread.run_sync(self._lock.execute, _PG_LOCK, (_pg_key(self.name),))
 
     async def release(self) -> None:
-        if self.impl in ("aiotooz", "redis-py"):
+        if self.impl in ("aiotooz", "aiotooz-semaphore", "redis-py"):
             await self._lock.release()
         elif self.impl == "kazoo":
             await anyio.to_thread.run_sync(self._lock.release)
@@ -241,13 +249,16 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
 
 async def handoffs(impl: str, url: str, rounds: int, loop: str) -> list[float]:
     """Release to grant, the waiter in a process of its own running on ``loop``."""
-    name = f"h{uuid.uuid4().hex[:8]}-:handed" if impl == "aiotooz" else uuid.uuid4().hex[:12]
+    ours = impl.startswith("aiotooz")
+    name = f"h{uuid.uuid4().hex[:8]}-:handed" if ours else uuid.uuid4().hex[:12]
     child = _spawn("_serve", loop, impl, url, name)
     assert child.stdin is not None and child.stdout is not None
     latencies = []
     try:
         async with Holder(impl, url, name) as lock:
             assert await anyio.to_thread.run_sync(child.stdout.readline) == "ready\n"
+            if impl == "aiotooz-semaphore":
+                await lock.acquire()  # one slot held throughout: the waiter watches two
             for number in range(rounds):
                 await lock.acquire()
                 child.stdin.write("go\n")
@@ -258,6 +269,8 @@ async def handoffs(impl: str, url: str, rounds: int, loop: str) -> list[float]:
                 granted = float(await anyio.to_thread.run_sync(child.stdout.readline))
                 latencies.append(granted - released)
                 await anyio.sleep(0.005)  # the child releases
+            if impl == "aiotooz-semaphore":
+                await lock.release()
     finally:
         child.stdin.close()
         child.wait(30)
@@ -338,8 +351,10 @@ def main() -> None:
                 url = urls[name]
                 row: dict[str, Any] = {}
                 print(f"{name}: hand-off", file=sys.stderr, flush=True)
-                for impl in ["aiotooz"] + ([PEERS[name]] if name in PEERS else []):
-                    for loop in ("asyncio", "trio") if impl == "aiotooz" else ("asyncio",):
+                impls = ["aiotooz", "aiotooz-semaphore"] + ([PEERS[name]] if name in PEERS else [])
+                for impl in impls:
+                    ours = impl.startswith("aiotooz")
+                    for loop in ("asyncio", "trio") if ours else ("asyncio",):
                         label = impl if loop == "asyncio" else f"{impl} (trio)"
                         values = anyio.run(handoffs, impl, url, rounds, loop)
                         row[f"handoff/{label}"] = {
@@ -375,7 +390,16 @@ def render(results: dict[str, Any]) -> str:
                 out.append(
                     f"  {name:<11}{impl:<26}{value['median'] * ms:>10.2f}{value['max'] * ms:>9.2f}"
                 )
-                if impl.startswith("aiotooz") and name != "memcached":
+                if impl.startswith("aiotooz-semaphore"):
+                    if impl == "aiotooz-semaphore" and name in SLOT_BACKENDS:
+                        verdicts.append(
+                            (
+                                f"{name} semaphore slot hand-off median <= 5 ms",
+                                value["median"] <= SLOT_TARGET,
+                                f"{value['median'] * ms:.2f} ms",
+                            )
+                        )
+                elif impl.startswith("aiotooz") and name != "memcached":
                     verdicts.append(
                         (
                             f"{name} hand-off ({impl}) median <= 2 ms, max <= 10 ms",

@@ -3,6 +3,8 @@ every other tooz backend), never mocks. The plain helpers are in tests/helpers.p
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blockbuster import BlockBuster, blockbuster_ctx
 
 from aiotooz import Coordinator
 
@@ -27,6 +30,149 @@ from .helpers import (
     seed_for_this_run,
     url_for,
 )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    """Mark every async test for anyio's pytest plugin, as its auto mode does.
+
+    Auto mode (`anyio_mode`) needs anyio 4.11; the package supports anyio 4.5, and
+    `nox -s tests_lowest` runs the tests there. This runs before the plugin's own hook,
+    which then sees the mark.
+    """
+    if isinstance(collector, pytest.Class | pytest.Module) and collector.istestfunction(obj, name):
+        inner = getattr(getattr(obj, "hypothesis", None), "inner_test", obj)
+        if inspect.iscoroutinefunction(inner):
+            pytest.mark.anyio(obj)
+
+
+def _functions_of(module: Path) -> set[str]:
+    """The names of every function in a module's source (its own, nested ones too)."""
+    tree = ast.parse(module.read_text())
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef)
+    names = {node.name for node in ast.walk(tree) if isinstance(node, kinds)}
+    return names | {"<genexpr>", "<lambda>", "<listcomp>", "<setcomp>", "<dictcomp>"}
+
+
+#: Where a blocking call on the event loop is allowed: (a file, the functions of that
+#: file on the call's stack) and why. Any of blockbuster's checked calls is allowed there.
+ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
+    (
+        "aiotooz/_drivers/file.py",
+        {"prepare_url", "get_lock", "try_acquire", "_mark_waiting", "waiters_elsewhere"}
+        | {"fencing_token", "publish_leader", "read_leader"},
+        "the file backend's deliberate inline calls: one try, release, waiting marker or "
+        "fencing counter on a local file (open, stat, mkdir, fcntl: microseconds); three "
+        "slow calls (a network file system) move them to worker threads",
+    ),
+    (
+        "aiotooz/_settings.py",
+        {"__init__"},
+        "pydantic-settings looks for the .env file once, as CoordinationSettings is made",
+    ),
+    (
+        "aiotooz/_logging.py",
+        {"_emit"},
+        "stdlib logging writes the event to the application's handlers, synchronously "
+        "by design (aiotooz logs nothing until the application configures logging)",
+    ),
+    (
+        "redis/utils.py",
+        {"get_lib_version"},
+        "redis-py (5 and later) reads its version from the installed metadata as its "
+        "asyncio client opens a connection (pooled: rarely); not aiotooz's to change",
+    ),
+    (
+        "fastapi/routing.py",
+        {"_extract_endpoint_context"},
+        "FastAPI reads the endpoint's source file (for error context) at its first request",
+    ),
+    (
+        "tests/_procs.py",
+        {"run_worker", "__init__", "send", "readline", "expect", "end_input", "finish"}
+        | {"_communicate", "wait", "kill", "close"},
+        "the tests' worker processes: a test that starts or ends one, or waits for its "
+        "answer, blocks its loop for that on purpose (moving these helpers to threads "
+        "would be a change of its own)",
+    ),
+    (
+        "tests/test_semaphore.py",
+        {"one_task", "_peak", "test_limit_3_under_4_processes_of_5_tasks"},
+        "the test's own log of entries and exits: one-byte O_APPEND writes, in the order "
+        "they happen, are what the test checks",
+    ),
+    (
+        "tests/test_leadership.py",
+        {"read_terms"},
+        "the test reads the workers' record of terms (a small local file) as it polls",
+    ),
+    (
+        "tests/test_semaphore.py",
+        {"test_a_lost_slot_cancels_its_holder"},
+        "a plain redis-py client deletes a slot's key from outside (one command)",
+    ),
+    (
+        "tests/test_leadership.py",
+        {"test_losing_the_lock_ends_the_term_with_leadership_lost"},
+        "a plain redis-py client deletes the leader's key from outside (one command)",
+    ),
+    (
+        "tests/test_conformance.py",
+        {"leases", "connections"},
+        "the test counts the server's leases or connections before and after waiting "
+        "(one query with a plain client each)",
+    ),
+    (
+        "tests/test_lock_loss.py",
+        {"test_a_taken_over_lock_cancels_the_body", "test_cancel_on_loss_false_lets_the_body_run"}
+        | {"job", "_etcd_revision", "leases", "_told_before_the_key_goes"}
+        | {"test_etcd_lock_taken_away_from_outside_is_lost"}
+        | {"test_etcd_lock_whose_lease_was_swapped_is_lost"},
+        "plain clients (redis-py, HTTP to etcd) take a held lock away from outside, or look "
+        "at its key, with one command each: the faults these tests are about",
+    ),
+    (
+        "tests/test_lock_loss.py",
+        {"test_a_stalled_event_loop_is_told_by_the_lease_rule"}
+        | {"test_memcached_lease_rule_counts_from_the_earliest_expiry"},
+        "the test stalls the event loop on purpose (the lease rule must notice)",
+    ),
+    (
+        "tests/helpers.py",
+        {"get"},
+        "the first test to ask for a backend's shared private server starts it",
+    ),
+    (
+        "tests/test_telemetry.py",
+        {"test_a_loss_is_counted_and_marked_on_the_holders_span"},
+        "a plain redis-py client takes the held lock away from outside (one command)",
+    ),
+    (
+        "tests/_servers.py",
+        _functions_of(Path(__file__).with_name("_servers.py")),
+        "a test's private server is found, started or stopped (a subprocess and its port)",
+    ),
+    (
+        "tests/conftest.py",
+        {"start"},
+        "private_server: a test starts a private server of its own",
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """A blocking call on the event loop fails the test, as in anyio's own tests.
+
+    Calls made from aiotooz or from the tests themselves are checked; the checks see
+    asyncio's running loop only (on trio the same code runs unchecked). Exceptions are
+    in ALLOWED_TO_BLOCK, each with its reason.
+    """
+    with blockbuster_ctx(["aiotooz", "tests"]) as buster:
+        for filename, callers, _reason in ALLOWED_TO_BLOCK:
+            for function in buster.functions.values():
+                function.can_block_in(filename, callers)
+        yield buster
 
 
 @pytest.fixture(params=["asyncio", "trio"])

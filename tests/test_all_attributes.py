@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.metadata
 from types import ModuleType
 
 import aiotooz
@@ -21,3 +22,8 @@ def test_public_objects_say_they_come_from_aiotooz() -> None:
         assert getattr(aiotooz, name).__doc__, f"{name} has no docstring"
     for name in aiotooz.__all__:
         assert getattr(aiotooz, name).__module__ == "aiotooz", name
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    # Set from the git tag at build time (hatch-vcs); read back from the metadata.
+    assert aiotooz.__version__ == importlib.metadata.version("aiotooz")

@@ -147,22 +147,24 @@ async def test_a_hung_server_is_noticed_with_default_settings(
 
 
 @pytest.mark.parametrize(
-    ("backend", "options", "freed_within"),
+    ("backend", "options", "released_within"),
     [
-        ("file", "", 5.0),
-        ("ipc", "", 5.0),
-        ("postgresql", "", 5.0),
-        ("mysql", "", 5.0),
-        ("redis", "lock_timeout=3", 3 + 3.0),
-        ("memcached", "lock_timeout=4", 4 + 3.0),
-        ("etcd3+http", "lock_timeout=3", 3 + 3.0),
-        ("zookeeper", "timeout=3", 3 + 3.0),
+        # The lock dies with its holder's process or connection: at once.
+        ("file", "", 0.0),
+        ("ipc", "", 0.0),
+        ("postgresql", "", 0.0),
+        ("mysql", "", 0.0),
+        # Within the TTL or session (the last refresh was at most that long before the kill).
+        ("redis", "lock_timeout=3", 3.0),
+        ("memcached", "lock_timeout=4", 4.0),
+        ("etcd3+http", "lock_timeout=3", 3.0),
+        ("zookeeper", "timeout=3", 3.0),
     ],
 )
 def test_a_killed_holder_process_frees_the_lock(
     backend: str,
     options: str,
-    freed_within: float,
+    released_within: float,
     server_pool: ServerPool,
     tmp_path: Path,
     prefix: str,
@@ -173,17 +175,23 @@ def test_a_killed_holder_process_frees_the_lock(
     if options:
         url = f"{url}{'&' if '?' in url else '?'}{options}"
     with holding_process("hold", url, prefix, "crash") as holder:
+        started = time.monotonic()
         assert run_worker("try", url, prefix, "crash") == "busy"
+        # Each try is a new Python process (start-up, imports, connecting: about a second,
+        # several under coverage beside other test processes): measured, not guessed.
+        one_try = time.monotonic() - started
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
         killed = time.monotonic()
+        # A try that began just before the release fails, the next one succeeds: two
+        # tries and a poll after the release; each try given twice the measured time
+        # (a loaded machine varies), and 1 s of margin.
+        bound = released_within + 2 * (2 * one_try) + 0.1 + 1.0
         while run_worker("try", url, prefix, "crash") != "acquired":
-            assert time.monotonic() - killed < freed_within + 5, "the lock outlived its holder"
+            assert time.monotonic() - killed < bound + 5, "the lock outlived its holder"
             time.sleep(0.1)
         freed = time.monotonic() - killed
-    # "At once" includes starting a Python process for each try (about a second here,
-    # more under coverage and with other test processes running).
-    assert freed < freed_within, freed
+    assert freed < bound, (freed, one_try)
 
 
 # -- SQL servers that accept but never answer ----------------------------------------

@@ -21,9 +21,9 @@ async def test_one_directory_under_two_spellings_is_one_lock(tmp_path: Path, pre
     process both held one name; releasing one closed a descriptor, and POSIX dropped the
     other's fcntl lock, so a third process got it too."""
     real = tmp_path / "run-lock"
-    real.mkdir()
+    await anyio.Path(real).mkdir()
     link = tmp_path / "var-lock"
-    link.symlink_to(real, target_is_directory=True)
+    await anyio.Path(link).symlink_to(real, target_is_directory=True)
     async with (
         make_coordinator(real.as_uri(), prefix) as first,
         make_coordinator(link.as_uri(), prefix) as second,
@@ -48,7 +48,7 @@ async def test_a_url_with_dot_segments_locks_the_directory_it_names(
 ) -> None:
     """tooz refused every lock under 'file:///x/./locks' ("outside of parent directory"),
     and aiotooz took that for an unavailable backend, so blocking=True retried forever."""
-    (tmp_path / "a").mkdir()
+    await anyio.Path(tmp_path / "a").mkdir()
     plain = (tmp_path / "locks").as_uri()
     for spelled in (
         tmp_path.as_uri() + "/./locks",

@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 import aiotooz
@@ -28,12 +29,12 @@ async def test_temporary_coordinator_is_started_and_the_default() -> None:
         assert coordinator.is_connected
         assert coordinator.settings.scheme == "file"
         assert aiotooz.get_default_coordinator() is coordinator
-        directory = Path(coordinator.settings.backend_url.removeprefix("file://"))
-        assert directory.is_dir()
+        directory = anyio.Path(coordinator.settings.backend_url.removeprefix("file://"))
+        assert await directory.is_dir()
         async with aiotooz.Lock("x"):
             pass
     assert not coordinator.is_started
-    assert not directory.exists()
+    assert not await directory.exists()
     with pytest.raises(LockCreationFailed):
         aiotooz.get_default_coordinator()
 
@@ -57,10 +58,11 @@ async def test_coordinators_on_one_directory_exclude_each_other(tmp_path: Path) 
         lock = two.get_lock("shared")
         assert await lock.acquire(blocking=False)
         await lock.release()
-    assert tmp_path.is_dir()  # a directory given is the caller's: it is kept
+    assert await anyio.Path(tmp_path).is_dir()  # a directory given is the caller's: kept
 
 
 CONFTEST = """\
+import anyio
 import pytest
 
 pytest_plugins = ["aiotooz.testing"]
@@ -72,6 +74,7 @@ def anyio_backend(request):
 """
 
 USER_TESTS = """\
+import anyio
 import anyio
 import pytest
 

@@ -12,6 +12,9 @@ Commands:
                                                "release" release it and print "released"; stop
                                                at the end of input (times hand-offs without
                                                process start-up)
+  hold-slots URL PREFIX NAME LIMIT             take every slot of Semaphore(NAME, LIMIT), print
+                                               "held"; on each stdin line release one and print
+                                               "released"; release the rest at the end of input
   try URL PREFIX NAME                          print "acquired" or "busy" for one blocking=False try
   grant URL PREFIX NAME                        wait for the lock; print when (wall clock) granted
   tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
@@ -101,6 +104,20 @@ async def hold_many(url: str, prefix: str, name: str, count: str) -> None:
             await stack.enter_async_context(Lock(f"{name}-{number}", coordinator=coordinator))
         print("held", flush=True)
         await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+async def hold_slots(url: str, prefix: str, name: str, limit: str) -> None:
+    async with _coordinator(url, prefix) as coordinator:
+        semaphore = Semaphore(name, int(limit), coordinator=coordinator)
+        print("waiting", flush=True)
+        for _ in range(int(limit)):
+            await semaphore.acquire()
+        print("held", flush=True)
+        while await anyio.to_thread.run_sync(sys.stdin.readline):
+            await semaphore.release()
+            print("released", flush=True)
+        while semaphore.held:
+            await semaphore.release()
 
 
 async def serve(url: str, prefix: str, name: str) -> None:
@@ -251,6 +268,7 @@ def main() -> None:
         "count": count,
         "hold": hold,
         "hold-many": hold_many,
+        "hold-slots": hold_slots,
         "serve": serve,
         "try": try_once,
         "grant": grant,

@@ -1,5 +1,8 @@
 """aiotooz: asyncio-native distributed locks on every tooz backend."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from ._coordinator import Coordinator as Coordinator
 from ._coordinator import CoordinatorStatistics as CoordinatorStatistics
 from ._exceptions import BackendUnavailable as BackendUnavailable
@@ -49,6 +52,13 @@ __all__ = [
     "set_default_coordinator",
     "synchronized",
 ]
+
+try:
+    #: The installed distribution's version (set from the git tag at build time).
+    __version__: str = _version("aiotooz")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
+del PackageNotFoundError
 
 
 def _report_the_package_as_their_module() -> None:

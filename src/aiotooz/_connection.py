@@ -140,11 +140,11 @@ class LockHandle:
     __slots__ = ("_tooz_lock", "connection", "held", "key", "woken")
 
     def __init__(self, connection: Connection, key: str) -> None:
-        self.connection = connection
-        self.key = key
-        self.held = False
+        self.connection: Connection = connection
+        self.key: str = key
+        self.held: bool = False
         #: How many waiters (of other processes, as a rule) the last release woke.
-        self.woken = 0
+        self.woken: int = 0
         self._tooz_lock: Any = None
 
     def tooz_lock(self) -> Any:
@@ -369,13 +369,15 @@ class Connection(_Caller):
             url, driver.call_timeout, schedule, Capability.LOCAL_CALLS in driver.capabilities
         )
         self.driver = driver
-        self.scheme = scheme_of(url)
-        self.capabilities = driver.capabilities
-        self.requires_beating = driver.requires_beating
-        self.reserved_keys = driver.reserved_keys
+        self.scheme: str = scheme_of(url)
+        self.capabilities: frozenset[Capability] = driver.capabilities
+        self.requires_beating: bool = driver.requires_beating
+        self.reserved_keys: frozenset[str] = driver.reserved_keys
         #: Seconds a held lock is guaranteed to outlive its last refresh; ``None`` where
         #: locks live as long as the connection (no ``Capability.EXPIRES``).
-        self.lock_ttl = driver.lock_ttl if Capability.EXPIRES in driver.capabilities else None
+        self.lock_ttl: float | None = (
+            driver.lock_ttl if Capability.EXPIRES in driver.capabilities else None
+        )
         #: Tries and releases on the event loop through the driver's asyncio client.
         self._native = (
             Capability.NATIVE_ASYNC in driver.capabilities

@@ -92,13 +92,15 @@ class Coordinator(LeadershipMethods):
         prefix: str = "",
         settings: CoordinationSettings | None = None,
     ) -> None:
-        self.prefix = check_prefix(prefix)
-        self.agent_id = agent_id or str(uuid.uuid4())
-        self.member_id = self.prefix + self.agent_id
-        self.settings = settings if settings is not None else CoordinationSettings()
+        self.prefix: str = check_prefix(prefix)
+        self.agent_id: str = agent_id or str(uuid.uuid4())
+        self.member_id: str = self.prefix + self.agent_id
+        self.settings: CoordinationSettings = (
+            settings if settings is not None else CoordinationSettings()
+        )
         self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
         #: The held-lock table (package-internal: [`Lock`][aiotooz.Lock] uses it).
-        self.lock_table = LockTable(
+        self.lock_table: LockTable = LockTable(
             self,
             self.prefix,
             self.__repr__,

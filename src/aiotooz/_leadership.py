@@ -66,16 +66,16 @@ class Leadership:
     __slots__ = ("_blocking", "_coordinator", "_lock", "led", "lost", "name", "term")
 
     def __init__(self, coordinator: Coordinator, name: str, blocking: Blocking) -> None:
-        self.name = check_name(name)
+        self.name: str = check_name(name)
         self._blocking = check_blocking(blocking)
         self._coordinator = coordinator
         self._lock = Lock(LEADERSHIP_NAMESPACE + name, coordinator=coordinator, fencing=True)
         #: The term while this block leads; ``None`` before and after.
         self.term: Term | None = None
         #: This block has led (entering succeeded): errors from now on are the body's.
-        self.led = False
+        self.led: bool = False
         #: This block's term was lost (it raised [`LeadershipLost`][aiotooz.LeadershipLost]).
-        self.lost = False
+        self.lost: bool = False
 
     def __repr__(self) -> str:
         state = "leading" if self.term is not None else "not leading"

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, final
 
@@ -37,9 +37,17 @@ from ._logging import Logger
 from ._names import backend_key
 from ._queue import KeyQueue, SemaphoreQueue
 from ._telemetry import instruments, record_waited_acquire
-from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, TableOwner
+from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, TableOwner, Waits
 
-__all__ = ["FOREVER", "MAX_LOCAL_HANDOFFS", "TRY_ONCE", "Hold", "LockTable", "TableOwner"]
+__all__ = [
+    "FOREVER",
+    "MAX_LOCAL_HANDOFFS",
+    "TRY_ONCE",
+    "Hold",
+    "LockTable",
+    "TableOwner",
+    "Waits",
+]
 
 #: The deadline of a wait as long as it takes.
 FOREVER: Final = math.inf
@@ -135,8 +143,8 @@ class _Holdings:
         self.semaphores: dict[str, SemaphoreQueue] = {}
         #: When the last heartbeat that succeeded began (or the connection was made):
         #: every lock held through the current connection was refreshed no earlier.
-        self.last_refresh = -math.inf
-        self.lost_count = 0
+        self.last_refresh: float = -math.inf
+        self.lost_count: int = 0
         self._backend_attributes = {"aiotooz.backend": backend}
         self._lock_names = lock_names
 
@@ -460,6 +468,11 @@ class LockTable(_Holdings):
         """Whether a task of this table holds ``key``, or is taking it, now."""
         queue = self._queues.get(key)
         return queue is not None and queue.owner is not None
+
+    async def watch(self, waits: Waits, keys: Sequence[str], armed: bool = True) -> bool:
+        """Have ``waits`` watch ``keys`` through the current connection (`Waits.watch`)."""
+        connection = self._owner.connection
+        return connection is not None and await waits.watch(connection, keys, armed)
 
     def backend_failed(self) -> None:
         """A try failed with ``BackendUnavailable``: have the heartbeat check the connection."""

@@ -9,6 +9,7 @@ and hands the place on after releasing.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import final
 
 import anyio
@@ -34,7 +35,7 @@ class KeyQueue:
 
     def __init__(self) -> None:
         #: Until when the next owner lets waiters of other processes go first.
-        self.step_back_until = float("-inf")
+        self.step_back_until: float = float("-inf")
         #: The id of the task that owns the key locally (it may still be trying the
         #: backend), or ``None``.
         self.owner: int | None = None
@@ -107,7 +108,7 @@ class SemaphoreQueue:
     tries the slots. A local release wakes it through :meth:`released`.
     """
 
-    __slots__ = ("_released", "holders", "limit", "probed_at", "queue")
+    __slots__ = ("holders", "limit", "probed_at", "queue", "wake")
 
     def __init__(self, limit: int) -> None:
         #: The limit every semaphore of this name in this process must use.
@@ -117,21 +118,15 @@ class SemaphoreQueue:
         self.holders = 0
         #: When a waiter last checked whether a process uses a larger limit.
         self.probed_at = float("-inf")
-        self._released: anyio.Event | None = None
+        #: Wakes the owner while it waits for a slot (set by it for its wait).
+        self.wake: Callable[[], object] | None = None
 
     @property
     def idle(self) -> bool:
         """No slot held or wanted here: the state can be forgotten."""
         return self.holders == 0 and self.queue.idle
 
-    def release_signal(self) -> anyio.Event:
-        """The event the next local release sets (take it before trying the slots)."""
-        if self._released is None:
-            self._released = anyio.Event()
-        return self._released
-
     def released(self) -> None:
         """A slot held here was released: wake the waiter at the head."""
-        if self._released is not None:
-            self._released.set()
-            self._released = None
+        if self.wake is not None:
+            self.wake()

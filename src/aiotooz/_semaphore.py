@@ -9,7 +9,10 @@ Tasks of one process that want one semaphore wait in one local FIFO queue (per
 coordinator and name, `SemaphoreQueue`); only the task at its
 head tries the backend: every slot once per *round*, from a random one so that
 processes do not all crowd slot 0, skipping slots held here. Between rounds it waits
-for a local release or its next poll (2 ms, backing off to 50 ms).
+as a lock's waiter does (`Waits`): it watches every slot's key where the watch is kept
+on the event loop (file, Redis on asyncio), so that a release in another process wakes
+it, as does a local release; else it polls (2 ms, backing off to 50 ms). A probe (SQL,
+ipc) would take each released slot for an instant, one per slot and waiting process.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ._exceptions import (
     UnsupportedOperation,
 )
 from ._lock import Blocking, BudgetContext, check_blocking, deadline_for
-from ._locktable import TRY_ONCE, Hold, LockTable
+from ._locktable import TRY_ONCE, Hold, LockTable, Waits
 from ._names import check_name, format_name, slot_key
 from ._process import get_default_coordinator
 from ._queue import SemaphoreQueue
@@ -45,8 +48,9 @@ __all__ = ["MAX_LIMIT", "Semaphore", "check_limit"]
 #: The largest limit: a waiting round tries every slot, so a limit is meant to be small.
 MAX_LIMIT: Final = 1000
 
-_POLL_FIRST: Final = 0.002
-_POLL_CAP: Final = 0.05
+#: The most slots a waiter watches (each watch costs a subscription or a file
+#: descriptor): a waiter for a larger semaphore polls.
+_WATCHED_SLOTS: Final = 64
 #: How often a waiting process looks for a larger limit elsewhere (is slot ``limit``
 #: held?), and how long after a first sighting it looks again to be sure: a process
 #: with the same limit may hold that slot for the instant of its own look.
@@ -372,57 +376,94 @@ async def _take(
 async def _rounds(
     table: LockTable, state: SemaphoreQueue, name: str, limit: int, deadline: float
 ) -> tuple[int, Hold] | None:
-    """As the head of the local queue: try every slot, wait, again, until ``deadline``."""
-    delay = _POLL_FIRST
+    """As the head of the local queue: try every slot, wait, again, until ``deadline``.
+
+    Watch, try, wait, as a lock's waiter (`Waits`): the slots' keys are watched after
+    the first round fails, and the round is tried again before the first wait.
+    """
+    waits = Waits()
+    # Set before the first round, so a local release during a round is not missed.
+    state.wake = waits.signal.fire
+    keys = [slot_key(table.prefix, name, i) for i in range(limit if limit <= _WATCHED_SLOTS else 0)]
     suspect_since: float | None = None  # when slot `limit` was first seen held
-    while True:
-        # Taken before the round, so a local release during the round is not missed.
-        released = state.release_signal()
-        try:
-            taken = await _round(table, state, name, limit, deadline)
-            if taken is not None:
-                return taken
-            now = anyio.current_time()
-            if deadline - now <= 0:
+    try:
+        while True:
+            try:
+                start, waits.woken = waits.woken, None
+                taken = await _round(table, state, name, limit, deadline, start)
+                if taken is not None:
+                    return taken
+                now = anyio.current_time()
+                if deadline - now <= 0:
+                    return None
+                state.queue.owner_waits = True  # for statistics(): it waits for a slot
+                suspect_since = await _check_limit(
+                    table, state, name, limit, deadline, now, suspect_since
+                )
+                if await table.watch(waits, keys, armed=False):
+                    continue  # watching now: try again before waiting
+            except BackendUnavailable:
+                if deadline == TRY_ONCE:
+                    raise
+                # A patient waiter rides out a failing backend, as a lock's waiter does.
+                table.backend_failed()
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
                 return None
-            state.queue.owner_waits = True  # for statistics(): it waits for a slot
-            due = now - state.probed_at >= _PROBE_EVERY
-            if suspect_since is not None:
-                due = now - suspect_since >= _PROBE_CONFIRM
-            if due:
-                state.probed_at = now
-                if not await _larger_limit_elsewhere(table, name, limit, deadline):
-                    suspect_since = None
-                elif suspect_since is None:
-                    suspect_since = now
-                else:
-                    raise ConfigurationError(
-                        f"semaphore {name!r}: another process uses it with a limit larger "
-                        f"than this one's {limit} (it holds slot {limit}), so more than "
-                        f"{limit} may hold it at once; give every process the same limit"
-                    )
-        except BackendUnavailable:
-            if deadline == TRY_ONCE:
-                raise
-            # A patient waiter rides out a failing backend, as a lock's waiter does.
-            table.backend_failed()
-        remaining = deadline - anyio.current_time()
-        if remaining <= 0:
-            return None
-        with anyio.move_on_after(min(delay * random.uniform(0.5, 1.0), remaining)):
-            await released.wait()
-        delay = _POLL_FIRST if released.is_set() else min(delay * 2, _POLL_CAP)
+            await waits.wait(remaining)
+    finally:
+        state.wake = None
+        await waits.close()
+
+
+async def _check_limit(
+    table: LockTable,
+    state: SemaphoreQueue,
+    name: str,
+    limit: int,
+    deadline: float,
+    now: float,
+    suspect_since: float | None,
+) -> float | None:
+    """Look for a larger limit elsewhere when due; when it was first seen (or ``None``).
+
+    Raises:
+        ConfigurationError: seen twice, ``_PROBE_CONFIRM`` apart.
+    """
+    due = now - state.probed_at >= _PROBE_EVERY
+    if suspect_since is not None:
+        due = now - suspect_since >= _PROBE_CONFIRM
+    if not due:
+        return suspect_since
+    state.probed_at = now
+    if not await _larger_limit_elsewhere(table, name, limit, deadline):
+        return None
+    if suspect_since is None:
+        return now
+    raise ConfigurationError(
+        f"semaphore {name!r}: another process uses it with a limit larger "
+        f"than this one's {limit} (it holds slot {limit}), so more than "
+        f"{limit} may hold it at once; give every process the same limit"
+    )
 
 
 async def _round(
-    table: LockTable, state: SemaphoreQueue, name: str, limit: int, deadline: float
+    table: LockTable,
+    state: SemaphoreQueue,
+    name: str,
+    limit: int,
+    deadline: float,
+    start: int | None = None,
 ) -> tuple[int, Hold] | None:
-    """Try every slot once, from a random one; the first granted, or ``None``.
+    """Try every slot once; the first granted, or ``None``.
+
+    From ``start`` (the slot whose release woke the waiter), else from a random one.
 
     Each try is given up at ``deadline`` (a hung backend), as a lock's try is, and a
     round whose deadline passed tries no further slot (``TRY_ONCE`` tries them all).
     """
-    start = random.randrange(limit)
+    if start is None:
+        start = random.randrange(limit)
     unsupported: UnsupportedOperation | None = None
     tried = False
     for offset in range(limit):

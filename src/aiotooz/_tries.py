@@ -2,23 +2,27 @@
 
 The task at the head of a key's local queue tries the backend until it is granted the
 lock, waiting between tries for a release (where the driver can tell it) or its poll.
+`Waits` is that wait, the one policy of every waiter: a lock's, and a semaphore's
+(which watches all its slots).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Literal, Protocol, final
 
 import anyio
 
 from ._connection import Connection, LockHandle, Watch
+from ._drivers import ReleaseSignal
 from ._exceptions import BackendUnavailable, CoordinationError, LockCreationFailed
 from ._logging import Logger
 from ._telemetry import instruments
 
-__all__ = ["LEASE_SHARE", "TRY_ONCE", "BackendTries", "TableOwner"]
+__all__ = ["LEASE_SHARE", "TRY_ONCE", "BackendTries", "TableOwner", "Waits"]
 
 #: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
 TRY_ONCE: Final = -math.inf
@@ -26,10 +30,10 @@ TRY_ONCE: Final = -math.inf
 #: The lease rule's share of the TTL. The heartbeat must beat well inside it.
 LEASE_SHARE: Final = 0.75
 
-# While another process holds the key, the task at the head of the local queue retries
-# with a short non-blocking try, backing off from _POLL_FIRST to _POLL_CAP seconds. The
-# cap bounds the hand-off latency between processes; only one task per key per process
-# is trying.
+# While another process holds the key (or every slot), the task at the head of the local
+# queue retries with a short non-blocking try, backing off from _POLL_FIRST to _POLL_CAP
+# seconds unless a release wakes it. The cap bounds the hand-off latency between
+# processes where nothing wakes waiters; only one task per key per process is trying.
 _POLL_FIRST: Final = 0.002
 _POLL_CAP: Final = 0.05
 
@@ -56,6 +60,79 @@ class TableOwner(Protocol):
 
     def check_loop(self) -> None:
         """Refuse a call from outside the event loop (or process) that started it."""
+
+
+@final
+class Waits:
+    """One waiter's waits between its tries: the wait policy of every lock and semaphore.
+
+    Watch, then try, then wait: the waiter watches the keys it wants (where the driver
+    can tell of a release) before its next try, so that a release between a failed try
+    and the wait is never missed; it then waits for a wake-up or its next poll, backing
+    off from ``_POLL_FIRST`` to ``_POLL_CAP`` while nothing wakes it.
+    """
+
+    __slots__ = ("_connection", "_delay", "_watches", "signal", "woken")
+
+    def __init__(self) -> None:
+        #: Fired by a release of any watched key; a semaphore's local releases fire it too.
+        self.signal = ReleaseSignal()
+        #: The index (in ``keys``) of the watched key whose release fired last, if any:
+        #: the key to try first.
+        self.woken: int | None = None
+        self._connection: Connection | None = None
+        self._watches: list[Watch] = []
+        self._delay = _POLL_FIRST
+
+    async def watch(self, connection: Connection, keys: Sequence[str], armed: bool = True) -> bool:
+        """Watch ``keys`` through ``connection`` (anew once it is replaced).
+
+        ``armed=False`` keeps only the watches that need no arming before each wait
+        (those kept on the event loop), for a waiter of many keys: an armed watch costs
+        a call per key and wait, and a probe takes the key at the backend for an instant
+        after each release.
+
+        Returns:
+            Whether a watch became active just now: a release before it was not seen,
+            so the waiter tries again before it waits.
+        """
+        if connection is self._connection:
+            return False
+        await self.close()
+        self._connection = connection
+        active = False
+        for index, key in enumerate(keys):
+            watch = await connection.watch(connection.lock(key))
+            if not armed and not watch.active:
+                await watch.close()
+                continue
+            watch.signal.forward_to(functools.partial(self._fire, index))
+            self._watches.append(watch)
+            active = active or watch.active
+        return active
+
+    def _fire(self, index: int) -> None:
+        self.woken = index
+        self.signal.fire()
+
+    async def wait(self, remaining: float) -> None:
+        """Wait for a wake-up or the next poll, ``remaining`` seconds at most."""
+        for watch in self._watches:
+            if await watch.arm():
+                return  # it looks free already
+        pause = self._delay * random.uniform(0.5, 1.0)
+        if await self.signal.wait(min(pause, remaining)):
+            self._delay = _POLL_FIRST  # woken by a release: try at once, and soon again
+            if self._connection is not None:
+                instruments.wakeups.add(1, {"aiotooz.backend": self._connection.scheme})
+        else:
+            self._delay = min(self._delay * 2, _POLL_CAP)
+
+    async def close(self) -> None:
+        """Stop watching (shielded: also when the waiter is cancelled)."""
+        watches, self._watches, self._connection = self._watches, [], None
+        for watch in watches:
+            await watch.close()
 
 
 @final
@@ -99,9 +176,8 @@ class BackendTries:
         ``waiting`` is called when the first try fails (the acquire has to wait).
         With ``once``, one try only, as for ``TRY_ONCE``, but given up at ``deadline``.
         """
-        delay = _POLL_FIRST
         handle: LockHandle | None = None
-        watch: Watch | None = None
+        waits: Waits | None = None
         try:
             while True:
                 connection = await self.connected(TRY_ONCE if once else deadline)
@@ -123,23 +199,14 @@ class BackendTries:
                 if remaining <= 0:
                     return None
                 waiting()
-                if watch is None or watch.connection is not connection:
-                    if watch is not None:
-                        await watch.close()
-                    watch = await connection.watch(handle)
-                    if watch.active:
-                        continue  # watching now: try again before waiting
-                if await watch.arm():
-                    continue  # it looks free already
-                pause = delay * random.uniform(0.5, 1.0)
-                if await watch.signal.wait(min(pause, remaining)):
-                    delay = _POLL_FIRST  # woken by a release: try at once
-                    instruments.wakeups.add(1, {"aiotooz.backend": connection.scheme})
-                else:
-                    delay = min(delay * 2, _POLL_CAP)
+                if waits is None:
+                    waits = Waits()
+                if await waits.watch(connection, (key,)):
+                    continue  # watching now: try again before waiting
+                await waits.wait(remaining)
         finally:
-            if watch is not None:
-                await watch.close()
+            if waits is not None:
+                await waits.close()
 
     async def _try(
         self,

@@ -33,11 +33,12 @@ try:
     from fastapi import Depends
     from starlette.applications import Starlette
     from starlette.requests import HTTPConnection
-except ModuleNotFoundError as exc:  # pragma: no cover - depends on what is installed
+# A private name: a module-level `exc` would be a public symbol of this module to pyright.
+except ModuleNotFoundError as _missing:  # pragma: no cover - depends on what is installed
     raise ModuleNotFoundError(
-        f"aiotooz.fastapi needs FastAPI ({exc}): pip install 'aiotooz[fastapi]'",
-        name=exc.name,
-    ) from exc
+        f"aiotooz.fastapi needs FastAPI ({_missing}): pip install 'aiotooz[fastapi]'",
+        name=_missing.name,
+    ) from _missing
 
 from ._coordinator import Coordinator
 from ._process import get_default_coordinator, set_default_coordinator

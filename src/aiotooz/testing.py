@@ -32,10 +32,13 @@ Outside pytest (unittest, or another test runner), use
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+import anyio.to_thread
 
 from ._coordinator import Coordinator
 from ._exceptions import LockCreationFailed
@@ -69,14 +72,21 @@ async def temporary_coordinator(
     Yields:
         The started coordinator; it is stopped, releasing its locks, when the block ends.
     """
+    # The directory is made, resolved and removed on a worker thread: the event loop
+    # never waits on the file system.
     if directory is None:
-        with tempfile.TemporaryDirectory(prefix="aiotooz-test-") as tmp:
+        tmp = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="aiotooz-test-"))
+        try:
             async with temporary_coordinator(
                 directory=tmp, prefix=prefix, set_default=set_default
             ) as coordinator:
                 yield coordinator
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
         return
-    async with _running(_file_url(directory), prefix, set_default) as coordinator:
+    url = await anyio.to_thread.run_sync(_file_url, directory)
+    async with _running(url, prefix, set_default) as coordinator:
         yield coordinator
 
 

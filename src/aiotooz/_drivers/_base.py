@@ -91,13 +91,20 @@ class ReleaseSignal:
     between a failed try and the wait is never missed.
     """
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_forward")
 
     def __init__(self) -> None:
         self._event = anyio.Event()
+        self._forward: Callable[[], object] | None = None
 
     def fire(self) -> None:
         self._event.set()
+        if self._forward is not None:
+            self._forward()
+
+    def forward_to(self, fire: Callable[[], object]) -> None:
+        """Call ``fire`` too from now on: one waiter watching several keys waits on one."""
+        self._forward = fire
 
     async def wait(self, seconds: float) -> bool:
         """Wait at most ``seconds`` for a fire; whether one came."""
