@@ -133,6 +133,18 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
     ),
     (
         "tests/test_lock_loss.py",
+        {"_take_away", "_kill_sessions", "_queued_at_server", "_wait_gone"},
+        "a plain PostgreSQL or MySQL client kills the session holding a lock from outside, "
+        "or looks at the server's queue (a query or two each): the faults these tests are about",
+    ),
+    (
+        "tests/test_sql_sessions.py",
+        {"_admin", "_rows", "_sessions", "_kill", "_holder", "_waiting_at_server"},
+        "a plain PostgreSQL or MySQL client counts, finds or kills the coordinator's "
+        "sessions at the server (a query each): what these tests check",
+    ),
+    (
+        "tests/test_lock_loss.py",
         {"test_a_stalled_event_loop_is_told_by_the_lease_rule"}
         | {"test_memcached_lease_rule_counts_from_the_earliest_expiry"},
         "the test stalls the event loop on purpose (the lease rule must notice)",
