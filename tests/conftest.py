@@ -60,10 +60,12 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
     (
         "aiotooz/_drivers/file.py",
         {"prepare_url", "get_lock", "try_acquire", "_mark_waiting", "waiters_elsewhere"}
-        | {"fencing_token", "publish_leader", "read_leader"},
-        "the file backend's deliberate inline calls: one try, release, waiting marker or "
-        "fencing counter on a local file (open, stat, mkdir, fcntl: microseconds); three "
-        "slow calls (a network file system) move them to worker threads",
+        | {"fencing_token", "publish_leader", "read_leader", "release"}
+        | {"read_record", "write_record"},
+        "the file backend's deliberate inline calls: one try, release (with its leader "
+        "record's removal), waiting marker, fencing counter or window record on a local "
+        "file (open, stat, mkdir, rename, fcntl: microseconds); three slow calls (a "
+        "network file system) move them to worker threads",
     ),
     (
         "aiotooz/_settings.py",
@@ -148,6 +150,67 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         {"test_a_stalled_event_loop_is_told_by_the_lease_rule"}
         | {"test_memcached_lease_rule_counts_from_the_earliest_expiry"},
         "the test stalls the event loop on purpose (the lease rule must notice)",
+    ),
+    (
+        "tests/test_fencing.py",
+        {"test_a_corrupt_counter_is_a_clear_error_and_leaves_nothing_held"}
+        | {"test_a_counter_of_many_digits_never_goes_back"},
+        "the test writes a corrupt or huge fencing counter into the backend's directory "
+        "from outside (a small local file), the fault it is about",
+    ),
+    (
+        "tests/test_fencing.py",
+        {"test_a_stale_holder_has_a_smaller_token_than_its_successor"},
+        "the test stalls the event loop past the TTL on purpose (a stale holder)",
+    ),
+    (
+        "tests/test_fencing.py",
+        {"test_fencing_costs_nothing_without_it"},
+        "a plain redis-py client counts the server's commands (one query each side)",
+    ),
+    (
+        "tests/test_coalescing.py",
+        {"_calls"},
+        "a plain redis-py client counts the server's commands (one query)",
+    ),
+    (
+        "tests/test_once_per.py",
+        {"read_runs", "job"},
+        "the test reads the runs its workers logged (a small local file), and plain "
+        "clients look at the record from outside",
+    ),
+    (
+        "tests/test_lock_loss.py",
+        {"_take_from_outside", "_take_away", "<setcomp>"}
+        | {"test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one"}
+        | {"test_a_loss_that_cut_the_body_short_is_raised_after_a_release_inside"},
+        "plain clients take held locks away from outside, or list a lease's keys, with "
+        "one command each: the faults these tests are about",
+    ),
+    (
+        "tests/test_lock_loss.py",
+        {"test_a_block_that_outlives_its_lease_without_an_await_raises_lock_lost"},
+        "the body blocks the event loop past its lease on purpose (the fault reported)",
+    ),
+    (
+        "tests/test_settings.py",
+        {"test_the_path_of_a_redis_url_selects_the_database"},
+        "plain redis-py clients look for the key in databases 0 and 2 (one command each)",
+    ),
+    (
+        "tests/test_telemetry.py",
+        {"test_a_raising_sdk_never_changes_locking"},
+        "a plain redis-py client takes the held lock away from outside (one command)",
+    ),
+    (
+        "tests/test_semaphore.py",
+        {"test_a_slot_found_lost_at_its_release_raises_lock_lost"},
+        "a plain redis-py client takes a held slot away from outside (one command)",
+    ),
+    (
+        "tests/test_leadership.py",
+        {"wait_for"},
+        "the test polls the workers' record of terms (a small local file)",
     ),
     (
         "tests/helpers.py",

@@ -203,7 +203,9 @@ async def test_a_call_returns_the_result_or_none_and_the_token_is_the_claims(
         tuesday = await report(day="tue")  # another name, another record
         assert tuesday is not None and tuesday[1] > first[1]
         # The lock is free again, under its reserved name.
-        assert await coordinator.get_lock(ONCE_NAMESPACE + "report-mon").acquire(False)
+        free = coordinator.get_lock(ONCE_NAMESPACE + "report-mon")
+        assert await free.acquire(False)
+        await free.release()
 
 
 async def test_finish_required_runs_again_a_window_whose_run_raised(
@@ -266,7 +268,9 @@ async def test_memcached_refuses_it(server_pool: ServerPool, tmp_path: Path, pre
         with pytest.raises(UnsupportedOperation, match="memcached may evict"):
             await job()
         # Nothing is left held.
-        assert await coordinator.get_lock(ONCE_NAMESPACE + "job").acquire(False)
+        free = coordinator.get_lock(ONCE_NAMESPACE + "job")
+        assert await free.acquire(False)
+        await free.release()
 
 
 @pytest.mark.parametrize(
