@@ -134,12 +134,6 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "at its key, with one command each: the faults these tests are about",
     ),
     (
-        "tests/test_lock_loss.py",
-        {"_take_away", "_kill_sessions", "_queued_at_server", "_wait_gone"},
-        "a plain PostgreSQL or MySQL client kills the session holding a lock from outside, "
-        "or looks at the server's queue (a query or two each): the faults these tests are about",
-    ),
-    (
         "tests/test_sql_sessions.py",
         {"_admin", "_rows", "_sessions", "_kill", "_holder", "_waiting_at_server"},
         "a plain PostgreSQL or MySQL client counts, finds or kills the coordinator's "
