@@ -445,6 +445,8 @@ class SessionDriver(Driver):
         self._holders: dict[str, Link] = {}
         #: The server lock of each key held -> that key (two keys may share one).
         self._held_args: dict[tuple[Any, ...], str] = {}
+        #: The server locks a try on the main session is running for now.
+        self._trying: set[tuple[Any, ...]] = set()
         self._guard = threading.Lock()
         self._waiters = WaiterLinks(sql, self._guard, self.waiter_limit)
 
@@ -550,15 +552,23 @@ class SessionDriver(Driver):
         if self.take_grant(lock):
             return True
         with self._guard:
-            if key in self._waiters.waits or key in self._holders:
-                return False  # in the server's queue (a try would not pass it), or ours
-        self._refuse_collision(lock)
-        main = self._live_main()
-        granted = self._use(main, lambda: self.sql.try_lock(main, lock))
-        if granted:
+            # A session's locks are re-entrant: a second try of one server lock while the
+            # first is in flight (a try given up at its deadline runs on) would be granted
+            # again, and the first one's release would let go of both.
+            if key in self._waiters.waits or key in self._holders or lock.args in self._trying:
+                return False  # in the server's queue, ours, or being tried now
+            self._trying.add(lock.args)
+        try:
+            self._refuse_collision(lock)
+            main = self._live_main()
+            granted = self._use(main, lambda: self.sql.try_lock(main, lock))
+            if granted:
+                with self._guard:
+                    main.held.add(key)
+                    self._hold(lock, main)
+        finally:
             with self._guard:
-                main.held.add(key)
-                self._hold(lock, main)
+                self._trying.discard(lock.args)
         return granted
 
     def _refuse_collision(self, lock: ServerLock) -> None:
