@@ -410,3 +410,13 @@ async def test_a_held_lock_dropped_without_release_is_released_with_a_resource_w
     await released.release()
     del released
     gc.collect()
+
+
+async def test_repr_needs_no_event_loop(coordinator: Coordinator) -> None:
+    """A held lock's repr read the lease rule's clock: outside an event loop (a finalizer,
+    a debugger, a report in another thread) it raised instead of describing the lock."""
+    lock = coordinator.get_lock("shown")
+    async with lock:
+        shown = await anyio.to_thread.run_sync(repr, lock)
+        assert shown == "<aiotooz.Lock 'shown' locked>"
+    assert await anyio.to_thread.run_sync(repr, lock) == "<aiotooz.Lock 'shown' unlocked>"

@@ -225,7 +225,11 @@ class Lock:
         self._scope: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
-        state = "lost" if self.lost else "locked" if self.locked() else "unlocked"
+        # The loss already known, without the lease rule: a repr needs no event loop (it
+        # is shown from finalizers, debuggers and reports outside one).
+        hold = self._hold
+        lost = hold.lost if hold is not None else self._lost_reason is not None
+        state = "lost" if lost else "locked" if self.locked() else "unlocked"
         return f"<aiotooz.Lock {self.name!r} {state}>"
 
     def __del__(self) -> None:

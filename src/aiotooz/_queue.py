@@ -40,7 +40,7 @@ class KeyQueue:
         #: backend), or ``None``.
         self.owner: int | None = None
         #: The owner waits at the backend: another process holds what it wants.
-        self.owner_waits = False
+        self.owner_waits: bool = False
         self._waiters: deque[_Waiter] = deque()
 
     @property

@@ -76,7 +76,7 @@ class Waits:
 
     def __init__(self) -> None:
         #: Fired by a release of any watched key; a semaphore's local releases fire it too.
-        self.signal = ReleaseSignal()
+        self.signal: ReleaseSignal = ReleaseSignal()
         #: The index (in ``keys``) of the watched key whose release fired last, if any:
         #: the key to try first.
         self.woken: int | None = None
