@@ -138,6 +138,26 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "the test stalls the event loop on purpose (the lease rule must notice)",
     ),
     (
+        "tests/test_fencing.py",
+        {"test_a_stale_holder_has_a_smaller_token_than_its_successor"},
+        "the test stalls the event loop on purpose (past the lock's TTL)",
+    ),
+    (
+        "tests/test_fencing.py",
+        {"test_fencing_costs_nothing_without_it"},
+        "the test looks for the fencing key with a plain redis-py client",
+    ),
+    (
+        "tests/test_coalescing.py",
+        {"_calls"},
+        "the test counts Redis's commands with a plain client (INFO commandstats)",
+    ),
+    (
+        "tests/test_names.py",
+        {"test_no_name_escapes_the_file_backend_directory", "<listcomp>", "<genexpr>"},
+        "the test walks the lock directory to check that no file escaped it",
+    ),
+    (
         "tests/helpers.py",
         {"get"},
         "the first test to ask for a backend's shared private server starts it",
