@@ -109,7 +109,8 @@ def tests_lowest(session: nox.Session) -> None:
     """A subset of the tests (LOWEST_TESTS; test paths after -- replace it) with every
     direct dependency at the lowest version pyproject.toml allows (pinned as constraints:
     tooz, anyio, pydantic-settings, structlog and each backend's client). Not under
-    coverage. anyio 4.5 exercises `_tasks.native_loop`'s branch for anyio < 4.11."""
+    coverage; asyncio only (see below). anyio 4.5 exercises `_tasks.native_loop`'s branch
+    for anyio < 4.11 (the loop returned as is)."""
     constraints = Path(session.create_tmp()) / "lowest-constraints.txt"
     pins = _lowest_pins()
     constraints.write_text("\n".join(pins) + "\n")
@@ -129,8 +130,13 @@ def tests_lowest(session: nox.Session) -> None:
         *pins,
     )
     # Test paths after -- replace the subset; other arguments (-x, -k ...) go with it.
+    # On asyncio only: under anyio 4.5's pytest plugin a trio test hung in an async
+    # fixture's teardown (its test runner waiting on a queue nothing fed; seen once, not
+    # yet understood), and a hang would eat CI's time. aiotooz on trio is tested at the
+    # current versions by the tests sessions.
     paths = [arg for arg in session.posargs if arg.startswith("tests")]
-    session.run("pytest", "-n", TEST_PROCESSES, *([] if paths else LOWEST_TESTS), *session.posargs)
+    subset = [] if paths else [*LOWEST_TESTS, "-k", "not trio"]
+    session.run("pytest", "-n", TEST_PROCESSES, *subset, *session.posargs)
 
 
 @nox.session
