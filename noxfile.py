@@ -32,7 +32,6 @@ nox.options.sessions = [
     f"tests-{OLDEST}",
     f"tests-{NEWEST}",
     "coverage",
-    "tests_lowest",
     "examples",
     "docs",
     "package",
