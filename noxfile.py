@@ -2,7 +2,7 @@
 
 `nox` runs what CI runs: lint, typecheck, the tests on the oldest and newest supported
 Python (under coverage), coverage (combines and checks them), a subset of the tests at
-the lowest versions of the dependencies pyproject.toml allows (tests_lowest), examples,
+examples (`nox -s tests_lowest`, the lowest dependency versions, runs only when asked for now),
 the docs, the package (built, checked and installed alone) and the failover scenarios.
 `nox -s tests-3.12`, `nox -s bench` and `nox -s docs_serve` are there to be asked for.
 """
