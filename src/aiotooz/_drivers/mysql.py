@@ -71,6 +71,19 @@ def _no_table(exc: Exception) -> bool:
     return bool(exc.args) and exc.args[0] == _ER_NO_SUCH_TABLE
 
 
+def _execute_creating(cursor: Any, sql: str, params: tuple[Any, ...] | None, ddl: str) -> None:
+    """Run ``sql`` on ``cursor``; where its table does not exist yet, make it and run again."""
+    import pymysql
+
+    try:
+        cursor.execute(sql, params)
+    except pymysql.MySQLError as exc:
+        if not _no_table(exc):
+            raise
+        cursor.execute(ddl)
+        cursor.execute(sql, params)
+
+
 class MySQLDialect(Dialect):
     """MySQL's named locks in SQL, through PyMySQL.
 
@@ -181,34 +194,18 @@ class MySQLDialect(Dialect):
         InnoDB keeps it across restarts; one counter for all names is strictly
         increasing for each name too.
         """
-        import pymysql
-
         if self._scalar(main, "SELECT IS_USED_LOCK(%s)", lock.args) != holder.id:
             return None
         with main.connection.cursor() as cursor:
-            try:
-                cursor.execute(_FENCE_SQL)
-            except pymysql.MySQLError as exc:
-                if not _no_table(exc):
-                    raise
-                cursor.execute(_FENCING_DDL)
-                cursor.execute(_FENCE_SQL)
+            _execute_creating(cursor, _FENCE_SQL, None, _FENCING_DDL)
             cursor.execute("SELECT LAST_INSERT_ID()")
             row = cursor.fetchone()
         return int(row[0])
 
     def publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
-        import pymysql
-
-        params = (lock.name, holder.id, member_id)
         with main.connection.cursor() as cursor:
-            try:
-                cursor.execute(_PUBLISH_SQL, params)
-            except pymysql.MySQLError as exc:
-                if not _no_table(exc):
-                    raise
-                cursor.execute(_LEADERS_DDL)
-                cursor.execute(_PUBLISH_SQL, params)
+            params = (lock.name, holder.id, member_id)
+            _execute_creating(cursor, _PUBLISH_SQL, params, _LEADERS_DDL)
 
     def read_leader(self, main: Link, lock: ServerLock) -> str | None:
         import pymysql
@@ -235,17 +232,9 @@ class MySQLDialect(Dialect):
     def write_record(
         self, main: Link, lock: ServerLock, holder: Link, record: bytes, token: int
     ) -> bool:
-        import pymysql
-
         params = (lock.key, token, record, *lock.args, holder.id)
         with main.connection.cursor() as cursor:
-            try:
-                cursor.execute(_WRITE_RECORD_SQL, params)
-            except pymysql.MySQLError as exc:
-                if not _no_table(exc):
-                    raise
-                cursor.execute(_RECORDS_DDL)
-                cursor.execute(_WRITE_RECORD_SQL, params)
+            _execute_creating(cursor, _WRITE_RECORD_SQL, params, _RECORDS_DDL)
             if cursor.rowcount > 0:
                 return True
         # No row changed: refused, or the same record written again with the same token.

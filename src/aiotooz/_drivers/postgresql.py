@@ -32,6 +32,7 @@ _FENCE_SQL = (
 )
 #: The leader records: one row per leadership key, naming the session that wrote it
 #: (its pid and start time, so that a later session with the same pid is not it).
+_FENCING_DDL = "CREATE SEQUENCE IF NOT EXISTS aiotooz_fencing"
 _LEADERS_DDL = (
     "CREATE TABLE IF NOT EXISTS aiotooz_leaders (key text PRIMARY KEY, member text NOT NULL,"
     " pid integer NOT NULL, backend_start timestamptz NOT NULL)"
@@ -218,30 +219,12 @@ class PostgreSQLDialect(Dialect):
         A sequence never goes back, also across a server restart (it may skip values);
         one sequence for all names is strictly increasing for each name too.
         """
-        import psycopg.errors
-
-        try:
-            token = self._scalar(main, _FENCE_SQL, (holder.id, *lock.ids))
-        except psycopg.errors.UndefinedTable:
-            try:
-                main.connection.execute("CREATE SEQUENCE IF NOT EXISTS aiotooz_fencing")
-            except psycopg.errors.UniqueViolation:
-                pass  # made by another session at the same time
-            token = self._scalar(main, _FENCE_SQL, (holder.id, *lock.ids))
-        return None if token is None else int(token)
+        params = (holder.id, *lock.ids)
+        row = _execute_creating(main, _FENCE_SQL, params, _FENCING_DDL).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def publish(self, main: Link, lock: ServerLock, holder: Link, member_id: str) -> None:
-        import psycopg.errors
-
-        params = (lock.key, member_id, holder.id)
-        try:
-            main.connection.execute(_PUBLISH_SQL, params)
-        except psycopg.errors.UndefinedTable:
-            try:
-                main.connection.execute(_LEADERS_DDL)
-            except psycopg.errors.UniqueViolation:
-                pass  # made by another session at the same time
-            main.connection.execute(_PUBLISH_SQL, params)
+        _execute_creating(main, _PUBLISH_SQL, (lock.key, member_id, holder.id), _LEADERS_DDL)
 
     def read_leader(self, main: Link, lock: ServerLock) -> str | None:
         import psycopg.errors
@@ -264,18 +247,27 @@ class PostgreSQLDialect(Dialect):
     def write_record(
         self, main: Link, lock: ServerLock, holder: Link, record: bytes, token: int
     ) -> bool:
-        import psycopg.errors
-
         params = (lock.key, token, record, holder.id, *lock.ids)
-        try:
-            cursor = main.connection.execute(_WRITE_RECORD_SQL, params)
-        except psycopg.errors.UndefinedTable:
-            try:
-                main.connection.execute(_RECORDS_DDL)
-            except psycopg.errors.UniqueViolation:
-                pass  # made by another session at the same time
-            cursor = main.connection.execute(_WRITE_RECORD_SQL, params)
+        cursor = _execute_creating(main, _WRITE_RECORD_SQL, params, _RECORDS_DDL)
         return bool(cursor.rowcount > 0)  # 0: not held by the holder's session, or a larger token
+
+
+def _execute_creating(link: Link, sql: str, params: tuple[Any, ...], ddl: str) -> Any:
+    """Run ``sql``; where its table or sequence does not exist yet, make it and run again.
+
+    Returns:
+        psycopg's cursor of the statement.
+    """
+    import psycopg.errors
+
+    try:
+        return link.connection.execute(sql, params)
+    except psycopg.errors.UndefinedTable:
+        try:
+            link.connection.execute(ddl)
+        except psycopg.errors.UniqueViolation:
+            pass  # made by another session at the same time
+        return link.connection.execute(sql, params)
 
 
 class PostgreSQLDriver(SessionDriver):
