@@ -118,6 +118,8 @@ SINGLE_USER_BASES = {
 def test_modules_stay_within_their_budget(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     if _module(path) in OVER_BUDGET:
+        # An exception that is no longer needed goes, so the list stays a true one.
+        assert lines > MODULE_BUDGET, f"{_module(path)} is within budget: drop it from OVER_BUDGET"
         return
     assert lines <= MODULE_BUDGET, (
         f"{_module(path)} has {lines} lines: split it by idea, or name it in OVER_BUDGET "
