@@ -198,8 +198,18 @@ class PrivateServer:
         self._proc = None
 
     def pause(self) -> None:
-        """SIGSTOP the server: connections stay open, nothing answers."""
+        """SIGSTOP the server: connections stay open, nothing answers.
+
+        Returns once every thread of the group has stopped: ``killpg`` only queues the
+        signal, and a busy server thread on the other core answered one more query after
+        it (a "hung" MariaDB granted a slot 1 ms after pause() returned, in CI).
+        """
         self._signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while self._proc is not None and not self._group_stopped():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{type(self).__name__}: SIGSTOP did not stop the server")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """SIGCONT a paused server."""
@@ -214,6 +224,26 @@ class PrivateServer:
         """Stop for good and delete the data."""
         self.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _group_stopped(self) -> bool:
+        """Whether every thread of every process in the server's group is stopped."""
+        assert self._proc is not None
+        group = self._proc.pid
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                # Fields after the parenthesised command: state, ppid, pgrp, ...
+                fields = (proc / "stat").read_text().rpartition(")")[2].split()
+                if int(fields[2]) != group:
+                    continue
+                for task in (proc / "task").iterdir():
+                    state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+                    if state not in ("T", "t", "Z", "X"):
+                        return False
+            except (OSError, IndexError, ValueError):
+                continue  # the process or thread went away meanwhile
+        return True
 
     def _signal(self, signum: signal.Signals) -> None:
         if self._proc is None:
@@ -477,6 +507,26 @@ class PrivatePostgreSQL(PrivateServer):
             psycopg.connect(self.url, connect_timeout=2).close()
         except psycopg.OperationalError:
             return False
+        return True
+
+    def _group_stopped(self) -> bool:
+        """Whether every thread of every process in the server's group is stopped."""
+        assert self._proc is not None
+        group = self._proc.pid
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                # Fields after the parenthesised command: state, ppid, pgrp, ...
+                fields = (proc / "stat").read_text().rpartition(")")[2].split()
+                if int(fields[2]) != group:
+                    continue
+                for task in (proc / "task").iterdir():
+                    state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+                    if state not in ("T", "t", "Z", "X"):
+                        return False
+            except (OSError, IndexError, ValueError):
+                continue  # the process or thread went away meanwhile
         return True
 
     def _signal(self, signum: signal.Signals) -> None:
