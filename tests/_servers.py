@@ -164,12 +164,15 @@ class PrivateServer:
             )
         deadline = time.monotonic() + self.start_timeout
         try:
-            wait_for_port(self.port, self.start_timeout, self.host)
-            while not self._ready():
+            # A server that exits while starting is reported at once, with what it
+            # printed (waiting out the port's timeout hid why a MariaDB never came up).
+            while not (self._listening() and self._ready()):
                 if not self.running:
                     raise RuntimeError(f"{self!r} exited while starting: {self._log_tail()}")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self!r} not ready after {self.start_timeout} s")
+                    raise TimeoutError(
+                        f"{self!r} not ready after {self.start_timeout} s: {self._log_tail()}"
+                    )
                 time.sleep(0.05)
         except BaseException:
             self.kill()
@@ -252,6 +255,13 @@ class PrivateServer:
         # server's own pid, so this never reaches a process this harness did not start.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signum)
+
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), 0.2):
+                return True
+        except OSError:
+            return False
 
     def _log_tail(self) -> str:
         path = self._workdir / f"{self.name}.log"
@@ -605,6 +615,10 @@ class PrivateMariaDB(PrivateServer):
         self._server = _binary("mariadbd", "/usr/sbin/mariadbd", "mysqld", "/usr/sbin/mysqld")
         super().__init__(workdir)
         self.url = f"mysql://root@127.0.0.1:{self.port}/mysql"
+        # A Unix socket path holds at most 107 bytes, and pytest's tmp_path under nox's
+        # TMPDIR (.nox/<session>/tmp/pytest-of-root/...) is longer: mariadbd then exits
+        # at start. The socket gets a short directory of its own in /tmp.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="aiotooz-my-", dir="/tmp"))
 
     def _user(self) -> list[str]:
         return ["--user=root"] if os.geteuid() == 0 else []  # root must be asked for
@@ -640,7 +654,7 @@ class PrivateMariaDB(PrivateServer):
             *self._user(),
             "--bind-address=127.0.0.1",
             f"--port={self.port}",
-            f"--socket={self._workdir / 'mysqld.sock'}",
+            f"--socket={self._socket_dir / 'mysqld.sock'}",
             f"--pid-file={self._workdir / 'mysqld.pid'}",
             "--skip-grant-tables",  # a throwaway server: anyone on loopback is root
             "--skip-name-resolve",
@@ -650,6 +664,10 @@ class PrivateMariaDB(PrivateServer):
             "--innodb-flush-log-at-trx-commit=0",
             "--max-connections=300",
         ]
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _ready(self) -> bool:
         import pymysql
