@@ -355,9 +355,9 @@ class PrivateRedisCluster:
             node.start()
         if not self._created:
             addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            replicas = ["--cluster-replicas", str(self._replicas)]
             subprocess.run(
-                [self._cli, "--cluster", "create", *addresses]
-                + ["--cluster-replicas", str(self._replicas), "--cluster-yes"],
+                [self._cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"],
                 check=True,
                 capture_output=True,
                 timeout=60,

@@ -36,20 +36,8 @@ __all__ = ["RedisClusterDriver"]
 OPTIONS: Final[Mapping[str, _options.Option]] = {
     name: option
     for name, option in _options.REDIS.items()
-    if name
-    in {
-        "lock_timeout",
-        "namespace",
-        "retry_on_timeout",
-        "socket_keepalive",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "health_check_interval",
-        "ssl",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "ssl_ca_certs",
-    }
+    if name not in {"db", "executor", "membership_timeout", "timeout", "encoding"}
+    and not name.startswith("sentinel")
 }
 
 #: The client options a URL's query sets, and how their text is read.
@@ -259,7 +247,10 @@ class RedisClusterDriver(Driver):
         """Connect, reading the cluster's slots from the first node that answers."""
         import redis.cluster
 
-        nodes = [redis.cluster.ClusterNode(host, port) for host, port in self._hosts]
+        nodes = [
+            redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]
+            for host, port in self._hosts
+        ]
         self._client = redis.cluster.RedisCluster(startup_nodes=nodes, **self._client_options)
 
     def stop(self) -> None:
