@@ -366,21 +366,27 @@ class PrivateRedisCluster:
         self.wait_until_ok()
 
     def wait_until_ok(self, timeout: float = 60.0) -> None:
-        """Until every running node says the cluster is ok (all slots served)."""
+        """Until every running node says the cluster is ok (all slots served), and every
+        replica is in sync with its primary (else it could not take over)."""
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             while node.running:
-                answer = subprocess.run(
-                    [self._cli, "-p", str(node.port), "cluster", "info"],
-                    capture_output=True,
-                    timeout=10,
-                    check=False,
-                ).stdout
-                if b"cluster_state:ok" in answer:
+                info = self._ask(node, "cluster", "info") + self._ask(node, "info", "replication")
+                if b"cluster_state:ok" in info and (
+                    b"role:master" in info or b"master_link_status:up" in info
+                ):
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self!r}: cluster not ok after {timeout} s: {answer!r}")
+                    raise TimeoutError(f"{self!r}: cluster not ok after {timeout} s: {info!r}")
                 time.sleep(0.1)
+
+    def _ask(self, node: PrivateServer, *command: str) -> bytes:
+        return subprocess.run(
+            [self._cli, "-p", str(node.port), *command],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        ).stdout
 
     def stop(self) -> None:
         for node in self.nodes:

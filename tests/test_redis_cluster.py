@@ -195,3 +195,52 @@ def test_a_bad_cluster_url_is_refused_with_the_reason(url: str, said: str) -> No
     with pytest.raises(ConfigurationError, match="backend_url") as raised:
         CoordinationSettings(backend_url=url)
     assert said in str(raised.value)
+
+
+async def test_a_primary_killed_costs_no_lock_elsewhere_and_its_replica_takes_over(
+    tmp_path: Path, prefix: str
+) -> None:
+    """Three primaries with a replica each; the primary of some held locks is killed.
+
+    Its locks are kept if their keys reached the replica before it took over, or their
+    holders are told (replication is asynchronous); the locks on the other primaries
+    are kept (the beat tries again while the cluster is down), nothing reconnects, and
+    once the replica is promoted a name in the dead primary's slots is granted.
+    """
+    cluster = PrivateRedisCluster(tmp_path / "cluster", replicas=1)
+    await anyio.to_thread.run_sync(cluster.start)
+    try:
+        client = await anyio.to_thread.run_sync(_client, cluster)
+        try:
+            names = await anyio.to_thread.run_sync(_spread, prefix, client, 2)
+            port_of = {
+                name: client.get_node_from_key(_lock_key(prefix, name)).port for name in names
+            }
+        finally:
+            client.close()
+        victim_port = port_of[names[0]]
+        victim = next(node for node in cluster.nodes if node.port == victim_port)
+        on_victim = [name for name in names if port_of[name] == victim_port]
+        fresh = on_victim.pop()  # never held: taken after the failover
+        url = f"{cluster.url}?lock_timeout=10"
+        async with make_coordinator(url, prefix, heartbeat=0.5) as coordinator:
+            held = [Lock(name, coordinator=coordinator) for name in names if name != fresh]
+            for lock in held:
+                await lock.acquire()
+            await anyio.to_thread.run_sync(victim.kill)
+            await anyio.sleep(1.0)
+            await anyio.to_thread.run_sync(cluster.wait_until_ok)  # the replica promoted
+            await anyio.sleep(2.0)  # a few beats more
+            assert {lock.name for lock in held if lock.lost} <= set(on_victim)
+            assert coordinator.statistics().reconnects == 0
+            async with make_coordinator(url, prefix, heartbeat=0.5) as other:
+                async with Lock(fresh, coordinator=other)(blocking=20):
+                    pass
+                for lock in held:  # still held at the cluster: kept out
+                    if not lock.lost:
+                        assert not await Lock(lock.name, coordinator=other).acquire(False)
+            for lock in held:
+                if not lock.lost:
+                    await lock.release()
+    finally:
+        await anyio.to_thread.run_sync(cluster.close)

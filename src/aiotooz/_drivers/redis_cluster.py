@@ -12,8 +12,10 @@ Plain tooz processes cannot lock on Redis Cluster: nothing here has to match too
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
@@ -284,10 +286,12 @@ class RedisClusterDriver(Driver):
         """Refresh every held key and check ``locks``: one script run per node and thousand keys.
 
         Keys are grouped by the node that serves their slot, as the client's map of the
-        cluster says. A node that fails (it died, or a key moved: the run names a key it
-        does not serve) has its keys tried again once, grouped by a map read anew; a key
-        that fails again is no longer ours (its refresh is not known to have happened).
-        If no node answers at all, the beat fails (the cluster is unreachable).
+        cluster says. Keys whose node fails (it died, the cluster is down while a replica
+        takes over, or a key moved) are tried again, on the map read anew, every 0.2 s
+        for half the TTL at most (and within the call timeout): a failover shorter than
+        that costs no lock whose key reached the replica. A key still failing then is
+        no longer ours (its refresh is not known to have happened); if no node answered
+        at all, the beat fails (the cluster is unreachable).
         """
         client = self._live_client()
         with self._held_guard:
@@ -295,13 +299,20 @@ class RedisClusterDriver(Driver):
         if any(b"\n" in key for key in held):  # cannot be joined (a namespace's newline)
             held = {key: token for key, token in held.items() if b"\n" not in key}
         ttl_ms = int(self._ttl * 1000)
-        failed, answered = self._refresh(client, held, ttl_ms, every_node=True)
-        if failed:
-            client.nodes_manager.initialize()  # the slots may have moved, or a node failed over
-            again, answered_again = self._refresh(client, failed, ttl_ms, every_node=False)
-            answered = answered or answered_again
-            for key in again:
-                held.pop(key, None)
+        deadline = time.monotonic() + min(0.9 * self.call_timeout, 0.5 * self._ttl)
+        pending, answered = self._refresh(client, held, ttl_ms, every_node=True)
+        while (pending or not answered) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            with contextlib.suppress(Exception):
+                client.nodes_manager.initialize()
+            asked = pending
+            retried = {key: held[key] for key in asked}
+            pending, answered_now = self._refresh(client, retried, ttl_ms, not answered)
+            answered = answered or answered_now
+            for key in asked.difference(retried):
+                del held[key]  # found not ours on this try
+        for key in pending:
+            held.pop(key, None)
         if not answered:
             raise ConnectionError("no node of the Redis Cluster answered the heartbeat")
         return [
@@ -311,19 +322,19 @@ class RedisClusterDriver(Driver):
 
     def _refresh(
         self, client: Any, held: dict[bytes, bytes], ttl_ms: int, every_node: bool
-    ) -> tuple[dict[bytes, bytes], bool]:
-        """One refresh of ``held`` (keys not ours any more are removed from it).
+    ) -> tuple[set[bytes], bool]:
+        """One refresh of the keys in ``held``; those found not ours are removed from it.
 
-        Returns the keys whose node failed, and whether any node answered.
-        ``every_node``: a node that serves none of them is asked too (an empty run), so
-        that a beat with nothing held still proves the cluster answers.
+        Returns the keys whose node failed (still in ``held``), and whether any node
+        answered. ``every_node``: a node that serves none of them is asked too (an empty
+        run), so that a beat with nothing held still proves the cluster answers.
         """
         by_node: dict[str, list[bytes]] = {}
         if every_node:
             by_node.update({node.name: [] for node in client.get_primaries()})
         for key in held:
             by_node.setdefault(client.get_node_from_key(key).name, []).append(key)
-        failed: dict[bytes, bytes] = {}
+        failed: set[bytes] = set()
         answered = False
         for name, keys in by_node.items():
             try:
@@ -337,14 +348,12 @@ class RedisClusterDriver(Driver):
                     pipeline.eval(_REFRESH_SCRIPT, 0, ttl_ms, joined_keys, joined_tokens)
                 answers = pipeline.execute()
             except Exception:
-                failed.update({key: held[key] for key in keys})
+                failed.update(keys)
                 continue
             answered = True
             for at, positions in zip(starts, answers, strict=True):
                 for position in positions:
                     del held[keys[at + int(position) - 1]]
-        for key in failed:
-            del held[key]
         return failed, answered
 
     def _live_client(self) -> Any:
