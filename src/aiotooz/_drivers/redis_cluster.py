@@ -55,9 +55,10 @@ _DEFAULT_NAMESPACE: Final = "aiotooz"
 
 #: One beat for many locks on one node: :data:`redis._REFRESH_SCRIPT`'s work, for keys of
 #: many slots (all served by the node it runs on, or the run fails and the beat tries
-#: those keys again after reading the cluster's slots anew). The flag says, in the form
-#: Redis 7 reads, that the keys are not declared and span slots.
-_REFRESH_SCRIPT = """#!lua flags=allow-cross-slot-keys
+#: those keys again after reading the cluster's slots anew). Without a ``#!lua`` line,
+#: a script may touch keys it does not declare, of several slots of its node: Redis 6
+#: knows no other way, and Redis 7 keeps it for such scripts.
+_REFRESH_SCRIPT = """
 local lost = {}
 local tokens = {}
 for token in string.gmatch(ARGV[3], '[^\\n]+') do tokens[#tokens + 1] = token end
