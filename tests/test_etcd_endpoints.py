@@ -9,7 +9,6 @@ partition scenarios (a member cut off rather than killed) are in the failover su
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import pytest
@@ -106,6 +105,6 @@ def test_a_bad_endpoint_list_is_refused_with_the_reason(
     assert said in str(raised.value)
 
 
-def test_several_endpoints_are_a_valid_url(tmp_path: Path) -> None:
+def test_several_endpoints_are_a_valid_url() -> None:
     settings = CoordinationSettings(backend_url="etcd3+https://h1:2379,h2:2379,[::1]:2379")
     assert settings.scheme == "etcd3+https"
