@@ -6,7 +6,9 @@ few thousand locks spent its whole heartbeat refreshing them, and lost them all.
 as in etcd's own ``concurrency.Session``, one lease per coordinator carries every lock
 key; a try is one transaction, the heartbeat keeps the one lease alive and reads back the
 keys on it, whatever is held. The key layout and values are tooz's (``/tooz/locks`` +
-name, a 16-byte token), so plain tooz processes and aiotooz exclude each other.
+name, a 16-byte token), so plain tooz processes and aiotooz exclude each other. A URL
+may list several endpoints; the client then moves to another member when its own fails
+(``_endpoints``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ class EtcdDriver(Driver):
     #: Watches (streams and threads) a coordinator keeps at most; past that, waiters poll.
     watch_limit: ClassVar[int] = 16
 
+    #: The URL's endpoints, in order (``etcd3+http://h1:2379,h2:2379``); the client
+    #: moves to the next when its member fails (``_endpoints``).
+    endpoints: tuple[tuple[str, int], ...] = ()
+
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
         #: Armed watches (a thread and an HTTP stream each), by lock object.
@@ -92,10 +98,6 @@ class EtcdDriver(Driver):
         #: gone (the next try grants another).
         self._lease: int | None = None
         self._lease_guard = threading.Lock()
-
-    #: The URL's endpoints, in order (``etcd3+http://h1:2379,h2:2379``); the client
-    #: moves to the next when its member fails (``_endpoints``).
-    endpoints: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
