@@ -38,6 +38,7 @@ __all__ = [
     "PrivatePgBouncer",
     "PrivatePostgreSQL",
     "PrivateRedis",
+    "PrivateRedisCluster",
     "PrivateServer",
     "PrivateZooKeeper",
     "free_port",
@@ -299,6 +300,127 @@ class PrivateRedis(PrivateServer):
             str(self._workdir),
             *auth,
         ]
+
+
+class _RedisClusterNode(PrivateRedis):
+    """One node of a :class:`PrivateRedisCluster` (its state in ``nodes.conf``).
+
+    Its cluster bus gets a free port of its own: the default (the port + 10000) is past
+    65535 for half the free ports, and may be taken.
+    """
+
+    name = "redis-cluster-node"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.bus_port = free_port()
+
+    def _command(self) -> list[str]:
+        return [
+            *super()._command(),
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self._workdir / "nodes.conf"),
+            "--cluster-node-timeout",
+            "2000",
+        ]
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of ``primaries`` nodes (and ``replicas`` per primary) on loopback.
+
+    The same interface as :class:`PrivateServer`, for the whole cluster (``kill()`` kills
+    every node); ``nodes`` are the nodes themselves, for faults of one node. The slots are
+    assigned by ``redis-cli --cluster create``, once: a restart keeps them (``nodes.conf``).
+    """
+
+    name = "redis-cluster"
+
+    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 0) -> None:
+        self._cli = _binary("redis-cli")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._workdir = workdir
+        self._replicas = replicas
+        self.nodes = [
+            _RedisClusterNode(workdir / f"node-{number}")
+            for number in range(primaries * (1 + replicas))
+        ]
+        self.port = self.nodes[0].port
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        self.url = f"redis+cluster://{hosts}"
+        self._created = False
+
+    def __repr__(self) -> str:
+        return f"<PrivateRedisCluster {self.url}>"
+
+    @property
+    def running(self) -> bool:
+        return all(node.running for node in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        if not self._created:
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            replicas = ["--cluster-replicas", str(self._replicas)]
+            subprocess.run(
+                [self._cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self._created = True
+        self.wait_until_ok()
+
+    def wait_until_ok(self, timeout: float = 60.0) -> None:
+        """Until every running node says the cluster is ok (all slots served), and every
+        replica is in sync with its primary (else it could not take over)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while node.running:
+                info = self._ask(node, "cluster", "info") + self._ask(node, "info", "replication")
+                if b"cluster_state:ok" in info and (
+                    b"role:master" in info or b"master_link_status:up" in info
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self!r}: cluster not ok after {timeout} s: {info!r}")
+                time.sleep(0.1)
+
+    def _ask(self, node: PrivateServer, *command: str) -> bytes:
+        return subprocess.run(
+            [self._cli, "-p", str(node.port), *command],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        ).stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def pause(self) -> None:
+        for node in self.nodes:
+            node.pause()
+
+    def resume(self) -> None:
+        for node in self.nodes:
+            node.resume()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 class PrivateMemcached(PrivateServer):
@@ -682,9 +804,10 @@ class PrivateMariaDB(PrivateServer):
 
 
 #: The private server class behind each backend that needs a server.
-SERVERS: dict[str, type[PrivateServer]] = {
+SERVERS: dict[str, type[PrivateServer] | type[PrivateRedisCluster]] = {
     server.name: server
     for server in (
+        PrivateRedisCluster,
         PrivateRedis,
         PrivateMemcached,
         PrivateEtcd,

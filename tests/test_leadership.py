@@ -40,13 +40,14 @@ from .helpers import FAILOVER_TIMES, ServerPool, make_coordinator, url_for
 #: workers beat every 0.3 s (under half of every TTL here).
 OPTIONS = {
     "redis": "lock_timeout=2",
+    "redis+cluster": "lock_timeout=2",
     "memcached": "lock_timeout=3",  # memcached may expire 1 s early: 2 s guaranteed
     "etcd3+http": "lock_timeout=2",
     "zookeeper": "timeout=2",
 }
 #: How long after the SIGKILL another process must lead, at most (generous: the machine
 #: is loaded): the TTL or session where the lock outlives its dead holder, plus slack.
-BOUND = {"redis": 2, "memcached": 3, "etcd3+http": 2, "zookeeper": 2}
+BOUND = {"redis": 2, "redis+cluster": 2, "memcached": 3, "etcd3+http": 2, "zookeeper": 2}
 SLACK = 6.0
 #: Where the kernel frees a dead process's locks as it reaps it.
 DIES_WITH_THE_PROCESS = ("file", "ipc")

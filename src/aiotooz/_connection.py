@@ -185,8 +185,8 @@ class LockHandle:
             raise UnsupportedOperation(
                 f"the {self.connection.scheme!r} backend keeps no records beside locks "
                 f"(needed for {self.key!r}): memcached may evict one at any time, which "
-                "would let a window run twice; use file, ipc, redis, zookeeper, "
-                "etcd3+http, postgresql or mysql"
+                "would let a window run twice; use file, ipc, redis, redis+cluster, "
+                "zookeeper, etcd3+http, postgresql or mysql"
             )
         return self.connection
 
@@ -479,8 +479,8 @@ class Connection(_Caller):
         if Capability.FENCES not in self.capabilities:
             raise UnsupportedOperation(
                 f"the {scheme_of(self.url)!r} backend gives no fencing tokens; every backend "
-                "aiotooz knows does (file, ipc, redis, memcached, zookeeper, etcd3+http, "
-                "postgresql, mysql)"
+                "aiotooz knows does (file, ipc, redis, redis+cluster, memcached, zookeeper, "
+                "etcd3+http, postgresql, mysql)"
             )
         tooz_lock = handle._tooz_lock
         fence = lambda: self.driver.fencing_token(tooz_lock)  # noqa: E731

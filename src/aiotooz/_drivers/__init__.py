@@ -27,6 +27,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "file": ("file", "FileDriver"),
     "ipc": ("ipc", "IpcDriver"),
     "redis": ("redis", "RedisDriver"),
+    "redis+cluster": ("redis_cluster", "RedisClusterDriver"),
     "memcached": ("memcached", "MemcachedDriver"),
     "zookeeper": ("zookeeper", "ZooKeeperDriver"),
     "kazoo": ("zookeeper", "ZooKeeperDriver"),
@@ -35,6 +36,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "postgresql": ("postgresql", "PostgreSQLDriver"),
     "mysql": ("mysql", "MySQLDriver"),
 }
+
+#: Schemes of drivers that are their own clients, with no tooz driver behind them.
+_OWN_SCHEMES = frozenset({"redis+cluster"})
 
 
 def driver_class(scheme: str) -> type[Driver]:
@@ -55,5 +59,6 @@ def check_url_for_driver(parts: urllib.parse.SplitResult) -> None:
 
 
 def known_schemes() -> list[str]:
-    """The backend URL schemes tooz has drivers for in this environment."""
-    return sorted(ep.name for ep in importlib.metadata.entry_points(group="tooz.backends"))
+    """The backend URL schemes of tooz's drivers in this environment, and aiotooz's own."""
+    tooz_schemes = {ep.name for ep in importlib.metadata.entry_points(group="tooz.backends")}
+    return sorted(tooz_schemes | _OWN_SCHEMES)

@@ -6,7 +6,9 @@ few thousand locks spent its whole heartbeat refreshing them, and lost them all.
 as in etcd's own ``concurrency.Session``, one lease per coordinator carries every lock
 key; a try is one transaction, the heartbeat keeps the one lease alive and reads back the
 keys on it, whatever is held. The key layout and values are tooz's (``/tooz/locks`` +
-name, a 16-byte token), so plain tooz processes and aiotooz exclude each other.
+name, a 16-byte token), so plain tooz processes and aiotooz exclude each other. A URL
+may list several endpoints; the client then moves to another member when its own fails
+(``_endpoints``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 from . import _options
 from ._base import Capability, Driver, client_timeout_options
+from ._endpoints import endpoints_of, fail_over_between
 
 __all__ = ["EtcdDriver"]
 
@@ -81,6 +85,10 @@ class EtcdDriver(Driver):
     #: Watches (streams and threads) a coordinator keeps at most; past that, waiters poll.
     watch_limit: ClassVar[int] = 16
 
+    #: The URL's endpoints, in order (``etcd3+http://h1:2379,h2:2379``); the client
+    #: moves to the next when its member fails (``_endpoints``).
+    endpoints: tuple[tuple[str, int], ...] = ()
+
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
         #: Armed watches (a thread and an HTTP stream each), by lock object.
@@ -95,6 +103,31 @@ class EtcdDriver(Driver):
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
         """A bounded client timeout, so that a dead or hung server is noticed in seconds."""
         return client_timeout_options(query)
+
+    @classmethod
+    def check_url(cls, parts: urllib.parse.SplitResult) -> None:
+        """One endpoint or several, each ``host:port``, separated by commas; no path."""
+        endpoints_of(parts)
+
+    @classmethod
+    def load(
+        cls, url: str, member_id: str, options: Mapping[str, Any], call_timeout: float
+    ) -> Driver:
+        """The tooz coordinator, on the first endpoint; the client may move to the others."""
+        parts = urllib.parse.urlsplit(url)
+        endpoints = endpoints_of(parts)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        host, port = endpoints[0]
+        first = f"{userinfo}{at}{f'[{host}]' if ':' in host else host}:{port}"
+        single = urllib.parse.urlunsplit(parts._replace(netloc=first))
+        driver = super().load(single, member_id, options, call_timeout)
+        assert isinstance(driver, EtcdDriver)
+        driver.endpoints = tuple(endpoints)
+        return driver
+
+    def configure(self) -> None:
+        """With several endpoints, the client moves to the next when its member fails."""
+        fail_over_between(self._client, list(self.endpoints))
 
     @property
     def lock_ttl(self) -> float:
@@ -148,7 +181,10 @@ class EtcdDriver(Driver):
                 "success": [
                     {"request_put": {"key": lock.key_b64, "value": _b64(token), "lease": lease}}
                 ],
-                "failure": [],
+                # What the key holds if it exists: our own token if this try was
+                # applied already (by a member that answered too late, before the
+                # client moved to another one).
+                "failure": [{"request_range": {"key": lock.key_b64}}],
             }
             try:
                 result = self._client.transaction(txn)
@@ -158,7 +194,7 @@ class EtcdDriver(Driver):
                     raise
                 self._drop_lease(lease)
                 continue
-            if result.get("succeeded", False):
+            if result.get("succeeded", False) or _holds(result, token):
                 return True
             lock.token = lock.lease = None
             return False
@@ -379,6 +415,15 @@ class EtcdDriver(Driver):
 
 #: tooz's lock token: a UUID's 16 bytes.
 _TOKEN_BYTES = 16
+
+
+def _holds(result: Mapping[str, Any], token: bytes) -> bool:
+    """Whether a failed try's transaction read the key holding ``token`` (ours)."""
+    for response in result.get("responses", ()):
+        for kv in response.get("response_range", {}).get("kvs", ()):
+            if base64.b64decode(kv.get("value", "")) == token:
+                return True
+    return False
 
 
 def _leader_key(lock: _EtcdLock) -> bytes:
