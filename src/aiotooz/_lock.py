@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 import anyio
 
-from ._exceptions import ConfigurationError, LockAcquireFailed, LockLost, LockNotHeld
+from ._exceptions import ConfigurationError, LockAcquireFailed, LockNotHeld
+from ._held import budget, close_block, open_block, raise_if_lost
 from ._locktable import FOREVER, TRY_ONCE, Hold, LockTable
 from ._names import check_name, format_name
 from ._process import get_default_coordinator
-from ._telemetry import lost_event
 
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
     from ._connection import LockHandle
@@ -390,8 +390,7 @@ class Lock:
 
 async def _acquire_or_raise(lock: Lock, blocking: Blocking) -> None:
     if not await lock.acquire(blocking):
-        budget = "at once" if blocking is False else f"within {blocking} s"
-        raise LockAcquireFailed(f"lock {lock.name!r} was not acquired {budget}")
+        raise LockAcquireFailed(f"lock {lock.name!r} was not acquired {budget(blocking)}")
 
 
 async def _enter(lock: Lock, blocking: Blocking) -> None:
@@ -401,14 +400,7 @@ async def _enter(lock: Lock, blocking: Blocking) -> None:
     assert hold is not None
     if lock._fencing:
         lock._context = _FENCED.set((*_FENCED.get(), lock))
-    if lock._cancel_on_loss:
-        # Entered here and exited in _exit, in the same task, around the block's body.
-        scope = anyio.CancelScope()
-        scope.__enter__()
-        lock._scope = scope
-        hold.on_lost = scope.cancel
-        if hold.lost:
-            scope.cancel()
+    lock._scope = open_block(hold, lock._cancel_on_loss)
 
 
 async def _exit(
@@ -427,12 +419,7 @@ async def _exit(
     if context is not None:
         _FENCED.reset(context)
     scope, lock._scope = lock._scope, None
-    cut_short = False
-    if scope is not None:
-        # Swallows the cancellation the loss caused, and only that one.
-        if scope.__exit__(exc_type, exc, tb):
-            exc = None
-            cut_short = True
+    exc, cut_short = close_block(scope, exc_type, exc, tb)
     if lock._hold is None:
         # Released inside the block: nothing to release, and no error to put in place
         # of the body's own; but a body the loss cut short must not pass as finished.
@@ -440,13 +427,4 @@ async def _exit(
     else:
         await lock.release()
         reason = lock._lost_reason
-    if reason is None or not lock._cancel_on_loss:
-        return
-    if isinstance(exc, anyio.get_cancelled_exc_class()):
-        return  # cancelled from outside as well: that cancellation wins
-    lost_event(lock.name, reason)
-    raise LockLost(
-        f"lock {lock.name!r} was lost while held: {reason}",
-        lock_name=lock.name,
-        reason=reason,
-    ) from exc
+    raise_if_lost(lock.name, reason, lock._cancel_on_loss, exc, f"lock {lock.name!r} was lost")
