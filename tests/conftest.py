@@ -61,9 +61,10 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "aiotooz/_drivers/file.py",
         {"prepare_url", "get_lock", "try_acquire", "_mark_waiting", "waiters_elsewhere"}
         | {"fencing_token", "publish_leader", "read_leader", "release"}
-        | {"read_record", "write_record"},
+        | {"read_record", "write_record", "_watch_rw", "_unwatch_rw"},
         "the file backend's deliberate inline calls: one try, release (with its leader "
-        "record's removal), waiting marker, fencing counter or window record on a local "
+        "record's removal), waiting marker (a read-write lock's writer mark), fencing "
+        "counter or window record on a local "
         "file (open, stat, mkdir, rename, fcntl: microseconds); three slow calls (a "
         "network file system) move them to worker threads",
     ),
@@ -102,6 +103,18 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         {"one_task", "_peak", "test_limit_3_under_4_processes_of_5_tasks"},
         "the test's own log of entries and exits: one-byte O_APPEND writes, in the order "
         "they happen, are what the test checks",
+    ),
+    (
+        "tests/_rwmix.py",
+        {"run_mix", "reader", "writer"},
+        "the read-write test's own log of entries and exits: short O_APPEND writes, in "
+        "the order they happen, are what the test checks",
+    ),
+    (
+        "tests/test_rwlock.py",
+        {"test_three_processes_never_let_a_writer_overlap_anyone"},
+        "the read-write test's own log of entries and exits: short O_APPEND writes, in "
+        "the order they happen, are what the test checks",
     ),
     (
         "tests/test_leadership.py",

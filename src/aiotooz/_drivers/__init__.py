@@ -20,6 +20,7 @@ __all__ = [
     "check_url_for_driver",
     "driver_class",
     "known_schemes",
+    "schemes_with",
 ]
 
 #: scheme -> (module in this package, class). Aliases (``kazoo``, ``etcd3+https``) too.
@@ -57,3 +58,16 @@ def check_url_for_driver(parts: urllib.parse.SplitResult) -> None:
 def known_schemes() -> list[str]:
     """The backend URL schemes tooz has drivers for in this environment."""
     return sorted(ep.name for ep in importlib.metadata.entry_points(group="tooz.backends"))
+
+
+def schemes_with(capability: Capability) -> list[str]:
+    """The schemes whose drivers declare ``capability`` (aliases too), for error messages."""
+    found = []
+    for scheme in _REGISTRY:
+        try:
+            driver = driver_class(scheme)
+        except ImportError:  # pragma: no cover - a driver module needs its client
+            continue
+        if capability in driver.capabilities:
+            found.append(scheme)
+    return found
