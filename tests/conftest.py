@@ -127,6 +127,11 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "a plain redis-py client deletes a slot's key from outside (one command)",
     ),
     (
+        "tests/test_rwlock.py",
+        {"test_redis_keys_taken_away_are_a_loss"},
+        "a plain redis-py client deletes a read-write lock's keys from outside (one command)",
+    ),
+    (
         "tests/test_leadership.py",
         {"test_losing_the_lock_ends_the_term_with_leadership_lost"},
         "a plain redis-py client deletes the leader's key from outside (one command)",
