@@ -25,7 +25,7 @@ from ._rwmix import check_log, run_mix
 from .helpers import ServerPool, make_coordinator, url_for
 
 #: The backends with read-write locks (``Capability.SHARES_LOCKS``).
-RW_BACKENDS = ["file", "redis"]
+RW_BACKENDS = ["file", "redis", "postgresql"]
 #: The backends that refuse them.
 NO_RW_BACKENDS = ["memcached", "mysql", "ipc"]
 
