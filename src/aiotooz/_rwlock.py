@@ -199,7 +199,8 @@ class RWLock:
         Raises:
             ConfigurationError: ``blocking`` is not a bool or a number >= 0.
             UnsupportedOperation: the backend has no read-write locks.
-            LockAcquireFailed: this task holds the write lock (it would wait for itself).
+            LockAcquireFailed: this task holds the write lock, or the read lock already
+                (it would wait for itself).
             LockCreationFailed: there is no started coordinator to lock through.
             BackendUnavailable: the backend failed; with ``blocking=False``, also while
                 the coordinator is reconnecting.
@@ -219,8 +220,11 @@ class RWLock:
         Raises:
             LockAcquireFailed: this task holds the read lock (no upgrade: release it
                 first) or the write lock (not reentrant).
-            ConfigurationError, UnsupportedOperation, LockCreationFailed,
-                BackendUnavailable, WrongEventLoop: as for `acquire_read`.
+            ConfigurationError: ``blocking`` is not a bool or a number >= 0.
+            UnsupportedOperation: the backend has no read-write locks.
+            LockCreationFailed: there is no started coordinator to lock through.
+            BackendUnavailable: as for `acquire_read`.
+            WrongEventLoop: the coordinator was started in another event loop.
         """
         return await self._acquire(True, blocking) is not None
 
