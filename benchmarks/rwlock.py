@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BACKENDS = ["file", "redis", "postgresql", "zookeeper"]
+BACKENDS = ["file", "redis", "postgresql", "zookeeper", "etcd3+http"]
 PROCESSES = 3
 #: The issue's bound on a writer's wait behind the reader stream.
 WAIT_TARGET = 2.0

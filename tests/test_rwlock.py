@@ -25,9 +25,9 @@ from ._rwmix import check_log, run_mix
 from .helpers import ServerPool, make_coordinator, url_for
 
 #: The backends with read-write locks (``Capability.SHARES_LOCKS``).
-RW_BACKENDS = ["file", "redis", "postgresql", "zookeeper"]
-#: The backends that refuse them (ZooKeeper and etcd: not built yet).
-NO_RW_BACKENDS = ["memcached", "mysql", "ipc", "etcd3+http"]
+RW_BACKENDS = ["file", "redis", "postgresql", "zookeeper", "etcd3+http"]
+#: The backends that refuse them.
+NO_RW_BACKENDS = ["memcached", "mysql", "ipc"]
 
 #: How long the cross-process test runs (the 8 s run of the issue is the benchmark's).
 MIX_SECONDS = 3.0
