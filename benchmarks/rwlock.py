@@ -43,7 +43,7 @@ def private_servers(workdir: Path, names: list[str]) -> Iterator[dict[str, str]]
         for name in names:
             if name in urls:
                 continue
-            server = SERVERS[name](workdir / name)
+            server = SERVERS["etcd" if name == "etcd3+http" else name](workdir / name)
             started.append(server)
             server.start()
             urls[name] = server.url

@@ -85,8 +85,9 @@ class RWLock:
     [`LockLost`][aiotooz.LockLost] raised out of the block, unless
     ``cancel_on_loss=False``.
 
-    Backends: file, Redis (see docs/rwlock.md for each one's construction); others
-    raise [`UnsupportedOperation`][aiotooz.UnsupportedOperation] naming those that can.
+    Backends: file, Redis, PostgreSQL, ZooKeeper, etcd (docs/rwlock.md says how on
+    each); memcached, MySQL and ipc raise
+    [`UnsupportedOperation`][aiotooz.UnsupportedOperation] naming those that can.
 
     Args:
         name: the lock's name, any non-empty ``str``; with ``data``, a format string.
