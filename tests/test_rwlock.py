@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -232,6 +233,27 @@ async def test_acquire_and_release_without_async_with(rw_url: str, prefix: str) 
         assert rw.held == "write"
         assert not rw.lost
         await rw.release()
+        assert coordinator.statistics().locks_held == 0
+
+
+async def test_a_dropped_rwlock_is_released_with_a_resource_warning(
+    rw_url: str, prefix: str
+) -> None:
+    """As for a Lock: the holds of a dropped RWLock are released, and writers get in."""
+    async with make_coordinator(rw_url, prefix) as coordinator:
+        dropped = RWLock("dropped", coordinator=coordinator)
+        assert await dropped.acquire_read()
+        with pytest.warns(ResourceWarning, match="'dropped' was garbage-collected while held"):
+            del dropped
+            gc.collect()
+        writer = RWLock("dropped", coordinator=coordinator)
+
+        async def write() -> None:  # another task: this one read (until the release runs)
+            async with writer.write(blocking=10):
+                pass
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(write)
         assert coordinator.statistics().locks_held == 0
 
 

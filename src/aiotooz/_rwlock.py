@@ -15,8 +15,10 @@ for itself.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Mapping
+import warnings
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, final
@@ -118,6 +120,25 @@ class RWLock:
         self._fencing = fencing
         #: The holds taken through this object, by task id, oldest first.
         self._held: dict[int, list[_Held]] = {}
+
+    def __del__(self) -> None:
+        # As a Lock: a read-write lock dropped while held would stay held (and keep the
+        # writers of this process out) until its coordinator stops.
+        holds = [held for task in getattr(self, "_held", {}).values() for held in task]
+        holds = [held for held in holds if not held.hold.released]
+        if not holds:
+            return
+        warnings.warn(
+            f"aiotooz.RWLock {self.name!r} was garbage-collected while held; its coordinator "
+            "releases it. Release what you acquire (or use 'async with rw.read():')",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        for held in holds:
+            start = held.table.start_soon_threadsafe
+            if start is not None:
+                with contextlib.suppress(RuntimeError):  # the event loop is closed
+                    start(_released_dropped(self.name, held))
 
     def __repr__(self) -> str:
         holds = [held for task in self._held.values() for held in task]
@@ -332,6 +353,20 @@ class RWLock:
             ConfigurationError: ``blocking`` is not a bool or a number >= 0.
         """
         return _Block(self, True, check_blocking(blocking))
+
+
+def _released_dropped(name: str, held: _Held) -> Callable[[], Awaitable[None]]:
+    """The release of a hold whose `RWLock` was dropped, to run on the coordinator's loop."""
+
+    async def release() -> None:
+        try:
+            await held.table.release(held.hold)
+        finally:
+            held.state.leave(held.task, held.write)
+            if held.state.idle and held.table.rwlocks.get(name) is held.state:
+                del held.table.rwlocks[name]
+
+    return release
 
 
 def _refuse_self_wait(state: RWQueue, task: int, write: bool, name: str) -> None:
