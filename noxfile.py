@@ -333,3 +333,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "wakeups.py"), *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "scale.py"), *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "rwlock.py"), *session.posargs)

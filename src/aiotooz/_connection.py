@@ -36,17 +36,32 @@ from ._bridge import (
     loop_scheduler,
     run_in_lane,
 )
-from ._drivers import Capability, Driver, ReleaseSignal, driver_class, known_schemes
+from ._drivers import (
+    Capability,
+    Driver,
+    ReleaseSignal,
+    driver_class,
+    known_schemes,
+    schemes_with,
+)
 from ._exceptions import (
     BackendUnavailable,
     ConfigurationError,
     CoordinationError,
     UnsupportedOperation,
 )
+from ._names import split_rw_key
 from ._tasks import running_on_asyncio
 from ._urls import redact_url, scheme_of
 
-__all__ = ["Connection", "LockHandle", "Watch", "open_connection", "translate"]
+__all__ = [
+    "Connection",
+    "LockHandle",
+    "Watch",
+    "open_connection",
+    "rw_unsupported",
+    "translate",
+]
 
 T = TypeVar("T")
 
@@ -74,6 +89,16 @@ def translate(exc: BaseException, action: str, url: str) -> CoordinationError:
         return BackendUnavailable(f"{where}: the backend failed ({exc})")
     # Raw client-library and OS errors that tooz lets through (kazoo, etcd3gw, OSError).
     return BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def rw_unsupported(scheme: str) -> str:
+    """Why a read-write lock cannot be had on the ``scheme`` backend, and where it can."""
+    able = ", ".join(schemes_with(Capability.SHARES_LOCKS))
+    return (
+        f"the {scheme!r} backend has no read-write locks (no shared locks to build them "
+        f"on that every holder can see); RWLock works on: {able}. Use a Lock there, or "
+        "one of those backends for this name"
+    )
 
 
 def _install_hint(driver: type[Driver], scheme: str, module: str | None) -> str:
@@ -137,11 +162,13 @@ class LockHandle:
     thread releases that lock itself.
     """
 
-    __slots__ = ("_tooz_lock", "connection", "held", "key", "woken")
+    __slots__ = ("_tooz_lock", "connection", "held", "key", "shared", "woken")
 
     def __init__(self, connection: Connection, key: str) -> None:
         self.connection: Connection = connection
         self.key: str = key
+        #: A key of a read-write lock (``aiotooz._names.rw_key``).
+        self.shared: bool = split_rw_key(key) is not None
         self.held: bool = False
         #: How many waiters (of other processes, as a rule) the last release woke.
         self.woken: int = 0
@@ -386,6 +413,8 @@ class Connection(_Caller):
         )
         self._lock_objects = _LockObjects()
         self._parks_grants = Capability.PARKS_GRANTS in driver.capabilities
+        #: Read-write locks (``Capability.SHARES_LOCKS``).
+        self.shares_locks: bool = Capability.SHARES_LOCKS in driver.capabilities
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
@@ -406,6 +435,8 @@ class Connection(_Caller):
             UnsupportedOperation: the backend cannot lock this key.
             BackendUnavailable: the backend failed or did not answer in time.
         """
+        if handle.shared and not self.shares_locks:
+            raise UnsupportedOperation(rw_unsupported(self.scheme))
         problem = self.driver.key_problem(handle.key)
         if problem is not None:
             raise UnsupportedOperation(f"cannot lock key {handle.key!r}: {problem}")

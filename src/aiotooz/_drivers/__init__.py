@@ -20,6 +20,7 @@ __all__ = [
     "check_url_for_driver",
     "driver_class",
     "known_schemes",
+    "schemes_with",
 ]
 
 #: scheme -> (module in this package, class). Aliases (``kazoo``, ``etcd3+https``) too.
@@ -62,3 +63,16 @@ def known_schemes() -> list[str]:
     """The backend URL schemes of tooz's drivers in this environment, and aiotooz's own."""
     tooz_schemes = {ep.name for ep in importlib.metadata.entry_points(group="tooz.backends")}
     return sorted(tooz_schemes | _OWN_SCHEMES)
+
+
+def schemes_with(capability: Capability) -> list[str]:
+    """The schemes whose drivers declare ``capability`` (aliases too), for error messages."""
+    found = []
+    for scheme in _REGISTRY:
+        try:
+            driver = driver_class(scheme)
+        except ImportError:  # pragma: no cover - a driver module needs its client
+            continue
+        if capability in driver.capabilities:
+            found.append(scheme)
+    return found

@@ -21,9 +21,11 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
+from .._names import split_rw_key
 from . import _options
 from ._base import Capability, Driver, client_timeout_options
 from ._endpoints import endpoints_of, fail_over_between
+from ._etcdrw import EtcdRW, EtcdRWLock
 
 __all__ = ["EtcdDriver"]
 
@@ -79,8 +81,10 @@ class EtcdDriver(Driver):
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
+            Capability.SHARES_LOCKS,
         }
     )
+    _rw: EtcdRW | None = None
 
     #: Watches (streams and threads) a coordinator keeps at most; past that, waiters poll.
     watch_limit: ClassVar[int] = 16
@@ -154,8 +158,16 @@ class EtcdDriver(Driver):
             if self._lease == lease:
                 self._lease = None
 
-    def get_lock(self, key: str) -> _EtcdLock:
+    def get_lock(self, key: str) -> Any:
+        rw = split_rw_key(key)
+        if rw is not None:
+            return EtcdRWLock(rw[0], key, rw[1])
         return _EtcdLock(_LOCK_PREFIX + key.encode("ascii"))
+
+    def _rwlocks(self) -> EtcdRW:
+        if self._rw is None:
+            self._rw = EtcdRW(lambda: self._client, self._current_lease, self._drop_lease)
+        return self._rw
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One transaction: create the key on our lease unless it exists (tooz's check).
@@ -163,6 +175,8 @@ class EtcdDriver(Driver):
         A lease that etcd no longer knows (it expired) is replaced, and the try made once
         more with the new one.
         """
+        if isinstance(lock, EtcdRWLock):
+            return self._rwlocks().try_acquire(lock)
         for _ in range(2):
             lease = self._current_lease()
             token = uuid.uuid4().bytes
@@ -360,6 +374,11 @@ class EtcdDriver(Driver):
         """
         from etcd3gw import watch
 
+        watched: tuple[bytes, int] | None = None
+        if isinstance(lock, EtcdRWLock):
+            watched = self._rwlocks().arm(lock)
+            if watched is None:
+                return True  # nothing blocks it now: try again at once
         with self._watchers_guard:
             previous = self._watchers.get(id(lock))
             if previous is None and len(self._watchers) >= self.watch_limit:
@@ -368,16 +387,19 @@ class EtcdDriver(Driver):
         watcher = None
         try:
             client = self._client
-            values = client.get(lock.key, metadata=True)
-            if not values:
-                return True
-            revision = int(values[0][1]["mod_revision"]) + 1
+            if watched is not None:  # a read-write waiter: the key it waits for
+                key, revision = watched[0], watched[1] + 1
+            else:
+                values = client.get(lock.key, metadata=True)
+                if not values:
+                    return True
+                key, revision = lock.key, int(values[0][1]["mod_revision"]) + 1
 
             def on_event(_event: Any) -> None:
                 fire()
 
             watcher = watch.Watcher(
-                client, lock.key, on_event, start_revision=revision, filters=["NOPUT"]
+                client, key, on_event, start_revision=revision, filters=["NOPUT"]
             )
         finally:
             with self._watchers_guard:
@@ -398,6 +420,8 @@ class EtcdDriver(Driver):
             watcher = self._watchers.pop(id(lock), None)
         if watcher is not None:
             watcher.stop()
+        if isinstance(lock, EtcdRWLock) and self._rw is not None:
+            self._rw.give_up(lock)  # its kept key, if any
 
     def stop(self) -> None:
         with self._watchers_guard:

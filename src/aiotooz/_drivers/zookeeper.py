@@ -7,8 +7,10 @@ from typing import Any
 
 import tooz.coordination
 
+from .._names import split_rw_key
 from . import _options
 from ._base import Capability, Driver
+from ._zkrw import ZooKeeperRW, ZooKeeperRWLock
 
 __all__ = ["ZooKeeperDriver"]
 
@@ -41,8 +43,10 @@ class ZooKeeperDriver(Driver):
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
+            Capability.SHARES_LOCKS,
         }
     )
+    _rw: ZooKeeperRW | None = None
 
     @property
     def _client(self) -> Any:
@@ -96,9 +100,25 @@ class ZooKeeperDriver(Driver):
     def _session_id(self) -> int:
         return int(self._client.client_id[0])
 
+    def _rwlocks(self) -> ZooKeeperRW:
+        if self._rw is None:
+            member = self.tooz._member_id
+            self._rw = ZooKeeperRW(lambda: self._client, member)
+        return self._rw
+
+    def get_lock(self, key: str) -> Any:
+        rw = split_rw_key(key)
+        if rw is None:
+            return super().get_lock(key)
+        # The read-write lock's node is where tooz would put a lock of its family key.
+        path = super().get_lock(rw[0])._lock.path
+        return ZooKeeperRWLock(path, key, rw[1])
+
     def try_acquire(self, lock: Any, key: str) -> bool:
         self._check_connected()
         session = self._session_id()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().try_acquire(lock, session)
         granted = super().try_acquire(lock, key)
         if granted:
             # The session the node was made in (read before: a session replaced during
@@ -115,6 +135,8 @@ class ZooKeeperDriver(Driver):
 
         # The lock node is ephemeral: it goes with the session if we cannot release it.
         self._check_connected()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().release(lock)
         recipe = lock._lock
         if not recipe.is_acquired or recipe.node is None:
             return False
@@ -138,6 +160,8 @@ class ZooKeeperDriver(Driver):
         from kazoo.exceptions import NoNodeError
 
         self._check_connected()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().fencing_token(lock)
         recipe = lock._lock
         if recipe.node is None:
             return None
@@ -225,6 +249,8 @@ class ZooKeeperDriver(Driver):
         from kazoo.exceptions import NoNodeError
 
         self._check_connected()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().arm(lock, fire)
         path = lock._lock.path
         try:
             children = self._client.get_children(path)
@@ -234,6 +260,11 @@ class ZooKeeperDriver(Driver):
         if not contenders:
             return True
         return self._client.exists(f"{path}/{contenders[0]}", watch=fire) is None
+
+    def disarm_release_watch(self, lock: Any) -> None:
+        """A read-write waiter that stops waiting gives up its place (its node)."""
+        if isinstance(lock, ZooKeeperRWLock) and self._rw is not None:
+            self._rw.disarm(lock)
 
 
 def _by_sequence(children: list[str]) -> list[str]:
