@@ -28,7 +28,7 @@ from .helpers import ServerPool, make_coordinator, url_for
 #: The backends with read-write locks (``Capability.SHARES_LOCKS``).
 RW_BACKENDS = ["file", "redis", "postgresql", "zookeeper", "etcd3+http"]
 #: The backends that refuse them.
-NO_RW_BACKENDS = ["memcached", "mysql", "ipc"]
+NO_RW_BACKENDS = ["memcached", "mysql", "ipc", "redis+cluster"]
 
 #: How long the cross-process test runs (the 8 s run of the issue is the benchmark's).
 MIX_SECONDS = 3.0
