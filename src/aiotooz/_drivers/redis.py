@@ -66,8 +66,9 @@ return redis.call('publish', KEYS[2], '')
 #: overwritten by another holder). ``ARGV[1]`` is the TTL in milliseconds, ``ARGV[2]``
 #: the keys and ``ARGV[3]`` their tokens, each joined by newlines: two arguments instead
 #: of two per lock, as redis-py packs every argument in Python (most of a beat's time at
-#: 10,000 locks). A script that names the keys it touches only in ``ARGV`` is fine on a
-#: single Redis (and Sentinel's primary), not on Redis Cluster.
+#: 10,000 locks). A script that names the keys it touches only in ``ARGV`` runs on one
+#: server: a single Redis, Sentinel's primary, or one node of a Redis Cluster for the
+#: keys that node serves (``redis_cluster`` runs it per node).
 _REFRESH_SCRIPT = """
 local lost = {}
 local tokens = {}

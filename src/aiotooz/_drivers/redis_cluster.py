@@ -27,6 +27,8 @@ from .redis import (
     _FENCE_SCRIPT,
     _LEADER_SCRIPT,
     _RECORD_SCRIPT,
+    _REFRESH_BATCH,
+    _REFRESH_SCRIPT,
     _RELEASE_SCRIPT,
     _Channels,
 )
@@ -53,29 +55,11 @@ _TEXT_OPTIONS: Final = frozenset({"ssl_certfile", "ssl_keyfile", "ssl_ca_certs"}
 _DEFAULT_LOCK_TIMEOUT: Final = 30
 _DEFAULT_NAMESPACE: Final = "aiotooz"
 
-#: One beat for many locks on one node: :data:`redis._REFRESH_SCRIPT`'s work, for keys of
-#: many slots (all served by the node it runs on, or the run fails and the beat tries
-#: those keys again after reading the cluster's slots anew). Without a ``#!lua`` line,
-#: a script may touch keys it does not declare, of several slots of its node: Redis 6
-#: knows no other way, and Redis 7 keeps it for such scripts.
-_REFRESH_SCRIPT = """
-local lost = {}
-local tokens = {}
-for token in string.gmatch(ARGV[3], '[^\\n]+') do tokens[#tokens + 1] = token end
-local i = 0
-for key in string.gmatch(ARGV[2], '[^\\n]+') do
-  i = i + 1
-  if redis.call('get', key) == tokens[i] then
-    redis.call('pexpire', key, ARGV[1])
-  else
-    lost[#lost + 1] = i
-  end
-end
-return lost
-"""
-
-#: Keys refreshed by one run of the refresh script (a run blocks its node).
-_REFRESH_BATCH: Final = 1000
+# A beat's refresh script is :data:`redis._REFRESH_SCRIPT`, run once per node for the
+# keys of many slots that node serves (or the run fails, and the beat tries those keys
+# again after reading the cluster's slots anew). It names its keys only in ``ARGV``
+# (no ``#!lua`` line), which is what lets it touch several slots of its node: Redis 6
+# knows no other way, and Redis 7 keeps it for such scripts.
 
 
 def _hosts(parts: urllib.parse.SplitResult) -> list[tuple[str, int]]:
