@@ -530,9 +530,9 @@ class _Runner:
                 group.start_soon(self._on_loss, lock, self.child)
                 returncode = await self.child.wait()
                 group.cancel_scope.cancel()
-            # Read before the release: `lost` also applies the lease rule on the spot, so
-            # a loss the watchdog has not reported yet still counts.
-            lost = lock.lost
+            # Before the release: check_lost() applies the lease rule on the spot, so a
+            # loss the watchdog has not reported yet still counts.
+            lost = lock.check_lost()
         status = 128 - returncode if returncode < 0 else returncode
         if lost:
             # Whatever the command says, it did not hold the lock all along: a caller

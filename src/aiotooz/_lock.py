@@ -285,10 +285,22 @@ class Lock:
 
     @property
     def lost(self) -> bool:
-        """The lock was lost while held (this acquisition, or the last one if released).
+        """The lock was known lost while held (this acquisition, or the last one if released).
 
-        Reading it also applies the lease rule on the spot, so a holder that checks it
-        right before a critical write is told even if the watchdog has not run yet.
+        Reading it changes nothing; [`check_lost()`][aiotooz.Lock.check_lost] also
+        applies the lease rule on the spot.
+        """
+        hold = self._hold
+        return hold.lost if hold is not None else self._lost_reason is not None
+
+    def check_lost(self) -> bool:
+        """Apply the lease rule now, then say whether the lock is lost.
+
+        For a holder about to make a critical write: a lock whose last refresh is older
+        than the lease allows is declared lost here (its holder told, the body cancelled
+        unless ``cancel_on_loss=False``), even if the watchdog has not run yet, as after
+        a blocked event loop. A check and a write are never atomic: send the fencing
+        token too.
         """
         hold, table = self._hold, self._table
         if hold is None or table is None:

@@ -163,9 +163,18 @@ class RWLock:
 
     @property
     def lost(self) -> bool:
-        """The current task's latest hold was lost (``False`` if it holds none).
+        """The current task's latest hold was known lost (``False`` if it holds none).
 
-        Reading it also applies the lease rule on the spot, as `Lock.lost` does.
+        Reading it changes nothing; [`check_lost()`][aiotooz.RWLock.check_lost] also
+        applies the lease rule on the spot.
+        """
+        latest = self._latest()
+        return latest is not None and latest.hold.lost
+
+    def check_lost(self) -> bool:
+        """Apply the lease rule to the current task's latest hold now; whether it is lost.
+
+        ``False`` if the task holds none; see [`Lock.check_lost()`][aiotooz.Lock.check_lost].
         """
         latest = self._latest()
         return latest is not None and latest.table.check_lease(latest.hold, anyio.current_time())

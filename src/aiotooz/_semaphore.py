@@ -170,9 +170,18 @@ class Semaphore:
 
     @property
     def lost(self) -> bool:
-        """The latest slot the current task holds was lost (``False`` if it holds none).
+        """The latest slot the current task holds was known lost (``False`` if it holds none).
 
-        Reading it also applies the lease rule on the spot, as `lost` does.
+        Reading it changes nothing; [`check_lost()`][aiotooz.Semaphore.check_lost] also
+        applies the lease rule on the spot.
+        """
+        slots = self._held.get(_current_task())
+        return slots[-1].hold.lost if slots else False
+
+    def check_lost(self) -> bool:
+        """Apply the lease rule to the current task's latest slot now; whether it is lost.
+
+        ``False`` if the task holds none; see [`Lock.check_lost()`][aiotooz.Lock.check_lost].
         """
         slots = self._held.get(_current_task())
         if not slots:
