@@ -18,7 +18,8 @@ Sections:
 * memory: RSS growth of a fresh process after 100,000 distinct names acquired and
   released, and no per-name state left in the coordinator.
 
-The private ``redis-server`` runs on a free loopback port and is killed (by pid) at the end.
+The private ``redis-server`` is the tests' (``tests/_servers.py``): on a free loopback
+port, gone at the end.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -82,51 +82,22 @@ def debug_cost(setup: str) -> float:
 # -- plumbing ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def private_redis(workdir: Path) -> Iterator[tuple[str, str]]:
-    """A throwaway redis-server on a free loopback port; killed by pid at the end."""
+    """The tests' throwaway redis-server (``tests/_servers.py``) and its version."""
+    sys.path.insert(0, str(HERE.parent))
+    from tests._servers import PrivateRedis
+
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
     version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = PrivateRedis(workdir)
+    server.start()
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), 0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}", version.split()[2].removeprefix("v=")
+        yield server.url, version.split()[2].removeprefix("v=")
     finally:
-        proc.kill()
-        proc.wait()
+        server.close()
 
 
 def coordinator(url: str, prefix: str | None = None) -> Coordinator:
