@@ -349,8 +349,11 @@ async def test_ipc_tries_without_waiting(tmp_path: Path, prefix: str) -> None:
         await lock.release()
 
 
-def test_etcd_waiting_leaks_no_leases(server_pool: ServerPool, tmp_path: Path, prefix: str) -> None:
-    """tooz grants a lease per try and keeps the losers' (30 s each); aiotooz does not."""
+def test_etcd_tries_waits_and_releases_make_no_lease(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz grants a lease per try, keeps the losers' (30 s each), and leaves a released
+    key's lease alive for lock_timeout; aiotooz's coordinator keeps one lease for all."""
     import json
     import urllib.request
 
@@ -362,16 +365,19 @@ def test_etcd_waiting_leaks_no_leases(server_pool: ServerPool, tmp_path: Path, p
         with urllib.request.urlopen(request, timeout=5) as response:
             return {lease["ID"] for lease in json.load(response).get("leases", [])}
 
-    async def wait_in_vain() -> int:
+    async def cycle_and_wait_in_vain() -> int:
         async with started(url, prefix) as coordinator:
-            before = leases()  # the coordinator's own membership lease included
+            before = leases()  # the coordinator's own lease included
+            for _ in range(30):
+                async with Lock("cycled", coordinator=coordinator):
+                    pass
             assert await coordinator.get_lock("leases").acquire(blocking=1.0) is False
             # New leases only: plain tooz processes of earlier tests leave leases that
             # expire meanwhile (tests/worker.py tooz-hold, waiting).
             return len(leases() - before)
 
     with holding_process("hold", url, prefix, "leases"):
-        assert anyio.run(wait_in_vain) == 0  # after some 20 tries
+        assert anyio.run(cycle_and_wait_in_vain) == 0  # 30 cycles, then some 20 tries
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
