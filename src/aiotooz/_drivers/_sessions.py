@@ -366,7 +366,10 @@ class WaiterLinks:
                 if self.waits.get(lock.key) is waiter:
                     del self.waits[lock.key]
                 link.busy = False
-            if broken:
+                # Dropped while it waited (its session found dead by a beat): drop()
+                # left the closing to this thread, whether the wait broke or was stopped.
+                dropped = link not in self.links
+            if broken or dropped:
                 self.drop(link)
 
     def _granted(self, lock: ServerLock, waiter: _Waiter) -> None:
