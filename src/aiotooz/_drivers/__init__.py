@@ -11,12 +11,14 @@ import importlib
 import importlib.metadata
 import urllib.parse
 
-from ._base import Capability, Driver, ReleaseSignal
+from ._base import Capability, Driver, HolderRecord, ReleaseSignal
 
 __all__ = [
     "Capability",
     "Driver",
+    "HolderRecord",
     "ReleaseSignal",
+    "able_backends",
     "check_url_for_driver",
     "driver_class",
     "known_schemes",
@@ -45,6 +47,18 @@ def driver_class(scheme: str) -> type[Driver]:
     module, name = entry
     driver: type[Driver] = getattr(importlib.import_module(f".{module}", __name__), name)
     return driver
+
+
+def able_backends(capability: Capability) -> str:
+    """The schemes whose drivers have ``capability``, for an error saying where it works."""
+    # Aliases left out; driver modules import their client libraries lazily.
+    aliases = ("kazoo", "etcd3+https")
+    able = [
+        scheme
+        for scheme in _REGISTRY
+        if scheme not in aliases and capability in driver_class(scheme).capabilities
+    ]
+    return ", ".join(able) or "no backend"
 
 
 def check_url_for_driver(parts: urllib.parse.SplitResult) -> None:
