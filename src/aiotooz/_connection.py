@@ -535,8 +535,10 @@ class Connection(_Caller):
         listing = lambda: self.driver.list_holders(key_prefix)  # noqa: E731
         return await self._call(self._control_lane, "listing held locks", listing)
 
-    async def break_lock(self, key: str) -> HolderRecord | None:
-        """Free ``key`` whoever holds it; whom it was taken from (``None``: nobody).
+    async def break_lock(self, key: str, name: str) -> HolderRecord | None:
+        """Free ``key`` (the lock ``name``) whoever holds it; whom it was taken from.
+
+        ``None``: nobody held it.
 
         Raises:
             UnsupportedOperation: the backend cannot free another process's lock; it
@@ -550,12 +552,12 @@ class Connection(_Caller):
             pid = "unknown" if holder is None or holder.pid is None else holder.pid
             host = "unknown" if holder is None or holder.host is None else holder.host
             raise UnsupportedOperation(
-                f"cannot break {key!r} on the {self.scheme!r} backend (held by {whom}): "
+                f"cannot break {name!r} on the {self.scheme!r} backend (held by {whom}): "
                 f"{self.driver.break_refusal.format(pid=pid, host=host)}; "
                 f"{able_backends(Capability.BREAKS_LOCKS)} can break locks"
             )
         breaking = lambda: self.driver.break_lock(key)  # noqa: E731
-        return await self._call(self._control_lane, f"breaking {key!r}", breaking)
+        return await self._call(self._control_lane, f"breaking {name!r}", breaking)
 
     async def was_broken(self, handle: LockHandle) -> bool:
         """Whether ``handle``'s lock, found lost, was freed by a break (``BREAKS_LOCKS``)."""

@@ -97,7 +97,7 @@ async def break_lock(coordinator: Coordinator, name: str) -> bool:
     name = check_name(name)
     connection = _connection(coordinator, f"breaking {name!r}")
     key = backend_key(coordinator.prefix, name, connection.reserved_keys)
-    broken = await connection.break_lock(key)
+    broken = await connection.break_lock(key, name)
     if broken is None:
         return False
     instruments.breaks.add(1, {"aiotooz.backend": connection.scheme})

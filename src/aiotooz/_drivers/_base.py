@@ -16,6 +16,7 @@ here with a default that says "not here", and overriding it in the drivers that 
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import socket
@@ -116,13 +117,22 @@ class HolderRecord:
 _HOST = socket.gethostname()
 
 
-def holder_stamp(member_id: str) -> bytes:
+@functools.lru_cache(maxsize=64)
+def _stamp_head(member_id: str, pid: int) -> bytes:
+    """A stamp's fixed part, made once per member and process (grants are a hot path)."""
+    return json.dumps({"m": member_id, "p": pid, "h": _HOST}, separators=(",", ":"))[:-1].encode()
+
+
+def holder_stamp(member_id: str, fencing_token: int | None = None) -> bytes:
     """The holder record a grant writes: member id, pid, host and time, as compact JSON.
 
-    No newline (JSON escapes them): Redis joins held tokens with newlines.
+    ``fencing_token``: the holder's, once it took one. No newline (JSON escapes them):
+    Redis joins held tokens with newlines.
     """
-    stamp = {"m": member_id, "p": os.getpid(), "h": _HOST, "t": round(time.time(), 3)}
-    return json.dumps(stamp, separators=(",", ":")).encode()
+    stamp = b'%s,"t":%.3f' % (_stamp_head(member_id, os.getpid()), time.time())
+    if fencing_token is not None:
+        stamp += b',"f":%d' % fencing_token
+    return stamp + b"}"
 
 
 def read_stamp(key: str, data: bytes, **known: Any) -> HolderRecord:
@@ -143,7 +153,9 @@ def read_stamp(key: str, data: bytes, **known: Any) -> HolderRecord:
         pid=int(stamp["p"]) if isinstance(stamp.get("p"), int) else known.get("pid"),
         host=str(stamp["h"]) if "h" in stamp else known.get("host"),
         since=float(stamp["t"]) if isinstance(stamp.get("t"), int | float) else None,
-        fencing_token=known.get("fencing_token"),
+        fencing_token=(
+            int(stamp["f"]) if isinstance(stamp.get("f"), int) else known.get("fencing_token")
+        ),
         waiters=known.get("waiters"),
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import socket
 import struct
 import sys
 import urllib.parse
@@ -16,16 +17,24 @@ from . import _options
 from ._base import (
     Capability,
     Driver,
+    HolderRecord,
     LeaderRecords,
     ReleaseSignal,
+    holder_stamp,
     next_in_file,
     read_leader_file,
     read_record_file,
+    read_stamp,
     write_record_file,
 )
 from ._inotify import CloseWatches
 
 __all__ = ["FileDriver"]
+
+#: The attribute of a lock object that keeps the holder record this process wrote.
+_RECORD_ATTRIBUTE = "_aiotooz_holder"
+#: This host: a file lock's holder is on it (a lock directory on NFS aside).
+_HOST = socket.gethostname()
 
 #: struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhqqi4x")
@@ -66,9 +75,15 @@ class FileDriver(Driver):
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
+            Capability.NAMES_HOLDERS,
+            Capability.LISTS_HOLDERS,
         }
     )
     accepted_options = _options.FILE
+    break_refusal: ClassVar[str] = (
+        "a file lock belongs to its process until it releases it or exits; stop that "
+        "process (pid {pid} on {host}: kill {pid}), and the kernel frees the lock at once"
+    )
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
     reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing", "waiting"})
 
@@ -116,6 +131,7 @@ class FileDriver(Driver):
                 return False  # held in this process, by another coordinator
             references = lock.ref
             if lock.acquire(blocking=False):
+                self._write_holder(lock, holder_stamp(self._member))
                 return True
             lock.ref = references
             if id(lock) not in self._kept_open:
@@ -191,7 +207,72 @@ class FileDriver(Driver):
         A file lock is never lost while its process lives: the holder is the owner.
         """
         directory, key = os.path.split(lock.name)
-        return next_in_file(os.path.join(directory, "fencing", key))
+        token = next_in_file(os.path.join(directory, "fencing", key))
+        with lock._barrier.cond:
+            record = getattr(lock, _RECORD_ATTRIBUTE, None)
+            if record is not None and lock.acquired:  # the grant's time, and the token
+                since = read_stamp("", record).since
+                self._write_holder(lock, holder_stamp(self._member, token), since)
+        return token
+
+    # -- holders: a record in the lock file itself, written by the holder -------------
+
+    @property
+    def _member(self) -> str:
+        return self.tooz._member_id.decode("utf-8", "replace")
+
+    @staticmethod
+    def _write_holder(lock: Any, record: bytes, since: float | None = None) -> None:
+        """Write the holder record into the lock file we hold (under its barrier).
+
+        Two system calls on the descriptor that holds the lock (opened for appending,
+        so it is emptied first): no other descriptor may be opened and closed, which
+        would drop the lock. Kept on the lock object too, for readers in this process.
+        """
+        if since is not None:
+            head, _, tail = record.partition(b',"t":')
+            record = head + b',"t":%.3f' % since + tail[tail.index(b",") :]
+        fd = lock._lock.lockfile.fileno()
+        os.ftruncate(fd, 0)
+        os.write(fd, record + b"\n")
+        setattr(lock, _RECORD_ATTRIBUTE, record)
+
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """The kernel names the holding process; the lock file, the record it wrote.
+
+        A record whose pid is not the holder's was left by an earlier holder (this one
+        has not written its own yet): only the pid is known then.
+        """
+        lock = self.get_lock(key)
+        barrier = lock._barrier
+        with barrier.cond:  # no try of this process runs meanwhile (see try_acquire)
+            if barrier.owner is not None:
+                record = getattr(lock, _RECORD_ATTRIBUTE, None) if lock.acquired else None
+                if record is None:
+                    return None  # a try is half done
+                return read_stamp(key, record)
+            pid, record = _holder_and_record(lock.name)
+        if pid is None:
+            return None
+        holder = read_stamp(key, record, pid=pid)
+        if holder.pid != pid:
+            return HolderRecord(key, pid=pid, host=_HOST)
+        return holder
+
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """Every lock file of the directory whose name starts with the prefix, if held."""
+        holders = []
+        for entry in os.scandir(self.tooz._dir):  # type: ignore[attr-defined]
+            name = entry.name
+            if (
+                name.startswith(key_prefix)
+                and name not in self.reserved_keys
+                and entry.is_file(follow_symlinks=False)
+            ):
+                holder = self.read_holder(name)
+                if holder is not None:
+                    holders.append(holder)
+        return holders
 
     def still_owner(self, lock: Any) -> bool | None:
         return None  # the file driver only echoes its own flag
@@ -265,6 +346,28 @@ def _holder_elsewhere(path: str | bytes) -> int | None:
         os.close(fd)
     kind, _, _, _, pid = _FLOCK.unpack(answer)
     return None if kind == fcntl.F_UNLCK else int(pid)
+
+
+def _holder_and_record(path: str) -> tuple[int | None, bytes]:
+    """The process that holds a ``lockf`` lock on ``path`` (not this one) and the record.
+
+    Asked through one descriptor (see :func:`_holder_elsewhere` for why closing it is
+    safe only when this process holds no lock on the file).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None, b""
+    try:
+        query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        kind, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+        if kind == fcntl.F_UNLCK:
+            return None, b""
+        return int(pid), os.pread(fd, 4096, 0).partition(b"\n")[0]
+    except OSError:
+        return None, b""
+    finally:
+        os.close(fd)
 
 
 def _marker(lock: Any) -> bytes:
