@@ -19,7 +19,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
 from . import _options
-from ._base import Capability, Driver, client_timeout_options
+from ._base import (
+    Capability,
+    Driver,
+    HolderRecord,
+    client_timeout_options,
+    holder_stamp,
+    read_stamp,
+)
 
 __all__ = ["EtcdDriver"]
 
@@ -74,6 +81,9 @@ class EtcdDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.NAMES_HOLDERS,
+            Capability.LISTS_HOLDERS,
+            Capability.BREAKS_LOCKS,
             Capability.KEEPS_RECORDS,
         }
     )
@@ -132,7 +142,10 @@ class EtcdDriver(Driver):
         """
         for _ in range(2):
             lease = self._current_lease()
-            token = uuid.uuid4().bytes
+            # tooz's 16 random bytes, then the holder record (``NAMES_HOLDERS``): the
+            # key's value is the record, written by the grant, gone with the key.
+            member = self.tooz._member_id.decode("utf-8", "replace")
+            token = uuid.uuid4().bytes + b" " + holder_stamp(member)
             # Set before the call: a caller that gives up on the try has the release run
             # with them, which deletes the key only if it holds this token.
             lock.token, lock.lease = token, lease
@@ -165,16 +178,13 @@ class EtcdDriver(Driver):
         return False
 
     def release(self, lock: Any) -> bool:
-        """Delete the key (and its leader record) if it still holds the grant's token."""
+        """Delete the key if it still holds the grant's token."""
         token, lock.token, lock.lease = lock.token, None, None
         if token is None:
             return False
         txn = {
             "compare": [_value_is(lock, token)],
-            "success": [
-                {"request_delete_range": {"key": lock.key_b64}},
-                {"request_delete_range": {"key": _b64(_leader_key(lock))}},
-            ],
+            "success": [{"request_delete_range": {"key": lock.key_b64}}],
             "failure": [],
         }
         return bool(self._client.transaction(txn).get("succeeded", False))
@@ -245,41 +255,56 @@ class EtcdDriver(Driver):
             return None
         return int(result["header"]["revision"])
 
-    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
-        """A record key on the lock's lease, naming the lock's token and the member id.
-
-        Written in a transaction that checks the lock key still holds our token; the
-        release deletes it with the key, and it goes with the lease too.
-        """
-        lock_token, lease = lock.token, lock.lease
-        if lock_token is None:
-            return
-        record = lock_token + member_id.encode()
-        txn = {
-            "compare": [_value_is(lock, lock_token)],
-            "success": [
-                {
-                    "request_put": {
-                        "key": _b64(_leader_key(lock)),
-                        "value": _b64(record),
-                        "lease": lease,
-                    }
-                }
-            ],
-            "failure": [],
-        }
-        self._client.transaction(txn)
-
-    def read_leader(self, key: str) -> str | None:
-        """The record, if the lock key holds the token it names."""
-        lock = self.get_lock(key)
-        records = self._client.get(_leader_key(lock))
-        values = self._client.get(lock.key)
-        if not records or not values:
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """The lock key's value is the record; a write after the grant was its fence."""
+        values = self._client.get(self.get_lock(key).key, metadata=True)
+        if not values:
             return None
-        record = bytes(records[0])  # the lock's 16-byte token, then the member id
-        token, member_id = record[:_TOKEN_BYTES], record[_TOKEN_BYTES:]
-        return member_id.decode("utf-8", "replace") if token == values[0] else None
+        value, meta = values[0]
+        return _holder(key, value, meta)
+
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """One range read of the lock keys under the prefix."""
+        start = _LOCK_PREFIX + key_prefix.encode("ascii")
+        holders = []
+        for value, meta in self._client.get_prefix(start):
+            key = bytes(meta["key"])  # decoded by etcd3gw
+            if not key.endswith(_NOT_LOCKS):  # records kept beside locks
+                holders.append(_holder(key[len(_LOCK_PREFIX) :].decode("ascii"), value, meta))
+        return holders
+
+    def break_lock(self, key: str) -> HolderRecord | None:
+        """Delete the key in a transaction that checks its value, leaving a mark.
+
+        etcd's revision is the fencing counter: the delete moves it past every token
+        handed out. The mark (the old value, on no lease) tells the holder at its next
+        beat that its key was broken, not expired; the next break overwrites it.
+        """
+        lock = self.get_lock(key)
+        client = self._client
+        for _ in range(3):
+            values = client.get(lock.key, metadata=True)
+            if not values:
+                return None
+            value, meta = values[0]
+            txn = {
+                "compare": [_value_is(lock, bytes(value))],
+                "success": [
+                    {"request_put": {"key": _b64(_broken_key(lock)), "value": _b64(value)}},
+                    {"request_delete_range": {"key": lock.key_b64}},
+                ],
+                "failure": [],
+            }
+            if client.transaction(txn).get("succeeded", False):
+                return _holder(key, value, meta)
+        return None  # taken and released again and again meanwhile: nobody to break now
+
+    def was_broken(self, lock: Any) -> bool:
+        token = lock.token
+        if token is None:
+            return False
+        marks = self._client.get(_broken_key(lock))
+        return bool(marks) and bytes(marks[0]) == token
 
     def read_record(self, lock: Any) -> bytes | None:
         records = self._client.get(_record_key(lock))
@@ -377,13 +402,24 @@ class EtcdDriver(Driver):
         super().stop()
 
 
-#: tooz's lock token: a UUID's 16 bytes.
-_TOKEN_BYTES = 16
+#: Keys under the lock prefix that are not locks (records; leader records of old).
+_NOT_LOCKS = (b"~record", b"~leader")
 
 
-def _leader_key(lock: _EtcdLock) -> bytes:
-    """The key of a lock's leader record (the lock key with a suffix no lock key has)."""
-    return lock.key + b"~leader"
+def _broken_key(lock: _EtcdLock) -> bytes:
+    """The mark a break leaves for the holder: outside the lock prefix, never a lock."""
+    return b"/aiotooz/broken" + lock.key
+
+
+def _holder(key: str, value: bytes, meta: Mapping[str, Any]) -> HolderRecord:
+    """The record in a lock key's value (after tooz's 16-byte token and a space).
+
+    A key written again after its grant (same value) was fenced: that write's
+    revision is the holder's fencing token.
+    """
+    revision, created = int(meta.get("mod_revision", 0)), int(meta.get("create_revision", 0))
+    token = revision if revision != created else None
+    return read_stamp(key, bytes(value)[17:], fencing_token=token)
 
 
 def _record_key(lock: _EtcdLock) -> bytes:
