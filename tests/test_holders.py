@@ -141,7 +141,7 @@ async def test_break_lock_tells_the_holder_and_moves_the_fencing_counter(
             assert await operator.break_lock("stuck") is True
             # The old holder is told within its heartbeat (0.3 s; generous here).
             with anyio.fail_after(15):
-                told = await anyio.to_thread.run_sync(worker.readline)
+                told = await anyio.to_thread.run_sync(worker.readline, abandon_on_cancel=True)
             assert told.startswith("lost "), told
             assert "broken" in told
             assert time.monotonic() - broken_at < 15
