@@ -551,9 +551,10 @@ class Connection(_Caller):
             whom = "nobody now" if holder is None else f"member {holder.member_id!r}"
             pid = "unknown" if holder is None or holder.pid is None else holder.pid
             host = "unknown" if holder is None or holder.host is None else holder.host
+            session = "unknown" if holder is None or holder.session is None else holder.session
             raise UnsupportedOperation(
                 f"cannot break {name!r} on the {self.scheme!r} backend (held by {whom}): "
-                f"{self.driver.break_refusal.format(pid=pid, host=host)}; "
+                f"{self.driver.break_refusal.format(pid=pid, host=host, session=session)}; "
                 f"{able_backends(Capability.BREAKS_LOCKS)} can break locks"
             )
         breaking = lambda: self.driver.break_lock(key)  # noqa: E731

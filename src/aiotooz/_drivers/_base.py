@@ -111,6 +111,9 @@ class HolderRecord:
     since: float | None = None
     fencing_token: int | None = None
     waiters: int | None = None
+    #: The server's id of the holder's session (PostgreSQL's backend pid, MySQL's
+    #: connection id), where a session holds it.
+    session: int | None = None
 
 
 #: This host's name, for holder records (asked once: it does not change under a process).
@@ -216,7 +219,7 @@ class Driver:
     #: of its own. Where they share, a key found held may be held under another key.
     key_space: ClassVar[int | None] = None
     #: Why a lock cannot be broken on this backend and what to do instead (drivers
-    #: without ``BREAKS_LOCKS``); ``{pid}`` and ``{host}`` name the holder.
+    #: without ``BREAKS_LOCKS``); ``{pid}``, ``{host}`` and ``{session}`` name the holder.
     break_refusal: ClassVar[str] = (
         "this backend cannot free a lock held by another process: stop the holder "
         "(pid {pid} on {host}), or wait for it to release the lock"
