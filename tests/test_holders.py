@@ -178,15 +178,38 @@ async def test_break_lock_is_refused_with_the_holder_and_what_to_do(
             assert holder.member_id.startswith(prefix)
 
 
-async def test_memcached_lists_no_holders(
+async def test_memcached_names_the_member_but_lists_no_holders(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
     url = url_for("memcached", server_pool, tmp_path)
     async with make_coordinator(url, prefix) as coordinator:
         with pytest.raises(UnsupportedOperation, match="list the locks held.*redis"):
             await _all(coordinator)
-        with pytest.raises(UnsupportedOperation, match="break"):
-            await coordinator.break_lock("x")
+        assert await coordinator.holder("job") is None
+        with holding_process("hold", url, prefix, "job"):
+            holder = await coordinator.holder("job")
+            assert holder is not None
+            assert holder.member_id is not None
+            assert holder.member_id.startswith(prefix)
+            assert holder.member_id != coordinator.member_id
+            with pytest.raises(UnsupportedOperation, match="cannot break 'job'.*fencing"):
+                await coordinator.break_lock("job")
+
+
+async def test_ipc_names_the_holding_process_and_refuses_to_break(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    url = url_for("ipc", server_pool, tmp_path)
+    async with make_coordinator(url, prefix) as coordinator:
+        with holding_process("hold", url, prefix, "job") as worker:
+            holder = await coordinator.holder("job")
+            assert holder is not None
+            assert (holder.pid, holder.host) == (worker.pid, socket.gethostname())
+            with pytest.raises(UnsupportedOperation, match=f"kill {worker.pid}"):
+                await coordinator.break_lock("job")
+            with pytest.raises(UnsupportedOperation, match="list the locks held"):
+                await _all(coordinator)
+        assert await coordinator.holder("job") is None
 
 
 async def test_plain_tooz_holders_are_held_but_unnamed(redis_url: str, prefix: str) -> None:

@@ -546,14 +546,15 @@ class Connection(_Caller):
         """
         if Capability.BREAKS_LOCKS not in self.capabilities:
             holder = None
+            whom = "by a holder this backend cannot name"
             if Capability.NAMES_HOLDERS in self.capabilities:
                 holder = await self.read_holder(key)
-            whom = "nobody now" if holder is None else f"member {holder.member_id!r}"
+                whom = "by nobody now" if holder is None else f"by {holder.member_id!r}"
             pid = "unknown" if holder is None or holder.pid is None else holder.pid
             host = "unknown" if holder is None or holder.host is None else holder.host
             session = "unknown" if holder is None or holder.session is None else holder.session
             raise UnsupportedOperation(
-                f"cannot break {name!r} on the {self.scheme!r} backend (held by {whom}): "
+                f"cannot break {name!r} on the {self.scheme!r} backend (held {whom}): "
                 f"{self.driver.break_refusal.format(pid=pid, host=host, session=session)}; "
                 f"{able_backends(Capability.BREAKS_LOCKS)} can break locks"
             )
