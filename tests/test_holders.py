@@ -183,7 +183,7 @@ async def test_memcached_names_the_member_but_lists_no_holders(
 ) -> None:
     url = url_for("memcached", server_pool, tmp_path)
     async with make_coordinator(url, prefix) as coordinator:
-        with pytest.raises(UnsupportedOperation, match="list the locks held.*redis"):
+        with pytest.raises(UnsupportedOperation, match=r"list the locks held.*redis"):
             await _all(coordinator)
         assert await coordinator.holder("job") is None
         with holding_process("hold", url, prefix, "job"):
@@ -192,7 +192,7 @@ async def test_memcached_names_the_member_but_lists_no_holders(
             assert holder.member_id is not None
             assert holder.member_id.startswith(prefix)
             assert holder.member_id != coordinator.member_id
-            with pytest.raises(UnsupportedOperation, match="cannot break 'job'.*fencing"):
+            with pytest.raises(UnsupportedOperation, match=r"cannot break 'job'.*fencing"):
                 await coordinator.break_lock("job")
 
 
