@@ -939,15 +939,15 @@ def test_locks_list_and_show_name_the_holder(
     assert held["member_id"].startswith(prefix)
     assert isinstance(held["pid"], int)
     assert held["since"] <= time.time()
-    assert set(held) == {
-        "name", "member_id", "pid", "host", "since", "fencing_token", "waiters"
-    }  # fmt: skip
-    shown = run("locks", "show", "job", "--json", "--backend", backend_url, "--prefix", prefix,
-                cwd=tmp_path)  # fmt: skip
+    assert set(held) == {"name", "member_id", "pid", "host", "since", "fencing_token", "waiters"}
+    shown = run(
+        "locks", "show", "job", "--json", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path
+    )
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == held
-    elsewhere = run("locks", "list", "nothing-", "--backend", backend_url, "--prefix", prefix,
-                    cwd=tmp_path)  # fmt: skip
+    elsewhere = run(
+        "locks", "list", "nothing-", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path
+    )
     assert elsewhere.stdout.splitlines()[1:] == []
     free = run("locks", "show", "free", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path)
     assert (free.returncode, free.stdout.strip()) == (EXIT_NOT_HELD, "free: not held")
@@ -961,14 +961,16 @@ def test_locks_break_frees_the_lock_and_tells_its_holder(
     with worker_process("hold-fenced", url, prefix, "stuck") as worker:
         held = worker.readline()
         assert held.startswith("held "), held
-        done = run("locks", "break", "stuck", "--yes", "--backend", url, "--prefix", prefix,
-                   cwd=tmp_path)  # fmt: skip
+        done = run(
+            "locks", "break", "stuck", "--yes", "--backend", url, "--prefix", prefix, cwd=tmp_path
+        )
         assert done.returncode == 0, done.stderr
         assert "stuck: broken" in done.stdout
         told = worker.readline()  # within its heartbeat (0.3 s); the test's timeout bounds it
         assert told.startswith("lost ") and "broken" in told, told
-        again = run("locks", "break", "stuck", "--yes", "--backend", url, "--prefix", prefix,
-                    cwd=tmp_path)  # fmt: skip
+        again = run(
+            "locks", "break", "stuck", "--yes", "--backend", url, "--prefix", prefix, cwd=tmp_path
+        )
         assert again.returncode == EXIT_NOT_HELD, again.stderr
 
 
@@ -976,14 +978,24 @@ def test_locks_break_is_refused_where_the_backend_cannot(
     tmp_path: Path, file_url: str, prefix: str
 ) -> None:
     with holding_process("hold", file_url, prefix, "stuck") as worker:
-        done = run("locks", "break", "stuck", "--yes", "--backend", file_url, "--prefix", prefix,
-                   cwd=tmp_path)  # fmt: skip
+        done = run(
+            "locks",
+            "break",
+            "stuck",
+            "--yes",
+            "--backend",
+            file_url,
+            "--prefix",
+            prefix,
+            cwd=tmp_path,
+        )
         assert done.returncode == EXIT_REFUSED
         assert f"kill {worker.pid}" in done.stderr
         assert "Traceback" not in done.stderr
         # Without --yes and without a terminal to confirm at, nothing is done.
-        unasked = run("locks", "break", "stuck", "--backend", file_url, "--prefix", prefix,
-                      cwd=tmp_path)  # fmt: skip
+        unasked = run(
+            "locks", "break", "stuck", "--backend", file_url, "--prefix", prefix, cwd=tmp_path
+        )
         assert unasked.returncode == 2
         assert "--yes" in unasked.stderr
 
