@@ -33,6 +33,8 @@ __all__ = ["FileDriver"]
 
 #: The attribute of a lock object that keeps the holder record this process wrote.
 _RECORD_ATTRIBUTE = "_aiotooz_holder"
+#: The extended attribute of a lock file that holds its holder record.
+_XATTR = "user.aiotooz.holder"
 #: The holder record beside a key's fencing counter: the counter's name and this suffix
 #: (never a key: plain keys have no ``~``, mapped keys end in ``~`` and 32 hex digits).
 _HOLDER_SUFFIX = "~holder"
@@ -109,9 +111,12 @@ class FileDriver(Driver):
         #: Watched lock objects (by id) -> the marker file that says a waiter is here.
         self._markers: dict[int, int] = {}
         self._records = LeaderRecords()
+        #: Whether the lock directory's file system keeps user extended attributes.
+        self._xattrs = hasattr(os, "setxattr")
 
     def start(self) -> None:
         super().start()
+        self._member = self.tooz._member_id.decode("utf-8", "replace")
         info = os.stat(self.tooz._dir)  # type: ignore[attr-defined]  # made by start()
         self._directory = (info.st_dev, info.st_ino)
 
@@ -208,34 +213,35 @@ class FileDriver(Driver):
         """A counter file per key in ``<directory>/fencing/``.
 
         A file lock is never lost while its process lives: the holder is the owner.
+        The holder record gets the token too.
         """
         directory, key = os.path.split(lock.name)
         token = next_in_file(os.path.join(directory, "fencing", key))
         with lock._barrier.cond:
             record = getattr(lock, _RECORD_ATTRIBUTE, None)
-            if record is not None and lock.acquired:  # the grant's time, and the token
-                since = read_stamp("", record).since
-                self._write_holder(lock, holder_stamp(self._member, token), since)
+            if record is not None and lock.acquired:
+                self._write_holder(lock, record[:-1] + b',"f":%d}' % token)
         return token
 
-    # -- holders: a record in the lock file itself, written by the holder -------------
+    # -- holders: a record on the lock file, written by the holder ---------------------
 
-    @property
-    def _member(self) -> str:
-        return self.tooz._member_id.decode("utf-8", "replace")
+    def _write_holder(self, lock: Any, record: bytes) -> None:
+        """Write the holder record on the lock file we hold (under its barrier).
 
-    def _write_holder(self, lock: Any, record: bytes, since: float | None = None) -> None:
-        """Write the holder record beside the lock file we hold (under its barrier).
-
-        Into ``fencing/<key>~holder``, at its start, never truncated: a reader takes the
-        first line. Not into the lock file: its descriptor must stay the only one this
-        process opens on it, and emptying a file ext4 then closes forces its data to
-        disk (hundreds of microseconds a grant). Kept on the lock object too, for
-        readers in this process.
+        An extended attribute set through the descriptor that holds the lock: one
+        system call, and no other descriptor opened and closed (which would drop the
+        lock). Not in the file's data: it is opened for appending, and emptying a file
+        that ext4 then closes forces its data to disk. Where the file system keeps no
+        user attributes, a file beside the fencing counter (``fencing/<key>~holder``)
+        instead. Kept on the lock object too, for readers in this process.
         """
-        if since is not None:
-            head, _, tail = record.partition(b',"t":')
-            record = head + b',"t":%.3f' % since + tail[tail.index(b",") :]
+        setattr(lock, _RECORD_ATTRIBUTE, record)
+        if self._xattrs:
+            try:
+                os.setxattr(lock._lock.lockfile.fileno(), _XATTR, record)
+                return
+            except OSError:
+                self._xattrs = False  # not supported here: the file beside, from now on
         path = self._counter_path(lock) + _HOLDER_SUFFIX
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -243,10 +249,21 @@ class FileDriver(Driver):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            os.pwrite(fd, record + b"\n", 0)
+            os.pwrite(fd, record + b"\n", 0)  # never truncated: readers take a line
         finally:
             os.close(fd)
-        setattr(lock, _RECORD_ATTRIBUTE, record)
+
+    def _read_written(self, lock: Any) -> bytes:
+        """The holder record another process wrote on ``lock``'s file (see above)."""
+        try:
+            return os.getxattr(lock.name, _XATTR)  # by path: no descriptor to close
+        except OSError:
+            pass
+        try:
+            with open(self._counter_path(lock) + _HOLDER_SUFFIX, "rb") as written:
+                return written.readline().rstrip(b"\n")
+        except OSError:
+            return b""
 
     def read_holder(self, key: str) -> HolderRecord | None:
         """The kernel names the holding process; the lock file, the record it wrote.
@@ -265,12 +282,7 @@ class FileDriver(Driver):
             pid = _holder_elsewhere(lock.name)
         if pid is None:
             return None
-        try:
-            with open(self._counter_path(lock) + _HOLDER_SUFFIX, "rb") as written:
-                record = written.readline().rstrip(b"\n")
-        except FileNotFoundError:
-            record = b""
-        holder = read_stamp(key, record, pid=pid)
+        holder = read_stamp(key, self._read_written(lock), pid=pid)
         if holder.pid != pid:
             return HolderRecord(key, pid=pid, host=_HOST)
         return holder
