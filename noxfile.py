@@ -1,10 +1,9 @@
 """Developer tasks; CONTRIBUTING.md says when to run which.
 
 `nox` runs what CI runs: lint, typecheck, the tests on the oldest and newest supported
-Python (under coverage), coverage (combines and checks them), the examples,
-the docs, the package (built, checked and installed alone) and the failover scenarios.
-`nox -s tests_lowest` (a subset of the tests at the lowest dependency versions; out of
-the default run until its failures are fixed), `nox -s tests-3.12`, `nox -s bench` and
+Python (under coverage), coverage (combines and checks them), a subset of the tests at
+the lowest dependency versions, the examples, the docs, the package (built, checked and
+installed alone) and the failover scenarios. `nox -s tests-3.12`, `nox -s bench` and
 `nox -s docs_serve` are there to be asked for.
 """
 
@@ -33,6 +32,7 @@ nox.options.sessions = [
     f"tests-{OLDEST}",
     f"tests-{NEWEST}",
     "coverage",
+    "tests_lowest",
     "examples",
     "docs",
     "package",
@@ -109,7 +109,7 @@ def tests_lowest(session: nox.Session) -> None:
     """A subset of the tests (LOWEST_TESTS; test paths after -- replace it) with every
     direct dependency at the lowest version pyproject.toml allows (pinned as constraints:
     tooz, anyio, pydantic-settings, structlog and each backend's client). Not under
-    coverage; asyncio only (see below). anyio 4.5 exercises `_tasks.native_loop`'s branch
+    coverage; asyncio only (see below). anyio 4.7 exercises `_tasks.native_loop`'s branch
     for anyio < 4.11 (the loop returned as is)."""
     constraints = Path(session.create_tmp()) / "lowest-constraints.txt"
     pins = _lowest_pins()
@@ -333,3 +333,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "wakeups.py"), *session.posargs)
     session.run("python", str(ROOT / "benchmarks" / "scale.py"), *session.posargs)
+    session.run("python", str(ROOT / "benchmarks" / "rwlock.py"), *session.posargs)

@@ -33,6 +33,7 @@ __all__ = [
     "Cluster",
     "EtcdCluster",
     "Firewall",
+    "RedisClusterOfSix",
     "RedisSentinelCluster",
     "ZooKeeperCluster",
     "as_client_user",
@@ -456,6 +457,102 @@ class RedisSentinelCluster(Cluster):
                 return bool(client.info("replication")["role"] == "master")
         except redis.RedisError:
             return False
+
+
+# -- Redis Cluster -----------------------------------------------------------------------
+
+
+class RedisClusterNode(ClusterNode):
+    name = "redis-cluster"
+
+    def __init__(self, index: int, host: str) -> None:
+        self._binary = _binary("redis-server")
+        super().__init__(index, host)
+        self.bus_port = free_port()
+
+    def _prepare(self) -> None:
+        self._own(self._workdir / "data")
+
+    def _command(self) -> list[str]:
+        data = self._workdir / "data"
+        return self._as_node_user(
+            [
+                self._binary,
+                "--bind",
+                self.host,
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(data),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(data / "nodes.conf"),
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-port",
+                str(self.bus_port),
+                # Connections leave from 127.0.0.1: say which address is this node's.
+                "--cluster-announce-ip",
+                self.host,
+            ]
+        )
+
+    def ask(self, *command: str) -> bytes:
+        return subprocess.run(
+            [_binary("redis-cli"), "-h", self.host, "-p", str(self.port), *command],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        ).stdout
+
+
+class RedisClusterOfSix(Cluster):
+    """A Redis Cluster of three primaries with a replica each (node timeout 1 s)."""
+
+    def __init__(self) -> None:
+        block = next(_BLOCKS)
+        self.nodes = [RedisClusterNode(i, f"127.0.{block}.{10 + i}") for i in range(1, 7)]
+        self._created = False
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        if not self._created:
+            subprocess.run(
+                [_binary("redis-cli"), "--cluster", "create"]
+                + [node.address for node in self.nodes]
+                + ["--cluster-replicas", "1", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self._created = True
+        self.wait_healthy()
+
+    def url(self, lock_timeout: int) -> str:
+        addresses = ",".join(node.address for node in self.nodes)
+        return f"redis+cluster://{addresses}?lock_timeout={lock_timeout}"
+
+    def leader(self) -> ClusterNode | None:
+        """A primary, once every running node says the cluster is ok and every replica
+        is in sync (else none: a replica out of sync could not take over)."""
+        primary = None
+        for node in self.nodes:
+            if not isinstance(node, RedisClusterNode) or not node.running:
+                continue
+            info = node.ask("cluster", "info") + node.ask("info", "replication")
+            if b"cluster_state:ok" not in info:
+                return None
+            if b"role:master" in info:
+                primary = primary or node
+            elif b"master_link_status:up" not in info:
+                return None
+        return primary
 
 
 # -- network faults ----------------------------------------------------------------------

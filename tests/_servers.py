@@ -38,6 +38,7 @@ __all__ = [
     "PrivatePgBouncer",
     "PrivatePostgreSQL",
     "PrivateRedis",
+    "PrivateRedisCluster",
     "PrivateServer",
     "PrivateZooKeeper",
     "free_port",
@@ -164,12 +165,15 @@ class PrivateServer:
             )
         deadline = time.monotonic() + self.start_timeout
         try:
-            wait_for_port(self.port, self.start_timeout, self.host)
-            while not self._ready():
+            # A server that exits while starting is reported at once, with what it
+            # printed (waiting out the port's timeout hid why a MariaDB never came up).
+            while not (self._listening() and self._ready()):
                 if not self.running:
                     raise RuntimeError(f"{self!r} exited while starting: {self._log_tail()}")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self!r} not ready after {self.start_timeout} s")
+                    raise TimeoutError(
+                        f"{self!r} not ready after {self.start_timeout} s: {self._log_tail()}"
+                    )
                 time.sleep(0.05)
         except BaseException:
             self.kill()
@@ -253,6 +257,13 @@ class PrivateServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signum)
 
+    def _listening(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), 0.2):
+                return True
+        except OSError:
+            return False
+
     def _log_tail(self) -> str:
         path = self._workdir / f"{self.name}.log"
         try:
@@ -289,6 +300,127 @@ class PrivateRedis(PrivateServer):
             str(self._workdir),
             *auth,
         ]
+
+
+class _RedisClusterNode(PrivateRedis):
+    """One node of a :class:`PrivateRedisCluster` (its state in ``nodes.conf``).
+
+    Its cluster bus gets a free port of its own: the default (the port + 10000) is past
+    65535 for half the free ports, and may be taken.
+    """
+
+    name = "redis-cluster-node"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.bus_port = free_port()
+
+    def _command(self) -> list[str]:
+        return [
+            *super()._command(),
+            "--cluster-port",
+            str(self.bus_port),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(self._workdir / "nodes.conf"),
+            "--cluster-node-timeout",
+            "2000",
+        ]
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of ``primaries`` nodes (and ``replicas`` per primary) on loopback.
+
+    The same interface as :class:`PrivateServer`, for the whole cluster (``kill()`` kills
+    every node); ``nodes`` are the nodes themselves, for faults of one node. The slots are
+    assigned by ``redis-cli --cluster create``, once: a restart keeps them (``nodes.conf``).
+    """
+
+    name = "redis-cluster"
+
+    def __init__(self, workdir: Path, primaries: int = 3, replicas: int = 0) -> None:
+        self._cli = _binary("redis-cli")
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._workdir = workdir
+        self._replicas = replicas
+        self.nodes = [
+            _RedisClusterNode(workdir / f"node-{number}")
+            for number in range(primaries * (1 + replicas))
+        ]
+        self.port = self.nodes[0].port
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        self.url = f"redis+cluster://{hosts}"
+        self._created = False
+
+    def __repr__(self) -> str:
+        return f"<PrivateRedisCluster {self.url}>"
+
+    @property
+    def running(self) -> bool:
+        return all(node.running for node in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        if not self._created:
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            replicas = ["--cluster-replicas", str(self._replicas)]
+            subprocess.run(
+                [self._cli, "--cluster", "create", *addresses, *replicas, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            self._created = True
+        self.wait_until_ok()
+
+    def wait_until_ok(self, timeout: float = 60.0) -> None:
+        """Until every running node says the cluster is ok (all slots served), and every
+        replica is in sync with its primary (else it could not take over)."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while node.running:
+                info = self._ask(node, "cluster", "info") + self._ask(node, "info", "replication")
+                if b"cluster_state:ok" in info and (
+                    b"role:master" in info or b"master_link_status:up" in info
+                ):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self!r}: cluster not ok after {timeout} s: {info!r}")
+                time.sleep(0.1)
+
+    def _ask(self, node: PrivateServer, *command: str) -> bytes:
+        return subprocess.run(
+            [self._cli, "-p", str(node.port), *command],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        ).stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+    def pause(self) -> None:
+        for node in self.nodes:
+            node.pause()
+
+    def resume(self) -> None:
+        for node in self.nodes:
+            node.resume()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 class PrivateMemcached(PrivateServer):
@@ -605,6 +737,10 @@ class PrivateMariaDB(PrivateServer):
         self._server = _binary("mariadbd", "/usr/sbin/mariadbd", "mysqld", "/usr/sbin/mysqld")
         super().__init__(workdir)
         self.url = f"mysql://root@127.0.0.1:{self.port}/mysql"
+        # A Unix socket path holds at most 107 bytes, and pytest's tmp_path under nox's
+        # TMPDIR (.nox/<session>/tmp/pytest-of-root/...) is longer: mariadbd then exits
+        # at start. The socket gets a short directory of its own in /tmp.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="aiotooz-my-", dir="/tmp"))
 
     def _user(self) -> list[str]:
         return ["--user=root"] if os.geteuid() == 0 else []  # root must be asked for
@@ -640,7 +776,7 @@ class PrivateMariaDB(PrivateServer):
             *self._user(),
             "--bind-address=127.0.0.1",
             f"--port={self.port}",
-            f"--socket={self._workdir / 'mysqld.sock'}",
+            f"--socket={self._socket_dir / 'mysqld.sock'}",
             f"--pid-file={self._workdir / 'mysqld.pid'}",
             "--skip-grant-tables",  # a throwaway server: anyone on loopback is root
             "--skip-name-resolve",
@@ -650,6 +786,10 @@ class PrivateMariaDB(PrivateServer):
             "--innodb-flush-log-at-trx-commit=0",
             "--max-connections=300",
         ]
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     def _ready(self) -> bool:
         import pymysql
@@ -664,9 +804,10 @@ class PrivateMariaDB(PrivateServer):
 
 
 #: The private server class behind each backend that needs a server.
-SERVERS: dict[str, type[PrivateServer]] = {
+SERVERS: dict[str, type[PrivateServer] | type[PrivateRedisCluster]] = {
     server.name: server
     for server in (
+        PrivateRedisCluster,
         PrivateRedis,
         PrivateMemcached,
         PrivateEtcd,

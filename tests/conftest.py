@@ -61,9 +61,10 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "aiotooz/_drivers/file.py",
         {"prepare_url", "get_lock", "try_acquire", "_mark_waiting", "waiters_elsewhere"}
         | {"fencing_token", "publish_leader", "read_leader", "release"}
-        | {"read_record", "write_record"},
+        | {"read_record", "write_record", "_watch_rw", "_unwatch_rw"},
         "the file backend's deliberate inline calls: one try, release (with its leader "
-        "record's removal), waiting marker, fencing counter or window record on a local "
+        "record's removal), waiting marker (a read-write lock's writer mark), fencing "
+        "counter or window record on a local "
         "file (open, stat, mkdir, rename, fcntl: microseconds); three slow calls (a "
         "network file system) move them to worker threads",
     ),
@@ -104,6 +105,18 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "they happen, are what the test checks",
     ),
     (
+        "tests/_rwmix.py",
+        {"run_mix", "reader", "writer"},
+        "the read-write test's own log of entries and exits: short O_APPEND writes, in "
+        "the order they happen, are what the test checks",
+    ),
+    (
+        "tests/test_rwlock.py",
+        {"test_three_processes_never_let_a_writer_overlap_anyone"},
+        "the read-write test's own log of entries and exits: short O_APPEND writes, in "
+        "the order they happen, are what the test checks",
+    ),
+    (
         "tests/test_leadership.py",
         {"read_terms"},
         "the test reads the workers' record of terms (a small local file) as it polls",
@@ -112,6 +125,11 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "tests/test_semaphore.py",
         {"test_a_lost_slot_cancels_its_holder"},
         "a plain redis-py client deletes a slot's key from outside (one command)",
+    ),
+    (
+        "tests/test_rwlock.py",
+        {"test_redis_keys_taken_away_are_a_loss"},
+        "a plain redis-py client deletes a read-write lock's keys from outside (one command)",
     ),
     (
         "tests/test_leadership.py",

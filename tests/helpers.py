@@ -31,15 +31,18 @@ ALL_BACKENDS = [
     "file",
     "ipc",
     "redis",
+    "redis+cluster",
     "memcached",
     "zookeeper",
     "etcd3+http",
     "postgresql",
     "mysql",
 ]
+#: Backends of aiotooz's own drivers, which plain tooz processes cannot use.
+WITHOUT_PLAIN_TOOZ = frozenset({"redis+cluster"})
 #: The private server a backend needs, where its name differs (tests/_servers.py SERVERS);
 #: file and ipc need none.
-SERVER_OF = {"etcd3+http": "etcd"}
+SERVER_OF = {"etcd3+http": "etcd", "redis+cluster": "redis-cluster"}
 
 #: Cross-process hand-off latencies measured by the conformance suite (seconds), per
 #: backend; conftest.py prints them at the end of the run (README's backend table quotes

@@ -100,7 +100,6 @@ OVER_BUDGET = {
     "aiotooz._locktable": "the lock table with its holdings and loss delivery: one idea, long",
     "aiotooz._drivers._base": "the driver interface with its defaults and the file-record helpers",
     "aiotooz._drivers.redis": "tooz's driver adapted, the native asyncio path and the batched beat",
-    "aiotooz._semaphore": "slots, the limit check and a held block of its own (to share)",
     "aiotooz._drivers._sessions": (
         "one coordinator's database sessions: the main session, the waiter links that queue "
         "at the server and park their grants, and the dialect interface they share"

@@ -60,8 +60,15 @@ os._exit(1)
 
 
 def env(**extra: str) -> dict[str, str]:
-    """The environment for aiotooz, without the developer's own AIOTOOZ_* settings."""
+    """The environment for aiotooz, without the developer's own AIOTOOZ_* settings.
+
+    The call timeout is raised from 5 s: on a loaded 2-core machine (a full test run
+    beside other work) a new process's first connection to Redis took longer, and
+    ``aiotooz run`` exited with 69 before the behaviour under test. Tests of the
+    timeout itself set their own.
+    """
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AIOTOOZ_")}
+    clean["AIOTOOZ_CALL_TIMEOUT"] = "20"
     clean.update(extra)
     return clean
 
@@ -101,6 +108,15 @@ def wait_for_file(path: Path, proc: subprocess.Popen[str] | None = None) -> None
             raise AssertionError(f"exited with {proc.returncode} before {path.name}: {err}")
         assert time.monotonic() < deadline, f"{path} did not appear within 60 s"
         time.sleep(0.02)
+
+
+def wait_for_log(proc: subprocess.Popen[str], text: str) -> None:
+    """Read ``proc``'s stderr until a line holds ``text`` (what it read is consumed)."""
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if text in line:
+            return
+    raise AssertionError(f"aiotooz exited with {proc.wait()} before it logged {text!r}")
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:
@@ -454,7 +470,10 @@ def test_a_signal_while_waiting_gives_up_without_running(
         str(marker),
         cwd=tmp_path,
     )
-    time.sleep(1.5)  # connected and waiting
+    # Connected, then waiting: a fixed sleep was too short on a loaded machine (the
+    # signal came before aiotooz handled signals, and killed it).
+    wait_for_log(proc, "coordinator started")
+    time.sleep(0.5)
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     status, _, err = finish(proc)

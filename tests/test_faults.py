@@ -26,7 +26,7 @@ import pytest
 from aiotooz import BackendUnavailable, Lock, LockLost, Semaphore
 
 from ._procs import Worker, holding_process, run_worker
-from ._servers import SERVERS, PrivateServer
+from ._servers import SERVERS, PrivateRedisCluster, PrivateServer
 from .helpers import ServerPool, make_coordinator, url_for
 
 
@@ -56,7 +56,7 @@ def fault(request: pytest.FixtureRequest) -> Fault:
 
 
 @pytest.fixture
-def server(fault: Fault, tmp_path: Path) -> Iterator[PrivateServer]:
+def server(fault: Fault, tmp_path: Path) -> Iterator[PrivateServer | PrivateRedisCluster]:
     """A private server of this test's own: it will be killed or paused."""
     instance = SERVERS[fault.server](tmp_path)
     instance.start()

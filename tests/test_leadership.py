@@ -23,6 +23,7 @@ from aiotooz import (
     BackendUnavailable,
     ConfigurationError,
     Coordinator,
+    Leadership,
     LeadershipLost,
     Lock,
     LockAcquireFailed,
@@ -30,6 +31,7 @@ from aiotooz import (
     LockNameError,
     Term,
     fencing_token,
+    set_default_coordinator,
 )
 from aiotooz._leadership import LEADERSHIP_NAMESPACE
 
@@ -40,13 +42,14 @@ from .helpers import FAILOVER_TIMES, ServerPool, make_coordinator, url_for
 #: workers beat every 0.3 s (under half of every TTL here).
 OPTIONS = {
     "redis": "lock_timeout=2",
+    "redis+cluster": "lock_timeout=2",
     "memcached": "lock_timeout=3",  # memcached may expire 1 s early: 2 s guaranteed
     "etcd3+http": "lock_timeout=2",
     "zookeeper": "timeout=2",
 }
 #: How long after the SIGKILL another process must lead, at most (generous: the machine
 #: is loaded): the TTL or session where the lock outlives its dead holder, plus slack.
-BOUND = {"redis": 2, "memcached": 3, "etcd3+http": 2, "zookeeper": 2}
+BOUND = {"redis": 2, "redis+cluster": 2, "memcached": 3, "etcd3+http": 2, "zookeeper": 2}
 SLACK = 6.0
 #: Where the kernel frees a dead process's locks as it reaps it.
 DIES_WITH_THE_PROCESS = ("file", "ipc")
@@ -184,6 +187,34 @@ async def test_leadership_gives_a_term_and_leader_names_it(backend_url: str, pre
         async with other.leadership("cleaner") as second:
             assert second.fencing_token > term.fencing_token
             assert await one.leader("cleaner") == other.member_id
+
+
+async def test_leadership_is_built_like_a_lock(file_url: str, prefix: str) -> None:
+    """``Leadership(name, coordinator=...)`` beside ``Lock`` and ``Semaphore``; without a
+    coordinator, the default one as the block is entered."""
+    async with (
+        make_coordinator(file_url, prefix) as one,
+        make_coordinator(file_url, prefix) as other,
+    ):
+        async with Leadership("builder", coordinator=one) as term:
+            assert term.member_id == one.member_id
+            assert await other.leader("builder") == one.member_id
+            with pytest.raises(LockAcquireFailed, match="leadership 'builder'"):
+                async with Leadership("builder", coordinator=other, blocking=0.1):
+                    pass
+        campaign = Leadership("builder")  # no default coordinator yet: made, not entered
+        previous = set_default_coordinator(other)
+        try:
+            async with campaign as term:
+                assert term.member_id == other.member_id
+                assert await one.leader("builder") == other.member_id
+        finally:
+            set_default_coordinator(previous)
+        assert await one.leader("builder") is None
+        with pytest.raises(ConfigurationError, match="blocking"):
+            Leadership("builder", coordinator=one, blocking=-1)
+        with pytest.raises(LockNameError):
+            Leadership("", coordinator=one)
 
 
 @pytest.mark.parametrize("backend", ["file", "ipc"])

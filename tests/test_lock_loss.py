@@ -153,10 +153,13 @@ async def test_a_hung_server_stops_the_holder_before_anyone_else_gets_the_lock(
     talking to Redis directly, waits for the lock. The holder must hear of the loss
     before the other process is granted the lock (when its TTL runs out at Redis)."""
     parts = urlsplit(redis_url)
+    # The holder's margin is the TTL's last quarter (the lease rule): 1.5 s here. With a
+    # 3 s TTL, a run beside other work once starved the holder's process past its 0.75 s
+    # and it heard of the loss 3 ms after the grant, as any paused holder would.
     with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.0) as proxy:
-        holder_url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=3"
+        holder_url = f"redis://127.0.0.1:{proxy.port}?lock_timeout=6"
         async with make_coordinator(holder_url, prefix, heartbeat=0.5) as coordinator:
-            waiter_url = f"{redis_url}?lock_timeout=3"
+            waiter_url = f"{redis_url}?lock_timeout=6"
             with worker_process("grant", waiter_url, prefix, "hung", grace=0) as waiter:
                 try:
                     with pytest.raises(LockLost):

@@ -23,12 +23,19 @@ from .helpers import ServerPool, make_coordinator, url_for
 #: with a per-lock refresh (Redis and memcached refresh a lock cheapest, so they take
 #: more), and keeps the test within about 30 s on a loaded 2-core machine (etcd and
 #: ZooKeeper make a try slowest).
-HELD = {"redis": 5000, "memcached": 5000, "etcd3+http": 1000, "zookeeper": 2000}
+HELD = {
+    "redis": 5000,
+    "redis+cluster": 5000,
+    "memcached": 5000,
+    "etcd3+http": 1000,
+    "zookeeper": 2000,
+}
 HOLD_FOR = 7.0
 #: The URL's TTL option and the beat the issue's service runs with: a 3 s TTL (on
 #: memcached, which may expire an item a second early, 4 s guarantees 3 s) and 1 s beats.
 TTL = {
     "redis": "lock_timeout=3",
+    "redis+cluster": "lock_timeout=3",
     "memcached": "lock_timeout=4",
     "etcd3+http": "lock_timeout=3",
     "zookeeper": "timeout=3",
@@ -38,7 +45,9 @@ BEAT = 1.0
 PARALLEL = 16
 
 
-@pytest.mark.parametrize("backend", ["redis", "memcached", "etcd3+http", "zookeeper"])
+@pytest.mark.parametrize(
+    "backend", ["redis", "redis+cluster", "memcached", "etcd3+http", "zookeeper"]
+)
 async def test_one_coordinator_holds_thousands_of_locks_without_losing_one(
     backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:

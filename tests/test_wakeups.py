@@ -1,9 +1,9 @@
 """Waiters woken by the backend, not by their next poll; fair between processes.
 
-Redis (on asyncio, through the asyncio client's pub/sub), ZooKeeper (a watch on the
-holder's node), etcd (a watch on the key), PostgreSQL and MySQL (a probe waiting at the
-server), file (inotify) and ipc (a probe waiting on the semaphore), all but Redis on both
-event loops, wake a waiter when the lock is released. The poll
+Redis and Redis Cluster (on asyncio, through the asyncio client's pub/sub), ZooKeeper (a
+watch on the holder's node), etcd (a watch on the key), PostgreSQL and MySQL (a probe
+waiting at the server), file (inotify) and ipc (a probe waiting on the semaphore), all
+but Redis on both event loops, wake a waiter when the lock is released. The poll
 is pushed out to seconds here, so a hand-off that waited for it would fail the bound.
 """
 
@@ -72,6 +72,16 @@ async def test_redis_wakes_a_waiter_on_release(
     assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_cluster_wakes_a_waiter_on_release(
+    private_server: Any, prefix: str, slow_polls: None
+) -> None:
+    """The waiter subscribes on the node of the lock's slot, where its release publishes."""
+    server = private_server("redis-cluster")
+    latencies = await _handoffs(server.url, prefix, 5)
+    assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
+
+
 @pytest.mark.parametrize("backend", ["zookeeper", "etcd", "postgresql", "mysql"])
 async def test_a_watch_wakes_a_waiter_on_release(
     backend: str, private_server: Any, prefix: str, slow_polls: None
@@ -98,6 +108,7 @@ async def test_without_a_wake_up_a_waiter_polls(
     ("backend", "anyio_backend"),
     [
         ("redis", "asyncio"),
+        ("redis-cluster", "asyncio"),
         ("file", "asyncio"),
         ("file", "trio"),
         ("ipc", "asyncio"),
@@ -114,9 +125,9 @@ async def test_a_busy_process_lets_a_woken_foreign_waiter_in(
     process used to wait seconds: after 8 local hand-offs the releasing process's next
     waiter retried at once while the foreign one slept until its next poll. Now the
     release wakes it, the releasing process knows it waits (Redis: the release script
-    counts the subscribers it told; file: a shared lock on the key's marker file; ipc:
-    threads blocked on the semaphore; PostgreSQL and MySQL: sessions waiting at the
-    server), and steps back."""
+    counts the subscribers it told, on Redis Cluster those of the lock's node; file: a
+    shared lock on the key's marker file; ipc: threads blocked on the semaphore;
+    PostgreSQL and MySQL: sessions waiting at the server), and steps back."""
     if backend == "redis":
         url = redis_url
     elif backend == "file":

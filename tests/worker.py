@@ -28,6 +28,9 @@ Commands:
                                                TASKS tasks enter Semaphore(NAME, LIMIT) ROUNDS
                                                times each, appending "+" to LOG once inside
                                                and "-" before leaving (one write each)
+  rwlock URL PREFIX NAME SECONDS LOG          three reader tasks and one writer of RWLock(NAME,
+                                               fencing=True) for SECONDS, logging to LOG
+                                               (tests/_rwmix.py)
   campaign URL PREFIX NAME RECORD LOOP         print "member ID", then run_as_leader(NAME) on the
                                                anyio backend LOOP (heartbeat 0.3 s); the job
                                                appends "begin ID TOKEN TIME" to the file RECORD,
@@ -63,6 +66,7 @@ from aiotooz import (
     Coordinator,
     Lock,
     LockLost,
+    RWLock,
     Semaphore,
     fencing_token,
     once_per,
@@ -197,6 +201,15 @@ async def semaphore(
         os.close(fd)
 
 
+async def rwlock(url: str, prefix: str, name: str, seconds: str, log: str) -> None:
+    # This script runs as a file, so its package is put on the path to import from it.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests._rwmix import run_mix
+
+    async with _coordinator(url, prefix) as coordinator:
+        await run_mix(RWLock(name, coordinator=coordinator, fencing=True), log, float(seconds))
+
+
 async def campaign(url: str, prefix: str, name: str, record: str) -> None:
     settings = CoordinationSettings(backend_url=url, heartbeat=0.3)
     async with Coordinator(prefix=prefix, settings=settings) as coordinator:
@@ -292,6 +305,7 @@ def main() -> None:
         "grant": grant,
         "fence": fence,
         "semaphore": semaphore,
+        "rwlock": rwlock,
     }
     anyio.run(commands[command], *args)
 

@@ -24,6 +24,7 @@ from ._lock import fencing_token as fencing_token
 from ._once import once_per as once_per
 from ._process import get_default_coordinator as get_default_coordinator
 from ._process import set_default_coordinator as set_default_coordinator
+from ._rwlock import RWLock as RWLock
 from ._semaphore import Semaphore as Semaphore
 from ._settings import CoordinationSettings as CoordinationSettings
 from ._synchronized import synchronized as synchronized
@@ -44,6 +45,7 @@ __all__ = [
     "LockLost",
     "LockNameError",
     "LockNotHeld",
+    "RWLock",
     "Semaphore",
     "Term",
     "UnsupportedOperation",

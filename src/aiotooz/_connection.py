@@ -41,9 +41,9 @@ from ._drivers import (
     Driver,
     HolderRecord,
     ReleaseSignal,
-    able_backends,
     driver_class,
     known_schemes,
+    schemes_with,
 )
 from ._exceptions import (
     BackendUnavailable,
@@ -51,10 +51,18 @@ from ._exceptions import (
     CoordinationError,
     UnsupportedOperation,
 )
+from ._names import split_rw_key
 from ._tasks import running_on_asyncio
 from ._urls import redact_url, scheme_of
 
-__all__ = ["Connection", "LockHandle", "Watch", "open_connection", "translate"]
+__all__ = [
+    "Connection",
+    "LockHandle",
+    "Watch",
+    "open_connection",
+    "rw_unsupported",
+    "translate",
+]
 
 T = TypeVar("T")
 
@@ -82,6 +90,16 @@ def translate(exc: BaseException, action: str, url: str) -> CoordinationError:
         return BackendUnavailable(f"{where}: the backend failed ({exc})")
     # Raw client-library and OS errors that tooz lets through (kazoo, etcd3gw, OSError).
     return BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def rw_unsupported(scheme: str) -> str:
+    """Why a read-write lock cannot be had on the ``scheme`` backend, and where it can."""
+    able = ", ".join(schemes_with(Capability.SHARES_LOCKS))
+    return (
+        f"the {scheme!r} backend has no read-write locks (no shared locks to build them "
+        f"on that every holder can see); RWLock works on: {able}. Use a Lock there, or "
+        "one of those backends for this name"
+    )
 
 
 def _install_hint(driver: type[Driver], scheme: str, module: str | None) -> str:
@@ -145,11 +163,13 @@ class LockHandle:
     thread releases that lock itself.
     """
 
-    __slots__ = ("_tooz_lock", "connection", "held", "key", "woken")
+    __slots__ = ("_tooz_lock", "connection", "held", "key", "shared", "woken")
 
     def __init__(self, connection: Connection, key: str) -> None:
         self.connection: Connection = connection
         self.key: str = key
+        #: A key of a read-write lock (``aiotooz._names.rw_key``).
+        self.shared: bool = split_rw_key(key) is not None
         self.held: bool = False
         #: How many waiters (of other processes, as a rule) the last release woke.
         self.woken: int = 0
@@ -193,8 +213,8 @@ class LockHandle:
             raise UnsupportedOperation(
                 f"the {self.connection.scheme!r} backend keeps no records beside locks "
                 f"(needed for {self.key!r}): memcached may evict one at any time, which "
-                "would let a window run twice; use file, ipc, redis, zookeeper, "
-                "etcd3+http, postgresql or mysql"
+                "would let a window run twice; use file, ipc, redis, redis+cluster, "
+                "zookeeper, etcd3+http, postgresql or mysql"
             )
         return self.connection
 
@@ -394,6 +414,8 @@ class Connection(_Caller):
         )
         self._lock_objects = _LockObjects()
         self._parks_grants = Capability.PARKS_GRANTS in driver.capabilities
+        #: Read-write locks (``Capability.SHARES_LOCKS``).
+        self.shares_locks: bool = Capability.SHARES_LOCKS in driver.capabilities
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
@@ -414,6 +436,8 @@ class Connection(_Caller):
             UnsupportedOperation: the backend cannot lock this key.
             BackendUnavailable: the backend failed or did not answer in time.
         """
+        if handle.shared and not self.shares_locks:
+            raise UnsupportedOperation(rw_unsupported(self.scheme))
         problem = self.driver.key_problem(handle.key)
         if problem is not None:
             raise UnsupportedOperation(f"cannot lock key {handle.key!r}: {problem}")
@@ -487,8 +511,8 @@ class Connection(_Caller):
         if Capability.FENCES not in self.capabilities:
             raise UnsupportedOperation(
                 f"the {scheme_of(self.url)!r} backend gives no fencing tokens; every backend "
-                "aiotooz knows does (file, ipc, redis, memcached, zookeeper, etcd3+http, "
-                "postgresql, mysql)"
+                "aiotooz knows does (file, ipc, redis, redis+cluster, memcached, zookeeper, "
+                "etcd3+http, postgresql, mysql)"
             )
         tooz_lock = handle._tooz_lock
         fence = lambda: self.driver.fencing_token(tooz_lock)  # noqa: E731
@@ -514,9 +538,8 @@ class Connection(_Caller):
 
     def _require(self, capability: Capability, what: str) -> None:
         if capability not in self.capabilities:
-            raise UnsupportedOperation(
-                f"the {self.scheme!r} backend cannot {what}; {able_backends(capability)} can"
-            )
+            able = ", ".join(schemes_with(capability))
+            raise UnsupportedOperation(f"the {self.scheme!r} backend cannot {what}; {able} can")
 
     async def read_holder(self, key: str) -> HolderRecord | None:
         """Who holds ``key`` now, or ``None`` (see ``Driver.read_holder``).
@@ -556,7 +579,7 @@ class Connection(_Caller):
             raise UnsupportedOperation(
                 f"cannot break {name!r} on the {self.scheme!r} backend (held {whom}): "
                 f"{self.driver.break_refusal.format(pid=pid, host=host, session=session)}; "
-                f"{able_backends(Capability.BREAKS_LOCKS)} can break locks"
+                f"{', '.join(schemes_with(Capability.BREAKS_LOCKS))} can break locks"
             )
         breaking = lambda: self.driver.break_lock(key)  # noqa: E731
         return await self._call(self._control_lane, f"breaking {name!r}", breaking)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, final
 from ._drivers import HolderRecord
 from ._exceptions import BackendUnavailable, LockCreationFailed
 from ._logging import get_logger
-from ._names import backend_key, check_name
+from ._names import backend_key, check_name, split_rw_key
 from ._telemetry import instruments
 
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
@@ -89,6 +89,8 @@ async def list_holders(coordinator: Coordinator, prefix: str) -> AsyncIterator[H
     connection = _connection(coordinator, "listing held locks")
     records = await connection.list_holders(coordinator.prefix + prefix)
     for record in sorted(records, key=lambda record: record.key):
+        if split_rw_key(record.key) is not None:
+            continue  # a read-write lock's: not listed (see the operations docs)
         yield _holder(record.key[len(coordinator.prefix) :], record)
 
 

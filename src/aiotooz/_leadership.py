@@ -61,14 +61,35 @@ class Term:
 
 @final
 class Leadership:
-    """``async with coordinator.leadership(name) as term:`` (see ``LeadershipMethods``)."""
+    """Lead ``name`` for the length of a block: ``async with Leadership("scheduler") as term:``.
 
-    __slots__ = ("_blocking", "_coordinator", "_lock", "led", "lost", "name", "term")
+    Built like [`Lock`][aiotooz.Lock] and [`Semaphore`][aiotooz.Semaphore]: without
+    ``coordinator`` it uses the default coordinator at the moment the block is entered
+    (``coordinator.leadership(name)`` makes one for that coordinator). Entering waits
+    until this process leads (as ``blocking`` allows, as for locks) and gives the
+    [`Term`][aiotooz.Term]. If leadership is lost while leading, the body is cancelled
+    and [`LeadershipLost`][aiotooz.LeadershipLost] raised out of the block. One object
+    is one block: make a new one for each term (as ``run_as_leader`` does).
 
-    def __init__(self, coordinator: Coordinator, name: str, blocking: Blocking) -> None:
+    Args:
+        name: the leadership's name; processes lead it together when their
+            coordinators share the backend and the prefix.
+        coordinator: the coordinator to lead through; ``None`` for the default one.
+        blocking: ``True`` waits as long as it takes, ``False`` tries once, a number
+            waits at most that many seconds (then ``LockAcquireFailed``).
+
+    Raises:
+        LockNameError: ``name`` is not a non-empty ``str``.
+        ConfigurationError: ``blocking`` is not a bool or a number >= 0.
+    """
+
+    __slots__ = ("_blocking", "_lock", "led", "lost", "name", "term")
+
+    def __init__(
+        self, name: str, *, coordinator: Coordinator | None = None, blocking: Blocking = True
+    ) -> None:
         self.name: str = check_name(name)
         self._blocking = check_blocking(blocking)
-        self._coordinator = coordinator
         self._lock = Lock(LEADERSHIP_NAMESPACE + name, coordinator=coordinator, fencing=True)
         #: The term while this block leads; ``None`` before and after.
         self.term: Term | None = None
@@ -86,7 +107,7 @@ class Leadership:
             await self._lock(self._blocking).__aenter__()
         except LockAcquireFailed as exc:
             raise LockAcquireFailed(f"leadership {self.name!r}: {exc}") from exc
-        coordinator = self._coordinator
+        coordinator = self._lock.coordinator  # the default one, resolved as it was entered
         try:
             token = self._lock.fencing_token
             handle = held_handle(self._lock)
@@ -146,7 +167,7 @@ async def run_as_leader(
         )
     log = get_logger(agent_id=coordinator.agent_id, leadership=name)
     while True:
-        campaign = Leadership(coordinator, name, True)
+        campaign = Leadership(name, coordinator=coordinator)
         try:
             async with campaign as term:
                 log.info("leading", fencing_token=term.fencing_token)
@@ -171,24 +192,17 @@ class LeadershipMethods:
     __slots__ = ()
 
     def leadership(self: Coordinator, name: str, *, blocking: Blocking = True) -> Leadership:  # type: ignore[misc]
-        """Lead ``name``: ``async with coordinator.leadership("scheduler") as term:``.
+        """Lead ``name`` through this coordinator: ``Leadership(name, coordinator=self)``.
 
-        Entering waits until this process leads (as ``blocking`` allows, as for locks)
-        and gives the `Term`. If leadership is lost while leading, the body is
-        cancelled and [`LeadershipLost`][aiotooz.LeadershipLost] raised out of the block. Lock
-        names starting with ``"aiotooz.leader."`` are reserved for it.
-
-        Args:
-            name: the leadership's name; processes lead it together when their
-                coordinators share the backend and the prefix.
-            blocking: ``True`` waits as long as it takes, ``False`` tries once, a number
-                waits at most that many seconds (then ``LockAcquireFailed``).
+        ``async with coordinator.leadership("scheduler") as term:``; see
+        [`Leadership`][aiotooz.Leadership]. Lock names starting with
+        ``"aiotooz.leader."`` are reserved for it.
 
         Raises:
             LockNameError: ``name`` is not a non-empty ``str``.
             ConfigurationError: ``blocking`` is not a bool or a number >= 0.
         """
-        return Leadership(self, name, blocking)
+        return Leadership(name, coordinator=self, blocking=blocking)
 
     async def leader(self: Coordinator, name: str) -> str | None:  # type: ignore[misc]
         """The member id of the process leading ``name`` now, or ``None``.

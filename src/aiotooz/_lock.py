@@ -8,15 +8,15 @@ import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, final
 
 import anyio
 
-from ._exceptions import ConfigurationError, LockAcquireFailed, LockLost, LockNotHeld
+from ._exceptions import ConfigurationError, LockAcquireFailed, LockNotHeld
+from ._held import budget, close_block, open_block, raise_if_lost
 from ._locktable import FOREVER, TRY_ONCE, Hold, LockTable
 from ._names import check_name, format_name
 from ._process import get_default_coordinator
-from ._telemetry import lost_event
 
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
     from ._connection import LockHandle
@@ -25,9 +25,12 @@ if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
 __all__ = [
     "Blocking",
     "BudgetContext",
+    "Fenced",
     "Lock",
     "check_blocking",
     "deadline_for",
+    "enter_fenced",
+    "exit_fenced",
     "fencing_token",
     "held_handle",
 ]
@@ -112,17 +115,40 @@ def deadline_for(blocking: object) -> float:
     return FOREVER if math.isinf(checked) else anyio.current_time() + checked
 
 
+class Fenced(Protocol):
+    """A fenced hold in an ``async with`` block: a `Lock`, or an `RWLock`'s write block."""
+
+    @property
+    def name(self) -> str: ...
+
+    def locked(self) -> bool: ...
+
+    @property
+    def fencing_token(self) -> int: ...
+
+
 #: The fenced locks the current task holds in ``async with`` blocks, innermost last.
-_FENCED: contextvars.ContextVar[tuple[Lock, ...]] = contextvars.ContextVar(
+_FENCED: contextvars.ContextVar[tuple[Fenced, ...]] = contextvars.ContextVar(
     "aiotooz_fenced", default=()
 )
+
+
+def enter_fenced(holder: Fenced) -> contextvars.Token[tuple[Fenced, ...]]:
+    """``holder`` is the current task's innermost fenced lock (`fencing_token()`)."""
+    return _FENCED.set((*_FENCED.get(), holder))
+
+
+def exit_fenced(entered: contextvars.Token[tuple[Fenced, ...]]) -> None:
+    """Undo :func:`enter_fenced`, as the block ends."""
+    _FENCED.reset(entered)
 
 
 def fencing_token(name: str | None = None) -> int:
     """The fencing token of the innermost fenced lock this task holds (or of ``name``).
 
-    For code running inside ``async with Lock(..., fencing=True):`` or a function
-    decorated with ``@synchronized(..., fencing=True)``, which has no lock object at hand.
+    For code running inside ``async with Lock(..., fencing=True):``, a function
+    decorated with ``@synchronized(..., fencing=True)``, or the write block of an
+    ``RWLock(..., fencing=True)``, which has no lock object at hand.
 
     Raises:
         LockNotHeld: this task holds no such lock in an ``async with`` block.
@@ -133,7 +159,8 @@ def fencing_token(name: str | None = None) -> int:
     which = "no fenced lock" if name is None else f"no fenced lock named {name!r}"
     raise LockNotHeld(
         f"this task holds {which} in an 'async with' block or @synchronized function; "
-        "use Lock(..., fencing=True) or @synchronized(..., fencing=True)"
+        "use Lock(..., fencing=True), @synchronized(..., fencing=True) or the write "
+        "block of RWLock(..., fencing=True)"
     )
 
 
@@ -217,7 +244,7 @@ class Lock:
         self._cancel_on_loss = cancel_on_loss
         self._fencing = fencing
         #: Undoes this lock's entry in the task's stack of fenced locks (``async with``).
-        self._context: contextvars.Token[tuple[Lock, ...]] | None = None
+        self._context: contextvars.Token[tuple[Fenced, ...]] | None = None
         self._hold: Hold | None = None
         #: The lock table of the coordinator that granted ``_hold``.
         self._table: LockTable | None = None
@@ -390,8 +417,7 @@ class Lock:
 
 async def _acquire_or_raise(lock: Lock, blocking: Blocking) -> None:
     if not await lock.acquire(blocking):
-        budget = "at once" if blocking is False else f"within {blocking} s"
-        raise LockAcquireFailed(f"lock {lock.name!r} was not acquired {budget}")
+        raise LockAcquireFailed(f"lock {lock.name!r} was not acquired {budget(blocking)}")
 
 
 async def _enter(lock: Lock, blocking: Blocking) -> None:
@@ -400,15 +426,8 @@ async def _enter(lock: Lock, blocking: Blocking) -> None:
     hold = lock._hold
     assert hold is not None
     if lock._fencing:
-        lock._context = _FENCED.set((*_FENCED.get(), lock))
-    if lock._cancel_on_loss:
-        # Entered here and exited in _exit, in the same task, around the block's body.
-        scope = anyio.CancelScope()
-        scope.__enter__()
-        lock._scope = scope
-        hold.on_lost = scope.cancel
-        if hold.lost:
-            scope.cancel()
+        lock._context = enter_fenced(lock)
+    lock._scope = open_block(hold, lock._cancel_on_loss)
 
 
 async def _exit(
@@ -425,14 +444,9 @@ async def _exit(
     """
     context, lock._context = lock._context, None
     if context is not None:
-        _FENCED.reset(context)
+        exit_fenced(context)
     scope, lock._scope = lock._scope, None
-    cut_short = False
-    if scope is not None:
-        # Swallows the cancellation the loss caused, and only that one.
-        if scope.__exit__(exc_type, exc, tb):
-            exc = None
-            cut_short = True
+    exc, cut_short = close_block(scope, exc_type, exc, tb)
     if lock._hold is None:
         # Released inside the block: nothing to release, and no error to put in place
         # of the body's own; but a body the loss cut short must not pass as finished.
@@ -440,13 +454,4 @@ async def _exit(
     else:
         await lock.release()
         reason = lock._lost_reason
-    if reason is None or not lock._cancel_on_loss:
-        return
-    if isinstance(exc, anyio.get_cancelled_exc_class()):
-        return  # cancelled from outside as well: that cancellation wins
-    lost_event(lock.name, reason)
-    raise LockLost(
-        f"lock {lock.name!r} was lost while held: {reason}",
-        lock_name=lock.name,
-        reason=reason,
-    ) from exc
+    raise_if_lost(lock.name, reason, lock._cancel_on_loss, exc, f"lock {lock.name!r} was lost")

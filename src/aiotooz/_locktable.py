@@ -35,7 +35,7 @@ from ._exceptions import (
 )
 from ._logging import Logger
 from ._names import backend_key
-from ._queue import KeyQueue, SemaphoreQueue
+from ._queue import KeyQueue, RWQueue, SemaphoreQueue
 from ._telemetry import instruments, record_waited_acquire
 from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, TableOwner, Waits
 
@@ -141,6 +141,8 @@ class _Holdings:
         self._handed_over: dict[str, Hold] = {}
         #: The local state of each semaphore in use here, by name (``_semaphore.py``).
         self.semaphores: dict[str, SemaphoreQueue] = {}
+        #: The local state of each read-write lock in use here, by name (``_rwlock.py``).
+        self.rwlocks: dict[str, RWQueue] = {}
         #: When the last heartbeat that succeeded began (or the connection was made):
         #: every lock held through the current connection was refreshed no earlier.
         self.last_refresh: float = -math.inf
@@ -459,6 +461,12 @@ class LockTable(_Holdings):
         """
         connection = self._owner.connection
         return connection is None or connection.driver.key_space is None
+
+    @property
+    def shares_locks(self) -> bool | None:
+        """Whether the backend has read-write locks; ``None`` while not connected."""
+        connection = self._owner.connection
+        return None if connection is None else connection.shares_locks
 
     def check_loop(self) -> None:
         """Refuse a call from outside the coordinator's event loop (`WrongEventLoop`)."""

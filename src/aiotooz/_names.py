@@ -21,6 +21,13 @@ A semaphore's slot ``i`` is locked on ``prefix + stem + "~" + digest + "~" + str
 name): it contains two ``~``, so no lock name ever maps to it, and it is at most
 ``len(prefix) + 54`` characters for the slots of limits up to 1,000 (MySQL's limit of
 64 then fits prefixes of up to 10 characters).
+
+A read-write lock's holders lock keys of the family ``prefix + stem + "~" + digest +
+"~rw"`` (:func:`rw_key`): its writers ``... + "~w"``, each reader ``... + "~r" +
+str(serial)`` (a key of its own, so that the readers of one process do not queue behind
+each other). Three ``~`` and a final part that is not a number: neither a lock name nor a
+slot maps to one. A driver that has read-write locks reads the family and the role back
+with :func:`split_rw_key`.
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ __all__ = [
     "check_prefix",
     "format_fields",
     "format_name",
+    "rw_key",
     "slot_key",
+    "split_rw_key",
 ]
 
 MAX_PLAIN_LENGTH = 64
@@ -87,6 +96,25 @@ def slot_key(prefix: str, name: str, index: int) -> str:
     """The key of slot ``index`` of the semaphore ``name`` (see the module docstring)."""
     stem = _UNSAFE.sub("_", name[:_SLOT_STEM_LENGTH]).lstrip(".")
     return f"{prefix}{stem}~{_digest(name)}~{index}"
+
+
+def rw_key(prefix: str, name: str, write: bool, serial: int = 0) -> str:
+    """The key a writer (or reader ``serial``) of read-write lock ``name`` locks."""
+    stem = _UNSAFE.sub("_", name[:_SLOT_STEM_LENGTH]).lstrip(".")
+    role = "w" if write else f"r{serial}"
+    return f"{prefix}{stem}~{_digest(name)}~rw~{role}"
+
+
+def split_rw_key(key: str) -> tuple[str, bool] | None:
+    """The family key of a :func:`rw_key`, and whether it is a writer's; else ``None``."""
+    family, tilde, role = key.rpartition("~")
+    if not tilde or not family.endswith("~rw") or family.count("~") != 2:
+        return None
+    if role == "w":
+        return family, True
+    if role[:1] == "r" and role[1:].isdigit():
+        return family, False
+    return None
 
 
 def check_name(name: object) -> str:

@@ -14,7 +14,7 @@ from typing import final
 
 import anyio
 
-__all__ = ["KeyQueue", "SemaphoreQueue"]
+__all__ = ["KeyQueue", "RWQueue", "SemaphoreQueue"]
 
 
 @final
@@ -130,3 +130,81 @@ class SemaphoreQueue:
         """A slot held here was released: wake the waiter at the head."""
         if self.wake is not None:
             self.wake()
+
+
+@final
+class RWQueue:
+    """The tasks of one process that hold or want one read-write lock: the local rules.
+
+    Writer-preferring here too: while a writer of this process waits or holds, no new
+    reader of it goes to the backend; a writer goes there once no reader of this process
+    holds or tries (one backend session holds every lock of a coordinator on some
+    backends, and a session does not exclude itself). Writers then queue in the writer
+    key's :class:`KeyQueue`. Every change wakes the tasks waiting on these rules.
+    """
+
+    __slots__ = (
+        "_changed",
+        "reader_tasks",
+        "readers",
+        "serial",
+        "waiting",
+        "writer_tasks",
+        "writers",
+    )
+
+    def __init__(self) -> None:
+        #: Readers of this process holding the lock, or trying it at the backend.
+        self.readers = 0
+        #: Writers of this process holding the lock or waiting for it.
+        self.writers = 0
+        #: Those readers and writers by task id (a task cannot wait for itself).
+        self.reader_tasks: dict[int, int] = {}
+        self.writer_tasks: dict[int, int] = {}
+        #: The last reader key's serial (each reader locks a key of its own).
+        self.serial = 0
+        #: Tasks waiting on these rules (so the state is not forgotten under them).
+        self.waiting = 0
+        self._changed = anyio.Event()
+
+    @property
+    def idle(self) -> bool:
+        """No reader or writer here, nor one waiting: the state can be forgotten."""
+        return self.readers == 0 and self.writers == 0 and self.waiting == 0
+
+    def enter(self, task: int, write: bool) -> None:
+        """``task`` begins to read (try, then hold) or to write (wait, then hold)."""
+        tasks = self.writer_tasks if write else self.reader_tasks
+        tasks[task] = tasks.get(task, 0) + 1
+        if write:
+            self.writers += 1
+        else:
+            self.readers += 1
+
+    def leave(self, task: int, write: bool) -> None:
+        """``task``'s read or write ended (released, or never granted); wake the waiters."""
+        tasks = self.writer_tasks if write else self.reader_tasks
+        tasks[task] -= 1
+        if not tasks[task]:
+            del tasks[task]
+        if write:
+            self.writers -= 1
+        else:
+            self.readers -= 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_until(self, ready: Callable[[], bool], deadline: float) -> bool:
+        """Wait until ``ready()``, at most until ``deadline``; whether it came."""
+        while not ready():
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return False
+            changed = self._changed
+            self.waiting += 1
+            try:
+                with anyio.move_on_after(remaining):  # inf: no limit
+                    await changed.wait()
+            finally:
+                self.waiting -= 1
+        return True

@@ -29,16 +29,15 @@ from ._exceptions import (
     BackendUnavailable,
     ConfigurationError,
     LockAcquireFailed,
-    LockLost,
     LockNotHeld,
     UnsupportedOperation,
 )
+from ._held import budget, close_block, open_block, raise_if_lost
 from ._lock import Blocking, BudgetContext, check_blocking, deadline_for
 from ._locktable import TRY_ONCE, Hold, LockTable, Waits
 from ._names import check_name, format_name, slot_key
 from ._process import get_default_coordinator
 from ._queue import SemaphoreQueue
-from ._telemetry import lost_event
 
 if TYPE_CHECKING:  # the coordinator module is above this one
     from ._coordinator import Coordinator
@@ -289,21 +288,13 @@ class Semaphore:
 async def _enter(semaphore: Semaphore, blocking: Blocking) -> None:
     """Take a slot for an ``async with`` block; open the scope that loss will cancel."""
     if not await semaphore.acquire(blocking):
-        budget = "at once" if blocking is False else f"within {blocking} s"
         raise LockAcquireFailed(
             f"no slot of semaphore {semaphore.name!r} (limit {semaphore.limit}) was "
-            f"acquired {budget}"
+            f"acquired {budget(blocking)}"
         )
     slot = semaphore._held[_current_task()][-1]
     slot.entered = True
-    if semaphore._cancel_on_loss:
-        # Entered here and exited in _exit, in the same task, around the block's body.
-        scope = anyio.CancelScope()
-        scope.__enter__()
-        slot.scope = scope
-        slot.hold.on_lost = scope.cancel
-        if slot.hold.lost:
-            scope.cancel()
+    slot.scope = open_block(slot.hold, semaphore._cancel_on_loss)
 
 
 async def _exit(
@@ -316,25 +307,15 @@ async def _exit(
     task = _current_task()
     slot = next(slot for slot in reversed(semaphore._held[task]) if slot.entered)
     scope, slot.scope = slot.scope, None
-    if scope is not None and scope.__exit__(exc_type, exc, tb):
-        exc = None  # the cancellation the loss caused, and only that one
+    exc, _ = close_block(scope, exc_type, exc, tb)
     # As for a lock: the lease rule at the exit (a body that blocked the event loop past
     # the lease and ended without an await), and a "not ours" answer of the release,
     # are losses too; found now, they are recorded, never a cancellation.
     slot.hold.on_lost = None
     slot.table.check_lease(slot.hold, anyio.current_time())
     await semaphore._release(task, slot)
-    reason = slot.hold.lost_reason
-    if reason is None or not semaphore._cancel_on_loss:
-        return
-    if isinstance(exc, anyio.get_cancelled_exc_class()):
-        return  # cancelled from outside as well: that cancellation wins
-    lost_event(semaphore.name, reason)
-    raise LockLost(
-        f"semaphore {semaphore.name!r} lost slot {slot.index} while held: {reason}",
-        lock_name=semaphore.name,
-        reason=reason,
-    ) from exc
+    what = f"semaphore {semaphore.name!r} lost slot {slot.index}"
+    raise_if_lost(semaphore.name, slot.hold.lost_reason, semaphore._cancel_on_loss, exc, what)
 
 
 # -- taking a slot ------------------------------------------------------------------------

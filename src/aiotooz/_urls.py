@@ -58,7 +58,7 @@ def check_url(url: str) -> urllib.parse.SplitResult:
         )
     try:
         parts = urllib.parse.urlsplit(url)
-        # A ZooKeeper connect string lists several servers: 'zookeeper://a:2181,b:2181'.
+        # ZooKeeper, etcd and Redis Cluster URLs list several servers: 'zookeeper://a:2181,b:2181'.
         # Parsing each one's port is what raises for 'host:abc'.
         for server in parts.netloc.rpartition("@")[2].split(","):
             urllib.parse.urlsplit(f"//{server}").port  # noqa: B018

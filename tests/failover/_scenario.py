@@ -39,6 +39,8 @@ class Scenario:
         self._harness = Recorder(directory, "harness")
         self._store = FencedStore(directory)
         self._prefix = f"failover{uuid.uuid4().hex[:6]}-"
+        #: The holders' prefix (the lock's key is made from it and the name "lock").
+        self.prefix = self._prefix
         self.holders: dict[str, subprocess.Popen[str]] = {}
         self._logs: list[Any] = []
 

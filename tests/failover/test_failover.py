@@ -24,6 +24,7 @@ from .._clusters import (
     ClusterNode,
     EtcdCluster,
     Firewall,
+    RedisClusterOfSix,
     RedisSentinelCluster,
     ZooKeeperCluster,
 )
@@ -309,5 +310,135 @@ def test_redis_promotes_a_replica_without_the_lock(
         scenario.close()
         wall.close()
     assert cluster.leader() is replica, "Sentinel did not promote the replica"
+    heal_at = next(e["t"] for e in report.events if e["event"] == "heal")
+    assert any(s.enter > heal_at for s in report.sections), "no progress after the heal"
+
+
+# -- etcd with several endpoints: the client's own member fails --------------------------
+
+#: The lease of the multi-endpoint scenarios, and the client's wait for one member: a
+#: member that stops answering is left after 1 s, and the lease rule (3/4 of the TTL)
+#: must outlast that and the beat it delayed.
+MULTI_TTL = 4
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    made = EtcdCluster()
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+
+
+def _run_on_the_clients_member(
+    cluster: EtcdCluster, tmp_path: Path, fault: str, inject: Callable[[ClusterNode], object]
+) -> None:
+    """Every holder lists every member, a follower first; ``inject`` the fault on it.
+
+    The holder inside its section must neither lose its lock (its lease is kept alive
+    through another member) nor stall the others: a new grant comes during the fault.
+    """
+    cluster.wait_healthy()
+    leader = cluster.leader()
+    first = next(node for node in cluster.nodes if node is not leader)
+    addresses = ",".join(node.address for node in [first, *_peers(cluster, first)])
+    url = f"etcd3+http://{addresses}?lock_timeout={MULTI_TTL}&timeout=1"
+    scenario = Scenario(tmp_path / "history", f"EtcdCluster, several endpoints: {fault}")
+    try:
+        scenario.start_holders(dict.fromkeys(("h1", "h2", "h3"), url))
+        holder = scenario.wait_for_section(list(scenario.holders))
+        faulted = scenario.event("fault", what=f"{fault} ({first.address}); {holder} holds")
+        inject(first)
+        scenario.wait_for_entry(faulted, timeout=FAULT * 3)  # a grant during the fault
+        healed = scenario.event("heal")
+        if not first.running:
+            first.start()
+        cluster.wait_healthy()
+        scenario.wait_for_entry(healed)
+        report = scenario.finish()
+    finally:
+        scenario.close()
+    assert not report.lost(), f"locks lost: {report.lost()}"
+    # A holder that waited its 5 s in the queue records it and waits again: not a fault.
+    errors = [e["error"] for e in report.events if e["event"] == "error"]
+    assert not [error for error in errors if "LockAcquireFailed" not in error], errors
+
+
+def test_etcd_clients_member_killed(etcd_cluster: EtcdCluster, tmp_path: Path) -> None:
+    def kill(member: ClusterNode) -> None:
+        member.kill()
+
+    _run_on_the_clients_member(etcd_cluster, tmp_path, "the clients' member killed", kill)
+
+
+def test_etcd_clients_member_partitioned(etcd_cluster: EtcdCluster, tmp_path: Path) -> None:
+    """The member is cut off from the others (not from the clients): it answers nothing
+    that needs the cluster, until the client leaves it for one that does."""
+    wall = Firewall()
+    try:
+
+        def partition(member: ClusterNode) -> None:
+            wall.isolate(member, _peers(etcd_cluster, member))
+            time.sleep(FAULT)
+            wall.heal()
+
+        _run_on_the_clients_member(
+            etcd_cluster, tmp_path, "the clients' member partitioned", partition
+        )
+    finally:
+        wall.close()
+
+
+# -- Redis Cluster: a primary killed, its replica promoted --------------------------------
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisClusterOfSix]:
+    made = RedisClusterOfSix()
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+
+
+def test_redis_cluster_primary_killed(redis_cluster: RedisClusterOfSix, tmp_path: Path) -> None:
+    """The primary serving the lock's slot is SIGKILLed; its replica takes over.
+
+    Every slot is refused while the slot range has no primary (about the node timeout,
+    1 s, and an election), longer than the beat's retries within a 2 s TTL: the holder
+    inside its section is told, and the next grant comes from the promoted replica.
+    Replication is asynchronous, as under Sentinel: a grant that had not reached the
+    replica would be lost with the primary (the fenced store refuses a stale write).
+    """
+    import redis.cluster
+
+    from aiotooz._names import backend_key
+
+    cluster = redis_cluster
+    scenario = Scenario(tmp_path / "history", "RedisClusterOfSix: primary of the lock killed")
+    try:
+        scenario.start_holders(dict.fromkeys(("h1", "h2", "h3"), cluster.url(TTL)))
+        key = f"aiotooz:{{{backend_key(scenario.prefix, 'lock')}}}:lock"
+        first = cluster.nodes[0]
+        client = redis.cluster.RedisCluster(host=first.host, port=first.port)
+        try:
+            served = client.get_node_from_key(key)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        primary = next(node for node in cluster.nodes if node.port == served.port)
+        holder = scenario.wait_for_section(list(scenario.holders))
+        scenario.event("fault", what=f"SIGKILL primary {primary.address}; {holder} holds")
+        primary.kill()
+        time.sleep(FAULT)
+        primary.start()  # it comes back as a replica of its successor
+        healed = scenario.event("heal")
+        cluster.wait_healthy()
+        scenario.wait_for_entry(healed)
+        report = scenario.finish()
+    finally:
+        scenario.close()
     heal_at = next(e["t"] for e in report.events if e["event"] == "heal")
     assert any(s.enter > heal_at for s in report.sections), "no progress after the heal"

@@ -18,10 +18,10 @@ __all__ = [
     "Driver",
     "HolderRecord",
     "ReleaseSignal",
-    "able_backends",
     "check_url_for_driver",
     "driver_class",
     "known_schemes",
+    "schemes_with",
 ]
 
 #: scheme -> (module in this package, class). Aliases (``kazoo``, ``etcd3+https``) too.
@@ -29,6 +29,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "file": ("file", "FileDriver"),
     "ipc": ("ipc", "IpcDriver"),
     "redis": ("redis", "RedisDriver"),
+    "redis+cluster": ("redis_cluster", "RedisClusterDriver"),
     "memcached": ("memcached", "MemcachedDriver"),
     "zookeeper": ("zookeeper", "ZooKeeperDriver"),
     "kazoo": ("zookeeper", "ZooKeeperDriver"),
@@ -37,6 +38,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "postgresql": ("postgresql", "PostgreSQLDriver"),
     "mysql": ("mysql", "MySQLDriver"),
 }
+
+#: Schemes of drivers that are their own clients, with no tooz driver behind them.
+_OWN_SCHEMES = frozenset({"redis+cluster"})
 
 
 def driver_class(scheme: str) -> type[Driver]:
@@ -49,18 +53,6 @@ def driver_class(scheme: str) -> type[Driver]:
     return driver
 
 
-def able_backends(capability: Capability) -> str:
-    """The schemes whose drivers have ``capability``, for an error saying where it works."""
-    # Aliases left out; driver modules import their client libraries lazily.
-    aliases = ("kazoo", "etcd3+https")
-    able = [
-        scheme
-        for scheme in _REGISTRY
-        if scheme not in aliases and capability in driver_class(scheme).capabilities
-    ]
-    return ", ".join(able) or "no backend"
-
-
 def check_url_for_driver(parts: urllib.parse.SplitResult) -> None:
     """Refuse a parsed URL its driver cannot work with (``ValueError``)."""
     driver = driver_class(parts.scheme)
@@ -69,5 +61,19 @@ def check_url_for_driver(parts: urllib.parse.SplitResult) -> None:
 
 
 def known_schemes() -> list[str]:
-    """The backend URL schemes tooz has drivers for in this environment."""
-    return sorted(ep.name for ep in importlib.metadata.entry_points(group="tooz.backends"))
+    """The backend URL schemes of tooz's drivers in this environment, and aiotooz's own."""
+    tooz_schemes = {ep.name for ep in importlib.metadata.entry_points(group="tooz.backends")}
+    return sorted(tooz_schemes | _OWN_SCHEMES)
+
+
+def schemes_with(capability: Capability) -> list[str]:
+    """The schemes whose drivers declare ``capability`` (aliases too), for error messages."""
+    found = []
+    for scheme in _REGISTRY:
+        try:
+            driver = driver_class(scheme)
+        except ImportError:  # pragma: no cover - a driver module needs its client
+            continue
+        if capability in driver.capabilities:
+            found.append(scheme)
+    return found

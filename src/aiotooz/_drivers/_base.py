@@ -97,6 +97,12 @@ class Capability(enum.Enum):
     #: its fencing token and kept after the lock is released (``read_record``,
     #: ``write_record``): what ``@once_per`` remembers of each window.
     KEEPS_RECORDS = "keeps records"
+    #: Read-write locks: ``get_lock`` of a key made by ``aiotooz._names.rw_key`` gives a
+    #: lock that any number of readers hold at once, or one writer alone, across
+    #: processes, writer-preferring (a writer that waits at the backend holds back new
+    #: readers); the other methods take it as they take any lock. Drivers without it
+    #: never see such a key (the connection refuses it).
+    SHARES_LOCKS = "shares locks"
 
 
 @final

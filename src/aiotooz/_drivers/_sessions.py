@@ -80,10 +80,21 @@ class Link:
 class ServerLock:
     """A lock name as the server knows it; what is held is kept by the driver, by key."""
 
-    __slots__ = ("args", "ids", "key", "name")
+    __slots__ = ("args", "ids", "key", "name", "shared")
 
-    def __init__(self, key: str, name: bytes, args: tuple[Any, ...], ids: tuple[int, ...]):
+    def __init__(
+        self,
+        key: str,
+        name: bytes,
+        args: tuple[Any, ...],
+        ids: tuple[int, ...],
+        shared: bool | None = None,
+    ):
         self.key = key
+        #: A read-write lock's reader (``True``) or writer (``False``); ``None``: a lock.
+        #: The readers and the writer of one read-write lock share its server lock, each
+        #: under a key of its own (``Capability.SHARES_LOCKS``).
+        self.shared = shared
         #: The name as plain tooz hands it to its lock (bytes of the key).
         self.name = name
         #: The lock's arguments in SQL: (int4, int4) or (int8,) on PostgreSQL, (name,) on MySQL.
@@ -579,11 +590,15 @@ class SessionDriver(Driver):
             # A session's locks are re-entrant: a second try of one server lock while the
             # first is in flight (a try given up at its deadline runs on) would be granted
             # again, and the first one's release would let go of both.
-            if key in self._waiters.waits or key in self._holders or lock.args in self._trying:
-                return False  # in the server's queue, ours, or being tried now
-            self._trying.add(lock.args)
+            if key in self._waiters.waits or key in self._holders:
+                return False  # in the server's queue, or ours
+            if lock.shared is None:  # a read-write lock's keys share their server lock
+                if lock.args in self._trying:
+                    return False  # being tried now
+                self._trying.add(lock.args)
         try:
-            self._refuse_collision(lock)
+            if lock.shared is None:
+                self._refuse_collision(lock)
             main = self._live_main()
             if key not in self._named:
                 self._name(main, lock)
@@ -593,8 +608,9 @@ class SessionDriver(Driver):
                     main.held.add(key)
                     self._hold(lock, main)
         finally:
-            with self._guard:
-                self._trying.discard(lock.args)
+            if lock.shared is None:
+                with self._guard:
+                    self._trying.discard(lock.args)
         return granted
 
     def _name(self, main: Link, lock: ServerLock) -> None:
@@ -638,7 +654,8 @@ class SessionDriver(Driver):
     def _hold(self, lock: ServerLock, link: Link) -> None:
         """Note that ``link`` holds ``lock`` (called under ``_guard``)."""
         self._holders[lock.key] = link
-        self._held_args[lock.args] = lock.key
+        if lock.shared is None:
+            self._held_args[lock.args] = lock.key
 
     def release(self, lock: Any) -> bool:
         """Let go of ``lock``; ``False`` if it was not ours (the block raises ``LockLost``).
@@ -650,7 +667,8 @@ class SessionDriver(Driver):
             link = self._holders.pop(lock.key, None)
             if link is None:
                 return False
-            self._held_args.pop(lock.args, None)
+            if lock.shared is None:
+                self._held_args.pop(lock.args, None)
             if link is not self._main and link not in self._waiters.links:
                 link.held.discard(lock.key)
                 return False  # its session is gone, and the lock with it

@@ -6,7 +6,9 @@ few thousand locks spent its whole heartbeat refreshing them, and lost them all.
 as in etcd's own ``concurrency.Session``, one lease per coordinator carries every lock
 key; a try is one transaction, the heartbeat keeps the one lease alive and reads back the
 keys on it, whatever is held. The key layout and values are tooz's (``/tooz/locks`` +
-name, a 16-byte token), so plain tooz processes and aiotooz exclude each other.
+name, a 16-byte token), so plain tooz processes and aiotooz exclude each other. A URL
+may list several endpoints; the client then moves to another member when its own fails
+(``_endpoints``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Final
 
+from .._names import split_rw_key
 from . import _options
 from ._base import (
     Capability,
@@ -27,6 +31,8 @@ from ._base import (
     holder_stamp,
     read_stamp,
 )
+from ._endpoints import endpoints_of, fail_over_between
+from ._etcdrw import EtcdRW, EtcdRWLock
 
 __all__ = ["EtcdDriver"]
 
@@ -85,11 +91,17 @@ class EtcdDriver(Driver):
             Capability.LISTS_HOLDERS,
             Capability.BREAKS_LOCKS,
             Capability.KEEPS_RECORDS,
+            Capability.SHARES_LOCKS,
         }
     )
+    _rw: EtcdRW | None = None
 
     #: Watches (streams and threads) a coordinator keeps at most; past that, waiters poll.
     watch_limit: ClassVar[int] = 16
+
+    #: The URL's endpoints, in order (``etcd3+http://h1:2379,h2:2379``); the client
+    #: moves to the next when its member fails (``_endpoints``).
+    endpoints: tuple[tuple[str, int], ...] = ()
 
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
@@ -105,6 +117,31 @@ class EtcdDriver(Driver):
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
         """A bounded client timeout, so that a dead or hung server is noticed in seconds."""
         return client_timeout_options(query)
+
+    @classmethod
+    def check_url(cls, parts: urllib.parse.SplitResult) -> None:
+        """One endpoint or several, each ``host:port``, separated by commas; no path."""
+        endpoints_of(parts)
+
+    @classmethod
+    def load(
+        cls, url: str, member_id: str, options: Mapping[str, Any], call_timeout: float
+    ) -> Driver:
+        """The tooz coordinator, on the first endpoint; the client may move to the others."""
+        parts = urllib.parse.urlsplit(url)
+        endpoints = endpoints_of(parts)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        host, port = endpoints[0]
+        first = f"{userinfo}{at}{f'[{host}]' if ':' in host else host}:{port}"
+        single = urllib.parse.urlunsplit(parts._replace(netloc=first))
+        driver = super().load(single, member_id, options, call_timeout)
+        assert isinstance(driver, EtcdDriver)
+        driver.endpoints = tuple(endpoints)
+        return driver
+
+    def configure(self) -> None:
+        """With several endpoints, the client moves to the next when its member fails."""
+        fail_over_between(self._client, list(self.endpoints))
 
     @property
     def lock_ttl(self) -> float:
@@ -131,8 +168,16 @@ class EtcdDriver(Driver):
             if self._lease == lease:
                 self._lease = None
 
-    def get_lock(self, key: str) -> _EtcdLock:
+    def get_lock(self, key: str) -> Any:
+        rw = split_rw_key(key)
+        if rw is not None:
+            return EtcdRWLock(rw[0], key, rw[1])
         return _EtcdLock(_LOCK_PREFIX + key.encode("ascii"))
+
+    def _rwlocks(self) -> EtcdRW:
+        if self._rw is None:
+            self._rw = EtcdRW(lambda: self._client, self._current_lease, self._drop_lease)
+        return self._rw
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """One transaction: create the key on our lease unless it exists (tooz's check).
@@ -140,6 +185,8 @@ class EtcdDriver(Driver):
         A lease that etcd no longer knows (it expired) is replaced, and the try made once
         more with the new one.
         """
+        if isinstance(lock, EtcdRWLock):
+            return self._rwlocks().try_acquire(lock)
         for _ in range(2):
             lease = self._current_lease()
             # tooz's 16 random bytes, then the holder record (``NAMES_HOLDERS``): the
@@ -161,7 +208,10 @@ class EtcdDriver(Driver):
                 "success": [
                     {"request_put": {"key": lock.key_b64, "value": _b64(token), "lease": lease}}
                 ],
-                "failure": [],
+                # What the key holds if it exists: our own token if this try was
+                # applied already (by a member that answered too late, before the
+                # client moved to another one).
+                "failure": [{"request_range": {"key": lock.key_b64}}],
             }
             try:
                 result = self._client.transaction(txn)
@@ -171,7 +221,7 @@ class EtcdDriver(Driver):
                     raise
                 self._drop_lease(lease)
                 continue
-            if result.get("succeeded", False):
+            if result.get("succeeded", False) or _holds(result, token):
                 return True
             lock.token = lock.lease = None
             return False
@@ -257,11 +307,9 @@ class EtcdDriver(Driver):
 
     def read_holder(self, key: str) -> HolderRecord | None:
         """The lock key's value is the record; a write after the grant was its fence."""
-        values = self._client.get(self.get_lock(key).key, metadata=True)
-        if not values:
-            return None
-        value, meta = values[0]
-        return _holder(key, value, meta)
+        for value, meta in self._client.get(self.get_lock(key).key, metadata=True):
+            return _holder(key, value, meta)
+        return None
 
     def list_holders(self, key_prefix: str) -> list[HolderRecord]:
         """One range read of the lock keys under the prefix."""
@@ -269,16 +317,16 @@ class EtcdDriver(Driver):
         holders = []
         for value, meta in self._client.get_prefix(start):
             key = bytes(meta["key"])  # decoded by etcd3gw
-            if not key.endswith(_NOT_LOCKS):  # records kept beside locks
-                holders.append(_holder(key[len(_LOCK_PREFIX) :].decode("ascii"), value, meta))
+            name = key[len(_LOCK_PREFIX) :].decode("ascii", "replace")
+            # Not records kept beside locks, nor read-write locks' contender keys.
+            if not key.endswith(_NOT_LOCKS) and "~rw" not in name:
+                holders.append(_holder(name, value, meta))
         return holders
 
     def break_lock(self, key: str) -> HolderRecord | None:
-        """Delete the key in a transaction that checks its value, leaving a mark.
+        """Delete the key if it holds the value read; a mark (that value) tells its holder.
 
-        etcd's revision is the fencing counter: the delete moves it past every token
-        handed out. The mark (the old value, on no lease) tells the holder at its next
-        beat that its key was broken, not expired; the next break overwrites it.
+        The delete moves etcd's revision, the fencing counter, past every token.
         """
         lock = self.get_lock(key)
         client = self._client
@@ -300,11 +348,8 @@ class EtcdDriver(Driver):
         return None  # taken and released again and again meanwhile: nobody to break now
 
     def was_broken(self, lock: Any) -> bool:
-        token = lock.token
-        if token is None:
-            return False
-        marks = self._client.get(_broken_key(lock))
-        return bool(marks) and bytes(marks[0]) == token
+        marks = self._client.get(_broken_key(lock)) if lock.token is not None else []
+        return bool(marks) and bytes(marks[0]) == lock.token
 
     def read_record(self, lock: Any) -> bytes | None:
         records = self._client.get(_record_key(lock))
@@ -349,6 +394,11 @@ class EtcdDriver(Driver):
         """
         from etcd3gw import watch
 
+        watched: tuple[bytes, int] | None = None
+        if isinstance(lock, EtcdRWLock):
+            watched = self._rwlocks().arm(lock)
+            if watched is None:
+                return True  # nothing blocks it now: try again at once
         with self._watchers_guard:
             previous = self._watchers.get(id(lock))
             if previous is None and len(self._watchers) >= self.watch_limit:
@@ -357,16 +407,19 @@ class EtcdDriver(Driver):
         watcher = None
         try:
             client = self._client
-            values = client.get(lock.key, metadata=True)
-            if not values:
-                return True
-            revision = int(values[0][1]["mod_revision"]) + 1
+            if watched is not None:  # a read-write waiter: the key it waits for
+                key, revision = watched[0], watched[1] + 1
+            else:
+                values = client.get(lock.key, metadata=True)
+                if not values:
+                    return True
+                key, revision = lock.key, int(values[0][1]["mod_revision"]) + 1
 
             def on_event(_event: Any) -> None:
                 fire()
 
             watcher = watch.Watcher(
-                client, lock.key, on_event, start_revision=revision, filters=["NOPUT"]
+                client, key, on_event, start_revision=revision, filters=["NOPUT"]
             )
         finally:
             with self._watchers_guard:
@@ -387,6 +440,8 @@ class EtcdDriver(Driver):
             watcher = self._watchers.pop(id(lock), None)
         if watcher is not None:
             watcher.stop()
+        if isinstance(lock, EtcdRWLock) and self._rw is not None:
+            self._rw.give_up(lock)  # its kept key, if any
 
     def stop(self) -> None:
         with self._watchers_guard:
@@ -412,14 +467,19 @@ def _broken_key(lock: _EtcdLock) -> bytes:
 
 
 def _holder(key: str, value: bytes, meta: Mapping[str, Any]) -> HolderRecord:
-    """The record in a lock key's value (after tooz's 16-byte token and a space).
-
-    A key written again after its grant (same value) was fenced: that write's
-    revision is the holder's fencing token.
-    """
+    """The record in a lock key's value, after tooz's token: a rewrite was a fence."""
     revision, created = int(meta.get("mod_revision", 0)), int(meta.get("create_revision", 0))
     token = revision if revision != created else None
     return read_stamp(key, bytes(value)[17:], fencing_token=token)
+
+
+def _holds(result: Mapping[str, Any], token: bytes) -> bool:
+    """Whether a failed try's transaction read the key holding ``token`` (ours)."""
+    for response in result.get("responses", ()):
+        for kv in response.get("response_range", {}).get("kvs", ()):
+            if base64.b64decode(kv.get("value", "")) == token:
+                return True
+    return False
 
 
 def _record_key(lock: _EtcdLock) -> bytes:

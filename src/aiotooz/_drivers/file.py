@@ -12,6 +12,7 @@ import urllib.parse
 import weakref
 from typing import Any, ClassVar
 
+from .._names import split_rw_key
 from .._process import file_lock_object
 from . import _options
 from ._base import (
@@ -27,6 +28,7 @@ from ._base import (
     read_stamp,
     write_record_file,
 )
+from ._filerw import FileRWLock
 from ._inotify import CloseWatches
 
 __all__ = ["FileDriver"]
@@ -71,6 +73,9 @@ class FileDriver(Driver):
     For fairness, a watching waiter also holds a shared lock on a marker file of its key
     (``<directory>/waiting/<key>``); before a release the holder asks the kernel whether
     another process holds one (``F_GETLK`` never reports the caller's own locks).
+
+    Read-write locks are ``flock`` locks on a file per lock, with a waiting writer's
+    mark beside it (``_filerw``).
     """
 
     capabilities = frozenset(
@@ -82,6 +87,7 @@ class FileDriver(Driver):
             Capability.KEEPS_RECORDS,
             Capability.NAMES_HOLDERS,
             Capability.LISTS_HOLDERS,
+            Capability.SHARES_LOCKS,
         }
     )
     accepted_options = _options.FILE
@@ -113,6 +119,10 @@ class FileDriver(Driver):
         self._records = LeaderRecords()
         #: Whether the lock directory's file system keeps user extended attributes.
         self._xattrs = hasattr(os, "setxattr")
+        #: Read-write keys watched now (by their waiters), and the lock objects left open
+        #: after a failed try of a watched key (closed when the watch ends).
+        self._rw_watched: dict[str, int] = {}
+        self._rw_open: dict[str, FileRWLock] = {}
 
     def start(self) -> None:
         super().start()
@@ -121,6 +131,9 @@ class FileDriver(Driver):
         self._directory = (info.st_dev, info.st_ino)
 
     def get_lock(self, key: str) -> Any:
+        rw = split_rw_key(key)
+        if rw is not None:
+            return FileRWLock(self.tooz._dir, rw[0], key, rw[1])  # type: ignore[attr-defined]
         identity = (*self._directory, key)
         return file_lock_object(identity, functools.partial(super().get_lock, key))
 
@@ -133,6 +146,12 @@ class FileDriver(Driver):
         * fasteners keeps the lock file open after a failed try; closing it is safe
           because no thread of this process holds the file (see the class docstring).
         """
+        if isinstance(lock, FileRWLock):
+            keep_open = key in self._rw_watched
+            granted = lock.try_acquire(keep_open)
+            if keep_open and not granted:
+                self._rw_open[key] = lock
+            return granted
         barrier = lock._barrier
         with barrier.cond:
             if barrier.owner is not None:
@@ -157,11 +176,33 @@ class FileDriver(Driver):
             if self._close_watches is None:
                 self._watches_failed = True  # not Linux, or past the inotify limits
                 return None
+        if isinstance(lock, FileRWLock):
+            return self._watch_rw(lock, self._close_watches)
         signal = self._close_watches.watch(os.fsencode(lock._lock.path))
         if signal is not None:
             self._kept_open.add(id(lock))
             self._mark_waiting(lock)
         return signal
+
+    def _watch_rw(self, lock: FileRWLock, watches: CloseWatches) -> ReleaseSignal | None:
+        signal = watches.watch(os.fsencode(lock.name))
+        if signal is not None:
+            self._rw_watched[lock.key] = self._rw_watched.get(lock.key, 0) + 1
+            lock.mark_waiting()
+        return signal
+
+    async def _unwatch_rw(self, lock: FileRWLock, signal: ReleaseSignal) -> None:
+        if self._close_watches is not None:
+            self._close_watches.unwatch(os.fsencode(lock.name), signal)
+        lock.unmark_waiting()
+        count = self._rw_watched.get(lock.key, 0) - 1
+        if count > 0:
+            self._rw_watched[lock.key] = count
+            return
+        self._rw_watched.pop(lock.key, None)
+        tried = self._rw_open.pop(lock.key, None)
+        if tried is not None and not tried.acquired:
+            tried.close()
 
     def _mark_waiting(self, lock: Any) -> None:
         """A shared lock on the key's marker file while this coordinator waits for it."""
@@ -186,9 +227,14 @@ class FileDriver(Driver):
         Asking closes a descriptor of the marker file, which drops this process's own
         markers on it: they are hints only.
         """
+        if isinstance(lock, FileRWLock):
+            return 0  # a writer's local successor takes it; others wait on the mark
         return int(_holder_elsewhere(_marker(lock)) is not None)
 
     async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
+        if isinstance(lock, FileRWLock):
+            await self._unwatch_rw(lock, signal)
+            return
         if self._close_watches is not None:
             self._close_watches.unwatch(os.fsencode(lock._lock.path), signal)
         self._kept_open.discard(id(lock))
@@ -208,6 +254,10 @@ class FileDriver(Driver):
         markers, self._markers = self._markers, {}
         for marker in markers.values():
             os.close(marker)
+        kept, self._rw_open = self._rw_open, {}
+        for tried in kept.values():
+            if not tried.acquired:
+                tried.close()
 
     def fencing_token(self, lock: Any) -> int:
         """A counter file per key in ``<directory>/fencing/``.
@@ -217,7 +267,10 @@ class FileDriver(Driver):
         """
         directory, key = os.path.split(lock.name)
         token = next_in_file(os.path.join(directory, "fencing", key))
-        with lock._barrier.cond:
+        barrier = getattr(lock, "_barrier", None)  # a read-write lock keeps no record
+        if barrier is None:
+            return token
+        with barrier.cond:
             record = getattr(lock, _RECORD_ATTRIBUTE, None)
             if record is not None and lock.acquired:
                 self._write_holder(lock, record[:-1] + b',"f":%d}' % token)
@@ -295,6 +348,7 @@ class FileDriver(Driver):
             if (
                 name.startswith(key_prefix)
                 and name not in self.reserved_keys
+                and split_rw_key(name) is None  # read-write locks: not listed
                 and entry.is_file(follow_symlinks=False)
             ):
                 holder = self.read_holder(name)
@@ -316,6 +370,9 @@ class FileDriver(Driver):
 
     def release(self, lock: Any) -> bool:
         """Release ``lock`` (tooz), after removing the leader record written for it, if any."""
+        if isinstance(lock, FileRWLock):
+            self._rw_open.pop(lock.key, None)
+            return lock.release()
         return self._records.release(self._counter_path(lock), lambda: bool(lock.release()))
 
     def read_record(self, lock: Any) -> bytes | None:

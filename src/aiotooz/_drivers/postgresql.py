@@ -14,8 +14,9 @@ import urllib.parse
 from typing import Any, ClassVar
 
 from .._exceptions import ConfigurationError
+from .._names import split_rw_key
 from . import _options
-from ._base import HolderRecord
+from ._base import Capability, HolderRecord
 from ._sessions import Dialect, Link, ServerLock, SessionDriver
 
 __all__ = ["PostgreSQLDialect", "PostgreSQLDriver"]
@@ -127,6 +128,9 @@ class PostgreSQLDialect(Dialect):
         }
 
     def lock_for(self, key: str) -> ServerLock:
+        rw = split_rw_key(key)
+        if rw is not None:
+            return _rw_lock_for(key, *rw)
         name = key.encode("ascii")
         digest = hashlib.md5(name, usedforsecurity=False).digest()
         if self.wide:
@@ -190,20 +194,26 @@ class PostgreSQLDialect(Dialect):
         row = link.connection.execute(sql, params).fetchone()
         return None if row is None else row[0]
 
+    def _call(self, function: str, lock: ServerLock) -> str:
+        """``SELECT function(args)`` for ``lock``: its ``_shared`` form for a reader."""
+        if lock.shared is None:
+            return f"SELECT {function}({self._args_sql})"
+        return f"SELECT {function}{'_shared' if lock.shared else ''}(%s::int4, %s::int4)"
+
     def try_lock(self, link: Link, lock: ServerLock) -> bool:
-        sql = f"SELECT pg_try_advisory_lock({self._args_sql})"
-        return bool(self._scalar(link, sql, lock.args))
+        return bool(self._scalar(link, self._call("pg_try_advisory_lock", lock), lock.args))
 
     def unlock(self, link: Link, lock: ServerLock) -> bool:
-        sql = f"SELECT pg_advisory_unlock({self._args_sql})"
-        return bool(self._scalar(link, sql, lock.args))
+        return bool(self._scalar(link, self._call("pg_advisory_unlock", lock), lock.args))
 
     def unlock_stray(self, link: Link, lock: ServerLock) -> None:
         # Only if held: an unlock of a lock not held makes the server warn.
         sql = (
-            f"SELECT pg_advisory_unlock({self._args_sql}) FROM pg_locks"
+            self._call("pg_advisory_unlock", lock) + " FROM pg_locks"
             f" WHERE granted AND pid = pg_backend_pid() AND {_MATCH}"
         )
+        if lock.shared is not None:  # once: other holders of this process may share it
+            sql += " LIMIT 1"
         try:
             link.connection.execute(sql, (*lock.args, *lock.ids)).fetchall()
         except Exception:
@@ -213,7 +223,7 @@ class PostgreSQLDialect(Dialect):
         import psycopg.errors
 
         try:
-            link.connection.execute(f"SELECT pg_advisory_lock({self._args_sql})", lock.args)
+            link.connection.execute(self._call("pg_advisory_lock", lock), lock.args)
         except psycopg.errors.LockNotAvailable:
             return False  # lock_timeout: one slice over
         return True
@@ -304,6 +314,23 @@ class PostgreSQLDialect(Dialect):
         return bool(cursor.rowcount > 0)  # 0: not held by the holder's session, or a larger token
 
 
+def _rw_lock_for(key: str, family: str, write: bool) -> ServerLock:
+    """The server lock of a read-write lock's reader or writer: one per family.
+
+    The two-``int4`` form, from eight bytes of the family's MD5; taken shared by
+    readers, exclusive by writers. A space of its own in practice, with either key
+    space: plain tooz's keys are two ``int4`` below 256 (a family falls there once in
+    2**24), ``keys=64``'s are ``int8`` (another space of the server's). PostgreSQL
+    queues a try behind the waiters it conflicts with, so a writer waiting at the
+    server keeps new readers out.
+    """
+    digest = hashlib.md5(family.encode("ascii"), usedforsecurity=False).digest()
+    first = int.from_bytes(digest[:4], "big", signed=True)
+    second = int.from_bytes(digest[4:8], "big", signed=True)
+    ids = (first & 0xFFFFFFFF, second & 0xFFFFFFFF, 2)
+    return ServerLock(key, key.encode("ascii"), (first, second), ids, shared=not write)
+
+
 def _execute_creating(link: Link, sql: str, params: tuple[Any, ...], ddl: str) -> Any:
     """Run ``sql``; where its table or sequence does not exist yet, make it and run again.
 
@@ -328,6 +355,7 @@ class PostgreSQLDriver(SessionDriver):
     extra = "postgresql"
     dialect = PostgreSQLDialect
     accepted_options = _options.POSTGRESQL
+    capabilities = SessionDriver.capabilities | {Capability.SHARES_LOCKS}
     #: Plain tooz's keys: two bytes of each key's MD5.
     key_space: ClassVar[int | None] = 65_536
     break_refusal: ClassVar[str] = (

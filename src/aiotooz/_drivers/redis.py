@@ -11,9 +11,11 @@ from typing import Any, ClassVar, Final
 
 import anyio
 
+from .._names import split_rw_key
 from .._tasks import BackgroundTask, spawn
 from . import _options
 from ._base import Capability, Driver, HolderRecord, ReleaseSignal, holder_stamp, read_stamp
+from ._redisrw import READERS_REFRESH_SCRIPT, RedisRWLock
 
 __all__ = ["RedisDriver"]
 
@@ -38,7 +40,8 @@ _ASYNC_OPTIONS = frozenset(
 
 #: A fencing token for a lock we hold, in one atomic step: nothing if the lock's key does
 #: not hold our token; else one more than the key's counter, or the server's clock in
-#: microseconds if that is larger (a counter lost with a restart never goes back).
+#: microseconds if that is larger (a counter lost with a restart never goes back). With a
+#: third key, the fence mark: ``<fencing token> <lock token>`` (the holder's token).
 _FENCE_SCRIPT = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return false end
 local now = redis.call('time')
@@ -46,7 +49,7 @@ local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local token = tonumber(redis.call('get', KEYS[2]) or '0') + 1
 if token < floor then token = floor end
 redis.call('set', KEYS[2], string.format('%.0f', token))
-redis.call('set', KEYS[3], string.format('%.0f', token) .. ' ' .. ARGV[1])
+if KEYS[3] then redis.call('set', KEYS[3], string.format('%.0f', token) .. ' ' .. ARGV[1]) end
 return string.format('%.0f', token)
 """
 
@@ -65,8 +68,9 @@ return redis.call('publish', KEYS[2], '')
 #: overwritten by another holder). ``ARGV[1]`` is the TTL in milliseconds, ``ARGV[2]``
 #: the keys and ``ARGV[3]`` their tokens, each joined by newlines: two arguments instead
 #: of two per lock, as redis-py packs every argument in Python (most of a beat's time at
-#: 10,000 locks). A script that names the keys it touches only in ``ARGV`` is fine on a
-#: single Redis (and Sentinel's primary), not on Redis Cluster.
+#: 10,000 locks). A script that names the keys it touches only in ``ARGV`` runs on one
+#: server: a single Redis, Sentinel's primary, or one node of a Redis Cluster for the
+#: keys that node serves (``redis_cluster`` runs it per node).
 _REFRESH_SCRIPT = """
 local lost = {}
 local tokens = {}
@@ -86,6 +90,16 @@ return lost
 #: Keys refreshed by one run of the refresh script: a run blocks the server, so a beat
 #: of many locks is several short runs (sent together, in one round trip).
 _REFRESH_BATCH: Final = 1000
+
+
+#: A leader record for a lock we hold: ``<lock token> <member id>`` in a key beside the
+#: lock's, written only if the lock's key holds our token (Redis Cluster's; the single
+#: server's leader is the holder record in the lock's value).
+_LEADER_SCRIPT = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
+return 1
+"""
 
 
 #: A record beside a lock we hold: ``<fencing token> <record>`` in a key beside the lock's,
@@ -156,6 +170,22 @@ def _glob_escape(pattern: bytes) -> bytes:
 def _channel(lock: Any) -> bytes:
     """The pub/sub channel that tells a lock's releases (tooz's key, one suffix more)."""
     return bytes(lock.name) + b"_released"
+
+
+def _still_ours(
+    lock: Any, held: Mapping[bytes, bytes], readers: Mapping[bytes, bytes], lost: set[bytes]
+) -> bool | None:
+    """Whether ``lock`` is still ours after a beat (``None``: no lock, or not held)."""
+    if lock is None:
+        return None
+    if isinstance(lock, RedisRWLock):
+        if lock.token is None:
+            return None
+        if lock.write:
+            return held.get(lock.writer) == lock.token
+        return lock.token in readers and lock.token not in lost
+    token = lock._lock.local.token
+    return None if token is None else held.get(lock.name) == token
 
 
 def _database(parts: urllib.parse.SplitResult) -> int | None:
@@ -295,6 +325,7 @@ class RedisDriver(Driver):
             Capability.NAMES_HOLDERS,
             Capability.LISTS_HOLDERS,
             Capability.BREAKS_LOCKS,
+            Capability.SHARES_LOCKS,
         }
     )
     #: Bounded socket waits, so that a dead or hung server is noticed in seconds.
@@ -328,6 +359,8 @@ class RedisDriver(Driver):
         #: The token of every lock this connection holds, by key: what a beat refreshes
         #: (joined as it is, with no work per lock in Python).
         self._held: dict[bytes, bytes] = {}
+        #: The readers' set key of every read-write lock read here, by reader token.
+        self._readers: dict[bytes, bytes] = {}
         self._held_guard = threading.Lock()  # never held across a network call
         self._async_client: Any = None
         self._async_release: Any = None
@@ -373,6 +406,7 @@ class RedisDriver(Driver):
         """
         with self._held_guard:
             held = self._held.copy()
+            readers = self._readers.copy()
         # A key or token with a newline (a URL's namespace could hold one) cannot be
         # joined: it reads as not ours, and its holder is told.
         if any(b"\n" in key for key in held):
@@ -389,17 +423,25 @@ class RedisDriver(Driver):
             joined_keys = b"\n".join(keys[at : at + _REFRESH_BATCH])
             joined_tokens = b"\n".join(tokens[at : at + _REFRESH_BATCH])
             pipeline.eval(_REFRESH_SCRIPT, 0, ttl_ms, joined_keys, joined_tokens)
+        reader_tokens = [token for token in readers if b"\n" not in readers[token]]
+        if reader_tokens:
+            joined_keys = b"\n".join(readers[token] for token in reader_tokens)
+            joined_tokens = b"\n".join(reader_tokens)
+            pipeline.eval(READERS_REFRESH_SCRIPT, 0, ttl_ms, joined_keys, joined_tokens)
         answers = pipeline.execute()
-        for at, positions in zip(starts, answers[1:], strict=True):
+        for at, positions in zip(starts, answers[1 : 1 + len(starts)], strict=True):
             for position in positions:
                 del held[keys[at + int(position) - 1]]
+        lost_readers = {reader_tokens[int(i) - 1] for i in answers[-1]} if reader_tokens else set()
         # ``held`` now has the keys still ours; a lock is ours if its key holds its token.
-        return [
-            None
-            if lock is None or lock._lock.local.token is None
-            else held.get(lock.name) == lock._lock.local.token
-            for lock in locks
-        ]
+        return [_still_ours(lock, held, readers, lost_readers) for lock in locks]
+
+    def get_lock(self, key: str) -> Any:
+        rw = split_rw_key(key)
+        if rw is None:
+            return super().get_lock(key)
+        namespace = self.tooz._namespace  # type: ignore[attr-defined]
+        return RedisRWLock(namespace, rw[0], rw[1], self.tooz._member_id)
 
     def _token(self) -> bytes:
         """A grant's token: tooz's (a UUID), then the holder record (``NAMES_HOLDERS``).
@@ -412,14 +454,45 @@ class RedisDriver(Driver):
 
     def try_acquire(self, lock: Any, key: str) -> bool:
         """redis-py's acquire with our token (tooz's, without its logging wrapper)."""
+        if isinstance(lock, RedisRWLock):
+            script, keys, args = lock.try_call(int(self.lock_ttl * 1000))
+            client = self.tooz._client  # type: ignore[attr-defined]
+            return self._rw_tried(lock, client.eval(script, len(keys), *keys, *args))
         granted = bool(lock._lock.acquire(blocking=False, token=self._token()))
         if granted:
             self.tooz._acquired_locks.add(lock)  # type: ignore[attr-defined]
             self._keep(lock)
         return granted
 
+    def _rw_tried(self, lock: RedisRWLock, answer: Any) -> bool:
+        if not answer:
+            lock.token = None
+            return False
+        with self._held_guard:
+            if lock.write:
+                self._held[lock.writer] = lock.token  # type: ignore[assignment]
+            else:
+                self._readers[lock.token] = lock.readers  # type: ignore[index]
+        return True
+
+    def _rw_release_call(self, lock: RedisRWLock) -> Any:
+        with self._held_guard:
+            if lock.write:
+                if lock.token is not None and self._held.get(lock.writer) == lock.token:
+                    del self._held[lock.writer]
+            else:
+                self._readers.pop(lock.token, None)  # type: ignore[arg-type]
+        return lock.release_call(_channel(lock))
+
     def release(self, lock: Any) -> bool:
         """Release with the lock's token (compare and delete), tooz's way but quiet."""
+        if isinstance(lock, RedisRWLock):
+            call = self._rw_release_call(lock)
+            if call is None:
+                return False
+            script, keys, args = call
+            client = self.tooz._client  # type: ignore[attr-defined]
+            return int(client.eval(script, len(keys), *keys, *args)) >= 0
         sync_lock = lock._lock
         token = sync_lock.local.token
         self._forget(lock)
@@ -434,6 +507,12 @@ class RedisDriver(Driver):
 
     def fencing_token(self, lock: Any) -> int | None:
         """From a counter key beside the lock's, bumped by a script that checks the lock."""
+        if isinstance(lock, RedisRWLock):  # a writer's: its key is a lock key
+            if lock.token is None:
+                return None
+            client = self.tooz._client  # type: ignore[attr-defined]
+            answer = client.eval(_FENCE_SCRIPT, 2, lock.writer, lock.fence, lock.token)
+            return None if answer is None else int(answer)
         token = lock._lock.local.token
         if token is None:
             return None
@@ -463,8 +542,8 @@ class RedisDriver(Driver):
             fences = [name[: -len(end)] + b"_fenced" for name in batch]
             values = client.mget(batch + fences)
             for name, value, fenced in zip(batch, values, values[len(batch) :], strict=False):
-                if value is not None:
-                    key = name[len(start) : -len(end)].decode("ascii", "replace")
+                key = name[len(start) : -len(end)].decode("ascii", "replace")
+                if value is not None and "~rw" not in key:  # read-write locks: not listed
                     holders.append(_holder(key, bytes(value), fenced))
         return holders
 
@@ -547,6 +626,10 @@ class RedisDriver(Driver):
 
     async def try_acquire_async(self, lock: Any, key: str) -> bool:
         client = self._client()
+        if isinstance(lock, RedisRWLock):
+            # The token is set before the script is sent (see below).
+            script, keys, args = lock.try_call(int(self.lock_ttl * 1000))
+            return self._rw_tried(lock, await client.eval(script, len(keys), *keys, *args))
         sync_lock = lock._lock
         token = self._token()
         # Set before the command is sent: a caller that gives up mid-flight has the
@@ -564,6 +647,12 @@ class RedisDriver(Driver):
 
         Returns how many were told, or -1 if the lock was not ours.
         """
+        if isinstance(lock, RedisRWLock):
+            call = self._rw_release_call(lock)
+            if call is None:
+                return -1
+            script, keys, args = call
+            return int(await self._client().eval(script, len(keys), *keys, *args))
         sync_lock = lock._lock
         token = sync_lock.local.token
         self._forget(lock)
@@ -582,6 +671,10 @@ class RedisDriver(Driver):
     async def unwatch_releases(self, lock: Any, signal: ReleaseSignal) -> None:
         if self._channels is not None:
             await self._channels.unwatch(_channel(lock), signal)
+        if isinstance(lock, RedisRWLock) and lock.write:
+            # The writer stops waiting (granted, or gone): readers need not wait for it.
+            with contextlib.suppress(Exception):
+                await self._client().zrem(lock.intent, lock.member)
 
     async def close_async(self) -> None:
         channels, self._channels = self._channels, None

@@ -8,8 +8,10 @@ from typing import Any
 
 import tooz.coordination
 
+from .._names import split_rw_key
 from . import _options
 from ._base import Capability, Driver, HolderRecord, holder_stamp, read_stamp
+from ._zkrw import ZooKeeperRW, ZooKeeperRWLock
 
 __all__ = ["ZooKeeperDriver"]
 
@@ -52,8 +54,10 @@ class ZooKeeperDriver(Driver):
             Capability.NAMES_HOLDERS,
             Capability.LISTS_HOLDERS,
             Capability.BREAKS_LOCKS,
+            Capability.SHARES_LOCKS,
         }
     )
+    _rw: ZooKeeperRW | None = None
 
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
@@ -145,9 +149,25 @@ class ZooKeeperDriver(Driver):
     def _session_id(self) -> int:
         return int(self._client.client_id[0])
 
+    def _rwlocks(self) -> ZooKeeperRW:
+        if self._rw is None:
+            member = self.tooz._member_id
+            self._rw = ZooKeeperRW(lambda: self._client, member)
+        return self._rw
+
+    def get_lock(self, key: str) -> Any:
+        rw = split_rw_key(key)
+        if rw is None:
+            return super().get_lock(key)
+        # The read-write lock's node is where tooz would put a lock of its family key.
+        path = super().get_lock(rw[0])._lock.path
+        return ZooKeeperRWLock(path, key, rw[1])
+
     def try_acquire(self, lock: Any, key: str) -> bool:
         self._check_connected()
         session = self._session_id()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().try_acquire(lock, session)
         # The holder record is the contender node's data (``NAMES_HOLDERS``): written
         # with the node, gone with it. Plain tooz puts its member id there.
         member = self.tooz._member_id.decode("utf-8", "replace")
@@ -169,6 +189,8 @@ class ZooKeeperDriver(Driver):
 
         # The lock node is ephemeral: it goes with the session if we cannot release it.
         self._check_connected()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().release(lock)
         recipe = lock._lock
         if not recipe.is_acquired or recipe.node is None:
             return False
@@ -192,6 +214,8 @@ class ZooKeeperDriver(Driver):
         from kazoo.exceptions import NoNodeError
 
         self._check_connected()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().fencing_token(lock)
         recipe = lock._lock
         if recipe.node is None:
             return None
@@ -244,7 +268,12 @@ class ZooKeeperDriver(Driver):
             return []
         holders = []
         for key in keys:
-            if key.startswith(key_prefix) and not key.endswith(_RECORD_SUFFIX):
+            # Read-write locks are not listed (their nodes are not the recipe's).
+            if (
+                key.startswith(key_prefix)
+                and not key.endswith(_RECORD_SUFFIX)
+                and split_rw_key(key) is None
+            ):
                 holder = self.read_holder(key)
                 if holder is not None:
                     holders.append(holder)
@@ -334,6 +363,8 @@ class ZooKeeperDriver(Driver):
         from kazoo.exceptions import NoNodeError
 
         self._check_connected()
+        if isinstance(lock, ZooKeeperRWLock):
+            return self._rwlocks().arm(lock, fire)
         path = lock._lock.path
         try:
             children = self._client.get_children(path)
@@ -343,6 +374,11 @@ class ZooKeeperDriver(Driver):
         if not contenders:
             return True
         return self._client.exists(f"{path}/{contenders[0]}", watch=fire) is None
+
+    def disarm_release_watch(self, lock: Any) -> None:
+        """A read-write waiter that stops waiting gives up its place (its node)."""
+        if isinstance(lock, ZooKeeperRWLock) and self._rw is not None:
+            self._rw.disarm(lock)
 
 
 def _node(lock: Any) -> str:
