@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from aiotooz._cli import EXIT_CONFIG, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
+from aiotooz._cli_locks import EXIT_NOT_HELD, EXIT_REFUSED
 
+from ._procs import holding_process, worker_process
 from ._servers import PrivateRedis, free_port
 from .helpers import ServerPool, url_for
 
@@ -174,7 +177,10 @@ def holder(tmp_path: Path, backend_url: str, prefix: str) -> Iterator[tuple[str,
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ((), ["run", "check", "AIOTOOZ_BACKEND_URL"]),
+        ((), ["run", "check", "locks", "AIOTOOZ_BACKEND_URL"]),
+        (("locks",), ["list", "show", "break", f"{EXIT_REFUSED}   the backend refused"]),
+        (("locks", "list"), ["--json", "--prefix", "NAME_PREFIX"]),
+        (("locks", "break"), ["--yes", "--backend"]),
         (
             ("run",),
             [
@@ -928,3 +934,106 @@ def test_ctrl_c_at_a_terminal_reaches_the_command_once(tmp_path: Path, file_url:
         os.close(fd)
     # One SIGINT from the terminal; aiotooz did not pass on a second one.
     assert status == 41, output
+
+
+# -- locks: who holds which lock, and breaking one ------------------------------------------
+
+
+def test_locks_list_and_show_name_the_holder(
+    tmp_path: Path, holder: tuple[str, Path], prefix: str
+) -> None:
+    backend_url, _ = holder
+    listed = run("locks", "list", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:3] == ["NAME", "MEMBER", "PID"]
+    assert row.split()[0] == "job"
+    assert row.split()[1].startswith(prefix)
+    as_json = run(
+        "locks", "list", "--json", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    (held,) = json.loads(as_json.stdout)
+    assert held["name"] == "job"
+    assert held["member_id"].startswith(prefix)
+    assert isinstance(held["pid"], int)
+    assert held["since"] <= time.time()
+    assert set(held) == {"name", "member_id", "pid", "host", "since", "fencing_token", "waiters"}
+    shown = run(
+        "locks", "show", "job", "--json", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == held
+    elsewhere = run(
+        "locks", "list", "nothing-", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path
+    )
+    assert elsewhere.stdout.splitlines()[1:] == []
+    free = run("locks", "show", "free", "--backend", backend_url, "--prefix", prefix, cwd=tmp_path)
+    assert (free.returncode, free.stdout.strip()) == (EXIT_NOT_HELD, "free: not held")
+
+
+@pytest.mark.parametrize("backend", ["redis", "zookeeper", "etcd3+http"])
+def test_locks_break_frees_the_lock_and_tells_its_holder(
+    tmp_path: Path, backend: str, server_pool: ServerPool, prefix: str
+) -> None:
+    url = url_for(backend, server_pool, tmp_path)
+    with worker_process("hold-fenced", url, prefix, "stuck") as worker:
+        held = worker.readline()
+        assert held.startswith("held "), held
+        done = run(
+            "locks", "break", "stuck", "--yes", "--backend", url, "--prefix", prefix, cwd=tmp_path
+        )
+        assert done.returncode == 0, done.stderr
+        assert "stuck: broken" in done.stdout
+        told = worker.readline()  # within its heartbeat (0.3 s); the test's timeout bounds it
+        assert told.startswith("lost ") and "broken" in told, told
+        again = run(
+            "locks", "break", "stuck", "--yes", "--backend", url, "--prefix", prefix, cwd=tmp_path
+        )
+        assert again.returncode == EXIT_NOT_HELD, again.stderr
+
+
+def test_locks_break_is_refused_where_the_backend_cannot(
+    tmp_path: Path, file_url: str, prefix: str
+) -> None:
+    with holding_process("hold", file_url, prefix, "stuck") as worker:
+        done = run(
+            "locks",
+            "break",
+            "stuck",
+            "--yes",
+            "--backend",
+            file_url,
+            "--prefix",
+            prefix,
+            cwd=tmp_path,
+        )
+        assert done.returncode == EXIT_REFUSED
+        assert f"kill {worker.pid}" in done.stderr
+        assert "Traceback" not in done.stderr
+        # Without --yes and without a terminal to confirm at, nothing is done.
+        unasked = run(
+            "locks", "break", "stuck", "--backend", file_url, "--prefix", prefix, cwd=tmp_path
+        )
+        assert unasked.returncode == 2
+        assert "--yes" in unasked.stderr
+
+
+def test_locks_refuses_bad_settings_and_names(tmp_path: Path) -> None:
+    bad = run("locks", "list", "--backend", "nosuchscheme://host", cwd=tmp_path)
+    assert bad.returncode == EXIT_CONFIG, bad.stderr
+    assert "Traceback" not in bad.stderr
+    env_bad = run("locks", "show", "x", cwd=tmp_path, AIOTOOZ_HEARTBEAT="-1")
+    assert env_bad.returncode == EXIT_CONFIG
+    empty = run("locks", "show", "", "--backend", (tmp_path / "l").as_uri(), cwd=tmp_path)
+    assert empty.returncode != 0
+    assert "Traceback" not in empty.stderr
+
+
+def test_locks_list_is_refused_where_the_backend_cannot_list(
+    tmp_path: Path, server_pool: ServerPool
+) -> None:
+    url = url_for("memcached", server_pool, tmp_path)
+    done = run("locks", "list", "--backend", url, cwd=tmp_path)
+    assert done.returncode == EXIT_REFUSED
+    assert "cannot list the locks held" in done.stderr

@@ -18,6 +18,10 @@ Commands:
   try URL PREFIX NAME                          print "acquired" or "busy" for one blocking=False try
   grant URL PREFIX NAME                        wait for the lock; print when (wall clock) granted
   tooz-hold URL PREFIX NAME                    like hold, with plain tooz and key PREFIX+NAME
+  hold-fenced URL PREFIX NAME                  take the lock with fencing (heartbeat 0.3 s), print
+                                               "held MEMBER TOKEN", hold it until stdin closes
+                                               (print "released") or it is lost (print "lost
+                                               REASON")
   fence URL PREFIX NAME TIMES                  take the lock with fencing TIMES times (one
                                                coordinator); print each grant's token
   semaphore URL PREFIX NAME LIMIT TASKS ROUNDS LOG
@@ -61,6 +65,7 @@ from aiotooz import (
     CoordinationSettings,
     Coordinator,
     Lock,
+    LockLost,
     RWLock,
     Semaphore,
     fencing_token,
@@ -99,6 +104,18 @@ async def hold(url: str, prefix: str, name: str) -> None:
         async with Lock(name, coordinator=coordinator):
             print("held", flush=True)
             await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+async def hold_fenced(url: str, prefix: str, name: str) -> None:
+    settings = CoordinationSettings(backend_url=url, heartbeat=0.3)
+    async with Coordinator(prefix=prefix, settings=settings) as coordinator:
+        try:
+            async with Lock(name, coordinator=coordinator, fencing=True) as lock:
+                print(f"held {coordinator.member_id} {lock.fencing_token}", flush=True)
+                await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+            print("released", flush=True)
+        except LockLost as lost:
+            print(f"lost {lost.reason}", flush=True)
 
 
 async def hold_many(url: str, prefix: str, name: str, count: str) -> None:
@@ -281,6 +298,7 @@ def main() -> None:
         "count": count,
         "hold": hold,
         "hold-many": hold_many,
+        "hold-fenced": hold_fenced,
         "hold-slots": hold_slots,
         "serve": serve,
         "try": try_once,

@@ -16,6 +16,7 @@ from ._exceptions import LockNameError as LockNameError
 from ._exceptions import LockNotHeld as LockNotHeld
 from ._exceptions import UnsupportedOperation as UnsupportedOperation
 from ._exceptions import WrongEventLoop as WrongEventLoop
+from ._holders import Holder as Holder
 from ._leadership import Leadership as Leadership
 from ._leadership import Term as Term
 from ._lock import Lock as Lock
@@ -35,6 +36,7 @@ __all__ = [
     "CoordinationSettings",
     "Coordinator",
     "CoordinatorStatistics",
+    "Holder",
     "Leadership",
     "LeadershipLost",
     "Lock",

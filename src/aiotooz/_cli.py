@@ -1,5 +1,7 @@
 """The ``aiotooz`` command: run a command under a distributed lock, or check a backend.
 
+(``aiotooz locks``, who holds which lock, is in ``_cli_locks``.)
+
 ``aiotooz run NAME -- COMMAND [ARGS...]`` is util-linux ``flock`` across machines: it
 takes the lock, runs the command with the lock held, forwards SIGINT, SIGTERM and SIGHUP
 to it, releases the lock when it ends, and exits with its status. If the lock is lost
@@ -27,6 +29,7 @@ import anyio
 import structlog
 from anyio.abc import Process
 
+from ._cli_locks import add_locks_parser, locks_main
 from ._coordinator import Coordinator
 from ._exceptions import (
     BackendUnavailable,
@@ -159,6 +162,8 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args.backend)
         if args.subcommand == "run":
             return _run_main(parser, args, settings)
+        if args.subcommand == "locks":
+            return locks_main(args, settings)
         return _check_main(args, settings)
     except _Failure as failure:
         if args.subcommand == "check":
@@ -292,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="fail if the check takes longer (default: 10)",
     )
+    add_locks_parser(sub, common)
     return parser
 
 

@@ -39,6 +39,7 @@ from ._bridge import (
 from ._drivers import (
     Capability,
     Driver,
+    HolderRecord,
     ReleaseSignal,
     driver_class,
     known_schemes,
@@ -532,6 +533,64 @@ class Connection(_Caller):
         """
         read = lambda: self.driver.read_leader(key)  # noqa: E731
         return await self._call(self._control_lane, f"reading leader of {key!r}", read)
+
+    # -- holders (``NAMES_HOLDERS``, ``LISTS_HOLDERS``, ``BREAKS_LOCKS``) -------------
+
+    def _require(self, capability: Capability, what: str) -> None:
+        if capability not in self.capabilities:
+            able = ", ".join(schemes_with(capability))
+            raise UnsupportedOperation(f"the {self.scheme!r} backend cannot {what}; {able} can")
+
+    async def read_holder(self, key: str) -> HolderRecord | None:
+        """Who holds ``key`` now, or ``None`` (see ``Driver.read_holder``).
+
+        Raises:
+            UnsupportedOperation: the driver cannot name holders.
+            BackendUnavailable: the backend failed or did not answer in time.
+        """
+        self._require(Capability.NAMES_HOLDERS, "say who holds a lock")
+        read = lambda: self.driver.read_holder(key)  # noqa: E731
+        return await self._call(self._control_lane, f"reading the holder of {key!r}", read)
+
+    async def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """The holders of the locks held under ``key_prefix`` (see ``Driver.list_holders``)."""
+        self._require(Capability.LISTS_HOLDERS, "list the locks held")
+        listing = lambda: self.driver.list_holders(key_prefix)  # noqa: E731
+        return await self._call(self._control_lane, "listing held locks", listing)
+
+    async def break_lock(self, key: str, name: str) -> HolderRecord | None:
+        """Free ``key`` (the lock ``name``) whoever holds it; whom it was taken from.
+
+        ``None``: nobody held it.
+
+        Raises:
+            UnsupportedOperation: the backend cannot free another process's lock; it
+                names the holder (where the driver can tell) and what to do instead.
+        """
+        if Capability.BREAKS_LOCKS not in self.capabilities:
+            holder = None
+            whom = "by a holder this backend cannot name"
+            if Capability.NAMES_HOLDERS in self.capabilities:
+                holder = await self.read_holder(key)
+                whom = "by nobody now" if holder is None else f"by {holder.member_id!r}"
+            pid = "unknown" if holder is None or holder.pid is None else holder.pid
+            host = "unknown" if holder is None or holder.host is None else holder.host
+            session = "unknown" if holder is None or holder.session is None else holder.session
+            raise UnsupportedOperation(
+                f"cannot break {name!r} on the {self.scheme!r} backend (held {whom}): "
+                f"{self.driver.break_refusal.format(pid=pid, host=host, session=session)}; "
+                f"{', '.join(schemes_with(Capability.BREAKS_LOCKS))} can break locks"
+            )
+        breaking = lambda: self.driver.break_lock(key)  # noqa: E731
+        return await self._call(self._control_lane, f"breaking {name!r}", breaking)
+
+    async def was_broken(self, handle: LockHandle) -> bool:
+        """Whether ``handle``'s lock, found lost, was freed by a break (``BREAKS_LOCKS``)."""
+        tooz_lock = handle._tooz_lock
+        if Capability.BREAKS_LOCKS not in self.capabilities or tooz_lock is None:
+            return False
+        asking = lambda: self.driver.was_broken(tooz_lock)  # noqa: E731
+        return await self._call(self._control_lane, f"asking if {handle.key!r} broke", asking)
 
     async def release(self, handle: LockHandle, contended: bool = False) -> bool:
         """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.

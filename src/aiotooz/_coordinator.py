@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
@@ -18,6 +19,7 @@ from ._exceptions import (
     CoordinationError,
     LockCreationFailed,
 )
+from ._holders import Holder, break_lock, list_holders, read_holder
 from ._leadership import LeadershipMethods
 from ._lock import Lock
 from ._locktable import LockTable
@@ -159,6 +161,58 @@ class Coordinator(LeadershipMethods):
             locks_lost=table.lost_count,
             held_names=table.held_names(),
         )
+
+    # -- who holds a lock ----------------------------------------------------------------
+
+    async def holder(self, name: str) -> Holder | None:
+        """Who holds the lock ``name`` now, in any process, or ``None`` if nobody does.
+
+        Read from the holder record each grant writes with it (on PostgreSQL and MySQL,
+        from the server's own lock tables), so an ended hold is never named. Fields the
+        backend cannot know are ``None`` (see the operations docs).
+
+        Raises:
+            LockNameError: ``name`` is not a non-empty ``str``.
+            UnsupportedOperation: the backend cannot say who holds a lock (ipc,
+                memcached); it names the backends that can.
+            LockCreationFailed: the coordinator is not started.
+            BackendUnavailable: the backend failed, or the coordinator is reconnecting.
+        """
+        return await read_holder(self, name)
+
+    def holders(self, prefix: str = "") -> AsyncIterator[Holder]:
+        """The holders of the locks held now under this coordinator's prefix and ``prefix``.
+
+        ``async for holder in coordinator.holders("volume-"):``, in the order of the
+        backend's keys. A name mapped to a hashed key (see the lock names docs) is shown
+        as that key; on PostgreSQL, whose keys are hashes, every name is.
+
+        Raises:
+            UnsupportedOperation: the backend cannot list its locks (memcached has no
+                key listing, ipc none either); it names the backends that can.
+            LockCreationFailed: the coordinator is not started.
+            BackendUnavailable: the backend failed, or the coordinator is reconnecting.
+        """
+        return list_holders(self, prefix)
+
+    async def break_lock(self, name: str) -> bool:
+        """Free the lock ``name``, which another process holds; ``False`` if nobody held it.
+
+        The fencing counter moves past the holder's token first, so the next holder's
+        token is larger and a fenced write of the old holder is refused; the old holder
+        is told within its heartbeat: its block is cancelled and raises
+        [`LockLost`][aiotooz.LockLost] with a reason that says the lock was broken.
+        Counted by the ``aiotooz.lock.breaks`` metric.
+
+        Raises:
+            UnsupportedOperation: no process but the holder's can free the lock on this
+                backend (file and ipc locks belong to a process; a PostgreSQL or MySQL
+                session holds every lock of its coordinator): the message names the
+                holder's pid and host and what to do instead.
+            LockCreationFailed: the coordinator is not started.
+            BackendUnavailable: the backend failed, or the coordinator is reconnecting.
+        """
+        return await break_lock(self, name)
 
     def check_loop(self) -> None:
         """Raise `WrongEventLoop` outside the event loop and process that started it."""
@@ -334,7 +388,11 @@ class Coordinator(LeadershipMethods):
         if connection is self._connection:
             self.lock_table.last_refresh = started
         for hold, still_ours in zip(holds, owned, strict=True):
-            if still_ours is False:
+            if still_ours is False and await connection.was_broken(hold.handle):
+                self.lock_table.declare_lost(
+                    hold, "the lock was broken: another process freed it (break_lock)", "broken"
+                )
+            elif still_ours is False:
                 self.lock_table.declare_lost(
                     hold,
                     "the backend says another owner has it, or it expired, or the session "

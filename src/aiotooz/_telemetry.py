@@ -52,7 +52,9 @@ __all__ = [
 ]
 
 #: The reasons a lock can be lost, as ``aiotooz.reason`` shows them.
-LOSS_REASONS: Final = frozenset({"expired", "taken_over", "connection", "stopped", "stalled"})
+LOSS_REASONS: Final = frozenset(
+    {"expired", "taken_over", "connection", "stopped", "stalled", "broken"}
+)
 
 
 class _NoOp:
@@ -170,6 +172,7 @@ class Instruments:
             self.reconnects: Any = _NOOP
             self.wakeups: Any = _NOOP
             self.fencing_tokens: Any = _NOOP
+            self.breaks: Any = _NOOP
             self.tracer: Any = None
             return
         meter = _metrics.get_meter("aiotooz")
@@ -221,6 +224,12 @@ class Instruments:
             "aiotooz.lock.fencing_tokens",
             "{token}",
             "Fencing tokens handed out",
+        )
+        self.breaks = guarded(
+            meter.create_counter,
+            "aiotooz.lock.breaks",
+            "{lock}",
+            "Locks broken: freed by break_lock() while another process held them",
         )
         self.tracer = _trace.get_tracer("aiotooz")
 

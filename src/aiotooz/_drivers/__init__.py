@@ -11,11 +11,12 @@ import importlib
 import importlib.metadata
 import urllib.parse
 
-from ._base import Capability, Driver, ReleaseSignal
+from ._base import Capability, Driver, HolderRecord, ReleaseSignal
 
 __all__ = [
     "Capability",
     "Driver",
+    "HolderRecord",
     "ReleaseSignal",
     "check_url_for_driver",
     "driver_class",

@@ -16,11 +16,15 @@ here with a default that says "not here", and overriding it in the drivers that 
 from __future__ import annotations
 
 import enum
+import functools
+import json
 import os
+import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, final
 
 import anyio
@@ -33,13 +37,16 @@ from ._options import Option, check_options
 __all__ = [
     "Capability",
     "Driver",
+    "HolderRecord",
     "LeaderRecords",
     "ReleaseSignal",
     "client_timeout_options",
     "clock_floor",
+    "holder_stamp",
     "next_in_file",
     "read_leader_file",
     "read_record_file",
+    "read_stamp",
     "write_leader_file",
     "write_record_file",
 ]
@@ -75,8 +82,17 @@ class Capability(enum.Enum):
     #: waiter's next try, which takes it on the event loop (``take_grant``).
     PARKS_GRANTS = "parks grants"
     #: The driver can say who holds a leadership lock: the holder publishes its member
-    #: id (``publish_leader``), anyone reads it back (``read_leader``).
+    #: id (``publish_leader``), anyone reads it back (``read_leader``). A driver that
+    #: also ``NAMES_HOLDERS`` answers ``read_leader`` from the holder record by default.
     NAMES_LEADER = "names leader"
+    #: The driver can say who holds any lock (``read_holder``): a holder record written
+    #: with the grant (or kept by the server), tied to the lock like the leader record.
+    NAMES_HOLDERS = "names holders"
+    #: The driver can list the locks held under a key prefix (``list_holders``).
+    LISTS_HOLDERS = "lists holders"
+    #: Another process can free a lock it does not hold (``break_lock``), moving the
+    #: fencing counter past the holder's token, and the holder finds out (``was_broken``).
+    BREAKS_LOCKS = "breaks locks"
     #: The driver keeps one small record beside a lock's key, written by the holder with
     #: its fencing token and kept after the lock is released (``read_record``,
     #: ``write_record``): what ``@once_per`` remembers of each window.
@@ -87,6 +103,70 @@ class Capability(enum.Enum):
     #: readers); the other methods take it as they take any lock. Drivers without it
     #: never see such a key (the connection refuses it).
     SHARES_LOCKS = "shares locks"
+
+
+@final
+@dataclass(frozen=True)
+class HolderRecord:
+    """Who holds a lock's key, as a driver reads it; ``None``: the backend cannot tell."""
+
+    key: str
+    member_id: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    since: float | None = None
+    fencing_token: int | None = None
+    waiters: int | None = None
+    #: The server's id of the holder's session (PostgreSQL's backend pid, MySQL's
+    #: connection id), where a session holds it.
+    session: int | None = None
+
+
+#: This host's name, for holder records (asked once: it does not change under a process).
+_HOST = socket.gethostname()
+
+
+@functools.lru_cache(maxsize=64)
+def _stamp_head(member_id: str, pid: int) -> bytes:
+    """A stamp's fixed part, made once per member and process (grants are a hot path)."""
+    return json.dumps({"m": member_id, "p": pid, "h": _HOST}, separators=(",", ":"))[:-1].encode()
+
+
+def holder_stamp(member_id: str, fencing_token: int | None = None) -> bytes:
+    """The holder record a grant writes: member id, pid, host and time, as compact JSON.
+
+    ``fencing_token``: the holder's, once it took one. No newline (JSON escapes them):
+    Redis joins held tokens with newlines.
+    """
+    stamp = b'%s,"t":%.3f' % (_stamp_head(member_id, os.getpid()), time.time())
+    if fencing_token is not None:
+        stamp += b',"f":%d' % fencing_token
+    return stamp + b"}"
+
+
+def read_stamp(key: str, data: bytes, **known: Any) -> HolderRecord:
+    """The holder record in ``data`` (a :func:`holder_stamp`), or what ``known`` says.
+
+    Data that is not a stamp (a plain tooz process's token or member id) names nobody:
+    its fields are ``None``, except a plain member id (``known["member_id"]``).
+    """
+    try:
+        stamp = json.loads(data)
+    except ValueError:
+        stamp = None
+    if not isinstance(stamp, dict):
+        return HolderRecord(key, **known)
+    return HolderRecord(
+        key,
+        member_id=str(stamp["m"]) if "m" in stamp else known.get("member_id"),
+        pid=int(stamp["p"]) if isinstance(stamp.get("p"), int) else known.get("pid"),
+        host=str(stamp["h"]) if "h" in stamp else known.get("host"),
+        since=float(stamp["t"]) if isinstance(stamp.get("t"), int | float) else None,
+        fencing_token=(
+            int(stamp["f"]) if isinstance(stamp.get("f"), int) else known.get("fencing_token")
+        ),
+        waiters=known.get("waiters"),
+    )
 
 
 @final
@@ -144,6 +224,12 @@ class Driver:
     #: use fall on one (tooz's PostgreSQL driver: 65,536); ``None`` if each key is a lock
     #: of its own. Where they share, a key found held may be held under another key.
     key_space: ClassVar[int | None] = None
+    #: Why a lock cannot be broken on this backend and what to do instead (drivers
+    #: without ``BREAKS_LOCKS``); ``{pid}``, ``{host}`` and ``{session}`` name the holder.
+    break_refusal: ClassVar[str] = (
+        "this backend cannot free a lock held by another process: stop the holder "
+        "(pid {pid} on {host}), or wait for it to release the lock"
+    )
 
     def __init__(self, coordinator: tooz.coordination.CoordinationDriver, call_timeout: float):
         self.tooz = coordinator
@@ -352,16 +438,46 @@ class Driver:
         ``token`` is the fencing token of this grant. The record must be tied to the
         lock: :meth:`read_leader` never answers with it once the lock is not held by the
         grant that wrote it (it expired, was released, or its process or session died).
+        A driver that ``NAMES_HOLDERS`` wrote its record with the grant: nothing to do.
         """
-        raise tooz.NotImplemented("leader records")
+        if Capability.NAMES_HOLDERS not in self.capabilities:
+            raise tooz.NotImplemented("leader records")
 
     def read_leader(self, key: str) -> str | None:
         """The member id that holds the leadership lock ``key`` now, or ``None``.
 
         ``None`` also while the holder has not published its record yet; never the
-        member id of a grant that has ended.
+        member id of a grant that has ended. By default the holder record's member: a
+        driver whose grant writes one (``NAMES_HOLDERS``) needs no leader record.
         """
-        raise tooz.NotImplemented("leader records")
+        holder = self.read_holder(key)
+        return None if holder is None else holder.member_id
+
+    # -- holders (``NAMES_HOLDERS``, ``LISTS_HOLDERS``, ``BREAKS_LOCKS``) -------------
+
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """Who holds the lock ``key`` now (``NAMES_HOLDERS``); ``None`` if nobody does.
+
+        Never the holder of a grant that has ended; the record of a holder that wrote
+        none (a plain tooz process) has ``None`` fields.
+        """
+        raise tooz.NotImplemented("holder records")
+
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """The holders of every lock held now whose key starts with ``key_prefix``."""
+        raise tooz.NotImplemented("listing held locks")
+
+    def break_lock(self, key: str) -> HolderRecord | None:
+        """Free the lock ``key``, held by anyone (``BREAKS_LOCKS``); whom it was taken from.
+
+        The fencing counter moves past the holder's token first, and a mark is left that
+        :meth:`was_broken` reads for the holder. ``None`` if nobody held it.
+        """
+        raise tooz.NotImplemented("breaking locks")
+
+    def was_broken(self, lock: Any) -> bool:
+        """Whether ``lock`` (ours, found lost by a beat) was freed by :meth:`break_lock`."""
+        return False
 
     # -- records beside a lock (``Capability.KEEPS_RECORDS``) -------------------------
 

@@ -35,14 +35,18 @@ The dialects (``postgresql.py``, ``mysql.py``) say how each step is written in S
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar, final
 
 from .._exceptions import UnsupportedOperation
-from ._base import Capability, Driver
+from ._base import Capability, Driver, HolderRecord
 
 T = TypeVar("T")
+
+#: Keys a connection remembers having written into the names table.
+_NAMED_KEPT = 10_000
 
 __all__ = ["Dialect", "Link", "ServerLock", "SessionDriver", "WaiterLinks", "close_quietly"]
 
@@ -129,6 +133,22 @@ class Dialect(abc.ABC):
     def __init__(self, url: str, member_id: str, call_timeout: float, wait_slice: int) -> None:
         self.call_timeout = call_timeout
         self.wait_slice = wait_slice
+        self.member_id = member_id
+
+    # -- holders (the server knows which session holds a lock; the names table, which
+    #    lock names there are, for listing) -------------------------------------------
+
+    @abc.abstractmethod
+    def name_lock(self, main: Link, lock: ServerLock) -> None:
+        """Note ``lock``'s key in the names table (once per key and connection)."""
+
+    @abc.abstractmethod
+    def read_holder(self, main: Link, lock: ServerLock) -> HolderRecord | None:
+        """Who holds ``lock``: the server's session, and what the session is known by."""
+
+    @abc.abstractmethod
+    def list_holders(self, main: Link, key_prefix: str) -> list[HolderRecord]:
+        """The holders of the named locks under ``key_prefix`` held now."""
 
     @classmethod
     def key_problem(cls, key: str) -> str | None:
@@ -442,6 +462,8 @@ class SessionDriver(Driver):
             Capability.KNOWS_OWNER,
             Capability.PARKS_GRANTS,
             Capability.KEEPS_RECORDS,
+            Capability.NAMES_HOLDERS,
+            Capability.LISTS_HOLDERS,
         }
     )
     #: Waiter links a coordinator opens at most (each is a connection and a thread).
@@ -463,6 +485,8 @@ class SessionDriver(Driver):
         self._trying: set[tuple[Any, ...]] = set()
         self._guard = threading.Lock()
         self._waiters = WaiterLinks(sql, self._guard, self.waiter_limit)
+        #: Keys this connection wrote into the names table (forgotten when it grows big).
+        self._named: set[str] = set()
 
     @classmethod
     def load(cls, url: str, member_id: str, options: Any, call_timeout: float) -> SessionDriver:
@@ -579,6 +603,8 @@ class SessionDriver(Driver):
             if lock.shared is None:
                 self._refuse_collision(lock)
             main = self._live_main()
+            if key not in self._named:
+                self._name(main, lock)
             granted = self._use(main, lambda: self.sql.try_lock(main, lock))
             if granted:
                 with self._guard:
@@ -589,6 +615,28 @@ class SessionDriver(Driver):
                 with self._guard:
                     self._trying.discard(lock.args)
         return granted
+
+    def _name(self, main: Link, lock: ServerLock) -> None:
+        """Write ``lock``'s key into the names table, before its first try here.
+
+        Every grant, on the main session or a waiter link, follows a try of the key on
+        this connection, so every lock it holds is named there: what ``holders()`` lists
+        (the server's lock view has no names on PostgreSQL, none at all on MariaDB). A
+        failure (no right to create tables, say) costs the listing only.
+        """
+        if len(self._named) >= _NAMED_KEPT:
+            self._named.clear()
+        self._named.add(lock.key)
+        with contextlib.suppress(Exception):
+            self._use(main, lambda: self.sql.name_lock(main, lock))
+
+    def read_holder(self, key: str) -> HolderRecord | None:
+        main = self._live_main()
+        return self._use(main, lambda: self.sql.read_holder(main, self.sql.lock_for(key)))
+
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        main = self._live_main()
+        return self._use(main, lambda: self.sql.list_holders(main, key_prefix))
 
     def _refuse_collision(self, lock: ServerLock) -> None:
         """Refuse a key on the server lock of another key we hold (PostgreSQL's 2-byte keys).

@@ -23,7 +23,14 @@ from typing import Any, ClassVar, Final
 
 from .._names import split_rw_key
 from . import _options
-from ._base import Capability, Driver, client_timeout_options
+from ._base import (
+    Capability,
+    Driver,
+    HolderRecord,
+    client_timeout_options,
+    holder_stamp,
+    read_stamp,
+)
 from ._endpoints import endpoints_of, fail_over_between
 from ._etcdrw import EtcdRW, EtcdRWLock
 
@@ -80,6 +87,9 @@ class EtcdDriver(Driver):
             Capability.FENCES,
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
+            Capability.NAMES_HOLDERS,
+            Capability.LISTS_HOLDERS,
+            Capability.BREAKS_LOCKS,
             Capability.KEEPS_RECORDS,
             Capability.SHARES_LOCKS,
         }
@@ -179,7 +189,10 @@ class EtcdDriver(Driver):
             return self._rwlocks().try_acquire(lock)
         for _ in range(2):
             lease = self._current_lease()
-            token = uuid.uuid4().bytes
+            # tooz's 16 random bytes, then the holder record (``NAMES_HOLDERS``): the
+            # key's value is the record, written by the grant, gone with the key.
+            member = self.tooz._member_id.decode("utf-8", "replace")
+            token = uuid.uuid4().bytes + b" " + holder_stamp(member)
             # Set before the call: a caller that gives up on the try has the release run
             # with them, which deletes the key only if it holds this token.
             lock.token, lock.lease = token, lease
@@ -215,16 +228,13 @@ class EtcdDriver(Driver):
         return False
 
     def release(self, lock: Any) -> bool:
-        """Delete the key (and its leader record) if it still holds the grant's token."""
+        """Delete the key if it still holds the grant's token."""
         token, lock.token, lock.lease = lock.token, None, None
         if token is None:
             return False
         txn = {
             "compare": [_value_is(lock, token)],
-            "success": [
-                {"request_delete_range": {"key": lock.key_b64}},
-                {"request_delete_range": {"key": _b64(_leader_key(lock))}},
-            ],
+            "success": [{"request_delete_range": {"key": lock.key_b64}}],
             "failure": [],
         }
         return bool(self._client.transaction(txn).get("succeeded", False))
@@ -295,41 +305,51 @@ class EtcdDriver(Driver):
             return None
         return int(result["header"]["revision"])
 
-    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
-        """A record key on the lock's lease, naming the lock's token and the member id.
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """The lock key's value is the record; a write after the grant was its fence."""
+        for value, meta in self._client.get(self.get_lock(key).key, metadata=True):
+            return _holder(key, value, meta)
+        return None
 
-        Written in a transaction that checks the lock key still holds our token; the
-        release deletes it with the key, and it goes with the lease too.
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """One range read of the lock keys under the prefix."""
+        start = _LOCK_PREFIX + key_prefix.encode("ascii")
+        holders = []
+        for value, meta in self._client.get_prefix(start):
+            key = bytes(meta["key"])  # decoded by etcd3gw
+            name = key[len(_LOCK_PREFIX) :].decode("ascii", "replace")
+            # Not records kept beside locks, nor read-write locks' contender keys.
+            if not key.endswith(_NOT_LOCKS) and "~rw" not in name:
+                holders.append(_holder(name, value, meta))
+        return holders
+
+    def break_lock(self, key: str) -> HolderRecord | None:
+        """Delete the key if it holds the value read; a mark (that value) tells its holder.
+
+        The delete moves etcd's revision, the fencing counter, past every token.
         """
-        lock_token, lease = lock.token, lock.lease
-        if lock_token is None:
-            return
-        record = lock_token + member_id.encode()
-        txn = {
-            "compare": [_value_is(lock, lock_token)],
-            "success": [
-                {
-                    "request_put": {
-                        "key": _b64(_leader_key(lock)),
-                        "value": _b64(record),
-                        "lease": lease,
-                    }
-                }
-            ],
-            "failure": [],
-        }
-        self._client.transaction(txn)
-
-    def read_leader(self, key: str) -> str | None:
-        """The record, if the lock key holds the token it names."""
         lock = self.get_lock(key)
-        records = self._client.get(_leader_key(lock))
-        values = self._client.get(lock.key)
-        if not records or not values:
-            return None
-        record = bytes(records[0])  # the lock's 16-byte token, then the member id
-        token, member_id = record[:_TOKEN_BYTES], record[_TOKEN_BYTES:]
-        return member_id.decode("utf-8", "replace") if token == values[0] else None
+        client = self._client
+        for _ in range(3):
+            values = client.get(lock.key, metadata=True)
+            if not values:
+                return None
+            value, meta = values[0]
+            txn = {
+                "compare": [_value_is(lock, bytes(value))],
+                "success": [
+                    {"request_put": {"key": _b64(_broken_key(lock)), "value": _b64(value)}},
+                    {"request_delete_range": {"key": lock.key_b64}},
+                ],
+                "failure": [],
+            }
+            if client.transaction(txn).get("succeeded", False):
+                return _holder(key, value, meta)
+        return None  # taken and released again and again meanwhile: nobody to break now
+
+    def was_broken(self, lock: Any) -> bool:
+        marks = self._client.get(_broken_key(lock)) if lock.token is not None else []
+        return bool(marks) and bytes(marks[0]) == lock.token
 
     def read_record(self, lock: Any) -> bytes | None:
         records = self._client.get(_record_key(lock))
@@ -437,8 +457,20 @@ class EtcdDriver(Driver):
         super().stop()
 
 
-#: tooz's lock token: a UUID's 16 bytes.
-_TOKEN_BYTES = 16
+#: Keys under the lock prefix that are not locks (records; leader records of old).
+_NOT_LOCKS = (b"~record", b"~leader")
+
+
+def _broken_key(lock: _EtcdLock) -> bytes:
+    """The mark a break leaves for the holder: outside the lock prefix, never a lock."""
+    return b"/aiotooz/broken" + lock.key
+
+
+def _holder(key: str, value: bytes, meta: Mapping[str, Any]) -> HolderRecord:
+    """The record in a lock key's value, after tooz's token: a rewrite was a fence."""
+    revision, created = int(meta.get("mod_revision", 0)), int(meta.get("create_revision", 0))
+    token = revision if revision != created else None
+    return read_stamp(key, bytes(value)[17:], fencing_token=token)
 
 
 def _holds(result: Mapping[str, Any], token: bytes) -> bool:
@@ -448,11 +480,6 @@ def _holds(result: Mapping[str, Any], token: bytes) -> bool:
             if base64.b64decode(kv.get("value", "")) == token:
                 return True
     return False
-
-
-def _leader_key(lock: _EtcdLock) -> bytes:
-    """The key of a lock's leader record (the lock key with a suffix no lock key has)."""
-    return lock.key + b"~leader"
 
 
 def _record_key(lock: _EtcdLock) -> bytes:

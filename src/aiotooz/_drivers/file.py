@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import socket
 import struct
 import sys
 import urllib.parse
@@ -17,17 +18,30 @@ from . import _options
 from ._base import (
     Capability,
     Driver,
+    HolderRecord,
     LeaderRecords,
     ReleaseSignal,
+    holder_stamp,
     next_in_file,
     read_leader_file,
     read_record_file,
+    read_stamp,
     write_record_file,
 )
 from ._filerw import FileRWLock
 from ._inotify import CloseWatches
 
 __all__ = ["FileDriver"]
+
+#: The attribute of a lock object that keeps the holder record this process wrote.
+_RECORD_ATTRIBUTE = "_aiotooz_holder"
+#: The extended attribute of a lock file that holds its holder record.
+_XATTR = "user.aiotooz.holder"
+#: The holder record beside a key's fencing counter: the counter's name and this suffix
+#: (never a key: plain keys have no ``~``, mapped keys end in ``~`` and 32 hex digits).
+_HOLDER_SUFFIX = "~holder"
+#: This host: a file lock's holder is on it (a lock directory on NFS aside).
+_HOST = socket.gethostname()
 
 #: struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhqqi4x")
@@ -71,10 +85,16 @@ class FileDriver(Driver):
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
+            Capability.NAMES_HOLDERS,
+            Capability.LISTS_HOLDERS,
             Capability.SHARES_LOCKS,
         }
     )
     accepted_options = _options.FILE
+    break_refusal: ClassVar[str] = (
+        "a file lock belongs to its process until it releases it or exits; stop that "
+        "process (pid {pid} on {host}: kill {pid}), and the kernel frees the lock at once"
+    )
     #: The driver's own group and tmp directories, and aiotooz's fencing counters.
     reserved_keys: ClassVar[frozenset[str]] = frozenset({"groups", "tmp", "fencing", "waiting"})
 
@@ -97,6 +117,8 @@ class FileDriver(Driver):
         #: Watched lock objects (by id) -> the marker file that says a waiter is here.
         self._markers: dict[int, int] = {}
         self._records = LeaderRecords()
+        #: Whether the lock directory's file system keeps user extended attributes.
+        self._xattrs = hasattr(os, "setxattr")
         #: Read-write keys watched now (by their waiters), and the lock objects left open
         #: after a failed try of a watched key (closed when the watch ends).
         self._rw_watched: dict[str, int] = {}
@@ -104,6 +126,7 @@ class FileDriver(Driver):
 
     def start(self) -> None:
         super().start()
+        self._member = self.tooz._member_id.decode("utf-8", "replace")
         info = os.stat(self.tooz._dir)  # type: ignore[attr-defined]  # made by start()
         self._directory = (info.st_dev, info.st_ino)
 
@@ -135,6 +158,7 @@ class FileDriver(Driver):
                 return False  # held in this process, by another coordinator
             references = lock.ref
             if lock.acquire(blocking=False):
+                self._write_holder(lock, holder_stamp(self._member))
                 return True
             lock.ref = references
             if id(lock) not in self._kept_open:
@@ -239,9 +263,98 @@ class FileDriver(Driver):
         """A counter file per key in ``<directory>/fencing/``.
 
         A file lock is never lost while its process lives: the holder is the owner.
+        The holder record gets the token too.
         """
         directory, key = os.path.split(lock.name)
-        return next_in_file(os.path.join(directory, "fencing", key))
+        token = next_in_file(os.path.join(directory, "fencing", key))
+        barrier = getattr(lock, "_barrier", None)  # a read-write lock keeps no record
+        if barrier is None:
+            return token
+        with barrier.cond:
+            record = getattr(lock, _RECORD_ATTRIBUTE, None)
+            if record is not None and lock.acquired:
+                self._write_holder(lock, record[:-1] + b',"f":%d}' % token)
+        return token
+
+    # -- holders: a record on the lock file, written by the holder ---------------------
+
+    def _write_holder(self, lock: Any, record: bytes) -> None:
+        """Write the holder record on the lock file we hold (under its barrier).
+
+        An extended attribute set through the descriptor that holds the lock: one
+        system call, and no other descriptor opened and closed (which would drop the
+        lock). Not in the file's data: it is opened for appending, and emptying a file
+        that ext4 then closes forces its data to disk. Where the file system keeps no
+        user attributes, a file beside the fencing counter (``fencing/<key>~holder``)
+        instead. Kept on the lock object too, for readers in this process.
+        """
+        setattr(lock, _RECORD_ATTRIBUTE, record)
+        if self._xattrs:
+            try:
+                os.setxattr(lock._lock.lockfile.fileno(), _XATTR, record)
+                return
+            except OSError:
+                self._xattrs = False  # not supported here: the file beside, from now on
+        path = self._counter_path(lock) + _HOLDER_SUFFIX
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.pwrite(fd, record + b"\n", 0)  # never truncated: readers take a line
+        finally:
+            os.close(fd)
+
+    def _read_written(self, lock: Any) -> bytes:
+        """The holder record another process wrote on ``lock``'s file (see above)."""
+        try:
+            return os.getxattr(lock.name, _XATTR)  # by path: no descriptor to close
+        except OSError:
+            pass
+        try:
+            with open(self._counter_path(lock) + _HOLDER_SUFFIX, "rb") as written:
+                return written.readline().rstrip(b"\n")
+        except OSError:
+            return b""
+
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """The kernel names the holding process; the lock file, the record it wrote.
+
+        A record whose pid is not the holder's was left by an earlier holder (this one
+        has not written its own yet): only the pid is known then.
+        """
+        lock = self.get_lock(key)
+        barrier = lock._barrier
+        with barrier.cond:  # no try of this process runs meanwhile (see try_acquire)
+            if barrier.owner is not None:
+                record = getattr(lock, _RECORD_ATTRIBUTE, None) if lock.acquired else None
+                if record is None:
+                    return None  # a try is half done
+                return read_stamp(key, record)
+            pid = _holder_elsewhere(lock.name)
+        if pid is None:
+            return None
+        holder = read_stamp(key, self._read_written(lock), pid=pid)
+        if holder.pid != pid:
+            return HolderRecord(key, pid=pid, host=_HOST)
+        return holder
+
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """Every lock file of the directory whose name starts with the prefix, if held."""
+        holders = []
+        for entry in os.scandir(self.tooz._dir):  # type: ignore[attr-defined]
+            name = entry.name
+            if (
+                name.startswith(key_prefix)
+                and name not in self.reserved_keys
+                and split_rw_key(name) is None  # read-write locks: not listed
+                and entry.is_file(follow_symlinks=False)
+            ):
+                holder = self.read_holder(name)
+                if holder is not None:
+                    holders.append(holder)
+        return holders
 
     def still_owner(self, lock: Any) -> bool | None:
         return None  # the file driver only echoes its own flag

@@ -5,13 +5,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 import sys
 import tempfile
-from typing import Any
+from typing import Any, ClassVar
 
 from . import _options
 from ._base import (
     Capability,
+    HolderRecord,
     LeaderRecords,
     next_in_file,
     read_leader_file,
@@ -76,12 +78,17 @@ class IpcDriver(ProbingDriver):
             Capability.FENCES,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
+            Capability.NAMES_HOLDERS,
             *([Capability.WAKES_WAITERS] if _SEMTIMEDOP is not None else []),
         }
     )
     #: A probe costs no connection and its waits are system calls: short slices.
     probe_limit = 16
     probe_slice = 0.25
+    break_refusal: ClassVar[str] = (
+        "an ipc lock belongs to its process until it releases it or exits; stop that "
+        "process (pid {pid} on {host}: kill {pid}), and the kernel frees the lock at once"
+    )
 
     def __init__(self, coordinator: Any, call_timeout: float) -> None:
         super().__init__(coordinator, call_timeout)
@@ -151,6 +158,24 @@ class IpcDriver(ProbingDriver):
 
     def write_record(self, lock: Any, record: bytes, token: int) -> bool:
         return write_record_file(os.path.join(_FENCING_DIR, str(lock.key)), record, token)
+
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """The process that holds the semaphore (the kernel's last changer while taken).
+
+        Its member id is known for a leadership lock only (the leader record).
+        """
+        import sysv_ipc
+
+        lock = self.get_lock(key)
+        try:
+            semaphore = sysv_ipc.Semaphore(lock.key)
+            holder = int(semaphore.last_pid) if semaphore.value == 0 else None
+        except sysv_ipc.ExistentialError:
+            return None
+        if holder is None:
+            return None
+        member = read_leader_file(os.path.join(_FENCING_DIR, str(lock.key)), holder)
+        return HolderRecord(key, member_id=member, pid=holder, host=socket.gethostname())
 
     def read_leader(self, key: str) -> str | None:
         """The record, if its token is the counter's and its writer holds the semaphore now.

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from .._exceptions import ConfigurationError
 from . import _options
-from ._base import Capability, Driver, client_timeout_options, clock_floor
+from ._base import Capability, Driver, HolderRecord, client_timeout_options, clock_floor
 
 __all__ = ["MemcachedDriver"]
 
@@ -32,7 +32,18 @@ class MemcachedDriver(Driver):
     extra = "memcached"
     accepted_options = _options.MEMCACHED
     capabilities = frozenset(
-        {Capability.EXPIRES, Capability.KNOWS_OWNER, Capability.FENCES, Capability.NAMES_LEADER}
+        {
+            Capability.EXPIRES,
+            Capability.KNOWS_OWNER,
+            Capability.FENCES,
+            Capability.NAMES_LEADER,
+            Capability.NAMES_HOLDERS,
+        }
+    )
+    break_refusal: ClassVar[str] = (
+        "memcached keeps no fencing counter a break could move past the holder's token "
+        "(nor tells the holder); wait for the holder to release the lock, or stop it: the "
+        "lock then expires within its lock_timeout"
     )
 
     @classmethod
@@ -109,14 +120,13 @@ class MemcachedDriver(Driver):
             elif client.cas(fence_key, str(token).encode(), cas, expire=0, noreply=False):
                 return token
 
-    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
-        """Nothing to write: the lock's item already holds its owner's member id."""
-
-    def read_leader(self, key: str) -> str | None:
-        """The lock item's value: tooz stores the holder's member id in it."""
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """The lock item's value: tooz stores the holder's member id in it (and no more)."""
         lock = self.get_lock(key)
         value = self.tooz.client.get(lock.name)  # type: ignore[attr-defined]
-        return None if value is None else bytes(value).decode("utf-8", "replace")
+        if value is None:
+            return None
+        return HolderRecord(key, member_id=bytes(value).decode("utf-8", "replace"))
 
 
 def _meta_get_and_touch(connection: Any, keys: list[bytes], ttl: int) -> dict[bytes, bytes]:

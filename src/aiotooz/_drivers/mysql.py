@@ -8,10 +8,13 @@ MySQL 5.7.5 or MariaDB 10.0.2 (older servers let one session hold one).
 
 from __future__ import annotations
 
+import os
+import socket
 import urllib.parse
 from typing import Any, ClassVar
 
 from . import _options
+from ._base import HolderRecord
 from ._sessions import Dialect, Link, ServerLock, SessionDriver
 
 __all__ = ["MySQLDialect", "MySQLDriver"]
@@ -63,6 +66,20 @@ _WRITE_RECORD_SQL = (
 _RECORD_KEPT_SQL = (
     "SELECT COUNT(*) FROM aiotooz_records WHERE name = %s AND token = %s AND IS_USED_LOCK(%s) = %s"
 )
+#: Which lock names there are (``holders()``: MariaDB has no list of named locks). One
+#: row per name ever tried; rows may be deleted at any time.
+_NAMES_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_names (name VARBINARY(64) PRIMARY KEY) ENGINE=InnoDB"
+)
+#: Which coordinator each connection serves: written once per connection, replacing an
+#: earlier connection's row with the same id.
+_SESSIONS_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_sessions (conn_id BIGINT UNSIGNED PRIMARY KEY,"
+    " member VARCHAR(1024) NOT NULL, pid BIGINT NOT NULL, host VARCHAR(255) NOT NULL)"
+    " ENGINE=InnoDB"
+)
+_SESSION_SQL = "REPLACE INTO aiotooz_sessions VALUES (CONNECTION_ID(), %s, %s, %s)"
+_HOLDER_SQL = "SELECT member, pid, host FROM aiotooz_sessions WHERE conn_id = %s"
 #: The TLS options plain tooz takes from the URL's query (``ssl_<name>``).
 _SSL_OPTIONS = ("ca", "capath", "cert", "key", "cipher", "verify_mode")
 
@@ -142,6 +159,14 @@ class MySQLDialect(Dialect):
             read_timeout=timeout,
             write_timeout=timeout,
         )
+        try:
+            # Which coordinator this session serves, for holder(): a failure (no right to
+            # create tables, say) costs only the member's name there.
+            with connection.cursor() as cursor:
+                params = (self.member_id, os.getpid(), socket.gethostname())
+                _execute_creating(cursor, _SESSION_SQL, params, _SESSIONS_DDL)
+        except pymysql.MySQLError:
+            pass
         return Link(connection, int(connection.thread_id()))
 
     def check_session(self, main: Link, other: Link) -> None:
@@ -218,6 +243,53 @@ class MySQLDialect(Dialect):
             return None  # nobody ever led here
         return None if member is None else str(member)
 
+    def name_lock(self, main: Link, lock: ServerLock) -> None:
+        with main.connection.cursor() as cursor:
+            _execute_creating(
+                cursor, "INSERT IGNORE INTO aiotooz_names VALUES (%s)", lock.args, _NAMES_DDL
+            )
+
+    def read_holder(self, main: Link, lock: ServerLock) -> HolderRecord | None:
+        import pymysql
+
+        session = self._scalar(main, "SELECT IS_USED_LOCK(%s)", lock.args)
+        if session is None:
+            return None
+        waiters = int(self._scalar(main, _WAITING_SQL, (lock.name, lock.name, (0,))) or 0)
+        try:
+            with main.connection.cursor() as cursor:
+                cursor.execute(_HOLDER_SQL, (session,))
+                row = cursor.fetchone()
+        except pymysql.MySQLError as exc:
+            if not _no_table(exc):
+                raise
+            row = None
+        if row is None:  # not an aiotooz session (plain tooz), or one that could not say
+            return HolderRecord(lock.key, waiters=waiters, session=int(session))
+        member, pid, host = row
+        return HolderRecord(
+            lock.key, str(member), int(pid), str(host), waiters=waiters, session=int(session)
+        )
+
+    def list_holders(self, main: Link, key_prefix: str) -> list[HolderRecord]:
+        import pymysql
+
+        sql = "SELECT name FROM aiotooz_names WHERE LEFT(name, %s) = %s"
+        try:
+            with main.connection.cursor() as cursor:
+                cursor.execute(sql, (len(key_prefix), key_prefix.encode("ascii")))
+                names = [bytes(row[0]).decode("ascii") for row in cursor.fetchall()]
+        except pymysql.MySQLError as exc:
+            if not _no_table(exc):
+                raise
+            return []  # nothing was ever locked here
+        holders = []
+        for key in names:
+            holder = self.read_holder(main, self.lock_for(key))
+            if holder is not None:
+                holders.append(holder)
+        return holders
+
     def read_record(self, main: Link, lock: ServerLock) -> bytes | None:
         import pymysql
 
@@ -247,4 +319,9 @@ class MySQLDriver(SessionDriver):
 
     extra = "mysql"
     dialect = MySQLDialect
+    break_refusal: ClassVar[str] = (
+        "a named lock belongs to the server session that took it, which holds every lock "
+        "of its coordinator; stop the holder's process (pid {pid} on {host}), or end its "
+        "session with KILL {session}, which frees every lock that coordinator holds"
+    )
     accepted_options = _options.MYSQL

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from .._exceptions import ConfigurationError
 from .._names import split_rw_key
 from . import _options
-from ._base import Capability
+from ._base import Capability, HolderRecord
 from ._sessions import Dialect, Link, ServerLock, SessionDriver
 
 __all__ = ["PostgreSQLDialect", "PostgreSQLDriver"]
@@ -65,6 +65,24 @@ _WRITE_RECORD_SQL = (
     " ON CONFLICT (key) DO UPDATE SET token = EXCLUDED.token, record = EXCLUDED.record"
     " WHERE aiotooz_records.token <= EXCLUDED.token"
 )
+#: Which lock names there are (``holders()``: pg_locks shows a name's hash only). One row
+#: per name ever tried, with pg_locks' columns for it; rows may be deleted at any time.
+_NAMES_DDL = (
+    "CREATE TABLE IF NOT EXISTS aiotooz_names (key text PRIMARY KEY, classid int8 NOT NULL,"
+    " objid int8 NOT NULL, objsubid int4 NOT NULL)"
+)
+_NAME_SQL = "INSERT INTO aiotooz_names VALUES (%s, %s, %s, %s) ON CONFLICT (key) DO NOTHING"
+_NAMED_SQL = "SELECT key, classid, objid, objsubid FROM aiotooz_names WHERE left(key, %s) = %s"
+#: The session holding a lock (its coordinator is in its application_name), and how
+#: many sessions wait for it.
+_HOLDER_SQL = (
+    "SELECT a.application_name, coalesce(a.client_hostname, host(a.client_addr)), a.pid,"
+    f" (SELECT count(*) FROM pg_locks WHERE NOT granted AND {_MATCH})"
+    f" FROM pg_stat_activity a WHERE a.pid = (SELECT pid FROM pg_locks WHERE granted AND {_MATCH}"
+    " LIMIT 1)"
+)
+#: What aiotooz puts before the member id in its sessions' application_name.
+_APPLICATION = "aiotooz "
 _POOLED = (
     "the PostgreSQL server is reached through a pooler in transaction or statement mode "
     "(two connections were served by one server session{detail}): advisory locks belong "
@@ -246,6 +264,39 @@ class PostgreSQLDialect(Dialect):
             return None  # nobody ever led here
         return None if member is None else str(member)
 
+    def name_lock(self, main: Link, lock: ServerLock) -> None:
+        _execute_creating(main, _NAME_SQL, (lock.key, *lock.ids), _NAMES_DDL)
+
+    def read_holder(self, main: Link, lock: ServerLock) -> HolderRecord | None:
+        return self._holder(main, lock.key, lock.ids)
+
+    def _holder(self, main: Link, key: str, ids: tuple[int, ...]) -> HolderRecord | None:
+        row = main.connection.execute(_HOLDER_SQL, (*ids, *ids)).fetchone()
+        if row is None:
+            return None
+        application, host, session, waiters = row
+        member = application[len(_APPLICATION) :] if application.startswith(_APPLICATION) else None
+        return HolderRecord(
+            key, member_id=member, host=host, waiters=int(waiters), session=int(session)
+        )
+
+    def list_holders(self, main: Link, key_prefix: str) -> list[HolderRecord]:
+        import psycopg.errors
+
+        try:
+            named = main.connection.execute(_NAMED_SQL, (len(key_prefix), key_prefix)).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []  # nothing was ever locked here
+        # Only this key space's rows: keys=64 and plain tooz's keys are told apart by objsubid.
+        space = 1 if self.wide else 2
+        holders = []
+        for key, *ids in named:
+            if ids[2] == space:
+                holder = self._holder(main, key, tuple(ids))
+                if holder is not None:
+                    holders.append(holder)
+        return holders
+
     def read_record(self, main: Link, lock: ServerLock) -> bytes | None:
         import psycopg.errors
 
@@ -307,6 +358,12 @@ class PostgreSQLDriver(SessionDriver):
     capabilities = SessionDriver.capabilities | {Capability.SHARES_LOCKS}
     #: Plain tooz's keys: two bytes of each key's MD5.
     key_space: ClassVar[int | None] = 65_536
+    break_refusal: ClassVar[str] = (
+        "an advisory lock belongs to the server session that took it, which holds every "
+        "lock of its coordinator; stop the holder's process (on {host}), or end its "
+        "session with SELECT pg_terminate_backend({session}), which frees every lock that "
+        "coordinator holds"
+    )
 
     @classmethod
     def load(cls, url: str, member_id: str, options: Any, call_timeout: float) -> SessionDriver:

@@ -14,7 +14,7 @@ import anyio
 from .._names import split_rw_key
 from .._tasks import BackgroundTask, spawn
 from . import _options
-from ._base import Capability, Driver, ReleaseSignal
+from ._base import Capability, Driver, HolderRecord, ReleaseSignal, holder_stamp, read_stamp
 from ._redisrw import READERS_REFRESH_SCRIPT, RedisRWLock
 
 __all__ = ["RedisDriver"]
@@ -40,7 +40,8 @@ _ASYNC_OPTIONS = frozenset(
 
 #: A fencing token for a lock we hold, in one atomic step: nothing if the lock's key does
 #: not hold our token; else one more than the key's counter, or the server's clock in
-#: microseconds if that is larger (a counter lost with a restart never goes back).
+#: microseconds if that is larger (a counter lost with a restart never goes back). With a
+#: third key, the fence mark: ``<fencing token> <lock token>`` (the holder's token).
 _FENCE_SCRIPT = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return false end
 local now = redis.call('time')
@@ -48,6 +49,7 @@ local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local token = tonumber(redis.call('get', KEYS[2]) or '0') + 1
 if token < floor then token = floor end
 redis.call('set', KEYS[2], string.format('%.0f', token))
+if KEYS[3] then redis.call('set', KEYS[3], string.format('%.0f', token) .. ' ' .. ARGV[1]) end
 return string.format('%.0f', token)
 """
 
@@ -91,7 +93,8 @@ _REFRESH_BATCH: Final = 1000
 
 
 #: A leader record for a lock we hold: ``<lock token> <member id>`` in a key beside the
-#: lock's, written only if the lock's key holds our token.
+#: lock's, written only if the lock's key holds our token (Redis Cluster's; the single
+#: server's leader is the holder record in the lock's value).
 _LEADER_SCRIPT = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[2], ARGV[1] .. ' ' .. ARGV[2])
@@ -113,14 +116,55 @@ return 1
 """
 
 
+#: Break a lock whatever token it holds: move the fencing counter past every token handed
+#: out (as a fence would), leave the old token in a mark for its holder to find (for
+#: ``ARGV[1]`` ms), delete the key and tell waiters. Returns the old token, or false.
+_BREAK_SCRIPT = """
+local old = redis.call('get', KEYS[1])
+if not old then return false end
+local now = redis.call('time')
+local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local token = tonumber(redis.call('get', KEYS[2]) or '0') + 1
+if token < floor then token = floor end
+redis.call('set', KEYS[2], string.format('%.0f', token))
+redis.call('set', KEYS[3], old, 'PX', ARGV[1])
+redis.call('del', KEYS[1])
+redis.call('publish', KEYS[4], '')
+return old
+"""
+
+#: How long a break's mark is kept (ms): far longer than any heartbeat.
+_BROKEN_MARK_MS: Final = 600_000
+
+
+def _base_key(lock: Any) -> bytes:
+    """The tooz key of a lock without its ``_lock`` suffix: what the other keys extend."""
+    return bytes(lock.name)[: -len(b"_lock")]
+
+
 def _record_key(lock: Any) -> bytes:
     """The key of the record kept beside a lock (tooz's key with another suffix)."""
     return bytes(lock.name)[: -len(b"_lock")] + b"_record"
 
 
-def _leader_key(lock: Any) -> bytes:
-    """The key of a lock's leader record (tooz's key with another suffix)."""
-    return bytes(lock.name)[: -len(b"_lock")] + b"_leader"
+def _holder(key: str, value: bytes, fenced: bytes | None) -> HolderRecord:
+    """The holder record in a lock key's value; its fencing token if the fence mark is its.
+
+    The fence mark (``<fencing token> <lock token>``) outlives the grant that wrote it:
+    it counts only while the key holds the token it names.
+    """
+    token = None
+    if fenced is not None:
+        fencing, _, lock_token = bytes(fenced).partition(b" ")
+        token = int(fencing) if lock_token == value and fencing.isdigit() else None
+    return read_stamp(key, value.partition(b" ")[2], fencing_token=token)
+
+
+def _glob_escape(pattern: bytes) -> bytes:
+    """``pattern`` matched literally by ``SCAN MATCH`` (a glob)."""
+    for special in (b"\\", b"*", b"?", b"[", b"]"):
+        pattern = pattern.replace(special, b"\\" + special)
+    return pattern
 
 
 def _channel(lock: Any) -> bytes:
@@ -278,6 +322,9 @@ class RedisDriver(Driver):
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
+            Capability.NAMES_HOLDERS,
+            Capability.LISTS_HOLDERS,
+            Capability.BREAKS_LOCKS,
             Capability.SHARES_LOCKS,
         }
     )
@@ -396,13 +443,24 @@ class RedisDriver(Driver):
         namespace = self.tooz._namespace  # type: ignore[attr-defined]
         return RedisRWLock(namespace, rw[0], rw[1], self.tooz._member_id)
 
+    def _token(self) -> bytes:
+        """A grant's token: tooz's (a UUID), then the holder record (``NAMES_HOLDERS``).
+
+        The record is the lock key's value itself: written in the grant's one command,
+        gone with the key, and never naming a grant that has ended.
+        """
+        member = self.tooz._member_id.decode("utf-8", "replace")
+        return uuid.uuid1().hex.encode() + b" " + holder_stamp(member)
+
     def try_acquire(self, lock: Any, key: str) -> bool:
+        """redis-py's acquire with our token (tooz's, without its logging wrapper)."""
         if isinstance(lock, RedisRWLock):
             script, keys, args = lock.try_call(int(self.lock_ttl * 1000))
             client = self.tooz._client  # type: ignore[attr-defined]
             return self._rw_tried(lock, client.eval(script, len(keys), *keys, *args))
-        granted = super().try_acquire(lock, key)
+        granted = bool(lock._lock.acquire(blocking=False, token=self._token()))
         if granted:
+            self.tooz._acquired_locks.add(lock)  # type: ignore[attr-defined]
             self._keep(lock)
         return granted
 
@@ -458,33 +516,52 @@ class RedisDriver(Driver):
         token = lock._lock.local.token
         if token is None:
             return None
-        fence_key = lock.name[: -len(b"_lock")] + b"_fence"
+        base = _base_key(lock)
         client = self.tooz._client  # type: ignore[attr-defined]
-        answer = client.eval(_FENCE_SCRIPT, 2, lock.name, fence_key, token)
+        keys = (lock.name, base + b"_fence", base + b"_fenced")
+        answer = client.eval(_FENCE_SCRIPT, 3, *keys, token)
         return None if answer is None else int(answer)
 
-    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
-        """The record names the lock's token: it is void once the key holds another."""
-        lock_token = lock._lock.local.token
-        if lock_token is None:
-            return
-        client = self.tooz._client  # type: ignore[attr-defined]
-        client.eval(_LEADER_SCRIPT, 2, lock.name, _leader_key(lock), lock_token, member_id)
-
-    def read_leader(self, key: str) -> str | None:
-        """The record, if the lock's key holds the token it names (one ``MGET``).
-
-        The record outlives its lock (it has no TTL, so that it never expires before the
-        lock does), but a lock that expired, was released or was taken by another holds
-        another token, or none.
-        """
+    def read_holder(self, key: str) -> HolderRecord | None:
+        """The lock key's value (its token, then the record) and the fence mark: one MGET."""
         lock = self.get_lock(key)
         client = self.tooz._client  # type: ignore[attr-defined]
-        lock_token, record = client.mget([lock.name, _leader_key(lock)])
-        if lock_token is None or record is None:
-            return None
-        token, _, member_id = bytes(record).partition(b" ")
-        return member_id.decode("utf-8", "replace") if token == lock_token else None
+        value, fenced = client.mget([lock.name, _base_key(lock) + b"_fenced"])
+        return None if value is None else _holder(key, bytes(value), fenced)
+
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """``SCAN`` the lock keys under the prefix, then read them (a few round trips)."""
+        probe = bytes(self.get_lock("K").name)
+        start, end = probe[: probe.rindex(b"K_lock")], b"_lock"
+        pattern = _glob_escape(start + key_prefix.encode("ascii")) + b"*" + end
+        client = self.tooz._client  # type: ignore[attr-defined]
+        names = [bytes(name) for name in client.scan_iter(match=pattern, count=1000)]
+        holders = []
+        for at in range(0, len(names), 500):
+            batch = names[at : at + 500]
+            fences = [name[: -len(end)] + b"_fenced" for name in batch]
+            values = client.mget(batch + fences)
+            for name, value, fenced in zip(batch, values, values[len(batch) :], strict=False):
+                key = name[len(start) : -len(end)].decode("ascii", "replace")
+                if value is not None and "~rw" not in key:  # read-write locks: not listed
+                    holders.append(_holder(key, bytes(value), fenced))
+        return holders
+
+    def break_lock(self, key: str) -> HolderRecord | None:
+        """One script: the fence counter moves past, a mark is left, the key goes."""
+        lock = self.get_lock(key)
+        base = _base_key(lock)
+        keys = (lock.name, base + b"_fence", base + b"_broken", _channel(lock))
+        client = self.tooz._client  # type: ignore[attr-defined]
+        old = client.eval(_BREAK_SCRIPT, 4, *keys, _BROKEN_MARK_MS)
+        return None if old is None else _holder(key, bytes(old), None)
+
+    def was_broken(self, lock: Any) -> bool:
+        token = lock._lock.local.token
+        if token is None:
+            return False
+        client = self.tooz._client  # type: ignore[attr-defined]
+        return bool(client.get(_base_key(lock) + b"_broken") == token)
 
     def read_record(self, lock: Any) -> bytes | None:
         client = self.tooz._client  # type: ignore[attr-defined]
@@ -554,7 +631,7 @@ class RedisDriver(Driver):
             script, keys, args = lock.try_call(int(self.lock_ttl * 1000))
             return self._rw_tried(lock, await client.eval(script, len(keys), *keys, *args))
         sync_lock = lock._lock
-        token = uuid.uuid1().hex.encode()
+        token = self._token()
         # Set before the command is sent: a caller that gives up mid-flight has the
         # blocking release run with it (compare and delete: harmless if not granted).
         sync_lock.local.token = token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import tooz.coordination
 
 from .._names import split_rw_key
 from . import _options
-from ._base import Capability, Driver
+from ._base import Capability, Driver, HolderRecord, holder_stamp, read_stamp
 from ._zkrw import ZooKeeperRW, ZooKeeperRWLock
 
 __all__ = ["ZooKeeperDriver"]
@@ -19,6 +20,13 @@ __all__ = ["ZooKeeperDriver"]
 _RECORD_SUFFIX = "~record"
 #: The attribute of a tooz lock object that names the session its node was made in.
 _SESSION_ATTRIBUTE = "_aiotooz_session"
+
+#: The attribute of a tooz lock object set when a beat found its node deleted from
+#: outside while its session lives: the lock was broken.
+_BROKEN_ATTRIBUTE = "_aiotooz_broken"
+#: The node a break writes (beside tooz's ``locks`` node), so that every coordinator's
+#: beat, which reads it in place of the root, knows to check its lock nodes.
+_BREAKS_NODE = "aiotooz-breaks"
 
 #: What kazoo's lock recipe puts in a contender node's name, before its sequence number.
 _NODE_MARK = "__lock__"
@@ -43,10 +51,18 @@ class ZooKeeperDriver(Driver):
             Capability.WAKES_WAITERS,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
+            Capability.NAMES_HOLDERS,
+            Capability.LISTS_HOLDERS,
+            Capability.BREAKS_LOCKS,
             Capability.SHARES_LOCKS,
         }
     )
     _rw: ZooKeeperRW | None = None
+
+    def __init__(self, coordinator: Any, call_timeout: float) -> None:
+        super().__init__(coordinator, call_timeout)
+        #: The breaks node's last write (its mzxid; 0: none) as this driver last read it.
+        self._breaks_seen: int | None = None
 
     @property
     def _client(self) -> Any:
@@ -57,6 +73,10 @@ class ZooKeeperDriver(Driver):
         """The session timeout: the one the server negotiated, if it is shorter."""
         negotiated = self._client._session_timeout / 1000  # kazoo keeps milliseconds
         return min(float(self.tooz.timeout), float(negotiated))  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        super().start()
+        self._breaks_changed()  # from now on, a break makes the next beat check our nodes
 
     def stop(self) -> None:
         super().stop()
@@ -70,14 +90,32 @@ class ZooKeeperDriver(Driver):
 
     def heartbeat(self) -> None:
         """A read that proves the session, with a deadline of half the session."""
+        self._read_breaks()
+
+    def _breaks_changed(self) -> bool:
+        """Whether a break happened since the last beat asked (the breaks node changed)."""
+        seen, self._breaks_seen = self._breaks_seen, self._read_breaks()
+        return seen is not None and seen != self._breaks_seen
+
+    def _read_breaks(self) -> int:
+        """Read the breaks node (the beat's one read): its last write's zxid, 0 if none.
+
+        Raises ``ToozConnectionError`` if the server does not answer within half the
+        session: the read proves the session.
+        """
         self._check_connected()
         deadline = self.lock_ttl / 2
         try:
-            self._client.exists_async("/").get(timeout=deadline)
+            stat = self._client.exists_async(self._breaks_path()).get(timeout=deadline)
         except self._client.handler.timeout_exception as exc:
             raise tooz.coordination.ToozConnectionError(
                 f"ZooKeeper did not answer within {deadline:g} s"
             ) from exc
+        return 0 if stat is None else int(stat.mzxid)
+
+    def _breaks_path(self) -> str:
+        locks = self.get_lock("K")._lock.path.rsplit("/", 1)[0]
+        return f"{locks.rsplit('/', 1)[0]}/{_BREAKS_NODE}"
 
     def beat(self, locks: Sequence[Any]) -> list[bool | None]:
         """Prove the session; a lock granted in this session is still ours.
@@ -88,14 +126,25 @@ class ZooKeeperDriver(Driver):
         and was replaced by kazoo took its nodes with it: each lock granted in it reads
         lost.
         """
-        self.heartbeat()
+        broke = self._breaks_changed()
         session = self._session_id()
-        return [
+        owned = [
             None
             if lock is None or not lock.acquired
             else getattr(lock, _SESSION_ATTRIBUTE, None) == session
             for lock in locks
         ]
+        if broke:  # a break somewhere: are our nodes still there? (reads sent together)
+            asked = [(at, lock) for at, lock in enumerate(locks) if owned[at]]
+            answers = [self._client.exists_async(_node(lock)) for _, lock in asked]
+            for (at, lock), answer in zip(asked, answers, strict=True):
+                if answer.get(timeout=self.lock_ttl / 2) is None:
+                    setattr(lock, _BROKEN_ATTRIBUTE, True)
+                    owned[at] = False
+        return owned
+
+    def was_broken(self, lock: Any) -> bool:
+        return bool(getattr(lock, _BROKEN_ATTRIBUTE, False))
 
     def _session_id(self) -> int:
         return int(self._client.client_id[0])
@@ -119,6 +168,11 @@ class ZooKeeperDriver(Driver):
         session = self._session_id()
         if isinstance(lock, ZooKeeperRWLock):
             return self._rwlocks().try_acquire(lock, session)
+        # The holder record is the contender node's data (``NAMES_HOLDERS``): written
+        # with the node, gone with it. Plain tooz puts its member id there.
+        member = self.tooz._member_id.decode("utf-8", "replace")
+        lock._lock.data = holder_stamp(member)
+        setattr(lock, _BROKEN_ATTRIBUTE, False)
         granted = super().try_acquire(lock, key)
         if granted:
             # The session the node was made in (read before: a session replaced during
@@ -171,13 +225,11 @@ class ZooKeeperDriver(Driver):
             return None
         return int(stat.mzxid)
 
-    def publish_leader(self, lock: Any, member_id: str, token: int) -> None:
-        """Nothing to write: tooz puts the member id in the lock's contender node."""
-
-    def read_leader(self, key: str) -> str | None:
+    def read_holder(self, key: str) -> HolderRecord | None:
         """The data of the holder's node: the contender with the lowest sequence number.
 
-        The node is ephemeral: it goes with its session, and the answer with it.
+        The node is ephemeral: it goes with its session, and the answer with it. A write
+        to it after it was made was its holder's fence (the write's zxid, the token).
         """
         from kazoo.exceptions import NoNodeError
 
@@ -187,12 +239,74 @@ class ZooKeeperDriver(Driver):
             children = self._client.get_children(path)
         except NoNodeError:
             return None
-        for child in _by_sequence(children):
+        contenders = _by_sequence(children)
+        for at, child in enumerate(contenders):
             try:
-                data, _ = self._client.get(f"{path}/{child}")
+                data, stat = self._client.get(f"{path}/{child}")
             except NoNodeError:
                 continue  # released or tried and given up meanwhile: the next one
-            return bytes(data).decode("utf-8", "replace") or None
+            fenced = int(stat.mzxid) if stat.mzxid != stat.czxid else None
+            data = bytes(data)
+            return read_stamp(
+                key,
+                data,
+                member_id=data.decode("utf-8", "replace") or None,  # plain tooz's
+                fencing_token=fenced,
+                waiters=len(contenders) - at - 1,
+            )
+        return None
+
+    def list_holders(self, key_prefix: str) -> list[HolderRecord]:
+        """The lock nodes under the prefix (one listing), then each one's holder."""
+        from kazoo.exceptions import NoNodeError
+
+        self._check_connected()
+        locks = self.get_lock("K")._lock.path.rsplit("/", 1)[0]
+        try:
+            keys = self._client.get_children(locks)
+        except NoNodeError:
+            return []
+        holders = []
+        for key in keys:
+            # Read-write locks are not listed (their nodes are not the recipe's).
+            if (
+                key.startswith(key_prefix)
+                and not key.endswith(_RECORD_SUFFIX)
+                and split_rw_key(key) is None
+            ):
+                holder = self.read_holder(key)
+                if holder is not None:
+                    holders.append(holder)
+        return holders
+
+    def break_lock(self, key: str) -> HolderRecord | None:
+        """Delete the holder's node, then write the breaks node: every beat reads it.
+
+        ZooKeeper's zxid is the fencing counter: the delete moves it past the holder's
+        token. The holder's session lives on, so only its next beat can tell it: the
+        breaks node makes that beat check its nodes.
+        """
+        from kazoo.exceptions import NodeExistsError, NoNodeError
+
+        self._check_connected()
+        path = self.get_lock(key)._lock.path
+        for _ in range(3):
+            holder = self.read_holder(key)
+            if holder is None:
+                return None
+            try:
+                children = _by_sequence(self._client.get_children(path))
+                self._client.delete(f"{path}/{children[0]}")
+            except (NoNodeError, IndexError):
+                continue  # released meanwhile: look again
+            breaks = self._breaks_path()
+            try:
+                self._client.set(breaks, b"")
+            except NoNodeError:
+                with contextlib.suppress(NodeExistsError):
+                    self._client.create(breaks, b"", makepath=True)
+                self._client.set(breaks, b"")
+            return holder
         return None
 
     def read_record(self, lock: Any) -> bytes | None:
@@ -265,6 +379,11 @@ class ZooKeeperDriver(Driver):
         """A read-write waiter that stops waiting gives up its place (its node)."""
         if isinstance(lock, ZooKeeperRWLock) and self._rw is not None:
             self._rw.disarm(lock)
+
+
+def _node(lock: Any) -> str:
+    """The path of the contender node a held lock object made."""
+    return f"{lock._lock.path}/{lock._lock.node}"
 
 
 def _by_sequence(children: list[str]) -> list[str]:
