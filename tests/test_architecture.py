@@ -65,6 +65,40 @@ def test_no_import_cycles_at_run_time() -> None:
             visit(module, [module])
 
 
+#: The layers under the coordinator: the lock table, its tries and queues, the state the
+#: coordinator shares with them, the connection and the drivers.
+BELOW_THE_COORDINATOR = {
+    "aiotooz._locktable",
+    "aiotooz._tries",
+    "aiotooz._queue",
+    "aiotooz._state",
+    "aiotooz._connection",
+    "aiotooz._drivers",
+}
+#: The coordinator and what is built on it.
+ABOVE = {
+    "aiotooz._coordinator",
+    "aiotooz._lock",
+    "aiotooz._semaphore",
+    "aiotooz._rwlock",
+    "aiotooz._leadership",
+    "aiotooz._holders",
+    "aiotooz._once",
+    "aiotooz._synchronized",
+}
+
+
+def test_calls_go_down_only() -> None:
+    """No layer under the coordinator imports it or a primitive, not even for typing: the
+    lock table reads the coordinator's state (``_state``) and never calls it back."""
+    for path in SOURCES:
+        module = _module(path)
+        if not any(module == low or module.startswith(low + ".") for low in BELOW_THE_COORDINATOR):
+            continue
+        upward = [name for name, _ in _imports(path) if name in ABOVE]
+        assert not upward, f"{module} imports {upward}"
+
+
 def test_tooz_is_imported_only_by_the_driver_layer_and_the_connection() -> None:
     for path in SOURCES:
         module = _module(path)

@@ -24,7 +24,7 @@ def _aiotooz_threads() -> set[threading.Thread]:
 
 
 def _connection(coordinator: Coordinator) -> Connection:
-    connection = coordinator.connection
+    connection = coordinator._lock_table.connection
     assert connection is not None
     return connection
 

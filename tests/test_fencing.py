@@ -168,7 +168,7 @@ async def test_fencing_costs_nothing_without_it(redis_url: str, prefix: str) -> 
 
 def _counter_path(coordinator: aiotooz.Coordinator, backend: str, name: str) -> Path:
     """Where the file or ipc backend keeps the fencing counter of lock ``name``."""
-    connection = coordinator.connection
+    connection = coordinator._lock_table.connection
     assert connection is not None
     tooz_lock: Any = connection.driver.get_lock(coordinator.prefix + name)
     if backend == "file":

@@ -333,7 +333,7 @@ async def test_zookeeper_locks_of_an_expired_session_are_lost(
         ]
         for lock in locks:
             assert await lock.acquire()
-        connection = coordinator._connection
+        connection = coordinator._lock_table.connection
         assert connection is not None
         kazoo = connection.driver.tooz._coord  # type: ignore[attr-defined]
         intruder = KazooClient(hosts=urlsplit(url).netloc, client_id=kazoo.client_id)

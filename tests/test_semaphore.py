@@ -166,7 +166,7 @@ async def test_cancellation_storms_leave_no_slot_held(
         for coordinator in (first, second):
             statistics = coordinator.statistics()
             assert statistics.locks_held == statistics.tasks_waiting == 0
-            assert not coordinator.lock_table.semaphores
+            assert not coordinator._lock_table.semaphores
     assert 1 <= peak <= 3
 
 
@@ -388,7 +388,7 @@ async def test_stop_cancels_holders_and_fails_waiters(file_url: str, prefix: str
         await anyio.sleep(0.1)
         await coordinator.stop()
     assert sorted(outcomes) == ["held", "lost: the coordinator stopped", "waiter failed"]
-    assert not coordinator.lock_table.semaphores
+    assert not coordinator._lock_table.semaphores
 
 
 async def test_a_reconnect_cancels_holders_and_waiters_ride_it_out(

@@ -298,9 +298,9 @@ async def test_64_bit_keys_are_a_url_option(
     plain tooz's keys may share a lock (semaphores skip their larger-limit check)."""
     url = url_for("postgresql", server_pool, tmp_path)
     async with make_coordinator(url, prefix) as coordinator:
-        assert not coordinator.lock_table.keys_distinct
+        assert not coordinator._lock_table.keys_distinct
     async with make_coordinator(f"{url}?keys=64", prefix) as coordinator:
-        assert coordinator.lock_table.keys_distinct
+        assert coordinator._lock_table.keys_distinct
         async with Lock("wide", coordinator=coordinator):
             with _admin("postgresql", url) as connection:
                 rows = _rows(

@@ -27,14 +27,11 @@ from ._logging import get_logger
 from ._names import check_prefix
 from ._process import is_default, set_default_coordinator
 from ._settings import CoordinationSettings
-from ._tasks import BackgroundTask, Home, spawn, task_id_getter, threadsafe_starter
+from ._state import CoordinatorState
+from ._tasks import BackgroundTask, spawn, task_id_getter, threadsafe_starter
 from ._telemetry import instruments, register_coordinator, unregister_coordinator
 
 __all__ = ["Coordinator", "CoordinatorStatistics"]
-
-#: The heartbeat runs early (a try failed: is the connection gone?) at most this often,
-#: so that waiters polling a failing backend do not turn it into a flood.
-_EARLY_BEAT_INTERVAL = 0.1
 
 
 @final
@@ -101,61 +98,44 @@ class Coordinator(LeadershipMethods):
             settings if settings is not None else CoordinationSettings()
         )
         self._log = get_logger(agent_id=self.agent_id, backend=self.settings.scheme)
-        #: The held-lock table (package-internal: [`Lock`][aiotooz.Lock] uses it).
-        self.lock_table: LockTable = LockTable(
-            self,
+        # Written here only; the lock table and its tries read it (calls go down only).
+        self._state = CoordinatorState(self.member_id, self.settings.redacted_backend_url)
+        # Package-internal: the primitives (Lock, Semaphore, RWLock, Leadership) and
+        # the holder queries take and read locks through it.
+        self._lock_table = LockTable(
+            self._state,
             self.prefix,
-            self.__repr__,
             self._log,
             backend=self.settings.scheme,
             lock_names=self.settings.metrics_lock_names,
         )
-        self._connection: Connection | None = None
-        self._started = False
-        # Set and replaced whenever the connection state changes (see _state_changed).
-        self._state_event: anyio.Event | None = None
         self._background: list[BackgroundTask] = []
-        # Set to make the heartbeat run before its time (see beat_now).
-        self._beat_event: anyio.Event | None = None
-        self._last_beat = -math.inf
         self._reconnects = 0
-        self._home = Home()  # the event loop and process that started it
 
     def __repr__(self) -> str:
-        state = "started" if self._started else "stopped"
-        return (
-            f"<Coordinator member_id={self.member_id!r} "
-            f"backend={self.settings.redacted_backend_url!r} {state}>"
-        )
+        return self._state.describe()
 
     # -- state ---------------------------------------------------------------------------
 
     @property
     def is_started(self) -> bool:
         """``start()`` has completed and ``stop()`` has not been called since."""
-        return self._started
+        return self._state.started
 
     @property
     def is_connected(self) -> bool:
         """Started, and not in the middle of reconnecting to the backend."""
-        return self._started and self._connection is not None
-
-    @property
-    def connection(self) -> Connection | None:
-        """The live connection (package-internal), ``None`` while reconnecting or stopped."""
-        return self._connection
+        return self._state.started and self._state.connection is not None
 
     def statistics(self) -> CoordinatorStatistics:
         """What this coordinator holds and does now (locks, waiters, threads, reconnects)."""
-        table = self.lock_table
+        table, connection = self._lock_table, self._state.connection
         return CoordinatorStatistics(
             locks_held=table.held,
             names_waited_for=table.names_waited_for,
             tasks_waiting=table.tasks_waiting,
-            threads=self._connection.threads if self._connection is not None else 0,
-            release_watchers=(
-                self._connection.driver.release_watchers if self._connection is not None else 0
-            ),
+            threads=connection.threads if connection is not None else 0,
+            release_watchers=connection.driver.release_watchers if connection is not None else 0,
             connected=self.is_connected,
             reconnects=self._reconnects,
             locks_lost=table.lost_count,
@@ -216,24 +196,13 @@ class Coordinator(LeadershipMethods):
 
     def check_loop(self) -> None:
         """Raise `WrongEventLoop` outside the event loop and process that started it."""
-        self._home.check(self)
+        self._state.check_loop()
 
     async def wait_connected(self) -> None:
         """Wait until the coordinator is started and connected to its backend."""
         self.check_loop()
         while not self.is_connected:
-            await self.next_state_change()
-
-    async def next_state_change(self) -> None:
-        """Wait for the next start, stop, disconnect or reconnect (package-internal)."""
-        if self._state_event is None:
-            self._state_event = anyio.Event()
-        await self._state_event.wait()
-
-    def _state_changed(self) -> None:
-        if self._state_event is not None:
-            self._state_event.set()
-            self._state_event = None
+            await self._state.next_change()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -244,7 +213,7 @@ class Coordinator(LeadershipMethods):
             ConfigurationError: the backend URL, scheme or client library is wrong.
             BackendUnavailable: the backend cannot be reached.
         """
-        if self._started:
+        if self._state.started:
             self.check_loop()
             return
         connecting = anyio.current_time()
@@ -257,14 +226,15 @@ class Coordinator(LeadershipMethods):
                 f"this backend guarantees ({ttl:g} s), or held locks would expire between "
                 "beats: lower AIOTOOZ_HEARTBEAT or raise the URL's lock_timeout"
             )
-        self._connection = connection
-        self.lock_table.last_refresh = connecting
-        self.lock_table.task_id = task_id_getter()
-        self.lock_table.start_soon_threadsafe = threadsafe_starter()
-        self._home.enter()
-        self._started = True
+        state = self._state
+        state.connection = connection
+        state.last_refresh = connecting
+        state.task_id = task_id_getter()
+        state.start_soon_threadsafe = threadsafe_starter()
+        state.home.enter()
+        state.started = True
         register_coordinator(self)
-        self._state_changed()
+        state.changed()
         if connection.requires_beating:
             self._background.append(
                 spawn(self._beat_forever, name=f"aiotooz heartbeat {self.member_id}")
@@ -272,7 +242,7 @@ class Coordinator(LeadershipMethods):
         if ttl is not None:
             self._background.append(
                 spawn(
-                    lambda: self.lock_table.watch_leases(ttl),
+                    lambda: self._lock_table.watch_leases(ttl),
                     name=f"aiotooz leases {self.member_id}",
                 )
             )
@@ -293,23 +263,23 @@ class Coordinator(LeadershipMethods):
         [`LockLost`][aiotooz.LockLost]; a lock taken with ``acquire()`` can still be
         ``release()``-d without error.
         """
-        if not self._started:
+        if not self._state.started:
             return
         self.check_loop()
-        self._started = False
+        self._state.started = False
         with anyio.CancelScope(shield=True):
             background, self._background = self._background, []
             for task in background:
                 task.cancel()
             for task in background:
                 await task.wait()
-            await self.lock_table.release_all(within=self.settings.call_timeout)
-            connection, self._connection = self._connection, None
+            await self._lock_table.release_all(within=self.settings.call_timeout)
+            connection, self._state.connection = self._state.connection, None
             if connection is not None:
                 await connection.close()
         unregister_coordinator(self)
-        self._home.leave()
-        self._state_changed()
+        self._state.home.leave()
+        self._state.changed()
         if is_default(self):
             set_default_coordinator(None)
         self._log.info("coordinator stopped")
@@ -333,7 +303,7 @@ class Coordinator(LeadershipMethods):
             LockCreationFailed: the coordinator is not started.
             LockNameError: ``name`` is not a non-empty ``str``.
         """
-        if not self._started:
+        if not self._state.started:
             raise LockCreationFailed(
                 f"{self!r} is not started: use 'async with coordinator:' or "
                 "'await coordinator.start()' before asking it for locks"
@@ -347,27 +317,18 @@ class Coordinator(LeadershipMethods):
             self.settings.backend_url, self.member_id, self.settings.call_timeout
         )
 
-    def beat_now(self) -> None:
-        """Have the heartbeat run soon (package-internal: a try failed; is it gone?)."""
-        if (
-            self._beat_event is not None
-            and anyio.current_time() - self._last_beat >= _EARLY_BEAT_INTERVAL
-        ):
-            self._beat_event.set()
-
     async def _beat_forever(self) -> None:
+        state = self._state
         while True:
-            self._beat_event = anyio.Event()
             # Beats start a heartbeat apart, however long the last one took: a beat of
             # many locks, or on a loaded machine, must not stretch the time between
             # refreshes (the lease rule counts from a beat's start). A tenth of it at
             # least, so that nothing can make this loop spin.
             wait = beat = self.settings.heartbeat
-            if self._last_beat > -math.inf:
-                wait = max(beat / 10, self._last_beat + beat - anyio.current_time())
-            with anyio.move_on_after(wait):
-                await self._beat_event.wait()
-            connection = self._connection
+            if state.last_beat > -math.inf:
+                wait = max(beat / 10, state.last_beat + beat - anyio.current_time())
+            await state.beat_wanted(wait)  # or sooner, if a failed try wants a beat
+            connection = state.connection
             if connection is None:
                 continue
             try:
@@ -382,18 +343,18 @@ class Coordinator(LeadershipMethods):
                 self._log.exception("heartbeat crashed; still beating")
 
     async def _beat(self, connection: Connection) -> None:
-        holds = self.lock_table.holds_through(connection)
-        started = self._last_beat = anyio.current_time()
+        holds = self._lock_table.holds_through(connection)
+        started = self._state.last_beat = anyio.current_time()
         owned = await connection.heartbeat([hold.handle for hold in holds])
-        if connection is self._connection:
-            self.lock_table.last_refresh = started
+        if connection is self._state.connection:
+            self._state.last_refresh = started
         for hold, still_ours in zip(holds, owned, strict=True):
             if still_ours is False and await connection.was_broken(hold.handle):
-                self.lock_table.declare_lost(
+                self._lock_table.declare_lost(
                     hold, "the lock was broken: another process freed it (break_lock)", "broken"
                 )
             elif still_ours is False:
-                self.lock_table.declare_lost(
+                self._lock_table.declare_lost(
                     hold,
                     "the backend says another owner has it, or it expired, or the session "
                     "that held it ended",
@@ -405,9 +366,9 @@ class Coordinator(LeadershipMethods):
 
         Locks held through ``old`` are lost: a new connection does not own them.
         """
-        self._connection = None
-        self._state_changed()
-        self.lock_table.declare_lost_through(old, "the connection to the backend failed")
+        self._state.connection = None
+        self._state.changed()
+        self._lock_table.declare_lost_through(old, "the connection to the backend failed")
         await old.close()
         base = self.settings.initial_reconnect_backoff
         cap = self.settings.max_reconnect_backoff
@@ -428,10 +389,10 @@ class Coordinator(LeadershipMethods):
                 )
                 await anyio.sleep(backoff)
                 continue
-            self._connection = connection
-            self.lock_table.last_refresh = connecting
+            self._state.connection = connection
+            self._state.last_refresh = connecting
             self._reconnects += 1
             instruments.reconnects.add(1, {"aiotooz.backend": self.settings.scheme})
-            self._state_changed()
+            self._state.changed()
             self._log.info("reconnected to backend", attempt=attempt)
             return

@@ -55,7 +55,7 @@ def _connection(coordinator: Coordinator, doing: str) -> Connection:
     if not coordinator.is_started:
         raise LockCreationFailed(f"{coordinator!r} is not started: start it before {doing}")
     coordinator.check_loop()
-    connection = coordinator.connection
+    connection = coordinator._lock_table.connection
     if connection is None:
         raise BackendUnavailable(f"cannot finish {doing}: the coordinator is reconnecting")
     return connection

@@ -145,7 +145,7 @@ async def read_leader(coordinator: Coordinator, name: str) -> str | None:
             f"{coordinator!r} is not started: start it before asking who leads {name!r}"
         )
     coordinator.check_loop()
-    connection = coordinator.connection
+    connection = coordinator._lock_table.connection
     if connection is None:
         raise BackendUnavailable(
             f"cannot tell who leads {name!r}: the coordinator is reconnecting to its backend"

@@ -368,7 +368,7 @@ class Lock:
                 before this process was forked.
         """
         deadline = deadline_for(blocking)
-        table = self.coordinator.lock_table
+        table = self.coordinator._lock_table
         hold = await table.acquire(self.name, deadline, self._fencing)
         if hold is None:
             return False

@@ -36,8 +36,9 @@ from ._exceptions import (
 from ._logging import Logger
 from ._names import backend_key
 from ._queue import KeyQueue, RWQueue, SemaphoreQueue
+from ._state import CoordinatorState
 from ._telemetry import instruments, record_waited_acquire
-from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, TableOwner, Waits
+from ._tries import LEASE_SHARE, TRY_ONCE, BackendTries, Waits
 
 __all__ = [
     "FOREVER",
@@ -45,7 +46,6 @@ __all__ = [
     "TRY_ONCE",
     "Hold",
     "LockTable",
-    "TableOwner",
     "Waits",
 ]
 
@@ -132,7 +132,10 @@ class _Holdings:
         lock_names: whether telemetry carries lock names.
     """
 
-    def __init__(self, log: Logger, backend: str, lock_names: bool) -> None:
+    def __init__(
+        self, state: CoordinatorState, log: Logger, backend: str, lock_names: bool
+    ) -> None:
+        self._state = state
         self._log = log
         self._queues: dict[str, KeyQueue] = {}
         self._holds: set[Hold] = set()
@@ -143,9 +146,6 @@ class _Holdings:
         self.semaphores: dict[str, SemaphoreQueue] = {}
         #: The local state of each read-write lock in use here, by name (``_rwlock.py``).
         self.rwlocks: dict[str, RWQueue] = {}
-        #: When the last heartbeat that succeeded began (or the connection was made):
-        #: every lock held through the current connection was refreshed no earlier.
-        self.last_refresh: float = -math.inf
         self.lost_count: int = 0
         self._backend_attributes = {"aiotooz.backend": backend}
         self._lock_names = lock_names
@@ -229,7 +229,7 @@ class _Holdings:
         ttl = hold.handle.connection.lock_ttl
         if ttl is None or hold.released:
             return False
-        refreshed = max(hold.lease_start, self.last_refresh)
+        refreshed = max(hold.lease_start, self._state.last_refresh)
         if now - refreshed <= ttl * LEASE_SHARE:
             return False
         self.declare_lost(
@@ -261,7 +261,7 @@ class _Holdings:
             # recent, none can have run out, and the sweep (a check per held lock, on
             # the event loop twenty times per TTL) is skipped. With thousands held it
             # took a quarter of the loop's time.
-            if now - self.last_refresh <= ttl * LEASE_SHARE:
+            if now - self._state.last_refresh <= ttl * LEASE_SHARE:
                 continue
             for hold in list(self._holds):
                 self.check_lease(hold, now, stalled)
@@ -282,9 +282,9 @@ class LockTable(_Holdings):
     """The locks of one coordinator: acquire, poll, release, hand-off, loss.
 
     Args:
-        owner: the coordinator (its connection and lifecycle).
+        state: the coordinator's connection and lifecycle, as it shares them (the table
+            reads them; it never calls the coordinator).
         prefix: prepended to every lock name's key.
-        describe: says which coordinator this is, for errors.
         log: the coordinator's bound logger.
         backend: the backend's scheme, for the telemetry.
         lock_names: whether telemetry carries lock names.
@@ -292,25 +292,32 @@ class LockTable(_Holdings):
 
     def __init__(
         self,
-        owner: TableOwner,
+        state: CoordinatorState,
         prefix: str,
-        describe: Callable[[], str],
         log: Logger,
         backend: str,
         lock_names: bool = False,
     ) -> None:
-        super().__init__(log, backend, lock_names)
-        self._owner = owner
+        super().__init__(state, log, backend, lock_names)
         self._prefix = prefix
-        self._describe = describe
-        #: The current task's id; picked for the event loop when the coordinator starts.
-        self.task_id: Callable[[], int] = lambda: anyio.get_current_task().id
-        #: Starts a task on the coordinator's event loop from any thread (a finalizer's);
-        #: set when the coordinator starts (see ``_tasks.threadsafe_starter``).
-        self.start_soon_threadsafe: Callable[[Callable[[], Awaitable[object]]], None] | None = None
         # name -> key, for names used again and again (bounded: cleared when full).
         self._keys: dict[str, str] = {}
-        self._tries = BackendTries(owner, log, describe, lambda: self.last_refresh)
+        self._tries = BackendTries(state, log)
+
+    @property
+    def connection(self) -> Connection | None:
+        """The coordinator's live connection; ``None`` while reconnecting or stopped."""
+        return self._state.connection
+
+    @property
+    def task_id(self) -> Callable[[], int]:
+        """Gives the current task's id (picked for the event loop at start)."""
+        return self._state.task_id
+
+    @property
+    def start_soon_threadsafe(self) -> Callable[[Callable[[], Awaitable[object]]], None] | None:
+        """Starts a task on the coordinator's event loop from any thread (a finalizer's)."""
+        return self._state.start_soon_threadsafe
 
     @property
     def prefix(self) -> str:
@@ -369,7 +376,7 @@ class LockTable(_Holdings):
                 for itself).
         """
         self._tries.check_started()
-        self._owner.check_loop()
+        self._state.check_loop()
         if key is None:
             key = self._keys.get(name)
         if key is None:
@@ -459,18 +466,18 @@ class LockTable(_Holdings):
 
         Not so on PostgreSQL, where tooz maps every key to one of 65,536 advisory locks.
         """
-        connection = self._owner.connection
+        connection = self._state.connection
         return connection is None or connection.driver.key_space is None
 
     @property
     def shares_locks(self) -> bool | None:
         """Whether the backend has read-write locks; ``None`` while not connected."""
-        connection = self._owner.connection
+        connection = self._state.connection
         return None if connection is None else connection.shares_locks
 
     def check_loop(self) -> None:
         """Refuse a call from outside the coordinator's event loop (`WrongEventLoop`)."""
-        self._owner.check_loop()
+        self._state.check_loop()
 
     def owned_here(self, key: str) -> bool:
         """Whether a task of this table holds ``key``, or is taking it, now."""
@@ -479,12 +486,12 @@ class LockTable(_Holdings):
 
     async def watch(self, waits: Waits, keys: Sequence[str], armed: bool = True) -> bool:
         """Have ``waits`` watch ``keys`` through the current connection (`Waits.watch`)."""
-        connection = self._owner.connection
+        connection = self._state.connection
         return connection is not None and await waits.watch(connection, keys, armed)
 
     def backend_failed(self) -> None:
         """A try failed with ``BackendUnavailable``: have the heartbeat check the connection."""
-        self._owner.beat_now()
+        self._state.want_beat()
 
     async def release(self, hold: Hold) -> None:
         """Release ``hold`` at the backend, then hand the key to the next local waiter.
@@ -502,7 +509,7 @@ class LockTable(_Holdings):
             self._give_back(hold.key, hold.queue)
             return
         try:
-            if hold.handle.connection is self._owner.connection:
+            if hold.handle.connection is self._state.connection:
                 # Not shielded: a cancelled caller (or one whose backend hangs) stops
                 # waiting, and the release still runs in its worker thread.
                 ours = await self._tries.release(
@@ -576,8 +583,8 @@ class LockTable(_Holdings):
         return (
             hold.queue.waiting > 0
             and hold.handoffs < MAX_LOCAL_HANDOFFS
-            and hold.handle.connection is self._owner.connection
-            and self._owner.is_started
+            and hold.handle.connection is self._state.connection
+            and self._state.started
             and not self.check_lease(hold, anyio.current_time())
         )
 
@@ -587,10 +594,10 @@ class LockTable(_Holdings):
         A lock handed over through a connection that has since been replaced is gone.
         """
         previous = self._handed_over.pop(key, None)
-        if previous is None or previous.handle.connection is not self._owner.connection:
+        if previous is None or previous.handle.connection is not self._state.connection:
             return None
         return previous
 
     def _reserved_keys(self) -> frozenset[str]:
-        connection = self._owner.connection
+        connection = self._state.connection
         return connection.reserved_keys if connection is not None else frozenset()

@@ -261,10 +261,10 @@ class RWLock:
 
     async def _acquire(self, write: bool, blocking: Blocking) -> _Held | None:
         deadline = deadline_for(blocking)
-        table = self.coordinator.lock_table
+        table = self.coordinator._lock_table
         table.check_loop()
         if table.shares_locks is False:
-            connection = self.coordinator.connection
+            connection = table.connection
             assert connection is not None  # shares_locks is None without one
             raise UnsupportedOperation(rw_unsupported(connection.scheme))
         task = table.task_id()

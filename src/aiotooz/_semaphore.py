@@ -226,7 +226,7 @@ class Semaphore:
                 before this process was forked.
         """
         deadline = deadline_for(blocking)
-        table = self.coordinator.lock_table
+        table = self.coordinator._lock_table
         taken = await _take(table, self.name, self.limit, deadline)
         if taken is None:
             return False

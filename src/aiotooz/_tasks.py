@@ -169,19 +169,19 @@ class Home:
         """No home: any event loop may :meth:`enter` next."""
         self._loop = None
 
-    def check(self, owner: object) -> None:
-        """Raise `WrongEventLoop` (naming ``owner``) unless called from home."""
+    def check(self, describe: Callable[[], str]) -> None:
+        """Raise `WrongEventLoop` unless called from home; ``describe()`` names the owner."""
         if self._loop is None or (self._forks == forks() and self._current() is self._loop):
             return
         if self._forks != forks():
             raise WrongEventLoop(
-                f"{owner!r} was started in process {self._pid}, and this process was "
+                f"{describe()} was started in process {self._pid}, and this process was "
                 "forked from it after that: its connection, threads and event loop are "
                 "the parent's. Start a new coordinator in the child (the parent's locks "
                 "stay the parent's)"
             )
         raise WrongEventLoop(
-            f"{owner!r} was started in another event loop (another asyncio.run() or "
+            f"{describe()} was started in another event loop (another asyncio.run() or "
             "trio.run(), or another thread's loop), which runs its heartbeat and lease "
             "watchdog: from this one, locks would be held with nothing keeping them or "
             "telling of their loss. Start and use a coordinator in one event loop "

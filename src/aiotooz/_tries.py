@@ -12,7 +12,7 @@ import functools
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Final, Literal, Protocol, final
+from typing import Final, Literal, final
 
 import anyio
 
@@ -20,9 +20,10 @@ from ._connection import Connection, LockHandle, Watch
 from ._drivers import ReleaseSignal
 from ._exceptions import BackendUnavailable, CoordinationError, LockCreationFailed
 from ._logging import Logger
+from ._state import CoordinatorState
 from ._telemetry import instruments
 
-__all__ = ["LEASE_SHARE", "TRY_ONCE", "BackendTries", "TableOwner", "Waits"]
+__all__ = ["LEASE_SHARE", "TRY_ONCE", "BackendTries", "Waits"]
 
 #: The deadline of ``blocking=False``: one try, and no waiting for a reconnect either.
 TRY_ONCE: Final = -math.inf
@@ -40,26 +41,6 @@ _POLL_CAP: Final = 0.05
 #: The least time a try is given before a waiter's deadline gives it up: a healthy try
 #: takes well under a millisecond on a LAN, a slow one still gets a fair chance.
 _TRY_FLOOR: Final = 0.05
-
-
-class TableOwner(Protocol):
-    """What the lock table needs of its coordinator."""
-
-    @property
-    def connection(self) -> Connection | None:
-        """The live connection, ``None`` while reconnecting or stopped."""
-
-    @property
-    def is_started(self) -> bool: ...
-
-    async def next_state_change(self) -> None:
-        """Wait for a start, stop, disconnect or reconnect."""
-
-    def beat_now(self) -> None:
-        """Have the heartbeat check the connection soon."""
-
-    def check_loop(self) -> None:
-        """Refuse a call from outside the event loop (or process) that started it."""
 
 
 @final
@@ -140,23 +121,13 @@ class BackendTries:
     """Tries, waits, fencing tokens and releases at the backend, for one lock table.
 
     Args:
-        owner: the coordinator (its connection and lifecycle).
+        state: the coordinator's connection and lifecycle, as it shares them.
         log: the coordinator's logger.
-        describe: says which coordinator this is, for errors.
-        refreshed: when the last refresh of the current connection's locks began.
     """
 
-    def __init__(
-        self,
-        owner: TableOwner,
-        log: Logger,
-        describe: Callable[[], str],
-        refreshed: Callable[[], float],
-    ) -> None:
-        self._owner = owner
+    def __init__(self, state: CoordinatorState, log: Logger) -> None:
+        self._state = state
         self._log = log
-        self._describe = describe
-        self._refreshed = refreshed
 
     async def acquire(
         self,
@@ -243,7 +214,7 @@ class BackendTries:
             # A patient waiter rides out a failing backend: the heartbeat checks the
             # connection now (and reconnects if it is gone), and the try is repeated.
             self._log.debug("lock try failed; trying again", key=key, error=str(exc))
-            self._owner.beat_now()
+            self._state.want_beat()
         except BaseException:
             # Granted, but we are being cancelled or failing: give it back, or it would
             # stay held with nobody to release it.
@@ -271,7 +242,7 @@ class BackendTries:
             instruments.fencing_tokens.add(1, {"aiotooz.backend": handle.connection.scheme})
         ttl = handle.connection.lock_ttl
         if ttl is not None:
-            refreshed = max(lease_start, self._refreshed())
+            refreshed = max(lease_start, self._state.last_refresh)
             if anyio.current_time() - refreshed > ttl * LEASE_SHARE:
                 return False
         return token
@@ -280,18 +251,18 @@ class BackendTries:
         """The live connection, waiting for a reconnect in progress until ``deadline``."""
         while True:
             self.check_started()
-            connection = self._owner.connection
+            connection = self._state.connection
             if connection is not None:
                 return connection
             if deadline == TRY_ONCE:
                 raise BackendUnavailable(
-                    f"{self._describe()} is reconnecting to its backend; try again later"
+                    f"{self._state.describe()} is reconnecting to its backend; try again later"
                 )
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 return None
             with anyio.move_on_after(remaining):
-                await self._owner.next_state_change()
+                await self._state.next_change()
 
     # -- release -------------------------------------------------------------------------
 
@@ -321,8 +292,8 @@ class BackendTries:
     # -- loss ----------------------------------------------------------------------------
 
     def check_started(self) -> None:
-        if not self._owner.is_started:
+        if not self._state.started:
             raise LockCreationFailed(
-                f"{self._describe()} is not started: use 'async with coordinator:' or "
+                f"{self._state.describe()} is not started: use 'async with coordinator:' or "
                 "'await coordinator.start()' before taking locks"
             )
