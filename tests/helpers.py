@@ -11,12 +11,15 @@ import random
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from aiotooz import CoordinationSettings, Coordinator
+
+if TYPE_CHECKING:
+    from aiotooz._connection import Connection
 
 REDIS_URL = os.environ.get("AIOTOOZ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -105,6 +108,13 @@ def _reachable(url: str) -> bool:
 def make_coordinator(url: str, prefix: str, **settings: Any) -> Coordinator:
     """A coordinator (not started) on ``url`` with ``prefix`` and ``settings``."""
     return Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url, **settings))
+
+
+def connection_of(coordinator: Coordinator) -> Connection:
+    """The started ``coordinator``'s connection (the tests look at its lanes and routes)."""
+    connection = coordinator.connection
+    assert connection is not None
+    return connection
 
 
 def seed_for_this_run() -> int:
