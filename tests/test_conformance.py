@@ -336,17 +336,6 @@ async def test_mysql_keys_longer_than_64_characters_are_an_error(
             pass
 
 
-async def test_ipc_tries_without_waiting(tmp_path: Path, prefix: str) -> None:
-    """tooz's ipc driver refuses non-blocking tries where sysv_ipc has no semaphore
-    timeouts (PyPI's wheels); aiotooz's own try works there and where it has them (a
-    build from source, as `nox -s tests_lowest` installs sysv-ipc 1.0)."""
-    async with started("ipc://", prefix) as first, started("ipc://", prefix) as second:
-        async with first.get_lock("sem"):
-            with anyio.fail_after(2):
-                assert await Lock("sem", coordinator=second).acquire(blocking=False) is False
-        lock = Lock("sem", coordinator=second)
-        assert await lock.acquire(blocking=False) is True
-        await lock.release()
 
 
 def test_etcd_tries_waits_and_releases_make_no_lease(
