@@ -15,6 +15,7 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from aiotooz import Coordinator
+from aiotooz import _tries as tries
 
 from .helpers import (
     ALL_BACKENDS,
@@ -23,6 +24,7 @@ from .helpers import (
     REDIS_URL,
     SEED_VARIABLE,
     SERVER_OF,
+    SLOW_POLL,
     ServerPool,
     _reachable,
     make_coordinator,
@@ -290,6 +292,13 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 def prefix() -> str:
     """A prefix of this test's own, so tests never share keys on a shared server."""
     return f"t{uuid.uuid4().hex[:8]}-"
+
+
+@pytest.fixture
+def slow_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls every 5 s at best: only a wake-up hands a lock over quickly."""
+    monkeypatch.setattr(tries, "_POLL_FIRST", SLOW_POLL)
+    monkeypatch.setattr(tries, "_POLL_CAP", SLOW_POLL)
 
 
 @pytest.fixture

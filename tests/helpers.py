@@ -10,13 +10,15 @@ import os
 import random
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import anyio
 import pytest
 
-from aiotooz import CoordinationSettings, Coordinator
+from aiotooz import CoordinationSettings, Coordinator, Lock
 
 if TYPE_CHECKING:
     from aiotooz._connection import Connection
@@ -77,6 +79,13 @@ HOSTILE_NAMES = [
     "\x00nul",
     "\ud800",  # a lone surrogate is a str too
 ]
+
+#: Where the wake-up tests push the waiters' poll (``slow_polls`` in conftest.py): seconds.
+SLOW_POLL = 5.0
+#: A hand-off that waited for the next poll takes nearly SLOW_POLL; a woken one, tens of
+#: milliseconds. Half the poll tells them apart with room for a loaded machine (coverage,
+#: other test processes on two cores), where a fixed 0.5 s left little.
+WOKEN_WITHIN = SLOW_POLL / 2
 
 #: The environment variable that fixes the seed of the tests' random draws (``rng``).
 SEED_VARIABLE = "AIOTOOZ_TEST_SEED"
@@ -160,3 +169,31 @@ def url_for(backend: str, pool: ServerPool, tmp_path: Path) -> str:
             missing_backend("sysv_ipc is not installed (pip install 'aiotooz[ipc]')")
         return "ipc://"
     return str(pool.get(SERVER_OF.get(backend, backend)).url)
+
+
+async def handoffs(url: str, prefix: str, rounds: int) -> list[float]:
+    """Seconds from one coordinator's release to another's grant, per round."""
+    latencies = []
+    async with make_coordinator(url, prefix) as first, make_coordinator(url, prefix) as second:
+        for number in range(rounds):
+            holder = Lock("handed", coordinator=first)
+            await holder.acquire()
+            granted = anyio.Event()
+            times: dict[str, float] = {}
+
+            async def wait(times: dict[str, float] = times, granted: anyio.Event = granted) -> None:
+                lock = Lock("handed", coordinator=second)
+                await lock.acquire()
+                times["granted"] = time.perf_counter()
+                await lock.release()
+                granted.set()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await anyio.sleep(0.05 + 0.01 * number)  # the waiter is waiting now
+                times["released"] = time.perf_counter()
+                await holder.release()
+                with anyio.fail_after(20):
+                    await granted.wait()
+            latencies.append(times["granted"] - times["released"])
+    return latencies

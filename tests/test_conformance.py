@@ -336,8 +336,6 @@ async def test_mysql_keys_longer_than_64_characters_are_an_error(
             pass
 
 
-
-
 def test_etcd_tries_waits_and_releases_make_no_lease(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:

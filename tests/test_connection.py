@@ -5,16 +5,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import anyio
 import pytest
 
 from aiotooz import BackendUnavailable, Lock
 from aiotooz import _connection as connection_module
-from aiotooz._drivers import Capability
 
-from ._proxy import DelayProxy
 from .helpers import connection_of, make_coordinator
 
 
@@ -150,45 +147,3 @@ async def test_calls_after_close_fail_cleanly(file_url: str, prefix: str) -> Non
     with pytest.raises(BackendUnavailable, match="closed"):
         await connection._call(connection._control_lane, "releasing", lambda: None)
     assert connection.threads == 0
-
-
-async def test_redis_calls_never_run_inline(redis_url: str, prefix: str) -> None:
-    async with make_coordinator(redis_url, prefix) as coordinator:
-        assert Capability.LOCAL_CALLS not in connection_of(coordinator).capabilities
-
-
-async def test_a_grant_that_reaches_redis_after_its_taker_left_is_released(
-    redis_url: str, prefix: str
-) -> None:
-    """Through a proxy that delays every chunk 0.1 s, the taker gives up (cancelled)
-    while its SET is on the wire: the lock the server grants must be released, on the
-    event loop's asyncio client (asyncio) as through the worker threads (trio)."""
-    parts = urlsplit(redis_url)
-    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.1) as proxy:
-        slow_url = f"redis://127.0.0.1:{proxy.port}"
-        async with (
-            make_coordinator(slow_url, prefix) as slow,
-            make_coordinator(redis_url, prefix) as direct,
-        ):
-            lock = Lock("late-grant", coordinator=slow)
-            with anyio.move_on_after(0.15) as scope:  # after connecting, mid-try
-                await lock.acquire()
-            assert scope.cancelled_caught
-            assert not lock.locked()
-            # Granted at the server after the taker left, then released for it.
-            other = Lock("late-grant", coordinator=direct)
-            assert await other.acquire(blocking=10)
-            await other.release()
-
-
-async def test_redis_runs_on_the_event_loop_on_asyncio_only(
-    redis_url: str, prefix: str, anyio_backend: str
-) -> None:
-    async with make_coordinator(redis_url, prefix) as coordinator:
-        assert connection_of(coordinator)._native is (anyio_backend == "asyncio")
-        for _ in range(3):
-            async with Lock("native", coordinator=coordinator):
-                pass
-        # No worker thread was needed for the tries and releases on asyncio.
-        if anyio_backend == "asyncio":
-            assert connection_of(coordinator)._acquire_lane.threads == frozenset()
