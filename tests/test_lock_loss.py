@@ -237,44 +237,6 @@ async def test_etcd_lock_taken_away_from_outside_is_lost(
             assert "another owner" in (lock.lost_reason or "")
 
 
-# -- memcached: whole-second expiry ------------------------------------------------------
-
-
-async def test_memcached_lease_rule_counts_from_the_earliest_expiry(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """memcached can expire an item stored for 2 s after only 1 s: a holder stalled 1.4 s
-    after a refresh must read lost (the rule used 3/4 of 2 s and said not lost)."""
-    url = url_for("memcached", server_pool, tmp_path) + "?lock_timeout=2"
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("coarse", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            await anyio.sleep(0.5)  # a few beats
-            time.sleep(1.4)  # noqa: ASYNC251 - the event loop stalls: no beat can run
-            assert lock.check_lost()
-
-
-@pytest.mark.parametrize(
-    ("options", "settings", "match"),
-    [
-        ("lock_timeout=1", {}, "too short"),
-        ("lock_timeout=2", {}, r"heartbeat \(1.0 s\) must be under half .* \(1 s\)"),
-    ],
-)
-async def test_memcached_ttls_it_cannot_honour_are_refused(
-    server_pool: ServerPool,
-    tmp_path: Path,
-    prefix: str,
-    options: str,
-    settings: dict[str, float],
-    match: str,
-) -> None:
-    url = url_for("memcached", server_pool, tmp_path) + "?" + options
-    with pytest.raises(ConfigurationError, match=match):
-        async with make_coordinator(url, prefix, **settings):
-            pass  # pragma: no cover
-
-
 async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
     server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
@@ -313,42 +275,6 @@ async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
         assert not again.lost
         await again.release()
     assert not client.get(_etcd_lock_key(prefix, names[0]))
-
-
-# -- ZooKeeper: the session carries the lock nodes ------------------------------------
-
-
-async def test_zookeeper_locks_of_an_expired_session_are_lost(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """A beat reads no lock node: it proves the session. A session that expired (here:
-    closed from outside with its id and password) took its nodes with it, and kazoo
-    makes a new one; every lock granted in the old one must read lost."""
-    from kazoo.client import KazooClient
-
-    url = url_for("zookeeper", server_pool, tmp_path) + "?timeout=3"
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        locks = [
-            Lock(f"session-{n}", coordinator=coordinator, cancel_on_loss=False) for n in range(3)
-        ]
-        for lock in locks:
-            assert await lock.acquire()
-        connection = coordinator._connection
-        assert connection is not None
-        kazoo = connection.driver.tooz._coord  # type: ignore[attr-defined]
-        intruder = KazooClient(hosts=urlsplit(url).netloc, client_id=kazoo.client_id)
-        await anyio.to_thread.run_sync(intruder.start)
-        await anyio.to_thread.run_sync(intruder.stop)  # closes the holder's session
-        await anyio.to_thread.run_sync(intruder.close)
-        with anyio.fail_after(10):
-            for lock in locks:
-                await lock.wait_lost()
-        for lock in locks:
-            await lock.release()
-        again = Lock("session-0", coordinator=coordinator)
-        with anyio.fail_after(15):
-            assert await again.acquire()
-        await again.release()
 
 
 # -- batched ownership checks: one beat for every lock held -----------------------------
