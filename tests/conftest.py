@@ -140,15 +140,23 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
     ),
     (
         "tests/test_conformance.py",
-        {"leases", "connections"},
-        "the test counts the server's leases or connections before and after waiting "
+        {"connections"},
+        "the test counts the server's connections before and after waiting "
         "(one query with a plain client each)",
+    ),
+    (
+        "tests/drivers/test_etcd.py",
+        {"leases", "_etcd_revision", "<setcomp>"}
+        | {"test_etcd_lock_taken_away_from_outside_is_lost"}
+        | {"test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one"},
+        "plain clients (HTTP to etcd) count the server's leases, take a held lock away "
+        "from outside, or list and revoke a lease, with one command each: the faults and "
+        "counts these tests are about",
     ),
     (
         "tests/test_lock_loss.py",
         {"test_a_taken_over_lock_cancels_the_body", "test_cancel_on_loss_false_lets_the_body_run"}
-        | {"job", "_etcd_revision", "leases", "_told_before_the_key_goes"}
-        | {"test_etcd_lock_taken_away_from_outside_is_lost"}
+        | {"job", "leases", "_told_before_the_key_goes"}
         | {"test_etcd_lock_whose_lease_was_swapped_is_lost"},
         "plain clients (redis-py, HTTP to etcd) take a held lock away from outside, or look "
         "at its key, with one command each: the faults these tests are about",
@@ -200,7 +208,6 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
     (
         "tests/test_lock_loss.py",
         {"_take_from_outside", "_take_away", "<setcomp>"}
-        | {"test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one"}
         | {"test_a_loss_that_cut_the_body_short_is_raised_after_a_release_inside"},
         "plain clients take held locks away from outside, or list a lease's keys, with "
         "one command each: the faults these tests are about",

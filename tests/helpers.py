@@ -197,3 +197,16 @@ async def handoffs(url: str, prefix: str, rounds: int) -> list[float]:
                     await granted.wait()
             latencies.append(times["granted"] - times["released"])
     return latencies
+
+
+def etcd_client(url: str) -> Any:
+    """A plain etcd3gw client for the etcd server behind ``url``."""
+    import etcd3gw
+
+    parts = urlsplit(url)
+    return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
+
+
+def etcd_lock_key(prefix: str, name: str) -> bytes:
+    """The key tooz's etcd3gw driver stores a lock under."""
+    return b"/tooz/locks" + f"{prefix}{name}".encode()

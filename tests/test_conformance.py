@@ -336,37 +336,6 @@ async def test_mysql_keys_longer_than_64_characters_are_an_error(
             pass
 
 
-def test_etcd_tries_waits_and_releases_make_no_lease(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """tooz grants a lease per try, keeps the losers' (30 s each), and leaves a released
-    key's lease alive for lock_timeout; aiotooz's coordinator keeps one lease for all."""
-    import json
-    import urllib.request
-
-    url = url_for("etcd3+http", server_pool, tmp_path)
-    endpoint = url.replace("etcd3+http", "http") + "/v3/lease/leases"
-
-    def leases() -> set[str]:
-        request = urllib.request.Request(endpoint, data=b"{}", method="POST")
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return {lease["ID"] for lease in json.load(response).get("leases", [])}
-
-    async def cycle_and_wait_in_vain() -> int:
-        async with started(url, prefix) as coordinator:
-            before = leases()  # the coordinator's own lease included
-            for _ in range(30):
-                async with Lock("cycled", coordinator=coordinator):
-                    pass
-            assert await coordinator.get_lock("leases").acquire(blocking=1.0) is False
-            # New leases only: plain tooz processes of earlier tests leave leases that
-            # expire meanwhile (tests/worker.py tooz-hold, waiting).
-            return len(leases() - before)
-
-    with holding_process("hold", url, prefix, "leases"):
-        assert anyio.run(cycle_and_wait_in_vain) == 0  # 30 cycles, then some 20 tries
-
-
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
 def test_waiting_on_a_database_opens_no_connection_per_try(
     backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str

@@ -17,7 +17,7 @@ from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 from ._procs import run_worker, worker_process
 from ._proxy import DelayProxy
 from ._servers import PrivateRedis
-from .helpers import ServerPool, make_coordinator, url_for
+from .helpers import ServerPool, etcd_client, etcd_lock_key, make_coordinator, url_for
 
 
 def _redis_key(prefix: str, name: str) -> bytes:
@@ -190,93 +190,6 @@ async def test_stop_inside_a_lock_block_of_the_same_task_ends_the_block_with_loc
         assert not coordinator.is_started
 
 
-# -- etcd: a key deleted or a lease revoked from outside -------------------------------
-
-
-def _etcd_client(url: str) -> Any:
-    import etcd3gw
-
-    parts = urlsplit(url)
-    return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
-
-
-def _etcd_revision(client: Any) -> int:
-    """The cluster's current revision."""
-    result = client.post(client.get_url("/kv/range"), json={"key": "AA==", "count_only": True})
-    return int(result["header"]["revision"])
-
-
-def _etcd_lock_key(prefix: str, name: str) -> bytes:
-    """The key tooz's etcd3gw driver stores a lock under."""
-    return b"/tooz/locks" + f"{prefix}{name}".encode()
-
-
-@pytest.mark.parametrize("how", ["key deleted", "lease revoked"])
-async def test_etcd_lock_taken_away_from_outside_is_lost(
-    server_pool: ServerPool, tmp_path: Path, prefix: str, how: str
-) -> None:
-    """tooz cannot tell an etcd lock's owner and ignores a dead lease on refresh: a key
-    deleted, or its lease revoked, went unnoticed while another process took the lock."""
-    url = url_for("etcd3+http", server_pool, tmp_path)
-    client = _etcd_client(url)
-    key = _etcd_lock_key(prefix, "outside")
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("outside", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            [(_, meta)] = client.get(key, metadata=True)
-            if how == "key deleted":
-                assert client.delete(key)
-            else:
-                from etcd3gw.lease import Lease
-
-                Lease(int(meta["lease"]), client).revoke()
-            assert run_worker("try", url, prefix, "outside") == "acquired"
-            with anyio.fail_after(5):
-                await lock.wait_lost()
-            assert lock.lost
-            assert "another owner" in (lock.lost_reason or "")
-
-
-async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """Every lock key of a coordinator is on its one lease (the beat keeps one lease
-    alive, whatever is held). Revoked from outside, it takes every key, every holder is
-    told, and the next acquire is granted on a new lease."""
-    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
-    client = _etcd_client(url)
-    names = [f"shared-{number}" for number in range(5)]
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        locks = [Lock(name, coordinator=coordinator, cancel_on_loss=False) for name in names]
-        for lock in locks:
-            assert await lock.acquire()
-        leases = {
-            int(client.get(_etcd_lock_key(prefix, name), metadata=True)[0][1]["lease"])
-            for name in names
-        }
-        assert len(leases) == 1
-        from etcd3gw.lease import Lease
-
-        [lease] = leases
-        assert sorted(Lease(lease, client).keys()) == sorted(
-            _etcd_lock_key(prefix, name) for name in names
-        )
-        Lease(lease, client).revoke()
-        with anyio.fail_after(5):
-            for lock in locks:
-                await lock.wait_lost()
-        for lock in locks:
-            await lock.release()
-        again = Lock(names[0], coordinator=coordinator)
-        assert await again.acquire(blocking=5)
-        [(_, meta)] = client.get(_etcd_lock_key(prefix, names[0]), metadata=True)
-        assert int(meta["lease"]) != lease
-        await anyio.sleep(1)  # a few beats: the new lease is kept alive
-        assert not again.lost
-        await again.release()
-    assert not client.get(_etcd_lock_key(prefix, names[0]))
-
-
 # -- batched ownership checks: one beat for every lock held -----------------------------
 
 
@@ -302,8 +215,8 @@ def _take_from_outside(backend: str, url: str, prefix: str, name: str, delete: b
             memcached.set(key, b"someone-else", expire=30)
         memcached.close()
     else:
-        client = _etcd_client(url)
-        key = _etcd_lock_key(prefix, name)
+        client = etcd_client(url)
+        key = etcd_lock_key(prefix, name)
         if delete:
             client.delete(key)
         else:
@@ -569,7 +482,7 @@ def _take_away(backend: str, url: str, key: str) -> None:
         memcached.set(b"__TOOZ_LOCK_" + key.encode(), b"someone-else", 30, noreply=False, flags=1)
         memcached.close()
     elif backend == "etcd3+http":
-        _etcd_client(url).put(f"/tooz/locks{key}", "someone-else")
+        etcd_client(url).put(f"/tooz/locks{key}", "someone-else")
     elif backend == "zookeeper":
         from kazoo.client import KazooClient
 
