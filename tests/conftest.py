@@ -139,12 +139,6 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "a plain redis-py client deletes the leader's key from outside (one command)",
     ),
     (
-        "tests/test_conformance.py",
-        {"connections"},
-        "the test counts the server's connections before and after waiting "
-        "(one query with a plain client each)",
-    ),
-    (
         "tests/drivers/test_etcd.py",
         {"leases", "_etcd_revision", "<setcomp>"}
         | {"test_etcd_lock_taken_away_from_outside_is_lost"}
@@ -162,10 +156,12 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "at its key, with one command each: the faults these tests are about",
     ),
     (
-        "tests/test_sql_sessions.py",
-        {"_admin", "_rows", "_sessions", "_kill", "_holder", "_waiting_at_server"},
+        "tests/drivers/test_sql.py",
+        {"_admin", "_rows", "_sessions", "_kill", "_holder", "_waiting_at_server"}
+        | {"connections"},
         "a plain PostgreSQL or MySQL client counts, finds or kills the coordinator's "
-        "sessions at the server (a query each): what these tests check",
+        "sessions at the server, or counts its connections before and after waiting (a "
+        "query each): what these tests check",
     ),
     (
         "tests/test_lock_loss.py",

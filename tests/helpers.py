@@ -6,6 +6,7 @@ Real backends only, never mocks: the file backend, a Redis server, and private s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
@@ -210,3 +211,78 @@ def etcd_client(url: str) -> Any:
 def etcd_lock_key(prefix: str, name: str) -> bytes:
     """The key tooz's etcd3gw driver stores a lock under."""
     return b"/tooz/locks" + f"{prefix}{name}".encode()
+
+
+def pg_advisory_key(key: str) -> bytes:
+    """The advisory lock tooz's postgresql driver takes for ``key``."""
+    return hashlib.md5(key.encode("ascii"), usedforsecurity=False).digest()[:2]
+
+
+def kill_sql_sessions(backend: str, url: str, key: str, every: bool) -> None:
+    """From outside, as an operator or a reaper would: end the session holding ``key``
+    (``pg_terminate_backend``, ``KILL``), or, with ``every``, every client session.
+
+    The session is found by the server lock of ``key`` (plain tooz's advisory key on
+    PostgreSQL, the name on MySQL): a coordinator's main session, which holds the locks
+    it tried for, or the waiter connection a lock was granted on."""
+    parts = urlsplit(url)
+    if backend == "postgresql":
+        import hashlib
+
+        import psycopg
+
+        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
+        with psycopg.connect(url, autocommit=True) as connection:
+            if every:
+                rows = connection.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                    " AND backend_type = 'client backend'"
+                ).fetchall()
+            else:
+                rows = connection.execute(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND classid = %s AND objid = %s AND objsubid = 2",
+                    advisory,
+                ).fetchall()
+            pids = [pid for (pid,) in rows]
+            assert pids, "no session to kill"
+            for pid in pids:
+                connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+            _wait_gone(connection.cursor(), query, pids)
+        return
+    import pymysql
+
+    connection = pymysql.connect(
+        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
+    )
+    try:
+        with connection.cursor() as cursor:
+            if every:
+                cursor.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
+                    " AND COMMAND NOT IN ('Daemon', 'Binlog Dump') AND USER = %s",
+                    (parts.username or "root",),
+                )
+            else:
+                cursor.execute("SELECT IS_USED_LOCK(%s)", (key,))
+            ids = [row[0] for row in cursor.fetchall() if row[0] is not None]
+            assert ids, "no session to kill"
+            for session in ids:
+                cursor.execute(f"KILL {int(session)}")
+            ids_in = ", ".join(str(int(session)) for session in ids)
+            query = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({ids_in})"
+            _wait_gone(cursor, query, None)
+    finally:
+        connection.close()
+
+
+def _wait_gone(cursor: Any, query: str, sessions: list[int] | None) -> None:
+    """Wait until the killed sessions are gone (a kill is a signal: it takes a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        cursor.execute(query, None if sessions is None else (sessions,))
+        if cursor.fetchone()[0] == 0:
+            return
+        assert time.monotonic() < deadline, "the killed sessions did not end"
+        time.sleep(0.01)

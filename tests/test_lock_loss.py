@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -17,7 +16,14 @@ from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 from ._procs import run_worker, worker_process
 from ._proxy import DelayProxy
 from ._servers import PrivateRedis
-from .helpers import ServerPool, etcd_client, etcd_lock_key, make_coordinator, url_for
+from .helpers import (
+    ServerPool,
+    etcd_client,
+    etcd_lock_key,
+    kill_sql_sessions,
+    make_coordinator,
+    url_for,
+)
 
 
 def _redis_key(prefix: str, name: str) -> bytes:
@@ -250,198 +256,6 @@ async def test_a_lock_taken_among_many_is_told_to_its_holder_only(
     _take_from_outside(backend, url, prefix, "many-23", delete=True)
 
 
-# -- PostgreSQL and MySQL: a lock lives as long as its session --------------------------
-
-
-def _kill_sessions(backend: str, url: str, key: str, every: bool) -> None:
-    """From outside, as an operator or a reaper would: end the session holding ``key``
-    (``pg_terminate_backend``, ``KILL``), or, with ``every``, every client session.
-
-    The session is found by the server lock of ``key`` (plain tooz's advisory key on
-    PostgreSQL, the name on MySQL): a coordinator's main session, which holds the locks
-    it tried for, or the waiter connection a lock was granted on."""
-    parts = urlsplit(url)
-    if backend == "postgresql":
-        import hashlib
-
-        import psycopg
-
-        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
-        with psycopg.connect(url, autocommit=True) as connection:
-            if every:
-                rows = connection.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
-                    " AND backend_type = 'client backend'"
-                ).fetchall()
-            else:
-                rows = connection.execute(
-                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                    " AND classid = %s AND objid = %s AND objsubid = 2",
-                    advisory,
-                ).fetchall()
-            pids = [pid for (pid,) in rows]
-            assert pids, "no session to kill"
-            for pid in pids:
-                connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
-            _wait_gone(connection.cursor(), query, pids)
-        return
-    import pymysql
-
-    connection = pymysql.connect(
-        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
-    )
-    try:
-        with connection.cursor() as cursor:
-            if every:
-                cursor.execute(
-                    "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
-                    " AND COMMAND NOT IN ('Daemon', 'Binlog Dump') AND USER = %s",
-                    (parts.username or "root",),
-                )
-            else:
-                cursor.execute("SELECT IS_USED_LOCK(%s)", (key,))
-            ids = [row[0] for row in cursor.fetchall() if row[0] is not None]
-            assert ids, "no session to kill"
-            for session in ids:
-                cursor.execute(f"KILL {int(session)}")
-            ids_in = ", ".join(str(int(session)) for session in ids)
-            query = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({ids_in})"
-            _wait_gone(cursor, query, None)
-    finally:
-        connection.close()
-
-
-def _queued_at_server(backend: str, url: str, key: str) -> bool:
-    """Whether a session waits for ``key`` in the server's queue."""
-    if backend == "postgresql":
-        import hashlib
-
-        import psycopg
-
-        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
-        with psycopg.connect(url, autocommit=True) as connection:
-            row = connection.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND classid = %s AND objid = %s AND objsubid = 2",
-                advisory,
-            ).fetchone()
-        return bool(row and row[0])
-    import pymysql
-
-    parts = urlsplit(url)
-    connection = pymysql.connect(
-        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
-    )
-    try:
-        with connection.cursor() as cursor:
-            # The name is in the statement as text or, sent as bytes, in hex (X'...').
-            cursor.execute(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
-                " AND (INFO LIKE %s OR INFO LIKE %s)",
-                (f"%{key}%", f"%{key.encode().hex()}%"),
-            )
-            row = cursor.fetchone()
-        return bool(row and row[0])
-    finally:
-        connection.close()
-
-
-def _wait_gone(cursor: Any, query: str, sessions: list[int] | None) -> None:
-    """Wait until the killed sessions are gone (a kill is a signal: it takes a moment)."""
-    deadline = time.monotonic() + 10
-    while True:
-        cursor.execute(query, None if sessions is None else (sessions,))
-        if cursor.fetchone()[0] == 0:
-            return
-        assert time.monotonic() < deadline, "the killed sessions did not end"
-        time.sleep(0.01)
-
-
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-async def test_a_killed_sql_session_is_a_lost_lock(
-    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
-) -> None:
-    """The server frees a lock the moment its session ends: the holder went on, never
-    told, while another process took the lock. Here the lock was granted through the
-    server's queue, on a waiter connection of its own (the coordinator's main session
-    holds the rest): killing that session loses that lock, and the coordinator keeps
-    its connection."""
-    url = url_for(backend, server_pool, tmp_path)
-    heartbeat = 0.5
-    async with (
-        make_coordinator(url, prefix) as other,
-        make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator,
-    ):
-        held = coordinator.get_lock("kept")
-        await held.acquire()
-        taken = other.get_lock("killed")
-        await taken.acquire()
-        async with anyio.create_task_group() as group:
-            group.start_soon(_wait_then_release, backend, url, f"{prefix}killed", taken)
-            with pytest.raises(LockLost, match="the session that held it ended"):
-                async with coordinator.get_lock("killed"):
-                    await anyio.to_thread.run_sync(
-                        _kill_sessions, backend, url, f"{prefix}killed", False
-                    )
-                    killed = anyio.current_time()
-                    try:
-                        await anyio.sleep(30)
-                    finally:
-                        noticed = anyio.current_time() - killed
-        # A beat or two, and slack for a loaded machine.
-        assert noticed < 2 * heartbeat + 2, noticed
-        assert coordinator.statistics().reconnects == 0  # the lock's loss, not the connection's
-        assert not held.lost  # held by the main session, which lives on
-        # Another process can take it, and so can this coordinator.
-        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
-        assert outcome == "acquired"
-        with anyio.fail_after(10):
-            async with coordinator.get_lock("killed"):
-                pass
-        await held.release()
-
-
-async def _wait_then_release(backend: str, url: str, key: str, lock: Any) -> None:
-    """Release ``lock`` once another session waits for it in the server's queue."""
-    with anyio.fail_after(10):
-        while not await anyio.to_thread.run_sync(_queued_at_server, backend, url, key):
-            await anyio.sleep(0.02)
-    await lock.release()
-
-
-@pytest.mark.parametrize("every", [False, True], ids=["its session", "every session"])
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-async def test_a_killed_main_sql_session_loses_its_locks_and_reconnects(
-    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str, every: bool
-) -> None:
-    """The coordinator's main session holds every lock it took with a try: killing it
-    (alone, or with every session) loses them all, each holder is told, and the
-    coordinator reconnects."""
-    url = url_for(backend, server_pool, tmp_path)
-    heartbeat = 0.5
-    async with make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator:
-        with pytest.raises(LockLost, match="the connection to the backend failed"):
-            async with coordinator.get_lock("killed"):
-                await anyio.to_thread.run_sync(
-                    _kill_sessions, backend, url, f"{prefix}killed", every
-                )
-                killed = anyio.current_time()
-                try:
-                    await anyio.sleep(30)
-                finally:
-                    noticed = anyio.current_time() - killed
-        # A beat or two, and slack for a loaded machine.
-        assert noticed < 2 * heartbeat + 2, noticed
-        # Another process can take it, and so can this coordinator (reconnected).
-        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
-        assert outcome == "acquired"
-        with anyio.fail_after(10):
-            async with coordinator.get_lock("killed"):
-                pass
-        assert coordinator.statistics().reconnects >= 1
-
-
 # -- a loss found at the release: the lease rule, and the backend's "not ours" -----------
 
 
@@ -498,7 +312,7 @@ def _take_away(backend: str, url: str, key: str) -> None:
             zookeeper.stop()
             zookeeper.close()
     else:
-        _kill_sessions(backend, url, key, every=False)
+        kill_sql_sessions(backend, url, key, every=False)
 
 
 @pytest.mark.parametrize(
