@@ -75,9 +75,11 @@ def tests(session: nox.Session) -> None:
 
 #: What `tests_lowest` runs unless told otherwise: the whole suite (about 11 minutes on two
 #: cores for one Python) would push CI past its 30 minutes; this subset is the conformance
-#: suite over every backend and the locks', semaphores' and leadership's own files.
+#: suite over every backend, each backend's own tests (the client libraries' oldest
+#: versions meet their quirks there) and the locks', semaphores' and leadership's files.
 LOWEST_TESTS = [
     "tests/test_conformance.py",
+    "tests/drivers",
     "tests/test_lock.py",
     "tests/test_semaphore.py",
     "tests/test_leadership.py",

@@ -15,6 +15,7 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from aiotooz import Coordinator
+from aiotooz import _tries as tries
 
 from .helpers import (
     ALL_BACKENDS,
@@ -23,6 +24,7 @@ from .helpers import (
     REDIS_URL,
     SEED_VARIABLE,
     SERVER_OF,
+    SLOW_POLL,
     ServerPool,
     _reachable,
     make_coordinator,
@@ -137,30 +139,38 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "a plain redis-py client deletes the leader's key from outside (one command)",
     ),
     (
-        "tests/test_conformance.py",
-        {"leases", "connections"},
-        "the test counts the server's leases or connections before and after waiting "
-        "(one query with a plain client each)",
+        "tests/drivers/test_etcd.py",
+        {"leases", "_etcd_revision", "<setcomp>"}
+        | {"test_etcd_lock_taken_away_from_outside_is_lost"}
+        | {"test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one"},
+        "plain clients (HTTP to etcd) count the server's leases, take a held lock away "
+        "from outside, or list and revoke a lease, with one command each: the faults and "
+        "counts these tests are about",
     ),
     (
         "tests/test_lock_loss.py",
         {"test_a_taken_over_lock_cancels_the_body", "test_cancel_on_loss_false_lets_the_body_run"}
-        | {"job", "_etcd_revision", "leases", "_told_before_the_key_goes"}
-        | {"test_etcd_lock_taken_away_from_outside_is_lost"}
+        | {"job", "leases", "_told_before_the_key_goes"}
         | {"test_etcd_lock_whose_lease_was_swapped_is_lost"},
         "plain clients (redis-py, HTTP to etcd) take a held lock away from outside, or look "
         "at its key, with one command each: the faults these tests are about",
     ),
     (
-        "tests/test_sql_sessions.py",
-        {"_admin", "_rows", "_sessions", "_kill", "_holder", "_waiting_at_server"},
+        "tests/drivers/test_sql.py",
+        {"_admin", "_rows", "_sessions", "_kill", "_holder", "_waiting_at_server"}
+        | {"connections"},
         "a plain PostgreSQL or MySQL client counts, finds or kills the coordinator's "
-        "sessions at the server (a query each): what these tests check",
+        "sessions at the server, or counts its connections before and after waiting (a "
+        "query each): what these tests check",
     ),
     (
         "tests/test_lock_loss.py",
-        {"test_a_stalled_event_loop_is_told_by_the_lease_rule"}
-        | {"test_memcached_lease_rule_counts_from_the_earliest_expiry"},
+        {"test_a_stalled_event_loop_is_told_by_the_lease_rule"},
+        "the test stalls the event loop on purpose (the lease rule must notice)",
+    ),
+    (
+        "tests/drivers/test_memcached.py",
+        {"test_memcached_lease_rule_counts_from_the_earliest_expiry"},
         "the test stalls the event loop on purpose (the lease rule must notice)",
     ),
     (
@@ -194,7 +204,6 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
     (
         "tests/test_lock_loss.py",
         {"_take_from_outside", "_take_away", "<setcomp>"}
-        | {"test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one"}
         | {"test_a_loss_that_cut_the_body_short_is_raised_after_a_release_inside"},
         "plain clients take held locks away from outside, or list a lease's keys, with "
         "one command each: the faults these tests are about",
@@ -290,6 +299,13 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 def prefix() -> str:
     """A prefix of this test's own, so tests never share keys on a shared server."""
     return f"t{uuid.uuid4().hex[:8]}-"
+
+
+@pytest.fixture
+def slow_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls every 5 s at best: only a wake-up hands a lock over quickly."""
+    monkeypatch.setattr(tries, "_POLL_FIRST", SLOW_POLL)
+    monkeypatch.setattr(tries, "_POLL_CAP", SLOW_POLL)
 
 
 @pytest.fixture

@@ -6,17 +6,23 @@ Real backends only, never mocks: the file backend, a Redis server, and private s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import socket
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import anyio
 import pytest
 
-from aiotooz import CoordinationSettings, Coordinator
+from aiotooz import CoordinationSettings, Coordinator, Lock
+
+if TYPE_CHECKING:
+    from aiotooz._connection import Connection
 
 REDIS_URL = os.environ.get("AIOTOOZ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -75,6 +81,13 @@ HOSTILE_NAMES = [
     "\ud800",  # a lone surrogate is a str too
 ]
 
+#: Where the wake-up tests push the waiters' poll (``slow_polls`` in conftest.py): seconds.
+SLOW_POLL = 5.0
+#: A hand-off that waited for the next poll takes nearly SLOW_POLL; a woken one, tens of
+#: milliseconds. Half the poll tells them apart with room for a loaded machine (coverage,
+#: other test processes on two cores), where a fixed 0.5 s left little.
+WOKEN_WITHIN = SLOW_POLL / 2
+
 #: The environment variable that fixes the seed of the tests' random draws (``rng``).
 SEED_VARIABLE = "AIOTOOZ_TEST_SEED"
 
@@ -105,6 +118,13 @@ def _reachable(url: str) -> bool:
 def make_coordinator(url: str, prefix: str, **settings: Any) -> Coordinator:
     """A coordinator (not started) on ``url`` with ``prefix`` and ``settings``."""
     return Coordinator(prefix=prefix, settings=CoordinationSettings(backend_url=url, **settings))
+
+
+def connection_of(coordinator: Coordinator) -> Connection:
+    """The started ``coordinator``'s connection (the tests look at its lanes and routes)."""
+    connection = coordinator._lock_table.connection
+    assert connection is not None
+    return connection
 
 
 def seed_for_this_run() -> int:
@@ -150,3 +170,119 @@ def url_for(backend: str, pool: ServerPool, tmp_path: Path) -> str:
             missing_backend("sysv_ipc is not installed (pip install 'aiotooz[ipc]')")
         return "ipc://"
     return str(pool.get(SERVER_OF.get(backend, backend)).url)
+
+
+async def handoffs(url: str, prefix: str, rounds: int) -> list[float]:
+    """Seconds from one coordinator's release to another's grant, per round."""
+    latencies = []
+    async with make_coordinator(url, prefix) as first, make_coordinator(url, prefix) as second:
+        for number in range(rounds):
+            holder = Lock("handed", coordinator=first)
+            await holder.acquire()
+            granted = anyio.Event()
+            times: dict[str, float] = {}
+
+            async def wait(times: dict[str, float] = times, granted: anyio.Event = granted) -> None:
+                lock = Lock("handed", coordinator=second)
+                await lock.acquire()
+                times["granted"] = time.perf_counter()
+                await lock.release()
+                granted.set()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await anyio.sleep(0.05 + 0.01 * number)  # the waiter is waiting now
+                times["released"] = time.perf_counter()
+                await holder.release()
+                with anyio.fail_after(20):
+                    await granted.wait()
+            latencies.append(times["granted"] - times["released"])
+    return latencies
+
+
+def etcd_client(url: str) -> Any:
+    """A plain etcd3gw client for the etcd server behind ``url``."""
+    import etcd3gw
+
+    parts = urlsplit(url)
+    return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
+
+
+def etcd_lock_key(prefix: str, name: str) -> bytes:
+    """The key tooz's etcd3gw driver stores a lock under."""
+    return b"/tooz/locks" + f"{prefix}{name}".encode()
+
+
+def pg_advisory_key(key: str) -> bytes:
+    """The advisory lock tooz's postgresql driver takes for ``key``."""
+    return hashlib.md5(key.encode("ascii"), usedforsecurity=False).digest()[:2]
+
+
+def kill_sql_sessions(backend: str, url: str, key: str, every: bool) -> None:
+    """From outside, as an operator or a reaper would: end the session holding ``key``
+    (``pg_terminate_backend``, ``KILL``), or, with ``every``, every client session.
+
+    The session is found by the server lock of ``key`` (plain tooz's advisory key on
+    PostgreSQL, the name on MySQL): a coordinator's main session, which holds the locks
+    it tried for, or the waiter connection a lock was granted on."""
+    parts = urlsplit(url)
+    if backend == "postgresql":
+        import hashlib
+
+        import psycopg
+
+        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
+        with psycopg.connect(url, autocommit=True) as connection:
+            if every:
+                rows = connection.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+                    " AND backend_type = 'client backend'"
+                ).fetchall()
+            else:
+                rows = connection.execute(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND classid = %s AND objid = %s AND objsubid = 2",
+                    advisory,
+                ).fetchall()
+            pids = [pid for (pid,) in rows]
+            assert pids, "no session to kill"
+            for pid in pids:
+                connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+            _wait_gone(connection.cursor(), query, pids)
+        return
+    import pymysql
+
+    connection = pymysql.connect(
+        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
+    )
+    try:
+        with connection.cursor() as cursor:
+            if every:
+                cursor.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
+                    " AND COMMAND NOT IN ('Daemon', 'Binlog Dump') AND USER = %s",
+                    (parts.username or "root",),
+                )
+            else:
+                cursor.execute("SELECT IS_USED_LOCK(%s)", (key,))
+            ids = [row[0] for row in cursor.fetchall() if row[0] is not None]
+            assert ids, "no session to kill"
+            for session in ids:
+                cursor.execute(f"KILL {int(session)}")
+            ids_in = ", ".join(str(int(session)) for session in ids)
+            query = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({ids_in})"
+            _wait_gone(cursor, query, None)
+    finally:
+        connection.close()
+
+
+def _wait_gone(cursor: Any, query: str, sessions: list[int] | None) -> None:
+    """Wait until the killed sessions are gone (a kill is a signal: it takes a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        cursor.execute(query, None if sessions is None else (sessions,))
+        if cursor.fetchone()[0] == 0:
+            return
+        assert time.monotonic() < deadline, "the killed sessions did not end"
+        time.sleep(0.01)

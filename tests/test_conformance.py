@@ -3,12 +3,12 @@
 Every test here runs on file, ipc, redis, redis+cluster, memcached, zookeeper, etcd3+http,
 postgresql and mysql (see ``any_backend_url`` in conftest.py), or says in its parameters which
 backends a property applies to. Where a backend cannot do something, the test checks
-the typed error aiotooz raises instead; nothing is skipped on a backend quietly.
+the typed error aiotooz raises instead; nothing is skipped on a backend quietly. One
+backend's own quirks (its typed errors, leases, sessions) are in tests/drivers/.
 """
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import statistics
 import time
@@ -20,9 +20,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aiotooz import Coordinator, Lock, LockAcquireFailed, UnsupportedOperation
+from aiotooz import Coordinator, Lock, LockAcquireFailed
 
-from ._procs import Worker, holding_process, run_worker, worker_process
+from ._procs import Worker, run_worker, worker_process
 from ._servers import PrivateServer
 from .helpers import (
     ALL_BACKENDS,
@@ -31,6 +31,7 @@ from .helpers import (
     WITHOUT_PLAIN_TOOZ,
     ServerPool,
     make_coordinator,
+    pg_advisory_key,
     url_for,
 )
 
@@ -42,11 +43,6 @@ def prefix() -> str:
     return f"c{uuid.uuid4().hex[:5]}-"
 
 
-def _pg_advisory_key(key: str) -> bytes:
-    """The advisory lock tooz's postgresql driver takes for ``key``."""
-    return hashlib.md5(key.encode("ascii"), usedforsecurity=False).digest()[:2]
-
-
 def _prefix_without_pg_collisions(names: list[str]) -> str:
     """A prefix under which ``names`` fall on distinct PostgreSQL advisory locks.
 
@@ -56,7 +52,7 @@ def _prefix_without_pg_collisions(names: list[str]) -> str:
 
     for number in range(1000):
         prefix = f"h{number}-"
-        keys = {_pg_advisory_key(backend_key(prefix, name)) for name in names}
+        keys = {pg_advisory_key(backend_key(prefix, name)) for name in names}
         if len(keys) == len(names):
             return prefix
     raise AssertionError("no prefix found")
@@ -297,132 +293,7 @@ async def test_plain_tooz_and_aiotooz_exclude_each_other(
         await lock.release()
 
 
-# -- what some backends cannot do: typed errors ---------------------------------------------
-
-
-def _colliding_names(prefix: str) -> tuple[str, str]:
-    seen: dict[bytes, str] = {}
-    for number in range(100_000):
-        name = f"n{number}"
-        advisory = _pg_advisory_key(prefix + name)
-        if advisory in seen:
-            return seen[advisory], name
-        seen[advisory] = name
-    raise AssertionError("no collision found")
-
-
-async def test_postgresql_names_on_one_advisory_lock_are_an_error(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """tooz has 65,536 advisory locks for all names; holding two that share one would
-    deadlock the holder, so aiotooz says so instead of waiting for itself."""
-    url = url_for("postgresql", server_pool, tmp_path)
-    first, second = _colliding_names(prefix)
-    async with started(url, prefix) as coordinator:
-        async with coordinator.get_lock(first):
-            with pytest.raises(UnsupportedOperation, match="65,536"):
-                await coordinator.get_lock(second).acquire(blocking=False)
-            with anyio.fail_after(10), pytest.raises(UnsupportedOperation, match=first):
-                await coordinator.get_lock(second).acquire()  # an error, not a hang
-        async with coordinator.get_lock(second):  # fine once the first is released
-            pass
-
-
-async def test_mysql_keys_longer_than_64_characters_are_an_error(
-    server_pool: ServerPool, tmp_path: Path
-) -> None:
-    url = url_for("mysql", server_pool, tmp_path)
-    long_prefix = f"svc-{uuid.uuid4().hex[:12]}-"  # 17 characters: mapped keys reach 74
-    async with started(url, long_prefix) as coordinator:
-        with pytest.raises(UnsupportedOperation, match="at most 64 characters"):
-            await coordinator.get_lock("ümlaut-" + "x" * 30).acquire(blocking=False)
-        async with coordinator.get_lock("x" * (64 - len(long_prefix))):  # exactly 64
-            pass
-
-
-async def test_ipc_tries_without_waiting(tmp_path: Path, prefix: str) -> None:
-    """tooz's ipc driver refuses non-blocking tries where sysv_ipc has no semaphore
-    timeouts (PyPI's wheels); aiotooz's own try works there and where it has them (a
-    build from source, as `nox -s tests_lowest` installs sysv-ipc 1.0)."""
-    async with started("ipc://", prefix) as first, started("ipc://", prefix) as second:
-        async with first.get_lock("sem"):
-            with anyio.fail_after(2):
-                assert await Lock("sem", coordinator=second).acquire(blocking=False) is False
-        lock = Lock("sem", coordinator=second)
-        assert await lock.acquire(blocking=False) is True
-        await lock.release()
-
-
-def test_etcd_tries_waits_and_releases_make_no_lease(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """tooz grants a lease per try, keeps the losers' (30 s each), and leaves a released
-    key's lease alive for lock_timeout; aiotooz's coordinator keeps one lease for all."""
-    import json
-    import urllib.request
-
-    url = url_for("etcd3+http", server_pool, tmp_path)
-    endpoint = url.replace("etcd3+http", "http") + "/v3/lease/leases"
-
-    def leases() -> set[str]:
-        request = urllib.request.Request(endpoint, data=b"{}", method="POST")
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return {lease["ID"] for lease in json.load(response).get("leases", [])}
-
-    async def cycle_and_wait_in_vain() -> int:
-        async with started(url, prefix) as coordinator:
-            before = leases()  # the coordinator's own lease included
-            for _ in range(30):
-                async with Lock("cycled", coordinator=coordinator):
-                    pass
-            assert await coordinator.get_lock("leases").acquire(blocking=1.0) is False
-            # New leases only: plain tooz processes of earlier tests leave leases that
-            # expire meanwhile (tests/worker.py tooz-hold, waiting).
-            return len(leases() - before)
-
-    with holding_process("hold", url, prefix, "leases"):
-        assert anyio.run(cycle_and_wait_in_vain) == 0  # 30 cycles, then some 20 tries
-
-
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-def test_waiting_on_a_database_opens_no_connection_per_try(
-    backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """tooz opens a connection per try and closes it when the try fails; aiotooz first
-    asks on the driver's own connection, so waiting costs no new connection."""
-    url = url_for(backend, server_pool, tmp_path)
-    port = server_pool.get(backend).port
-
-    def connections() -> int:
-        if backend == "mysql":
-            import pymysql
-
-            with pymysql.connect(host="127.0.0.1", port=port, user="root") as conn:
-                with conn.cursor() as cursor:
-                    cursor.execute("SHOW GLOBAL STATUS LIKE 'Connections'")
-                    row = cursor.fetchone()
-            assert row is not None
-            return int(row[1])
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("SELECT pg_stat_force_next_flush()")
-            row = conn.execute(
-                "SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'"
-            ).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    async def wait_in_vain() -> int:
-        async with started(url, prefix) as coordinator:
-            before = connections()
-            assert await coordinator.get_lock("conns").acquire(blocking=1.0) is False
-            return connections() - before
-
-    with holding_process("hold", url, prefix, "conns"):
-        # Some 20 tries: tooz alone would open 20 connections. Counted: the counting
-        # connection itself (mysql) and a stray one or two.
-        assert anyio.run(wait_in_vain) <= 3
+# -- the harness the failure tests use ---------------------------------------------------
 
 
 def _stopped(pid: int) -> bool:

@@ -5,28 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 import anyio
 import pytest
 
-from aiotooz import BackendUnavailable, Coordinator, Lock
+from aiotooz import BackendUnavailable, Lock
 from aiotooz import _connection as connection_module
-from aiotooz._connection import Connection
-from aiotooz._drivers import Capability
 
-from ._proxy import DelayProxy
-from .helpers import make_coordinator
+from .helpers import connection_of, make_coordinator
 
 
 def _aiotooz_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("aiotooz")}
-
-
-def _connection(coordinator: Coordinator) -> Connection:
-    connection = coordinator._lock_table.connection
-    assert connection is not None
-    return connection
 
 
 async def test_no_thread_stays_parked_after_a_coordinator_stops(
@@ -43,7 +33,7 @@ async def test_no_thread_stays_parked_after_a_coordinator_stops(
         async with anyio.create_task_group() as group:
             for _ in range(20):
                 group.start_soon(contender)
-        await _connection(coordinator).heartbeat()  # the file backend's tries run inline
+        await connection_of(coordinator).heartbeat()  # the file backend's tries run inline
         assert coordinator.statistics().threads > 0
     assert coordinator.statistics().threads == 0
     # stop() waited for every lane thread to leave its loop; give them a moment to return.
@@ -61,7 +51,7 @@ async def test_no_thread_stays_parked_after_a_coordinator_stops(
 
 async def test_releases_never_queue_behind_acquire_tries(file_url: str, prefix: str) -> None:
     async with make_coordinator(file_url, prefix) as coordinator:
-        connection = _connection(coordinator)
+        connection = connection_of(coordinator)
         gate = threading.Event()
         async with anyio.create_task_group() as group:
             # Fill every thread of the acquire lane, and queue one more behind them.
@@ -77,7 +67,7 @@ async def test_a_call_that_never_answers_fails_after_the_call_timeout(
     file_url: str, prefix: str
 ) -> None:
     async with make_coordinator(file_url, prefix, call_timeout=0.2) as coordinator:
-        connection = _connection(coordinator)
+        connection = connection_of(coordinator)
         gate = threading.Event()
         try:
             with anyio.fail_after(3):
@@ -112,7 +102,7 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
     monkeypatch.setattr(connection_module, "run_in_lane", slow_run)
     async with make_coordinator(backend_url, prefix) as coordinator:
         # Through the lanes, to be slowed (not inline on file, not native on Redis).
-        _connection(coordinator)._inline = _connection(coordinator)._native = False
+        connection_of(coordinator)._inline = connection_of(coordinator)._native = False
         lock = Lock("mid-try", coordinator=coordinator)
         async with anyio.create_task_group() as group:
             with anyio.CancelScope() as scope:
@@ -139,7 +129,7 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
 
 async def test_errors_in_the_worker_are_translated(file_url: str, prefix: str) -> None:
     async with make_coordinator(file_url, prefix) as coordinator:
-        connection = _connection(coordinator)
+        connection = connection_of(coordinator)
 
         def fail() -> None:
             raise OSError("disk on fire")
@@ -152,70 +142,8 @@ async def test_errors_in_the_worker_are_translated(file_url: str, prefix: str) -
 async def test_calls_after_close_fail_cleanly(file_url: str, prefix: str) -> None:
     coordinator = make_coordinator(file_url, prefix)
     await coordinator.start()
-    connection = _connection(coordinator)
+    connection = connection_of(coordinator)
     await coordinator.stop()
     with pytest.raises(BackendUnavailable, match="closed"):
         await connection._call(connection._control_lane, "releasing", lambda: None)
     assert connection.threads == 0
-
-
-async def test_file_tries_and_releases_run_inline_until_they_are_slow(
-    file_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with make_coordinator(file_url, prefix) as coordinator:
-        connection = _connection(coordinator)
-        assert Capability.LOCAL_CALLS in connection.capabilities
-        for _ in range(3):
-            async with Lock("inline", coordinator=coordinator):
-                pass
-        assert connection.threads == 0
-        # Calls that are slow on the loop (a network file system, say) go back to threads.
-        monkeypatch.setattr(connection_module, "_INLINE_LIMIT", -1.0)
-        for _ in range(connection_module._INLINE_STRIKES):
-            async with Lock("inline", coordinator=coordinator):
-                pass
-        async with Lock("inline", coordinator=coordinator):
-            pass
-        assert connection.threads > 0
-
-
-async def test_redis_calls_never_run_inline(redis_url: str, prefix: str) -> None:
-    async with make_coordinator(redis_url, prefix) as coordinator:
-        assert Capability.LOCAL_CALLS not in _connection(coordinator).capabilities
-
-
-async def test_a_grant_that_reaches_redis_after_its_taker_left_is_released(
-    redis_url: str, prefix: str
-) -> None:
-    """Through a proxy that delays every chunk 0.1 s, the taker gives up (cancelled)
-    while its SET is on the wire: the lock the server grants must be released, on the
-    event loop's asyncio client (asyncio) as through the worker threads (trio)."""
-    parts = urlsplit(redis_url)
-    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.1) as proxy:
-        slow_url = f"redis://127.0.0.1:{proxy.port}"
-        async with (
-            make_coordinator(slow_url, prefix) as slow,
-            make_coordinator(redis_url, prefix) as direct,
-        ):
-            lock = Lock("late-grant", coordinator=slow)
-            with anyio.move_on_after(0.15) as scope:  # after connecting, mid-try
-                await lock.acquire()
-            assert scope.cancelled_caught
-            assert not lock.locked()
-            # Granted at the server after the taker left, then released for it.
-            other = Lock("late-grant", coordinator=direct)
-            assert await other.acquire(blocking=10)
-            await other.release()
-
-
-async def test_redis_runs_on_the_event_loop_on_asyncio_only(
-    redis_url: str, prefix: str, anyio_backend: str
-) -> None:
-    async with make_coordinator(redis_url, prefix) as coordinator:
-        assert _connection(coordinator)._native is (anyio_backend == "asyncio")
-        for _ in range(3):
-            async with Lock("native", coordinator=coordinator):
-                pass
-        # No worker thread was needed for the tries and releases on asyncio.
-        if anyio_backend == "asyncio":
-            assert _connection(coordinator)._acquire_lane.threads == frozenset()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -17,7 +16,14 @@ from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 from ._procs import run_worker, worker_process
 from ._proxy import DelayProxy
 from ._servers import PrivateRedis
-from .helpers import ServerPool, make_coordinator, url_for
+from .helpers import (
+    ServerPool,
+    etcd_client,
+    etcd_lock_key,
+    kill_sql_sessions,
+    make_coordinator,
+    url_for,
+)
 
 
 def _redis_key(prefix: str, name: str) -> bytes:
@@ -190,167 +196,6 @@ async def test_stop_inside_a_lock_block_of_the_same_task_ends_the_block_with_loc
         assert not coordinator.is_started
 
 
-# -- etcd: a key deleted or a lease revoked from outside -------------------------------
-
-
-def _etcd_client(url: str) -> Any:
-    import etcd3gw
-
-    parts = urlsplit(url)
-    return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
-
-
-def _etcd_revision(client: Any) -> int:
-    """The cluster's current revision."""
-    result = client.post(client.get_url("/kv/range"), json={"key": "AA==", "count_only": True})
-    return int(result["header"]["revision"])
-
-
-def _etcd_lock_key(prefix: str, name: str) -> bytes:
-    """The key tooz's etcd3gw driver stores a lock under."""
-    return b"/tooz/locks" + f"{prefix}{name}".encode()
-
-
-@pytest.mark.parametrize("how", ["key deleted", "lease revoked"])
-async def test_etcd_lock_taken_away_from_outside_is_lost(
-    server_pool: ServerPool, tmp_path: Path, prefix: str, how: str
-) -> None:
-    """tooz cannot tell an etcd lock's owner and ignores a dead lease on refresh: a key
-    deleted, or its lease revoked, went unnoticed while another process took the lock."""
-    url = url_for("etcd3+http", server_pool, tmp_path)
-    client = _etcd_client(url)
-    key = _etcd_lock_key(prefix, "outside")
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("outside", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            [(_, meta)] = client.get(key, metadata=True)
-            if how == "key deleted":
-                assert client.delete(key)
-            else:
-                from etcd3gw.lease import Lease
-
-                Lease(int(meta["lease"]), client).revoke()
-            assert run_worker("try", url, prefix, "outside") == "acquired"
-            with anyio.fail_after(5):
-                await lock.wait_lost()
-            assert lock.lost
-            assert "another owner" in (lock.lost_reason or "")
-
-
-# -- memcached: whole-second expiry ------------------------------------------------------
-
-
-async def test_memcached_lease_rule_counts_from_the_earliest_expiry(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """memcached can expire an item stored for 2 s after only 1 s: a holder stalled 1.4 s
-    after a refresh must read lost (the rule used 3/4 of 2 s and said not lost)."""
-    url = url_for("memcached", server_pool, tmp_path) + "?lock_timeout=2"
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("coarse", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            await anyio.sleep(0.5)  # a few beats
-            time.sleep(1.4)  # noqa: ASYNC251 - the event loop stalls: no beat can run
-            assert lock.check_lost()
-
-
-@pytest.mark.parametrize(
-    ("options", "settings", "match"),
-    [
-        ("lock_timeout=1", {}, "too short"),
-        ("lock_timeout=2", {}, r"heartbeat \(1.0 s\) must be under half .* \(1 s\)"),
-    ],
-)
-async def test_memcached_ttls_it_cannot_honour_are_refused(
-    server_pool: ServerPool,
-    tmp_path: Path,
-    prefix: str,
-    options: str,
-    settings: dict[str, float],
-    match: str,
-) -> None:
-    url = url_for("memcached", server_pool, tmp_path) + "?" + options
-    with pytest.raises(ConfigurationError, match=match):
-        async with make_coordinator(url, prefix, **settings):
-            pass  # pragma: no cover
-
-
-async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """Every lock key of a coordinator is on its one lease (the beat keeps one lease
-    alive, whatever is held). Revoked from outside, it takes every key, every holder is
-    told, and the next acquire is granted on a new lease."""
-    url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
-    client = _etcd_client(url)
-    names = [f"shared-{number}" for number in range(5)]
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        locks = [Lock(name, coordinator=coordinator, cancel_on_loss=False) for name in names]
-        for lock in locks:
-            assert await lock.acquire()
-        leases = {
-            int(client.get(_etcd_lock_key(prefix, name), metadata=True)[0][1]["lease"])
-            for name in names
-        }
-        assert len(leases) == 1
-        from etcd3gw.lease import Lease
-
-        [lease] = leases
-        assert sorted(Lease(lease, client).keys()) == sorted(
-            _etcd_lock_key(prefix, name) for name in names
-        )
-        Lease(lease, client).revoke()
-        with anyio.fail_after(5):
-            for lock in locks:
-                await lock.wait_lost()
-        for lock in locks:
-            await lock.release()
-        again = Lock(names[0], coordinator=coordinator)
-        assert await again.acquire(blocking=5)
-        [(_, meta)] = client.get(_etcd_lock_key(prefix, names[0]), metadata=True)
-        assert int(meta["lease"]) != lease
-        await anyio.sleep(1)  # a few beats: the new lease is kept alive
-        assert not again.lost
-        await again.release()
-    assert not client.get(_etcd_lock_key(prefix, names[0]))
-
-
-# -- ZooKeeper: the session carries the lock nodes ------------------------------------
-
-
-async def test_zookeeper_locks_of_an_expired_session_are_lost(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
-) -> None:
-    """A beat reads no lock node: it proves the session. A session that expired (here:
-    closed from outside with its id and password) took its nodes with it, and kazoo
-    makes a new one; every lock granted in the old one must read lost."""
-    from kazoo.client import KazooClient
-
-    url = url_for("zookeeper", server_pool, tmp_path) + "?timeout=3"
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        locks = [
-            Lock(f"session-{n}", coordinator=coordinator, cancel_on_loss=False) for n in range(3)
-        ]
-        for lock in locks:
-            assert await lock.acquire()
-        connection = coordinator._lock_table.connection
-        assert connection is not None
-        kazoo = connection.driver.tooz._coord  # type: ignore[attr-defined]
-        intruder = KazooClient(hosts=urlsplit(url).netloc, client_id=kazoo.client_id)
-        await anyio.to_thread.run_sync(intruder.start)
-        await anyio.to_thread.run_sync(intruder.stop)  # closes the holder's session
-        await anyio.to_thread.run_sync(intruder.close)
-        with anyio.fail_after(10):
-            for lock in locks:
-                await lock.wait_lost()
-        for lock in locks:
-            await lock.release()
-        again = Lock("session-0", coordinator=coordinator)
-        with anyio.fail_after(15):
-            assert await again.acquire()
-        await again.release()
-
-
 # -- batched ownership checks: one beat for every lock held -----------------------------
 
 
@@ -376,8 +221,8 @@ def _take_from_outside(backend: str, url: str, prefix: str, name: str, delete: b
             memcached.set(key, b"someone-else", expire=30)
         memcached.close()
     else:
-        client = _etcd_client(url)
-        key = _etcd_lock_key(prefix, name)
+        client = etcd_client(url)
+        key = etcd_lock_key(prefix, name)
         if delete:
             client.delete(key)
         else:
@@ -409,198 +254,6 @@ async def test_a_lock_taken_among_many_is_told_to_its_holder_only(
         for lock in locks.values():
             await lock.release()
     _take_from_outside(backend, url, prefix, "many-23", delete=True)
-
-
-# -- PostgreSQL and MySQL: a lock lives as long as its session --------------------------
-
-
-def _kill_sessions(backend: str, url: str, key: str, every: bool) -> None:
-    """From outside, as an operator or a reaper would: end the session holding ``key``
-    (``pg_terminate_backend``, ``KILL``), or, with ``every``, every client session.
-
-    The session is found by the server lock of ``key`` (plain tooz's advisory key on
-    PostgreSQL, the name on MySQL): a coordinator's main session, which holds the locks
-    it tried for, or the waiter connection a lock was granted on."""
-    parts = urlsplit(url)
-    if backend == "postgresql":
-        import hashlib
-
-        import psycopg
-
-        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
-        with psycopg.connect(url, autocommit=True) as connection:
-            if every:
-                rows = connection.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
-                    " AND backend_type = 'client backend'"
-                ).fetchall()
-            else:
-                rows = connection.execute(
-                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                    " AND classid = %s AND objid = %s AND objsubid = 2",
-                    advisory,
-                ).fetchall()
-            pids = [pid for (pid,) in rows]
-            assert pids, "no session to kill"
-            for pid in pids:
-                connection.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            query = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
-            _wait_gone(connection.cursor(), query, pids)
-        return
-    import pymysql
-
-    connection = pymysql.connect(
-        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
-    )
-    try:
-        with connection.cursor() as cursor:
-            if every:
-                cursor.execute(
-                    "SELECT ID FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()"
-                    " AND COMMAND NOT IN ('Daemon', 'Binlog Dump') AND USER = %s",
-                    (parts.username or "root",),
-                )
-            else:
-                cursor.execute("SELECT IS_USED_LOCK(%s)", (key,))
-            ids = [row[0] for row in cursor.fetchall() if row[0] is not None]
-            assert ids, "no session to kill"
-            for session in ids:
-                cursor.execute(f"KILL {int(session)}")
-            ids_in = ", ".join(str(int(session)) for session in ids)
-            query = f"SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID IN ({ids_in})"
-            _wait_gone(cursor, query, None)
-    finally:
-        connection.close()
-
-
-def _queued_at_server(backend: str, url: str, key: str) -> bool:
-    """Whether a session waits for ``key`` in the server's queue."""
-    if backend == "postgresql":
-        import hashlib
-
-        import psycopg
-
-        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
-        with psycopg.connect(url, autocommit=True) as connection:
-            row = connection.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND classid = %s AND objid = %s AND objsubid = 2",
-                advisory,
-            ).fetchone()
-        return bool(row and row[0])
-    import pymysql
-
-    parts = urlsplit(url)
-    connection = pymysql.connect(
-        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
-    )
-    try:
-        with connection.cursor() as cursor:
-            # The name is in the statement as text or, sent as bytes, in hex (X'...').
-            cursor.execute(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
-                " AND (INFO LIKE %s OR INFO LIKE %s)",
-                (f"%{key}%", f"%{key.encode().hex()}%"),
-            )
-            row = cursor.fetchone()
-        return bool(row and row[0])
-    finally:
-        connection.close()
-
-
-def _wait_gone(cursor: Any, query: str, sessions: list[int] | None) -> None:
-    """Wait until the killed sessions are gone (a kill is a signal: it takes a moment)."""
-    deadline = time.monotonic() + 10
-    while True:
-        cursor.execute(query, None if sessions is None else (sessions,))
-        if cursor.fetchone()[0] == 0:
-            return
-        assert time.monotonic() < deadline, "the killed sessions did not end"
-        time.sleep(0.01)
-
-
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-async def test_a_killed_sql_session_is_a_lost_lock(
-    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
-) -> None:
-    """The server frees a lock the moment its session ends: the holder went on, never
-    told, while another process took the lock. Here the lock was granted through the
-    server's queue, on a waiter connection of its own (the coordinator's main session
-    holds the rest): killing that session loses that lock, and the coordinator keeps
-    its connection."""
-    url = url_for(backend, server_pool, tmp_path)
-    heartbeat = 0.5
-    async with (
-        make_coordinator(url, prefix) as other,
-        make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator,
-    ):
-        held = coordinator.get_lock("kept")
-        await held.acquire()
-        taken = other.get_lock("killed")
-        await taken.acquire()
-        async with anyio.create_task_group() as group:
-            group.start_soon(_wait_then_release, backend, url, f"{prefix}killed", taken)
-            with pytest.raises(LockLost, match="the session that held it ended"):
-                async with coordinator.get_lock("killed"):
-                    await anyio.to_thread.run_sync(
-                        _kill_sessions, backend, url, f"{prefix}killed", False
-                    )
-                    killed = anyio.current_time()
-                    try:
-                        await anyio.sleep(30)
-                    finally:
-                        noticed = anyio.current_time() - killed
-        # A beat or two, and slack for a loaded machine.
-        assert noticed < 2 * heartbeat + 2, noticed
-        assert coordinator.statistics().reconnects == 0  # the lock's loss, not the connection's
-        assert not held.lost  # held by the main session, which lives on
-        # Another process can take it, and so can this coordinator.
-        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
-        assert outcome == "acquired"
-        with anyio.fail_after(10):
-            async with coordinator.get_lock("killed"):
-                pass
-        await held.release()
-
-
-async def _wait_then_release(backend: str, url: str, key: str, lock: Any) -> None:
-    """Release ``lock`` once another session waits for it in the server's queue."""
-    with anyio.fail_after(10):
-        while not await anyio.to_thread.run_sync(_queued_at_server, backend, url, key):
-            await anyio.sleep(0.02)
-    await lock.release()
-
-
-@pytest.mark.parametrize("every", [False, True], ids=["its session", "every session"])
-@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
-async def test_a_killed_main_sql_session_loses_its_locks_and_reconnects(
-    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str, every: bool
-) -> None:
-    """The coordinator's main session holds every lock it took with a try: killing it
-    (alone, or with every session) loses them all, each holder is told, and the
-    coordinator reconnects."""
-    url = url_for(backend, server_pool, tmp_path)
-    heartbeat = 0.5
-    async with make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator:
-        with pytest.raises(LockLost, match="the connection to the backend failed"):
-            async with coordinator.get_lock("killed"):
-                await anyio.to_thread.run_sync(
-                    _kill_sessions, backend, url, f"{prefix}killed", every
-                )
-                killed = anyio.current_time()
-                try:
-                    await anyio.sleep(30)
-                finally:
-                    noticed = anyio.current_time() - killed
-        # A beat or two, and slack for a loaded machine.
-        assert noticed < 2 * heartbeat + 2, noticed
-        # Another process can take it, and so can this coordinator (reconnected).
-        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
-        assert outcome == "acquired"
-        with anyio.fail_after(10):
-            async with coordinator.get_lock("killed"):
-                pass
-        assert coordinator.statistics().reconnects >= 1
 
 
 # -- a loss found at the release: the lease rule, and the backend's "not ours" -----------
@@ -643,7 +296,7 @@ def _take_away(backend: str, url: str, key: str) -> None:
         memcached.set(b"__TOOZ_LOCK_" + key.encode(), b"someone-else", 30, noreply=False, flags=1)
         memcached.close()
     elif backend == "etcd3+http":
-        _etcd_client(url).put(f"/tooz/locks{key}", "someone-else")
+        etcd_client(url).put(f"/tooz/locks{key}", "someone-else")
     elif backend == "zookeeper":
         from kazoo.client import KazooClient
 
@@ -659,7 +312,7 @@ def _take_away(backend: str, url: str, key: str) -> None:
             zookeeper.stop()
             zookeeper.close()
     else:
-        _kill_sessions(backend, url, key, every=False)
+        kill_sql_sessions(backend, url, key, every=False)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ watch on the holder's node), etcd (a watch on the key), PostgreSQL and MySQL (a 
 waiting at the server), file (inotify) and ipc (a probe waiting on the semaphore), all
 but Redis on both event loops, wake a waiter when the lock is released. The poll
 is pushed out to seconds here, so a hand-off that waited for it would fail the bound.
+Redis's and Redis Cluster's own hand-off tests, and the trio control where Redis waiters
+poll, are in tests/drivers/test_redis.py.
 """
 
 from __future__ import annotations
@@ -20,66 +22,7 @@ from aiotooz import Lock, Semaphore
 from aiotooz import _tries as tries
 
 from ._procs import worker_process
-from .helpers import make_coordinator
-
-SLOW_POLL = 5.0
-#: A hand-off that waited for the next poll takes nearly SLOW_POLL; a woken one, tens of
-#: milliseconds. Half the poll tells them apart with room for a loaded machine (coverage,
-#: other test processes on two cores), where a fixed 0.5 s left little.
-WOKEN_WITHIN = SLOW_POLL / 2
-
-
-@pytest.fixture
-def slow_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Polls every 5 s at best: only a wake-up hands a lock over quickly."""
-    monkeypatch.setattr(tries, "_POLL_FIRST", SLOW_POLL)
-    monkeypatch.setattr(tries, "_POLL_CAP", SLOW_POLL)
-
-
-async def _handoffs(url: str, prefix: str, rounds: int) -> list[float]:
-    """Seconds from one coordinator's release to another's grant, per round."""
-    latencies = []
-    async with make_coordinator(url, prefix) as first, make_coordinator(url, prefix) as second:
-        for number in range(rounds):
-            holder = Lock("handed", coordinator=first)
-            await holder.acquire()
-            granted = anyio.Event()
-            times: dict[str, float] = {}
-
-            async def wait(times: dict[str, float] = times, granted: anyio.Event = granted) -> None:
-                lock = Lock("handed", coordinator=second)
-                await lock.acquire()
-                times["granted"] = time.perf_counter()
-                await lock.release()
-                granted.set()
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(wait)
-                await anyio.sleep(0.05 + 0.01 * number)  # the waiter is waiting now
-                times["released"] = time.perf_counter()
-                await holder.release()
-                with anyio.fail_after(20):
-                    await granted.wait()
-            latencies.append(times["granted"] - times["released"])
-    return latencies
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_redis_wakes_a_waiter_on_release(
-    redis_url: str, prefix: str, slow_polls: None
-) -> None:
-    latencies = await _handoffs(redis_url, prefix, 5)
-    assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_redis_cluster_wakes_a_waiter_on_release(
-    private_server: Any, prefix: str, slow_polls: None
-) -> None:
-    """The waiter subscribes on the node of the lock's slot, where its release publishes."""
-    server = private_server("redis-cluster")
-    latencies = await _handoffs(server.url, prefix, 5)
-    assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
+from .helpers import WOKEN_WITHIN, handoffs, make_coordinator
 
 
 @pytest.mark.parametrize("backend", ["zookeeper", "etcd", "postgresql", "mysql"])
@@ -89,19 +32,8 @@ async def test_a_watch_wakes_a_waiter_on_release(
     """ZooKeeper: a watch on the holder's node; etcd: a watch on the key's deletion;
     PostgreSQL and MySQL: a probe waiting at the server in 1 s slices."""
     server = private_server(backend)
-    latencies = await _handoffs(server.url, prefix, 5)
+    latencies = await handoffs(server.url, prefix, 5)
     assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
-
-
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_without_a_wake_up_a_waiter_polls(
-    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The control: on trio, Redis waiters poll (the asyncio client is asyncio's)."""
-    monkeypatch.setattr(tries, "_POLL_FIRST", 1.0)
-    monkeypatch.setattr(tries, "_POLL_CAP", 1.0)
-    latencies = await _handoffs(redis_url, prefix, 2)
-    assert min(latencies) > 0.2, latencies
 
 
 @pytest.mark.parametrize(
@@ -165,7 +97,7 @@ async def test_the_kernel_wakes_a_waiter(
 ) -> None:
     """file: inotify reports the release's close of the lock file; ipc: a probe's wait
     on the semaphore ends when the release removes it."""
-    latencies = await _handoffs(file_url if backend == "file" else "ipc://", prefix, 5)
+    latencies = await handoffs(file_url if backend == "file" else "ipc://", prefix, 5)
     assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
 
 

@@ -1,4 +1,6 @@
-"""PostgreSQL and MySQL: one session per coordinator, waiting at the server, loss, poolers.
+"""PostgreSQL and MySQL: one session per coordinator, waiting at the server, loss, poolers,
+killed sessions, and what each cannot do (names on one advisory lock, keys over 64
+characters).
 
 Sessions are counted and killed at the server itself (``pg_stat_activity`` and
 ``pg_terminate_backend``; the process list and ``KILL``), through a connection of the
@@ -9,18 +11,27 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
 
-from aiotooz import ConfigurationError, Coordinator, Lock
+from aiotooz import ConfigurationError, Coordinator, Lock, LockLost, UnsupportedOperation
 from aiotooz._lock import held_handle
 
-from ._servers import PrivatePgBouncer
-from .helpers import ServerPool, make_coordinator, url_for
+from .._procs import holding_process, run_worker
+from .._servers import PrivatePgBouncer
+from ..helpers import (
+    ServerPool,
+    kill_sql_sessions,
+    make_coordinator,
+    pg_advisory_key,
+    url_for,
+)
 
 BACKENDS = ["postgresql", "mysql"]
 #: Waiter links a coordinator opens at most (SessionDriver.waiter_limit).
@@ -343,3 +354,209 @@ async def _acquire_and_release(coordinator: Coordinator) -> bool:
     if granted:
         await lock.release()
     return granted
+
+
+# -- a lock lives as long as its session: sessions killed from outside -------------------
+
+
+def _queued_at_server(backend: str, url: str, key: str) -> bool:
+    """Whether a session waits for ``key`` in the server's queue."""
+    if backend == "postgresql":
+        import hashlib
+
+        import psycopg
+
+        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
+        with psycopg.connect(url, autocommit=True) as connection:
+            row = connection.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid = %s AND objid = %s AND objsubid = 2",
+                advisory,
+            ).fetchone()
+        return bool(row and row[0])
+    import pymysql
+
+    parts = urlsplit(url)
+    connection = pymysql.connect(
+        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
+    )
+    try:
+        with connection.cursor() as cursor:
+            # The name is in the statement as text or, sent as bytes, in hex (X'...').
+            cursor.execute(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
+                " AND (INFO LIKE %s OR INFO LIKE %s)",
+                (f"%{key}%", f"%{key.encode().hex()}%"),
+            )
+            row = cursor.fetchone()
+        return bool(row and row[0])
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+async def test_a_killed_sql_session_is_a_lost_lock(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str
+) -> None:
+    """The server frees a lock the moment its session ends: the holder went on, never
+    told, while another process took the lock. Here the lock was granted through the
+    server's queue, on a waiter connection of its own (the coordinator's main session
+    holds the rest): killing that session loses that lock, and the coordinator keeps
+    its connection."""
+    url = url_for(backend, server_pool, tmp_path)
+    heartbeat = 0.5
+    async with (
+        make_coordinator(url, prefix) as other,
+        make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator,
+    ):
+        held = coordinator.get_lock("kept")
+        await held.acquire()
+        taken = other.get_lock("killed")
+        await taken.acquire()
+        async with anyio.create_task_group() as group:
+            group.start_soon(_wait_then_release, backend, url, f"{prefix}killed", taken)
+            with pytest.raises(LockLost, match="the session that held it ended"):
+                async with coordinator.get_lock("killed"):
+                    await anyio.to_thread.run_sync(
+                        kill_sql_sessions, backend, url, f"{prefix}killed", False
+                    )
+                    killed = anyio.current_time()
+                    try:
+                        await anyio.sleep(30)
+                    finally:
+                        noticed = anyio.current_time() - killed
+        # A beat or two, and slack for a loaded machine.
+        assert noticed < 2 * heartbeat + 2, noticed
+        assert coordinator.statistics().reconnects == 0  # the lock's loss, not the connection's
+        assert not held.lost  # held by the main session, which lives on
+        # Another process can take it, and so can this coordinator.
+        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
+        assert outcome == "acquired"
+        with anyio.fail_after(10):
+            async with coordinator.get_lock("killed"):
+                pass
+        await held.release()
+
+
+async def _wait_then_release(backend: str, url: str, key: str, lock: Any) -> None:
+    """Release ``lock`` once another session waits for it in the server's queue."""
+    with anyio.fail_after(10):
+        while not await anyio.to_thread.run_sync(_queued_at_server, backend, url, key):
+            await anyio.sleep(0.02)
+    await lock.release()
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["its session", "every session"])
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+async def test_a_killed_main_sql_session_loses_its_locks_and_reconnects(
+    server_pool: ServerPool, tmp_path: Path, prefix: str, backend: str, every: bool
+) -> None:
+    """The coordinator's main session holds every lock it took with a try: killing it
+    (alone, or with every session) loses them all, each holder is told, and the
+    coordinator reconnects."""
+    url = url_for(backend, server_pool, tmp_path)
+    heartbeat = 0.5
+    async with make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator:
+        with pytest.raises(LockLost, match="the connection to the backend failed"):
+            async with coordinator.get_lock("killed"):
+                await anyio.to_thread.run_sync(
+                    kill_sql_sessions, backend, url, f"{prefix}killed", every
+                )
+                killed = anyio.current_time()
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    noticed = anyio.current_time() - killed
+        # A beat or two, and slack for a loaded machine.
+        assert noticed < 2 * heartbeat + 2, noticed
+        # Another process can take it, and so can this coordinator (reconnected).
+        outcome = await anyio.to_thread.run_sync(run_worker, "try", url, prefix, "killed")
+        assert outcome == "acquired"
+        with anyio.fail_after(10):
+            async with coordinator.get_lock("killed"):
+                pass
+        assert coordinator.statistics().reconnects >= 1
+
+
+# -- what PostgreSQL and MySQL cannot do, and what waiting costs -------------------------
+
+
+def _colliding_names(prefix: str) -> tuple[str, str]:
+    seen: dict[bytes, str] = {}
+    for number in range(100_000):
+        name = f"n{number}"
+        advisory = pg_advisory_key(prefix + name)
+        if advisory in seen:
+            return seen[advisory], name
+        seen[advisory] = name
+    raise AssertionError("no collision found")
+
+
+async def test_postgresql_names_on_one_advisory_lock_are_an_error(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz has 65,536 advisory locks for all names; holding two that share one would
+    deadlock the holder, so aiotooz says so instead of waiting for itself."""
+    url = url_for("postgresql", server_pool, tmp_path)
+    first, second = _colliding_names(prefix)
+    async with make_coordinator(url, prefix) as coordinator:
+        async with coordinator.get_lock(first):
+            with pytest.raises(UnsupportedOperation, match="65,536"):
+                await coordinator.get_lock(second).acquire(blocking=False)
+            with anyio.fail_after(10), pytest.raises(UnsupportedOperation, match=first):
+                await coordinator.get_lock(second).acquire()  # an error, not a hang
+        async with coordinator.get_lock(second):  # fine once the first is released
+            pass
+
+
+async def test_mysql_keys_longer_than_64_characters_are_an_error(
+    server_pool: ServerPool, tmp_path: Path
+) -> None:
+    url = url_for("mysql", server_pool, tmp_path)
+    long_prefix = f"svc-{uuid.uuid4().hex[:12]}-"  # 17 characters: mapped keys reach 74
+    async with make_coordinator(url, long_prefix) as coordinator:
+        with pytest.raises(UnsupportedOperation, match="at most 64 characters"):
+            await coordinator.get_lock("ümlaut-" + "x" * 30).acquire(blocking=False)
+        async with coordinator.get_lock("x" * (64 - len(long_prefix))):  # exactly 64
+            pass
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_waiting_on_a_database_opens_no_connection_per_try(
+    backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """tooz opens a connection per try and closes it when the try fails; aiotooz first
+    asks on the driver's own connection, so waiting costs no new connection."""
+    url = url_for(backend, server_pool, tmp_path)
+    port = server_pool.get(backend).port
+
+    def connections() -> int:
+        if backend == "mysql":
+            import pymysql
+
+            with pymysql.connect(host="127.0.0.1", port=port, user="root") as conn:
+                with conn.cursor() as cursor:
+                    cursor.execute("SHOW GLOBAL STATUS LIKE 'Connections'")
+                    row = cursor.fetchone()
+            assert row is not None
+            return int(row[1])
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            row = conn.execute(
+                "SELECT sessions FROM pg_stat_database WHERE datname = 'postgres'"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def wait_in_vain() -> int:
+        async with make_coordinator(url, prefix) as coordinator:
+            before = connections()
+            assert await coordinator.get_lock("conns").acquire(blocking=1.0) is False
+            return connections() - before
+
+    with holding_process("hold", url, prefix, "conns"):
+        # Some 20 tries: tooz alone would open 20 connections. Counted: the counting
+        # connection itself (mysql) and a stray one or two.
+        assert anyio.run(wait_in_vain) <= 3

@@ -1,10 +1,14 @@
-"""Redis Cluster (``redis+cluster://``): what holds on a cluster beyond the conformance suite.
+"""Redis and Redis Cluster: what holds beyond the conformance suite.
 
-The conformance, fencing, semaphore, leadership and wake-up suites run on a private
-cluster of three primaries too (``redis+cluster`` in ``ALL_BACKENDS``). Here: exclusion
-for names whose keys fall on every node, a lock's keys in one slot whatever its name,
-the heartbeat batched per node (not per lock) and still catching a key taken away, and
-URLs refused with a reason.
+Redis: its calls never run inline, run on the event loop through the asyncio client on
+asyncio only, a grant that reaches the server after its taker left is released, and the
+asyncio client's pub/sub wakes a waiter (on trio, the control, waiters poll).
+
+Redis Cluster (``redis+cluster://``): the conformance, fencing, semaphore, leadership and
+wake-up suites run on a private cluster of three primaries too (``redis+cluster`` in
+``ALL_BACKENDS``). Here: exclusion for names whose keys fall on every node, a lock's keys
+in one slot whatever its name, the heartbeat batched per node (not per lock) and still
+catching a key taken away, and URLs refused with a reason.
 """
 
 from __future__ import annotations
@@ -13,17 +17,97 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
 
 from aiotooz import ConfigurationError, CoordinationSettings, Lock
+from aiotooz import _tries as tries
+from aiotooz._drivers import Capability
 from aiotooz._names import backend_key
 
-from ._servers import PrivateRedisCluster
-from .helpers import make_coordinator, missing_backend
+from .._proxy import DelayProxy
+from .._servers import PrivateRedisCluster
+from ..helpers import WOKEN_WITHIN, connection_of, handoffs, make_coordinator, missing_backend
 
 pytestmark = pytest.mark.redis
+
+# -- Redis: calls on the event loop (asyncio), wake-ups -----------------------------------
+
+
+async def test_redis_calls_never_run_inline(redis_url: str, prefix: str) -> None:
+    async with make_coordinator(redis_url, prefix) as coordinator:
+        assert Capability.LOCAL_CALLS not in connection_of(coordinator).capabilities
+
+
+async def test_a_grant_that_reaches_redis_after_its_taker_left_is_released(
+    redis_url: str, prefix: str
+) -> None:
+    """Through a proxy that delays every chunk 0.1 s, the taker gives up (cancelled)
+    while its SET is on the wire: the lock the server grants must be released, on the
+    event loop's asyncio client (asyncio) as through the worker threads (trio)."""
+    parts = urlsplit(redis_url)
+    with DelayProxy(parts.hostname or "127.0.0.1", parts.port or 6379, 0.1) as proxy:
+        slow_url = f"redis://127.0.0.1:{proxy.port}"
+        async with (
+            make_coordinator(slow_url, prefix) as slow,
+            make_coordinator(redis_url, prefix) as direct,
+        ):
+            lock = Lock("late-grant", coordinator=slow)
+            with anyio.move_on_after(0.15) as scope:  # after connecting, mid-try
+                await lock.acquire()
+            assert scope.cancelled_caught
+            assert not lock.locked()
+            # Granted at the server after the taker left, then released for it.
+            other = Lock("late-grant", coordinator=direct)
+            assert await other.acquire(blocking=10)
+            await other.release()
+
+
+async def test_redis_runs_on_the_event_loop_on_asyncio_only(
+    redis_url: str, prefix: str, anyio_backend: str
+) -> None:
+    async with make_coordinator(redis_url, prefix) as coordinator:
+        assert connection_of(coordinator)._native is (anyio_backend == "asyncio")
+        for _ in range(3):
+            async with Lock("native", coordinator=coordinator):
+                pass
+        # No worker thread was needed for the tries and releases on asyncio.
+        if anyio_backend == "asyncio":
+            assert connection_of(coordinator)._acquire_lane.threads == frozenset()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_wakes_a_waiter_on_release(
+    redis_url: str, prefix: str, slow_polls: None
+) -> None:
+    latencies = await handoffs(redis_url, prefix, 5)
+    assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_cluster_wakes_a_waiter_on_release(
+    private_server: Any, prefix: str, slow_polls: None
+) -> None:
+    """The waiter subscribes on the node of the lock's slot, where its release publishes."""
+    server = private_server("redis-cluster")
+    latencies = await handoffs(server.url, prefix, 5)
+    assert 0 < min(latencies) and max(latencies) < WOKEN_WITHIN, latencies
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_without_a_wake_up_a_waiter_polls(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control: on trio, Redis waiters poll (the asyncio client is asyncio's)."""
+    monkeypatch.setattr(tries, "_POLL_FIRST", 1.0)
+    monkeypatch.setattr(tries, "_POLL_CAP", 1.0)
+    latencies = await handoffs(redis_url, prefix, 2)
+    assert min(latencies) > 0.2, latencies
+
+
+# -- Redis Cluster ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +252,7 @@ async def test_a_dead_first_node_does_not_stop_a_connect(tmp_path: Path, prefix:
     cluster = PrivateRedisCluster(tmp_path / "cluster")
     cluster.start()
     try:
-        from ._servers import free_port
+        from .._servers import free_port
 
         url = cluster.url.replace("redis+cluster://", f"redis+cluster://127.0.0.1:{free_port()},")
         async with make_coordinator(url, prefix) as coordinator:

@@ -1,5 +1,6 @@
-"""The file backend: one directory under several spellings, URLs with '.' or '..', and
-a forked child."""
+"""The file backend: one directory under several spellings, URLs with '.' or '..', a
+forked child, fcntl locks shared by the coordinators of one process, and its calls made
+inline on the event loop until they are slow."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from aiotooz import Lock
+from aiotooz import Coordinator, Lock
+from aiotooz import _connection as connection_module
+from aiotooz._drivers import Capability
 
-from ._procs import run_worker
-from .helpers import make_coordinator
+from .._procs import holding_process, run_worker
+from ..helpers import connection_of, make_coordinator
 
 
 async def test_one_directory_under_two_spellings_is_one_lock(tmp_path: Path, prefix: str) -> None:
@@ -130,3 +133,91 @@ def test_a_forked_child_starts_afresh(tmp_path: Path, loop: str, prefix: str) ->
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+async def test_coordinators_sharing_a_directory_never_free_each_others_locks(
+    file_url: str, prefix: str
+) -> None:
+    """fcntl locks die with any descriptor of the file that the process closes.
+
+    Two coordinators of one process wait while another process holds the lock; one
+    wins it, the other gives up and drops its handle. The winner must still hold it.
+    """
+    outcomes: list[bool] = []
+    checked = anyio.Event()
+    async with (
+        make_coordinator(file_url, prefix) as first,
+        make_coordinator(file_url, prefix) as second,
+    ):
+
+        async def contend(coordinator: Coordinator) -> None:
+            lock = coordinator.get_lock("shared-dir")
+            if await lock.acquire(blocking=1.5):
+                outcomes.append(True)
+                # Held until the other process has looked (not for a fixed time: a
+                # worker process can take a second to start on a loaded machine).
+                await checked.wait()
+                await lock.release()
+            else:
+                outcomes.append(False)
+
+        async with anyio.create_task_group() as group:
+            with holding_process("hold", file_url, prefix, "shared-dir") as holder:
+                group.start_soon(contend, first)
+                group.start_soon(contend, second)
+                await anyio.sleep(0.3)
+                holder.end_input()
+                await anyio.to_thread.run_sync(holder.wait)
+            with anyio.fail_after(30):
+                while len(outcomes) < 2:  # the loser gives up 1.5 s after it began
+                    await anyio.sleep(0.05)
+            assert sorted(outcomes) == [False, True]
+            outcome = await anyio.to_thread.run_sync(
+                run_worker, "try", file_url, prefix, "shared-dir"
+            )
+            checked.set()
+            assert outcome == "busy"
+
+
+async def test_a_polled_file_lock_is_fully_released(
+    file_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tooz counts every lost try as a reference; a waiter that polled must not leave the
+    lock object believing it is still held (tooz logs "Unreleased lock" when it goes)."""
+    import gc
+
+    async with make_coordinator(file_url, prefix) as coordinator:
+        lock = coordinator.get_lock("polled")
+        with holding_process("hold", file_url, prefix, "polled") as holder:
+
+            async def free_soon() -> None:
+                await anyio.sleep(0.3)
+                holder.end_input()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(free_soon)
+                assert await lock.acquire(blocking=10)
+        await lock.release()
+        gc.collect()
+    assert not [record for record in caplog.records if "Unreleased lock" in record.getMessage()]
+    assert run_worker("try", file_url, prefix, "polled") == "acquired"
+
+
+async def test_file_tries_and_releases_run_inline_until_they_are_slow(
+    file_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with make_coordinator(file_url, prefix) as coordinator:
+        connection = connection_of(coordinator)
+        assert Capability.LOCAL_CALLS in connection.capabilities
+        for _ in range(3):
+            async with Lock("inline", coordinator=coordinator):
+                pass
+        assert connection.threads == 0
+        # Calls that are slow on the loop (a network file system, say) go back to threads.
+        monkeypatch.setattr(connection_module, "_INLINE_LIMIT", -1.0)
+        for _ in range(connection_module._INLINE_STRIKES):
+            async with Lock("inline", coordinator=coordinator):
+                pass
+        async with Lock("inline", coordinator=coordinator):
+            pass
+        assert connection.threads > 0
