@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -118,10 +117,11 @@ def _waiting_at_server(backend: str, url: str, key: str) -> int:
         if backend == "mysql":
             sql = (
                 "SELECT COUNT(*) FROM information_schema.PROCESSLIST"
-                " WHERE STATE = 'User lock' AND INFO LIKE %s"
+                " WHERE STATE = 'User lock' AND (INFO LIKE %s OR INFO LIKE %s)"
             )
-            # PyMySQL sends a bytes name (as plain tooz and aiotooz do) in hex: X'...'.
-            return int(_rows(connection, sql, (f"%{key.encode().hex()}%",))[0][0])
+            # A bytes name (as plain tooz and aiotooz send it) is in the statement in hex
+            # (X'...', PyMySQL >= 1.1) or as text (_binary'...', older PyMySQL).
+            return int(_rows(connection, sql, (f"%{key}%", f"%{key.encode().hex()}%"))[0][0])
         digest = hashlib.md5(key.encode(), usedforsecurity=False).digest()
         sql = (
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
@@ -361,37 +361,7 @@ async def _acquire_and_release(coordinator: Coordinator) -> bool:
 
 def _queued_at_server(backend: str, url: str, key: str) -> bool:
     """Whether a session waits for ``key`` in the server's queue."""
-    if backend == "postgresql":
-        import hashlib
-
-        import psycopg
-
-        advisory = tuple(hashlib.md5(key.encode(), usedforsecurity=False).digest()[:2])
-        with psycopg.connect(url, autocommit=True) as connection:
-            row = connection.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND classid = %s AND objid = %s AND objsubid = 2",
-                advisory,
-            ).fetchone()
-        return bool(row and row[0])
-    import pymysql
-
-    parts = urlsplit(url)
-    connection = pymysql.connect(
-        host=parts.hostname, port=parts.port or 3306, user=parts.username or "root"
-    )
-    try:
-        with connection.cursor() as cursor:
-            # The name is in the statement as text or, sent as bytes, in hex (X'...').
-            cursor.execute(
-                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE STATE = 'User lock'"
-                " AND (INFO LIKE %s OR INFO LIKE %s)",
-                (f"%{key}%", f"%{key.encode().hex()}%"),
-            )
-            row = cursor.fetchone()
-        return bool(row and row[0])
-    finally:
-        connection.close()
+    return _waiting_at_server(backend, url, key) > 0
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "mysql"])
