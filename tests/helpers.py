@@ -6,12 +6,14 @@ Real backends only, never mocks: the file backend, a Redis server, and private s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -200,12 +202,19 @@ async def handoffs(url: str, prefix: str, rounds: int) -> list[float]:
     return latencies
 
 
-def etcd_client(url: str) -> Any:
-    """A plain etcd3gw client for the etcd server behind ``url``."""
+@contextlib.contextmanager
+def etcd_client(url: str) -> Iterator[Any]:
+    """A plain etcd3gw client for the etcd server behind ``url``, closed at the end (its
+    HTTP session's sockets, left to the garbage collector, were a ResourceWarning
+    charged to whichever test ran next)."""
     import etcd3gw
 
     parts = urlsplit(url)
-    return etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
+    client = etcd3gw.client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379)
+    try:
+        yield client
+    finally:
+        client.session.close()
 
 
 def etcd_lock_key(prefix: str, name: str) -> bytes:

@@ -510,7 +510,9 @@ def test_killing_aiotooz_kills_the_command_and_frees_the_lock(
 def test_killing_aiotooz_on_redis_frees_the_lock_when_its_ttl_ends(
     tmp_path: Path, redis_url: str, prefix: str
 ) -> None:
-    url = f"{redis_url}?lock_timeout=3"
+    # The TTL leaves time for the check below: a new aiotooz process, started beside a
+    # full test run, took more than 3 s to ask (and found the lock already expired).
+    url = f"{redis_url}?lock_timeout=8"
     pid_file = tmp_path / "pid"
     proc = aiotooz(
         "run",

@@ -221,12 +221,12 @@ def _take_from_outside(backend: str, url: str, prefix: str, name: str, delete: b
             memcached.set(key, b"someone-else", expire=30)
         memcached.close()
     else:
-        client = etcd_client(url)
         key = etcd_lock_key(prefix, name)
-        if delete:
-            client.delete(key)
-        else:
-            client.put(key, "someone-else")  # on no lease: not on ours any more
+        with etcd_client(url) as client:
+            if delete:
+                client.delete(key)
+            else:
+                client.put(key, "someone-else")  # on no lease: not on ours any more
 
 
 @pytest.mark.parametrize("backend", ["redis", "memcached", "etcd3+http"])
@@ -296,7 +296,8 @@ def _take_away(backend: str, url: str, key: str) -> None:
         memcached.set(b"__TOOZ_LOCK_" + key.encode(), b"someone-else", 30, noreply=False, flags=1)
         memcached.close()
     elif backend == "etcd3+http":
-        etcd_client(url).put(f"/tooz/locks{key}", "someone-else")
+        with etcd_client(url) as client:
+            client.put(f"/tooz/locks{key}", "someone-else")
     elif backend == "zookeeper":
         from kazoo.client import KazooClient
 

@@ -74,23 +74,23 @@ async def test_etcd_lock_taken_away_from_outside_is_lost(
     """tooz cannot tell an etcd lock's owner and ignores a dead lease on refresh: a key
     deleted, or its lease revoked, went unnoticed while another process took the lock."""
     url = url_for("etcd3+http", server_pool, tmp_path)
-    client = etcd_client(url)
-    key = etcd_lock_key(prefix, "outside")
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        lock = Lock("outside", coordinator=coordinator, cancel_on_loss=False)
-        async with lock:
-            [(_, meta)] = client.get(key, metadata=True)
-            if how == "key deleted":
-                assert client.delete(key)
-            else:
-                from etcd3gw.lease import Lease
+    with etcd_client(url) as client:
+        key = etcd_lock_key(prefix, "outside")
+        async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+            lock = Lock("outside", coordinator=coordinator, cancel_on_loss=False)
+            async with lock:
+                [(_, meta)] = client.get(key, metadata=True)
+                if how == "key deleted":
+                    assert client.delete(key)
+                else:
+                    from etcd3gw.lease import Lease
 
-                Lease(int(meta["lease"]), client).revoke()
-            assert run_worker("try", url, prefix, "outside") == "acquired"
-            with anyio.fail_after(5):
-                await lock.wait_lost()
-            assert lock.lost
-            assert "another owner" in (lock.lost_reason or "")
+                    Lease(int(meta["lease"]), client).revoke()
+                assert run_worker("try", url, prefix, "outside") == "acquired"
+                with anyio.fail_after(5):
+                    await lock.wait_lost()
+                assert lock.lost
+                assert "another owner" in (lock.lost_reason or "")
 
 
 async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
@@ -100,37 +100,37 @@ async def test_etcd_locks_share_one_lease_and_a_revoked_lease_loses_every_one(
     alive, whatever is held). Revoked from outside, it takes every key, every holder is
     told, and the next acquire is granted on a new lease."""
     url = url_for("etcd3+http", server_pool, tmp_path) + "?lock_timeout=2"
-    client = etcd_client(url)
-    names = [f"shared-{number}" for number in range(5)]
-    async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
-        locks = [Lock(name, coordinator=coordinator, cancel_on_loss=False) for name in names]
-        for lock in locks:
-            assert await lock.acquire()
-        leases = {
-            int(client.get(etcd_lock_key(prefix, name), metadata=True)[0][1]["lease"])
-            for name in names
-        }
-        assert len(leases) == 1
-        from etcd3gw.lease import Lease
-
-        [lease] = leases
-        assert sorted(Lease(lease, client).keys()) == sorted(
-            etcd_lock_key(prefix, name) for name in names
-        )
-        Lease(lease, client).revoke()
-        with anyio.fail_after(5):
+    with etcd_client(url) as client:
+        names = [f"shared-{number}" for number in range(5)]
+        async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
+            locks = [Lock(name, coordinator=coordinator, cancel_on_loss=False) for name in names]
             for lock in locks:
-                await lock.wait_lost()
-        for lock in locks:
-            await lock.release()
-        again = Lock(names[0], coordinator=coordinator)
-        assert await again.acquire(blocking=5)
-        [(_, meta)] = client.get(etcd_lock_key(prefix, names[0]), metadata=True)
-        assert int(meta["lease"]) != lease
-        await anyio.sleep(1)  # a few beats: the new lease is kept alive
-        assert not again.lost
-        await again.release()
-    assert not client.get(etcd_lock_key(prefix, names[0]))
+                assert await lock.acquire()
+            leases = {
+                int(client.get(etcd_lock_key(prefix, name), metadata=True)[0][1]["lease"])
+                for name in names
+            }
+            assert len(leases) == 1
+            from etcd3gw.lease import Lease
+
+            [lease] = leases
+            assert sorted(Lease(lease, client).keys()) == sorted(
+                etcd_lock_key(prefix, name) for name in names
+            )
+            Lease(lease, client).revoke()
+            with anyio.fail_after(5):
+                for lock in locks:
+                    await lock.wait_lost()
+            for lock in locks:
+                await lock.release()
+            again = Lock(names[0], coordinator=coordinator)
+            assert await again.acquire(blocking=5)
+            [(_, meta)] = client.get(etcd_lock_key(prefix, names[0]), metadata=True)
+            assert int(meta["lease"]) != lease
+            await anyio.sleep(1)  # a few beats: the new lease is kept alive
+            assert not again.lost
+            await again.release()
+        assert not client.get(etcd_lock_key(prefix, names[0]))
 
 
 # -- several endpoints ------------------------------------------------------------------
