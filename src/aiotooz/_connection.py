@@ -416,6 +416,8 @@ class Connection(_Caller):
         self._parks_grants = Capability.PARKS_GRANTS in driver.capabilities
         #: Read-write locks (``Capability.SHARES_LOCKS``).
         self.shares_locks: bool = Capability.SHARES_LOCKS in driver.capabilities
+        #: A grant's TTL counts from the last refresh, not its try (``SHARED_LEASE``).
+        self.shared_lease: bool = Capability.SHARED_LEASE in driver.capabilities
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""

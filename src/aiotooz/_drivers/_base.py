@@ -103,6 +103,11 @@ class Capability(enum.Enum):
     #: readers); the other methods take it as they take any lock. Drivers without it
     #: never see such a key (the connection refuses it).
     SHARES_LOCKS = "shares locks"
+    #: Every lock key lives on one lease of the coordinator's, which only the heartbeat
+    #: refreshes: a key granted now expires with that lease, so its TTL counts from the
+    #: last refresh, not from its try (etcd; a Redis or memcached key gets its own TTL
+    #: at the grant).
+    SHARED_LEASE = "shared lease"
 
 
 @final

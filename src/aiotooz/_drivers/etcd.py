@@ -92,6 +92,7 @@ class EtcdDriver(Driver):
             Capability.BREAKS_LOCKS,
             Capability.KEEPS_RECORDS,
             Capability.SHARES_LOCKS,
+            Capability.SHARED_LEASE,
         }
     )
     _rw: EtcdRW | None = None
