@@ -196,12 +196,17 @@ class Dialect(abc.ABC):
     def unlock(self, link: Link, lock: ServerLock) -> bool:
         """Let go of ``lock`` on ``link``; whether it was held there."""
 
-    def unlock_stray(self, link: Link, lock: ServerLock) -> None:
-        """After a cancelled wait: free ``lock`` if the grant raced the cancel."""
+    def unlock_stray(self, link: Link, lock: ServerLock) -> bool:
+        """After a cancelled wait: free ``lock`` if the grant raced the cancel.
+
+        Returns:
+            ``False`` if the statement failed (the lock may still be held).
+        """
         try:
             self.unlock(link, lock)
         except Exception:
-            pass
+            return False
+        return True
 
     @abc.abstractmethod
     def wait_lock(self, link: Link, lock: ServerLock) -> bool:
@@ -372,7 +377,13 @@ class WaiterLinks:
                         link.waiting = False
                     if waiter.stop.is_set():
                         # Given up while the grant came: the lock must not stay held.
-                        self.sql.unlock_stray(link, lock)
+                        # The cancel sent for the wait can land on this unlock instead
+                        # (it was sent as the wait ended), which then fails and leaves
+                        # the lock held for good: a reader of another coordinator waited
+                        # forever behind it. The cancel hits one statement: try again.
+                        for _attempt in range(3):
+                            if self.sql.unlock_stray(link, lock):
+                                break
                         break
                 if granted:
                     self._granted(lock, waiter)

@@ -206,7 +206,7 @@ class PostgreSQLDialect(Dialect):
     def unlock(self, link: Link, lock: ServerLock) -> bool:
         return bool(self._scalar(link, self._call("pg_advisory_unlock", lock), lock.args))
 
-    def unlock_stray(self, link: Link, lock: ServerLock) -> None:
+    def unlock_stray(self, link: Link, lock: ServerLock) -> bool:
         # Only if held: an unlock of a lock not held makes the server warn.
         sql = (
             self._call("pg_advisory_unlock", lock) + " FROM pg_locks"
@@ -217,7 +217,8 @@ class PostgreSQLDialect(Dialect):
         try:
             link.connection.execute(sql, (*lock.args, *lock.ids)).fetchall()
         except Exception:
-            pass
+            return False
+        return True
 
     def wait_lock(self, link: Link, lock: ServerLock) -> bool:
         import psycopg.errors
