@@ -134,6 +134,10 @@ OVER_BUDGET = {
     "aiotooz._locktable": "the lock table with its holdings and loss delivery: one idea, long",
     "aiotooz._drivers._base": "the driver interface with its defaults and the file-record helpers",
     "aiotooz._drivers.redis": "tooz's driver adapted, the native asyncio path and the batched beat",
+    "aiotooz._drivers.etcd": (
+        "locks on one lease per coordinator (tries, the beat, keys a failed release left on "
+        "it), watches, records and holders; its read-write locks are in _etcdrw already"
+    ),
     "aiotooz._drivers._sessions": (
         "one coordinator's database sessions: the main session, the waiter links that queue "
         "at the server and park their grants, and the dialect interface they share"

@@ -113,6 +113,10 @@ class EtcdDriver(Driver):
         #: gone (the next try grants another).
         self._lease: int | None = None
         self._lease_guard = threading.Lock()
+        #: Keys whose release failed, with the token they held (base64 both): still on
+        #: our lease, which the beats keep alive, so nobody could take those locks while
+        #: this coordinator lives. Each beat deletes them (if they still hold it).
+        self._orphans: dict[str, bytes] = {}
 
     @classmethod
     def options(cls, query: Mapping[str, list[str]]) -> dict[str, str]:
@@ -233,12 +237,36 @@ class EtcdDriver(Driver):
         token, lock.token, lock.lease = lock.token, None, None
         if token is None:
             return False
+        try:
+            return self._delete_if(lock.key_b64, token)
+        except Exception:
+            with self._lease_guard:
+                self._orphans[lock.key_b64] = token
+            raise
+
+    def _delete_if(self, key_b64: str, token: bytes) -> bool:
+        """Delete the key if it holds ``token``; whether it did."""
         txn = {
-            "compare": [_value_is(lock, token)],
-            "success": [{"request_delete_range": {"key": lock.key_b64}}],
+            "compare": [
+                {"key": key_b64, "result": "EQUAL", "target": "VALUE", "value": _b64(token)}
+            ],
+            "success": [{"request_delete_range": {"key": key_b64}}],
             "failure": [],
         }
         return bool(self._client.transaction(txn).get("succeeded", False))
+
+    def _delete_orphans(self) -> None:
+        """Delete the keys whose release failed (a lost lock's, say); the rest next beat."""
+        with self._lease_guard:
+            orphans = list(self._orphans.items())
+        for key_b64, token in orphans:
+            try:
+                self._delete_if(key_b64, token)
+            except Exception:
+                continue  # the next beat tries again
+            with self._lease_guard:
+                if self._orphans.get(key_b64) == token:
+                    del self._orphans[key_b64]
 
     def heartbeat(self) -> None:
         self.beat(())
@@ -252,6 +280,8 @@ class EtcdDriver(Driver):
         keeps its membership lease (our locks are not in its refresh list).
         """
         super().heartbeat()
+        if self._orphans:
+            self._delete_orphans()
         checked = self._lease
         alive = False
         on_lease: set[bytes] = set()
