@@ -63,9 +63,9 @@ class _EtcdLock:
         self.lease: int | None = None
 
 
-def _value_is(lock: _EtcdLock, token: bytes) -> dict[str, Any]:
-    """A transaction's comparison: ``lock``'s key holds ``token``."""
-    return {"key": lock.key_b64, "result": "EQUAL", "target": "VALUE", "value": _b64(token)}
+def _value_is(key_b64: str, token: bytes) -> dict[str, Any]:
+    """A transaction's comparison: the key (base64) holds ``token``."""
+    return {"key": key_b64, "result": "EQUAL", "target": "VALUE", "value": _b64(token)}
 
 
 class EtcdDriver(Driver):
@@ -247,9 +247,7 @@ class EtcdDriver(Driver):
     def _delete_if(self, key_b64: str, token: bytes) -> bool:
         """Delete the key if it holds ``token``; whether it did."""
         txn = {
-            "compare": [
-                {"key": key_b64, "result": "EQUAL", "target": "VALUE", "value": _b64(token)}
-            ],
+            "compare": [_value_is(key_b64, token)],
             "success": [{"request_delete_range": {"key": key_b64}}],
             "failure": [],
         }
@@ -325,7 +323,7 @@ class EtcdDriver(Driver):
         if token is None:
             return None
         txn = {
-            "compare": [_value_is(lock, token)],
+            "compare": [_value_is(lock.key_b64, token)],
             "success": [
                 {"request_put": {"key": lock.key_b64, "value": _b64(token), "lease": lease}}
             ],
@@ -367,7 +365,7 @@ class EtcdDriver(Driver):
                 return None
             value, meta = values[0]
             txn = {
-                "compare": [_value_is(lock, bytes(value))],
+                "compare": [_value_is(lock.key_b64, bytes(value))],
                 "success": [
                     {"request_put": {"key": _b64(_broken_key(lock)), "value": _b64(value)}},
                     {"request_delete_range": {"key": lock.key_b64}},
@@ -407,7 +405,7 @@ class EtcdDriver(Driver):
         value = base64.b64encode(b"%d %s" % (token, record)).decode("ascii")
         txn = {
             "compare": [
-                _value_is(lock, lock_token),
+                _value_is(lock.key_b64, lock_token),
                 {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": str(revision)},
             ],
             "success": [{"request_put": {"key": key, "value": value}}],
