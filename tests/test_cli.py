@@ -52,8 +52,9 @@ def on_signal(signum, frame):
     os._exit(40 + signum)
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, on_signal)
-with open(sys.argv[1], "w") as f:
+with open(sys.argv[1] + ".tmp", "w") as f:
     f.write(str(os.getpid()))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])  # whole, or not there yet
 time.sleep(60)
 os._exit(1)
 """
@@ -490,10 +491,12 @@ def test_killing_aiotooz_kills_the_command_and_frees_the_lock(
         "run", "--backend", file_url, "job", "--", PY, "-c", TRAP, str(pid_file),
         cwd=tmp_path, pipes=False,
     )  # fmt: skip
-    wait_for_file(pid_file, proc)
-    child = int(pid_file.read_text())
-    proc.kill()
-    proc.wait(timeout=30)
+    try:
+        wait_for_file(pid_file, proc)
+        child = int(pid_file.read_text())
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
     try:
         deadline = time.monotonic() + 30
         while pid_alive(child):
@@ -770,8 +773,9 @@ def on_sigterm(signum, frame):
     if on_term != "ignore":
         os._exit(int(on_term))
 signal.signal(signal.SIGTERM, on_sigterm)
-with open(pid_file, "w") as f:
+with open(pid_file + ".tmp", "w") as f:
     f.write(str(os.getpid()))
+os.replace(pid_file + ".tmp", pid_file)  # whole, or not there yet
 deadline = time.monotonic() + float(runs_for)
 while time.monotonic() < deadline:
     time.sleep(0.02)
