@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from aiotooz import BackendUnavailable, Lock
-from aiotooz import _connection as connection_module
+from aiotooz import _calls as calls_module
 
 from .helpers import connection_of, make_coordinator
 
@@ -51,15 +51,15 @@ async def test_no_thread_stays_parked_after_a_coordinator_stops(
 
 async def test_releases_never_queue_behind_acquire_tries(file_url: str, prefix: str) -> None:
     async with make_coordinator(file_url, prefix) as coordinator:
-        connection = connection_of(coordinator)
+        calls = connection_of(coordinator)._calls
         gate = threading.Event()
         async with anyio.create_task_group() as group:
             # Fill every thread of the acquire lane, and queue one more behind them.
-            for _ in range(connection._acquire_lane.size + 1):
-                group.start_soon(connection._call, connection._acquire_lane, "stuck", gate.wait)
+            for _ in range(calls.acquire_lane.size + 1):
+                group.start_soon(calls.in_lane, calls.acquire_lane, "stuck", gate.wait)
             await anyio.sleep(0.05)
             with anyio.fail_after(2):
-                assert await connection._call(connection._control_lane, "x", lambda: 42) == 42
+                assert await calls.in_control_lane("x", lambda: 42) == 42
             gate.set()
 
 
@@ -67,12 +67,12 @@ async def test_a_call_that_never_answers_fails_after_the_call_timeout(
     file_url: str, prefix: str
 ) -> None:
     async with make_coordinator(file_url, prefix, call_timeout=0.2) as coordinator:
-        connection = connection_of(coordinator)
+        calls = connection_of(coordinator)._calls
         gate = threading.Event()
         try:
             with anyio.fail_after(3):
                 with pytest.raises(BackendUnavailable, match=r"no answer within 0.2 s"):
-                    await connection._call(connection._control_lane, "releasing", gate.wait)
+                    await calls.in_control_lane("releasing", gate.wait)
         finally:
             gate.set()
 
@@ -84,7 +84,7 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
     worker got must be given back, so another process can take it."""
     slow: list[Callable[[], object]] = []
     entered = threading.Event()
-    original = connection_module.run_in_lane  # type: ignore[attr-defined]
+    original = calls_module.run_in_lane  # type: ignore[attr-defined]
 
     async def slow_run(
         lane: object, schedule: object, func: Callable[[], object], *args: object
@@ -99,10 +99,11 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
             return await original(lane, schedule, slowly, *args)  # type: ignore[arg-type]
         return await original(lane, schedule, func, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(connection_module, "run_in_lane", slow_run)
+    monkeypatch.setattr(calls_module, "run_in_lane", slow_run)
     async with make_coordinator(backend_url, prefix) as coordinator:
         # Through the lanes, to be slowed (not inline on file, not native on Redis).
-        connection_of(coordinator)._inline = connection_of(coordinator)._native = False
+        calls = connection_of(coordinator)._calls
+        calls.inline = calls.native = False
         lock = Lock("mid-try", coordinator=coordinator)
         async with anyio.create_task_group() as group:
             with anyio.CancelScope() as scope:
@@ -120,7 +121,7 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
         assert entered.is_set() and slow
         assert not lock.locked()
         assert coordinator.statistics().locks_held == 0
-        monkeypatch.setattr(connection_module, "run_in_lane", original)
+        monkeypatch.setattr(calls_module, "run_in_lane", original)
         # The worker got the lock after its taker left, and released it itself.
         again = Lock("mid-try", coordinator=coordinator)
         assert await again.acquire(blocking=5)
@@ -129,13 +130,13 @@ async def test_a_granted_lock_is_released_when_its_taker_was_cancelled_mid_try(
 
 async def test_errors_in_the_worker_are_translated(file_url: str, prefix: str) -> None:
     async with make_coordinator(file_url, prefix) as coordinator:
-        connection = connection_of(coordinator)
+        calls = connection_of(coordinator)._calls
 
         def fail() -> None:
             raise OSError("disk on fire")
 
         with pytest.raises(BackendUnavailable, match="disk on fire") as info:
-            await connection._call(connection._acquire_lane, "trying", fail)
+            await calls.in_lane(calls.acquire_lane, "trying", fail)
         assert isinstance(info.value.__cause__, OSError)
 
 
@@ -143,7 +144,8 @@ async def test_calls_after_close_fail_cleanly(file_url: str, prefix: str) -> Non
     coordinator = make_coordinator(file_url, prefix)
     await coordinator.start()
     connection = connection_of(coordinator)
+    calls = connection._calls
     await coordinator.stop()
     with pytest.raises(BackendUnavailable, match="closed"):
-        await connection._call(connection._control_lane, "releasing", lambda: None)
+        await calls.in_control_lane("releasing", lambda: None)
     assert connection.threads == 0

@@ -1,22 +1,15 @@
-"""One connection to a backend: a started tooz coordinator, its driver, and its lanes.
+"""One connection to a backend: a started tooz coordinator, its driver, its lock calls.
 
-This and the driver layer (:mod:`aiotooz._drivers`) are the only modules that touch
-tooz. Every driver call runs in a worker thread of the connection's own lanes (see
-:mod:`aiotooz._bridge`): the *acquire* lane runs short, non-blocking tries (never a
-wait: waiting is done in async code by :mod:`aiotooz._locktable`, so no thread is ever
-parked on a busy lock); the *control* lane runs releases, heartbeats and the stop, so
-that they never queue behind tries. A driver whose calls are local system calls
-(``Capability.LOCAL_CALLS``: ``fcntl`` on a local file) has its tries and releases run
-on the event loop itself, cheaper than any thread hop, until they prove slow.
-
-Every tooz or client-library exception is translated here, once, into the
-:mod:`aiotooz._exceptions` tree.
+This, :mod:`aiotooz._calls` (how each call reaches the driver: worker lanes, inline or
+native, and the translation of errors) and the driver layer (:mod:`aiotooz._drivers`)
+are the only modules that touch tooz. Waiting is never done here: a try never waits
+(waiting is done in async code by :mod:`aiotooz._locktable`, so no thread is ever
+parked on a busy lock).
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,18 +17,9 @@ from typing import Any, Final, TypeVar, final
 
 import anyio
 import anyio.lowlevel
-import tooz
-import tooz.coordination
 
-from ._bridge import (
-    CallTimedOut,
-    Lane,
-    LaneClosed,
-    Schedule,
-    call_soon,
-    loop_scheduler,
-    run_in_lane,
-)
+from ._bridge import CallTimedOut, Lane, Schedule, loop_scheduler, run_in_lane
+from ._calls import Calls, translate
 from ._drivers import (
     Capability,
     Driver,
@@ -61,7 +45,6 @@ __all__ = [
     "Watch",
     "open_connection",
     "rw_unsupported",
-    "translate",
 ]
 
 T = TypeVar("T")
@@ -69,27 +52,6 @@ T = TypeVar("T")
 #: How many recently used tooz lock objects a connection keeps, by key: making one costs
 #: more than a try on some drivers (the file driver builds a path and a fasteners lock).
 _LOCK_OBJECTS_KEPT: Final = 128
-
-#: An inline call slower than this (seconds) counts as slow; after ``_INLINE_STRIKES``
-#: slow calls in a row (a lock directory on a slow or network file system) the
-#: connection sends its calls to the worker lanes for good.
-_INLINE_LIMIT: Final = 0.002
-_INLINE_STRIKES: Final = 3
-
-
-def translate(exc: BaseException, action: str, url: str) -> CoordinationError:
-    """Map a tooz or client-library exception to ours (the one place this happens)."""
-    where = f"{action} on {redact_url(url)}"
-    if isinstance(exc, CoordinationError):
-        return exc
-    if isinstance(exc, tooz.NotImplemented):
-        return UnsupportedOperation(f"{where}: the backend does not support this ({exc})")
-    if isinstance(exc, tooz.coordination.ToozConnectionError):
-        return BackendUnavailable(f"{where}: cannot reach the backend ({exc})")
-    if isinstance(exc, tooz.ToozError):
-        return BackendUnavailable(f"{where}: the backend failed ({exc})")
-    # Raw client-library and OS errors that tooz lets through (kazoo, etcd3gw, OSError).
-    return BackendUnavailable(f"{where}: {type(exc).__name__}: {exc}")
 
 
 def rw_unsupported(scheme: str) -> str:
@@ -192,7 +154,7 @@ class LockHandle:
         """
         connection, tooz_lock = self._keeping_records(), self._tooz_lock
         read = lambda: connection.driver.read_record(tooz_lock)  # noqa: E731
-        return await connection._call_quick(f"reading the record of {self.key!r}", read)
+        return await connection._calls.quick(f"reading the record of {self.key!r}", read)
 
     async def write_record(self, record: bytes, token: int) -> bool:
         """Replace the record beside this lock (held, fenced with ``token``).
@@ -206,7 +168,7 @@ class LockHandle:
         """
         connection, tooz_lock = self._keeping_records(), self._tooz_lock
         write = lambda: connection.driver.write_record(tooz_lock, record, token)  # noqa: E731
-        return await connection._call_quick(f"writing the record of {self.key!r}", write)
+        return await connection._calls.quick(f"writing the record of {self.key!r}", write)
 
     def _keeping_records(self) -> Connection:
         if Capability.KEEPS_RECORDS not in self.connection.capabilities:
@@ -252,140 +214,8 @@ class Watch:
                 await close()
 
 
-class _Caller:
-    """How a connection calls its driver: on worker lanes, inline, or on the loop.
-
-    Every call waits at most the call timeout (and not at all once its caller is
-    cancelled); errors are translated here, once.
-    """
-
-    def __init__(self, url: str, call_timeout: float, schedule: Schedule, inline: bool) -> None:
-        self.url = url
-        self.call_timeout = call_timeout
-        scheme = scheme_of(url)
-        self._acquire_lane = Lane(f"aiotooz-acquire {scheme}", 2)
-        self._control_lane = Lane(f"aiotooz-control {scheme}", 2)
-        self._schedule = schedule
-        self._inline = inline
-        self._slow_inline_calls = 0
-
-    @property
-    def threads(self) -> int:
-        """How many worker threads of this connection are alive."""
-        return len(self._acquire_lane.threads) + len(self._control_lane.threads)
-
-    # -- calls ---------------------------------------------------------------------------
-
-    async def _call(
-        self,
-        lane: Lane,
-        action: str,
-        func: Callable[[], T],
-        *,
-        wait: float | None = None,
-        abandoned: Callable[[T], object] | None = None,
-        must_run: bool = False,
-    ) -> T:
-        """Run ``func`` in ``lane``, waiting at most ``wait`` or the call timeout.
-
-        Raises:
-            CallTimedOut: only when ``wait`` is given and shorter than the call timeout
-                (the caller's own deadline passed first).
-            BackendUnavailable: the backend failed, did not answer within the call
-                timeout, or the connection is closed.
-        """
-        limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
-        try:
-            return await run_in_lane(lane, self._schedule, func, limit, abandoned, must_run)
-        except LaneClosed:
-            raise BackendUnavailable(
-                f"{action} on {redact_url(self.url)}: the connection is closed"
-            ) from None
-        except CallTimedOut:
-            if limit < self.call_timeout:
-                raise
-            raise BackendUnavailable(
-                f"{action} on {redact_url(self.url)}: no answer within "
-                f"{self.call_timeout:g} s (AIOTOOZ_CALL_TIMEOUT)"
-            ) from None
-        except CoordinationError:
-            raise
-        except Exception as exc:
-            raise translate(exc, action, self.url) from exc
-
-    async def _call_inline(self, action: str, func: Callable[[], T]) -> T:
-        """Run a microsecond, never-waiting call on the event loop thread itself.
-
-        A checkpoint comes first, as with any await, so no cancellation can come between
-        the call and its outcome reaching the caller.
-        """
-        await anyio.lowlevel.checkpoint()
-        return self._run_inline(action, func)
-
-    async def _call_quick(self, action: str, func: Callable[[], T]) -> T:
-        """A short call about a held lock: inline where tries are, else in the acquire lane."""
-        if self._inline:
-            return await self._call_inline(action, func)
-        return await self._call(self._acquire_lane, action, func)
-
-    async def _call_native(
-        self,
-        action: str,
-        call: Callable[[], Awaitable[T]],
-        wait: float | None,
-        on_give_up: Callable[[], object],
-    ) -> T:
-        """Run a driver's call on the event loop, waiting at most ``wait`` or the call timeout.
-
-        A call given up on — cancelled, past its time, or failed mid-flight — may have
-        reached the backend: ``on_give_up`` (a blocking release, which only frees what
-        is still ours) then runs in a worker thread, so no grant is ever left behind.
-
-        Raises:
-            CallTimedOut: only when ``wait`` is given and shorter than the call timeout.
-            BackendUnavailable: the backend failed or did not answer within the call
-                timeout.
-        """
-        limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
-        try:
-            with anyio.move_on_after(limit) as scope:
-                result = await call()
-        except BaseException as exc:
-            call_soon(self._control_lane, self._schedule, on_give_up)
-            if isinstance(exc, Exception) and not isinstance(exc, CoordinationError):
-                raise translate(exc, action, self.url) from exc
-            raise
-        if scope.cancelled_caught:
-            call_soon(self._control_lane, self._schedule, on_give_up)
-            if limit < self.call_timeout:
-                raise CallTimedOut
-            raise BackendUnavailable(
-                f"{action} on {redact_url(self.url)}: no answer within "
-                f"{self.call_timeout:g} s (AIOTOOZ_CALL_TIMEOUT)"
-            )
-        return result
-
-    def _run_inline(self, action: str, func: Callable[[], T]) -> T:
-        started = time.perf_counter()
-        try:
-            return func()
-        except CoordinationError:
-            raise
-        except Exception as exc:
-            raise translate(exc, action, self.url) from exc
-        finally:
-            if time.perf_counter() - started <= _INLINE_LIMIT:
-                self._slow_inline_calls = 0
-            else:
-                self._slow_inline_calls += 1
-                if self._slow_inline_calls >= _INLINE_STRIKES:
-                    self._inline = False
-
-    # -- locks ---------------------------------------------------------------------------
-
-
 @final
-class Connection(_Caller):
+class Connection:
     """One started tooz coordinator, its driver, and the worker lanes that call it.
 
     Use :func:`open_connection` to make one. Every call waits at most ``call_timeout``
@@ -393,10 +223,9 @@ class Connection(_Caller):
     """
 
     def __init__(self, driver: Driver, url: str, schedule: Schedule) -> None:
-        super().__init__(
-            url, driver.call_timeout, schedule, Capability.LOCAL_CALLS in driver.capabilities
-        )
         self.driver = driver
+        self.url = url
+        self.call_timeout: float = driver.call_timeout
         self.scheme: str = scheme_of(url)
         self.capabilities: frozenset[Capability] = driver.capabilities
         self.requires_beating: bool = driver.requires_beating
@@ -406,11 +235,14 @@ class Connection(_Caller):
         self.lock_ttl: float | None = (
             driver.lock_ttl if Capability.EXPIRES in driver.capabilities else None
         )
-        #: Tries and releases on the event loop through the driver's asyncio client.
-        self._native = (
-            Capability.NATIVE_ASYNC in driver.capabilities
+        self._calls = Calls(
+            url,
+            driver.call_timeout,
+            schedule,
+            inline=Capability.LOCAL_CALLS in driver.capabilities,
+            native=Capability.NATIVE_ASYNC in driver.capabilities
             and running_on_asyncio()
-            and driver.native_async_ready()
+            and driver.native_async_ready(),
         )
         self._lock_objects = _LockObjects()
         self._parks_grants = Capability.PARKS_GRANTS in driver.capabilities
@@ -418,6 +250,11 @@ class Connection(_Caller):
         self.shares_locks: bool = Capability.SHARES_LOCKS in driver.capabilities
         #: A grant's TTL counts from the last refresh, not its try (``SHARED_LEASE``).
         self.shared_lease: bool = Capability.SHARED_LEASE in driver.capabilities
+
+    @property
+    def threads(self) -> int:
+        """How many worker threads of this connection are alive."""
+        return self._calls.threads
 
     def lock(self, key: str) -> LockHandle:
         """A handle for ``key``; nothing is sent to the backend until :meth:`try_acquire`."""
@@ -456,15 +293,15 @@ class Connection(_Caller):
                 self.driver.release(tried[0])
 
         action = f"acquiring {handle.key!r}"
-        tooz_lock = handle.tooz_lock() if self._native or self._parks_grants else None
+        tooz_lock = handle.tooz_lock() if self._calls.native or self._parks_grants else None
         # A grant a waiter got at the backend is ours already: no I/O, no thread hop.
         if self._parks_grants and self.driver.take_grant(tooz_lock):
             tried.append(tooz_lock)
             granted = True
-        elif self._native:
+        elif self._calls.native:
             tried.append(tooz_lock)
             try:
-                granted = await self._call_native(
+                granted = await self._calls.natively(
                     action,
                     lambda: self.driver.try_acquire_async(tooz_lock, handle.key),
                     wait,
@@ -476,12 +313,12 @@ class Connection(_Caller):
             except BaseException:
                 self._forget(handle)
                 raise
-        elif self._inline:
-            granted = await self._call_inline(action, attempt)
+        elif self._calls.inline:
+            granted = await self._calls.on_loop(action, attempt)
         else:
             try:
-                granted = await self._call(
-                    self._acquire_lane, action, attempt, wait=wait, abandoned=release_late
+                granted = await self._calls.in_lane(
+                    self._calls.acquire_lane, action, attempt, wait=wait, abandoned=release_late
                 )
             except CallTimedOut:
                 self._forget(handle)
@@ -518,13 +355,13 @@ class Connection(_Caller):
             )
         tooz_lock = handle._tooz_lock
         fence = lambda: self.driver.fencing_token(tooz_lock)  # noqa: E731
-        return await self._call_quick(f"fencing {handle.key!r}", fence)
+        return await self._calls.quick(f"fencing {handle.key!r}", fence)
 
     async def publish_leader(self, handle: LockHandle, member_id: str, token: int) -> None:
         """Record ``member_id`` as the leader holding ``handle``'s lock (``NAMES_LEADER``)."""
         tooz_lock = handle._tooz_lock
         publish = lambda: self.driver.publish_leader(tooz_lock, member_id, token)  # noqa: E731
-        await self._call(self._control_lane, f"publishing leader of {handle.key!r}", publish)
+        await self._calls.in_control_lane(f"publishing leader of {handle.key!r}", publish)
 
     async def read_leader(self, key: str) -> str | None:
         """The member id that holds the leadership lock ``key`` now, or ``None``.
@@ -534,7 +371,7 @@ class Connection(_Caller):
             BackendUnavailable: the backend failed or did not answer in time.
         """
         read = lambda: self.driver.read_leader(key)  # noqa: E731
-        return await self._call(self._control_lane, f"reading leader of {key!r}", read)
+        return await self._calls.in_control_lane(f"reading leader of {key!r}", read)
 
     # -- holders (``NAMES_HOLDERS``, ``LISTS_HOLDERS``, ``BREAKS_LOCKS``) -------------
 
@@ -552,13 +389,13 @@ class Connection(_Caller):
         """
         self._require(Capability.NAMES_HOLDERS, "say who holds a lock")
         read = lambda: self.driver.read_holder(key)  # noqa: E731
-        return await self._call(self._control_lane, f"reading the holder of {key!r}", read)
+        return await self._calls.in_control_lane(f"reading the holder of {key!r}", read)
 
     async def list_holders(self, key_prefix: str) -> list[HolderRecord]:
         """The holders of the locks held under ``key_prefix`` (see ``Driver.list_holders``)."""
         self._require(Capability.LISTS_HOLDERS, "list the locks held")
         listing = lambda: self.driver.list_holders(key_prefix)  # noqa: E731
-        return await self._call(self._control_lane, "listing held locks", listing)
+        return await self._calls.in_control_lane("listing held locks", listing)
 
     async def break_lock(self, key: str, name: str) -> HolderRecord | None:
         """Free ``key`` (the lock ``name``) whoever holds it; whom it was taken from.
@@ -584,7 +421,7 @@ class Connection(_Caller):
                 f"{', '.join(schemes_with(Capability.BREAKS_LOCKS))} can break locks"
             )
         breaking = lambda: self.driver.break_lock(key)  # noqa: E731
-        return await self._call(self._control_lane, f"breaking {name!r}", breaking)
+        return await self._calls.in_control_lane(f"breaking {name!r}", breaking)
 
     async def was_broken(self, handle: LockHandle) -> bool:
         """Whether ``handle``'s lock, found lost, was freed by a break (``BREAKS_LOCKS``)."""
@@ -592,7 +429,7 @@ class Connection(_Caller):
         if Capability.BREAKS_LOCKS not in self.capabilities or tooz_lock is None:
             return False
         asking = lambda: self.driver.was_broken(tooz_lock)  # noqa: E731
-        return await self._call(self._control_lane, f"asking if {handle.key!r} broke", asking)
+        return await self._calls.in_control_lane(f"asking if {handle.key!r} broke", asking)
 
     async def release(self, handle: LockHandle, contended: bool = False) -> bool:
         """Release ``handle``'s lock; ``False`` if the backend says it was no longer ours.
@@ -624,13 +461,13 @@ class Connection(_Caller):
             handle.woken = waiting if released else 0
             return released
 
-        if self._inline:
+        if self._calls.inline:
             # No checkpoint: a release must not be skipped by a cancellation, and like
             # anyio's and trio's own locks it does not need to be one (a try is).
-            return self._run_inline(action, release)
+            return self._calls.run_inline(action, release)
         try:
-            if self._native:
-                told = await self._call_native(
+            if self._calls.native:
+                told = await self._calls.natively(
                     action,
                     lambda: self.driver.release_async(tooz_lock),
                     None,
@@ -638,7 +475,9 @@ class Connection(_Caller):
                 )
                 handle.woken = max(told, 0)
                 return told >= 0
-            return await self._call(self._control_lane, action, release, must_run=True)
+            return await self._calls.in_lane(
+                self._calls.control_lane, action, release, must_run=True
+            )
         except BaseException:
             self._forget(handle)  # the release may still be running with the object
             raise
@@ -652,7 +491,7 @@ class Connection(_Caller):
         if Capability.WAKES_WAITERS not in self.capabilities:
             return Watch(self, ReleaseSignal(), False)
         tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
-        if self.driver.watches_on_loop(self._native):
+        if self.driver.watches_on_loop(self._calls.native):
             signal = None
             with anyio.move_on_after(self.call_timeout), contextlib.suppress(Exception):
                 signal = await self.driver.watch_releases(tooz_lock)
@@ -664,7 +503,7 @@ class Connection(_Caller):
         if type(self.driver).arm_release_watch is Driver.arm_release_watch:
             return Watch(self, ReleaseSignal(), False)  # only a watch on the loop, not here
         fired = ReleaseSignal()
-        schedule = self._schedule
+        schedule = self._calls.schedule
         armed = False  # a watch is armed and has not fired yet: no need for another
 
         def on_fire() -> None:
@@ -681,8 +520,8 @@ class Connection(_Caller):
             if armed:
                 return False
             try:
-                looks_free = await self._call(
-                    self._acquire_lane,
+                looks_free = await self._calls.in_lane(
+                    self._calls.acquire_lane,
                     "watching",
                     lambda: self.driver.arm_release_watch(tooz_lock, fire),
                 )
@@ -713,7 +552,7 @@ class Connection(_Caller):
             BackendUnavailable: the backend failed or did not answer in time.
         """
         locks = [handle._tooz_lock for handle in handles]
-        return await self._call(self._control_lane, "heartbeat", lambda: self.driver.beat(locks))
+        return await self._calls.in_control_lane("heartbeat", lambda: self.driver.beat(locks))
 
     async def close(self) -> None:
         """Let the calls in flight end, then stop the tooz coordinator; errors are swallowed.
@@ -727,18 +566,15 @@ class Connection(_Caller):
         # Calls given up on (a heartbeat cancelled by stop(), say) may still run: the
         # driver must not be stopped under them (a client checked out of a pool while
         # the pool closes is never closed). Every thread exits once its queue is done.
-        orders = self._acquire_lane.close(self._schedule) + self._control_lane.close(self._schedule)
-        with anyio.move_on_after(self.call_timeout, shield=True):
-            for order in orders:
-                await order.done.wait()
+        await self._calls.close()
         lane = Lane(f"aiotooz-close {scheme_of(self.url)}", 1)
         try:
             with anyio.CancelScope(shield=True):
-                await run_in_lane(lane, self._schedule, self.driver.stop, self.call_timeout)
+                await run_in_lane(lane, self._calls.schedule, self.driver.stop, self.call_timeout)
         except Exception:
             pass
         finally:
-            lane.close(self._schedule)
+            lane.close(self._calls.schedule)
 
 
 async def open_connection(url: str, member_id: str, call_timeout: float) -> Connection:

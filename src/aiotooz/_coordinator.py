@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
@@ -20,8 +20,8 @@ from ._exceptions import (
     LockCreationFailed,
 )
 from ._holders import Holder, break_lock, list_holders, read_holder
-from ._leadership import LeadershipMethods
-from ._lock import Lock
+from ._leadership import Leadership, read_leader, run_as_leader
+from ._lock import Blocking, Lock
 from ._locktable import LockTable
 from ._logging import get_logger
 from ._names import check_prefix
@@ -63,7 +63,7 @@ class CoordinatorStatistics:
 
 
 @final
-class Coordinator(LeadershipMethods):
+class Coordinator:
     """An asyncio-native (anyio) front to one tooz coordination backend.
 
     Connects on [`start()`][aiotooz.Coordinator.start], runs the heartbeat and reconnect as
@@ -309,6 +309,48 @@ class Coordinator(LeadershipMethods):
                 "'await coordinator.start()' before asking it for locks"
             )
         return Lock(name, coordinator=self)
+
+    def leadership(self, name: str, *, blocking: Blocking = True) -> Leadership:
+        """Lead ``name`` through this coordinator: ``Leadership(name, coordinator=self)``.
+
+        ``async with coordinator.leadership("scheduler") as term:``; see
+        [`Leadership`][aiotooz.Leadership]. Lock names starting with
+        ``"aiotooz.leader."`` are reserved for it.
+
+        Raises:
+            LockNameError: ``name`` is not a non-empty ``str``.
+            ConfigurationError: ``blocking`` is not a bool or a number >= 0.
+        """
+        return Leadership(name, coordinator=self, blocking=blocking)
+
+    async def leader(self, name: str) -> str | None:
+        """The member id of the process leading ``name`` now, or ``None``.
+
+        Answers from any process on the backend, campaigning or not; how fresh the
+        answer is depends on the backend (see the leadership docs). A process whose
+        term has ended is never named.
+
+        Raises:
+            LockCreationFailed: the coordinator is not started.
+            BackendUnavailable: the backend failed, or the coordinator is reconnecting.
+            WrongEventLoop: the coordinator was started in another event loop.
+        """
+        return await read_leader(self, name)
+
+    async def run_as_leader(self, name: str, job: Callable[[], Awaitable[object]]) -> None:
+        """Run ``await job()`` whenever this process leads ``name``, forever.
+
+        Campaigns (waiting as long as it takes), runs ``job`` in the term, and after the
+        term ends campaigns again following a short random pause: when leadership is
+        lost (``job`` is cancelled), when the backend fails while campaigning, and when
+        ``job`` returns (which gives leadership up, so another process may take it).
+
+        Returns only when cancelled; an exception of ``job``'s own is raised as is.
+
+        Raises:
+            TypeError: ``job`` is not callable (at once, before campaigning).
+        """
+        await run_as_leader(self, name, job)
 
     # -- heartbeat and reconnect ---------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The exceptions aiotooz raises.
 
 Every error that reaches a user from tooz or from a backend's client library is
-translated, once, in `aiotooz._connection`, into one of these:
+translated, once, in `aiotooz._calls`, into one of these:
 
     CoordinationError
     ├── ConfigurationError        a setting, argument, URL or scheme; a missing client library

@@ -33,7 +33,7 @@ from ._names import backend_key, check_name
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
     from ._coordinator import Coordinator
 
-__all__ = ["LEADERSHIP_NAMESPACE", "Leadership", "LeadershipMethods", "Term"]
+__all__ = ["LEADERSHIP_NAMESPACE", "Leadership", "Term", "read_leader", "run_as_leader"]
 
 #: Lock names that start with this are reserved for leadership: ``leadership("x")``
 #: holds the lock named ``"aiotooz.leader.x"``.
@@ -138,7 +138,7 @@ class Leadership:
 
 
 async def read_leader(coordinator: Coordinator, name: str) -> str | None:
-    """The member id leading ``name`` now (see ``LeadershipMethods.leader``)."""
+    """The member id leading ``name`` now (see ``Coordinator.leader``)."""
     name = check_name(name)
     if not coordinator.is_started:
         raise LockCreationFailed(
@@ -157,7 +157,7 @@ async def read_leader(coordinator: Coordinator, name: str) -> str | None:
 async def run_as_leader(
     coordinator: Coordinator, name: str, job: Callable[[], Awaitable[object]]
 ) -> None:
-    """Campaign, run ``job`` while leading, again after each term (see the method)."""
+    """Campaign, run ``job`` in each term, forever (see ``Coordinator.run_as_leader``)."""
     name = check_name(name)
     if not callable(job):
         # Refused before campaigning: it would fail only once its term came.
@@ -184,53 +184,3 @@ async def run_as_leader(
                 raise  # the job's own, or the coordinator stopped
             log.warning("campaign failed; campaigning again", error=str(exc))
         await anyio.sleep(random.uniform(*_PAUSE))
-
-
-class LeadershipMethods:
-    """The coordinator's leadership methods (a base of [`Coordinator`][aiotooz.Coordinator])."""
-
-    __slots__ = ()
-
-    def leadership(self: Coordinator, name: str, *, blocking: Blocking = True) -> Leadership:  # type: ignore[misc]
-        """Lead ``name`` through this coordinator: ``Leadership(name, coordinator=self)``.
-
-        ``async with coordinator.leadership("scheduler") as term:``; see
-        [`Leadership`][aiotooz.Leadership]. Lock names starting with
-        ``"aiotooz.leader."`` are reserved for it.
-
-        Raises:
-            LockNameError: ``name`` is not a non-empty ``str``.
-            ConfigurationError: ``blocking`` is not a bool or a number >= 0.
-        """
-        return Leadership(name, coordinator=self, blocking=blocking)
-
-    async def leader(self: Coordinator, name: str) -> str | None:  # type: ignore[misc]
-        """The member id of the process leading ``name`` now, or ``None``.
-
-        Answers from any process on the backend, campaigning or not; how fresh the
-        answer is depends on the backend (see the leadership docs). A process whose
-        term has ended is never named.
-
-        Raises:
-            LockCreationFailed: the coordinator is not started.
-            BackendUnavailable: the backend failed, or the coordinator is reconnecting.
-            WrongEventLoop: the coordinator was started in another event loop.
-        """
-        return await read_leader(self, name)
-
-    async def run_as_leader(  # type: ignore[misc]
-        self: Coordinator, name: str, job: Callable[[], Awaitable[object]]
-    ) -> None:
-        """Run ``await job()`` whenever this process leads ``name``, forever.
-
-        Campaigns (waiting as long as it takes), runs ``job`` in the term, and after the
-        term ends campaigns again following a short random pause: when leadership is
-        lost (``job`` is cancelled), when the backend fails while campaigning, and when
-        ``job`` returns (which gives leadership up, so another process may take it).
-
-        Returns only when cancelled; an exception of ``job``'s own is raised as is.
-
-        Raises:
-            TypeError: ``job`` is not callable (at once, before campaigning).
-        """
-        await run_as_leader(self, name, job)

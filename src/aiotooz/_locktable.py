@@ -123,20 +123,33 @@ class Hold:
         return self.lost_reason is not None
 
 
-class _Holdings:
-    """What a lock table holds and waits for, and how a held lock is lost.
+@final
+class LockTable:
+    """The locks of one coordinator: held and waited for, tried, handed over, lost.
 
     Args:
+        state: the coordinator's connection and lifecycle, as it shares them (the table
+            reads them; it never calls the coordinator).
+        prefix: prepended to every lock name's key.
         log: the coordinator's bound logger.
         backend: the backend's scheme, for the telemetry.
         lock_names: whether telemetry carries lock names.
     """
 
     def __init__(
-        self, state: CoordinatorState, log: Logger, backend: str, lock_names: bool
+        self,
+        state: CoordinatorState,
+        prefix: str,
+        log: Logger,
+        backend: str,
+        lock_names: bool = False,
     ) -> None:
         self._state = state
         self._log = log
+        self._prefix = prefix
+        # name -> key, for names used again and again (bounded: cleared when full).
+        self._keys: dict[str, str] = {}
+        self._tries = BackendTries(state, log)
         self._queues: dict[str, KeyQueue] = {}
         self._holds: set[Hold] = set()
         # Backend locks being handed from a releasing task to the next local waiter:
@@ -275,34 +288,6 @@ class _Holdings:
         queue.give_back()
         if queue.idle and self._queues.get(key) is queue:
             del self._queues[key]
-
-
-@final
-class LockTable(_Holdings):
-    """The locks of one coordinator: acquire, poll, release, hand-off, loss.
-
-    Args:
-        state: the coordinator's connection and lifecycle, as it shares them (the table
-            reads them; it never calls the coordinator).
-        prefix: prepended to every lock name's key.
-        log: the coordinator's bound logger.
-        backend: the backend's scheme, for the telemetry.
-        lock_names: whether telemetry carries lock names.
-    """
-
-    def __init__(
-        self,
-        state: CoordinatorState,
-        prefix: str,
-        log: Logger,
-        backend: str,
-        lock_names: bool = False,
-    ) -> None:
-        super().__init__(state, log, backend, lock_names)
-        self._prefix = prefix
-        # name -> key, for names used again and again (bounded: cleared when full).
-        self._keys: dict[str, str] = {}
-        self._tries = BackendTries(state, log)
 
     @property
     def connection(self) -> Connection | None:

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from aiotooz import Coordinator, Lock
-from aiotooz import _connection as connection_module
+from aiotooz import _calls as calls_module
 from aiotooz._drivers import Capability
 
 from .._procs import holding_process, run_worker
@@ -214,8 +214,8 @@ async def test_file_tries_and_releases_run_inline_until_they_are_slow(
                 pass
         assert connection.threads == 0
         # Calls that are slow on the loop (a network file system, say) go back to threads.
-        monkeypatch.setattr(connection_module, "_INLINE_LIMIT", -1.0)
-        for _ in range(connection_module._INLINE_STRIKES):
+        monkeypatch.setattr(calls_module, "_INLINE_LIMIT", -1.0)
+        for _ in range(calls_module._INLINE_STRIKES):
             async with Lock("inline", coordinator=coordinator):
                 pass
         async with Lock("inline", coordinator=coordinator):

@@ -69,13 +69,13 @@ async def test_redis_runs_on_the_event_loop_on_asyncio_only(
     redis_url: str, prefix: str, anyio_backend: str
 ) -> None:
     async with make_coordinator(redis_url, prefix) as coordinator:
-        assert connection_of(coordinator)._native is (anyio_backend == "asyncio")
+        assert connection_of(coordinator)._calls.native is (anyio_backend == "asyncio")
         for _ in range(3):
             async with Lock("native", coordinator=coordinator):
                 pass
         # No worker thread was needed for the tries and releases on asyncio.
         if anyio_backend == "asyncio":
-            assert connection_of(coordinator)._acquire_lane.threads == frozenset()
+            assert connection_of(coordinator)._calls.acquire_lane.threads == frozenset()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
