@@ -485,13 +485,18 @@ class Connection:
     async def watch(self, handle: LockHandle) -> Watch:
         """Start watching for releases of ``handle``'s key, before trying it again.
 
-        Active only where the driver ``WAKES_WAITERS`` on this event loop; otherwise
-        (and if the watch cannot be had in time) the waiter polls.
+        A watch kept on the event loop where the driver ``WATCHES_ON_LOOP`` and it serves
+        this connection, else one armed after each failed try where it ``ARMS_WATCHES``;
+        otherwise (and if the watch cannot be had in time) the waiter polls.
         """
-        if Capability.WAKES_WAITERS not in self.capabilities:
+        on_loop = Capability.WATCHES_ON_LOOP in self.capabilities and (
+            self.driver.watches_on_loop(self._calls.native)
+        )
+        armed_here = Capability.ARMS_WATCHES in self.capabilities
+        if not on_loop and not armed_here:
             return Watch(self, ReleaseSignal(), False)
         tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
-        if self.driver.watches_on_loop(self._calls.native):
+        if on_loop:
             signal = None
             with anyio.move_on_after(self.call_timeout), contextlib.suppress(Exception):
                 signal = await self.driver.watch_releases(tooz_lock)
@@ -500,8 +505,8 @@ class Connection:
                 return Watch(
                     self, signal, True, lambda: self.driver.unwatch_releases(tooz_lock, watched)
                 )
-        if type(self.driver).arm_release_watch is Driver.arm_release_watch:
-            return Watch(self, ReleaseSignal(), False)  # only a watch on the loop, not here
+        if not armed_here:
+            return Watch(self, ReleaseSignal(), False)
         fired = ReleaseSignal()
         schedule = self._calls.schedule
         armed = False  # a watch is armed and has not fired yet: no need for another

@@ -74,10 +74,16 @@ class Capability(enum.Enum):
     NATIVE_ASYNC = "native async"
     #: The driver gives fencing tokens (``fencing_token``).
     FENCES = "fences"
-    #: A waiter can be woken when a lock is released: by a watch kept on the event loop
-    #: (``watch_releases``) or armed after each failed try (``arm_release_watch``);
-    #: waiters of other drivers poll.
-    WAKES_WAITERS = "wakes waiters"
+    #: A waiter can be woken when a lock is released by a watch kept on the event loop
+    #: (``watch_releases``; Redis pub/sub on asyncio, the file driver's inotify), where
+    #: ``watches_on_loop`` says it serves the connection. Waiters of a driver with
+    #: neither kind of watch poll.
+    WATCHES_ON_LOOP = "watches on loop"
+    #: A waiter can be woken when a lock is released by a one-shot watch armed in a
+    #: worker thread after each failed try (``arm_release_watch``; ZooKeeper, etcd, the
+    #: probes of the SQL and ipc drivers). A driver with both kinds uses this one where
+    #: the watch on the loop does not serve the connection.
+    ARMS_WATCHES = "arms watches"
     #: Waiters wait at the backend and are granted there; a grant is parked for the
     #: waiter's next try, which takes it on the event loop (``take_grant``).
     PARKS_GRANTS = "parks grants"
@@ -403,7 +409,7 @@ class Driver:
         return native
 
     async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
-        """Start watching for releases of ``lock``'s key (``WAKES_WAITERS``, on the loop).
+        """Start watching for releases of ``lock``'s key (``WATCHES_ON_LOOP``).
 
         Returns once the watch is active, so that a release after this returns fires the
         signal; ``None`` if no watch can be had now (the waiter polls).
@@ -414,7 +420,7 @@ class Driver:
         """Stop the watch :meth:`watch_releases` started."""
 
     def arm_release_watch(self, lock: Any, fire: Callable[..., object]) -> bool:
-        """Have ``fire`` called, from any thread, when ``lock``'s holder lets go.
+        """Have ``fire`` called, from any thread, when ``lock``'s holder lets go (``ARMS_WATCHES``).
 
         Called after a failed try, in a worker thread. ``True`` if the lock looks free
         already (then try again at once: nothing is armed).

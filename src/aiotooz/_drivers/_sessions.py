@@ -468,7 +468,7 @@ class SessionDriver(Driver):
     capabilities = frozenset(
         {
             Capability.FENCES,
-            Capability.WAKES_WAITERS,
+            Capability.ARMS_WATCHES,
             Capability.NAMES_LEADER,
             Capability.KNOWS_OWNER,
             Capability.PARKS_GRANTS,

@@ -85,7 +85,7 @@ class EtcdDriver(Driver):
             Capability.EXPIRES,
             Capability.KNOWS_OWNER,
             Capability.FENCES,
-            Capability.WAKES_WAITERS,
+            Capability.ARMS_WATCHES,
             Capability.NAMES_LEADER,
             Capability.NAMES_HOLDERS,
             Capability.LISTS_HOLDERS,

@@ -82,7 +82,7 @@ class FileDriver(Driver):
         {
             Capability.LOCAL_CALLS,
             Capability.FENCES,
-            Capability.WAKES_WAITERS,
+            Capability.WATCHES_ON_LOOP,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
             Capability.NAMES_HOLDERS,

@@ -79,7 +79,7 @@ class IpcDriver(ProbingDriver):
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
             Capability.NAMES_HOLDERS,
-            *([Capability.WAKES_WAITERS] if _SEMTIMEDOP is not None else []),
+            *([Capability.ARMS_WATCHES] if _SEMTIMEDOP is not None else []),
         }
     )
     #: A probe costs no connection and its waits are system calls: short slices.

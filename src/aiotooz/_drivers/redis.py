@@ -319,7 +319,7 @@ class RedisDriver(Driver):
             Capability.KNOWS_OWNER,
             Capability.NATIVE_ASYNC,
             Capability.FENCES,
-            Capability.WAKES_WAITERS,
+            Capability.WATCHES_ON_LOOP,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
             Capability.NAMES_HOLDERS,

@@ -175,7 +175,7 @@ class RedisClusterDriver(Driver):
             Capability.KNOWS_OWNER,
             Capability.NATIVE_ASYNC,
             Capability.FENCES,
-            Capability.WAKES_WAITERS,
+            Capability.WATCHES_ON_LOOP,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
         }

@@ -48,7 +48,7 @@ class ZooKeeperDriver(Driver):
             Capability.EXPIRES,
             Capability.KNOWS_OWNER,
             Capability.FENCES,
-            Capability.WAKES_WAITERS,
+            Capability.ARMS_WATCHES,
             Capability.NAMES_LEADER,
             Capability.KEEPS_RECORDS,
             Capability.NAMES_HOLDERS,
