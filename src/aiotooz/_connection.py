@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final, TypeVar, final
 
 import anyio
@@ -24,7 +24,6 @@ from ._drivers import (
     Capability,
     Driver,
     HolderRecord,
-    ReleaseSignal,
     driver_class,
     known_schemes,
     schemes_with,
@@ -32,17 +31,16 @@ from ._drivers import (
 from ._exceptions import (
     BackendUnavailable,
     ConfigurationError,
-    CoordinationError,
     UnsupportedOperation,
 )
 from ._names import split_rw_key
 from ._tasks import running_on_asyncio
 from ._urls import redact_url, scheme_of
+from ._watch import Watch, open_watch
 
 __all__ = [
     "Connection",
     "LockHandle",
-    "Watch",
     "open_connection",
     "rw_unsupported",
 ]
@@ -182,38 +180,6 @@ class LockHandle:
 
 
 @final
-class Watch:
-    """A waiter's watch for the releases of one key (see :meth:`Connection.watch`)."""
-
-    __slots__ = ("_arm", "_close", "active", "connection", "signal")
-
-    def __init__(
-        self,
-        connection: Connection,
-        signal: ReleaseSignal,
-        active: bool,
-        close: Callable[[], Awaitable[None]] | None = None,
-        arm: Callable[[], Awaitable[bool]] | None = None,
-    ) -> None:
-        self.connection = connection
-        self.signal = signal
-        #: Whether releases fire the signal (else the waiter only polls). A watch with
-        #: nothing to arm is active from the start: try again before the first wait.
-        self.active = active
-        self._close = close
-        self._arm = arm
-
-    async def arm(self) -> bool:
-        """Before a wait: arm a one-shot watch; ``True`` if the lock looks free now."""
-        return False if self._arm is None else await self._arm()
-
-    async def close(self) -> None:
-        if self._close is not None:
-            close, self._close = self._close, None
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await close()
-
-
 @final
 class Connection:
     """One started tooz coordinator, its driver, and the worker lanes that call it.
@@ -485,60 +451,9 @@ class Connection:
     async def watch(self, handle: LockHandle) -> Watch:
         """Start watching for releases of ``handle``'s key, before trying it again.
 
-        A watch kept on the event loop where the driver ``WATCHES_ON_LOOP`` and it serves
-        this connection, else one armed after each failed try where it ``ARMS_WATCHES``;
-        otherwise (and if the watch cannot be had in time) the waiter polls.
+        See :func:`aiotooz._watch.open_watch`; the waiter polls where no watch serves.
         """
-        on_loop = Capability.WATCHES_ON_LOOP in self.capabilities and (
-            self.driver.watches_on_loop(self._calls.native)
-        )
-        armed_here = Capability.ARMS_WATCHES in self.capabilities
-        if not on_loop and not armed_here:
-            return Watch(self, ReleaseSignal(), False)
-        tooz_lock = self.driver.get_lock(handle.key)  # no I/O on any driver
-        if on_loop:
-            signal = None
-            with anyio.move_on_after(self.call_timeout), contextlib.suppress(Exception):
-                signal = await self.driver.watch_releases(tooz_lock)
-            if signal is not None:
-                watched = signal
-                return Watch(
-                    self, signal, True, lambda: self.driver.unwatch_releases(tooz_lock, watched)
-                )
-        if not armed_here:
-            return Watch(self, ReleaseSignal(), False)
-        fired = ReleaseSignal()
-        schedule = self._calls.schedule
-        armed = False  # a watch is armed and has not fired yet: no need for another
-
-        def on_fire() -> None:
-            nonlocal armed
-            armed = False
-            fired.fire()
-
-        def fire(*_: object) -> None:  # from the driver's own thread
-            with contextlib.suppress(RuntimeError):  # the event loop is gone
-                schedule(on_fire)
-
-        async def arm() -> bool:
-            nonlocal armed
-            if armed:
-                return False
-            try:
-                looks_free = await self._calls.in_lane(
-                    self._calls.acquire_lane,
-                    "watching",
-                    lambda: self.driver.arm_release_watch(tooz_lock, fire),
-                )
-            except CoordinationError:
-                return False  # not here, or not now: the waiter polls
-            armed = not looks_free
-            return looks_free
-
-        async def disarm() -> None:
-            self.driver.disarm_release_watch(tooz_lock)
-
-        return Watch(self, fired, False, close=disarm, arm=arm)
+        return await open_watch(self.driver, self._calls, handle.key)
 
     async def heartbeat(self, handles: Sequence[LockHandle] = ()) -> list[bool | None]:
         """Send one heartbeat (refreshing TTL locks), then ask who owns ``handles``.

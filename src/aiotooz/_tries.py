@@ -16,12 +16,13 @@ from typing import Final, Literal, final
 
 import anyio
 
-from ._connection import Connection, LockHandle, Watch
+from ._connection import Connection, LockHandle
 from ._drivers import ReleaseSignal
 from ._exceptions import BackendUnavailable, CoordinationError, LockCreationFailed
 from ._logging import Logger
 from ._state import CoordinatorState
 from ._telemetry import instruments
+from ._watch import Watch
 
 __all__ = ["LEASE_SHARE", "TRY_ONCE", "BackendTries", "Waits"]
 
