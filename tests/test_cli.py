@@ -18,9 +18,9 @@ import pytest
 from aiotooz._cli import EXIT_CONFIG, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
 from aiotooz._cli_locks import EXIT_NOT_HELD, EXIT_REFUSED
 
-from ._procs import holding_process, worker_process
-from ._servers import PrivateRedis, free_port
-from .helpers import ServerPool, url_for
+from .support.helpers import ServerPool, url_for
+from .support.procs import holding_process, worker_process
+from .support.servers import PrivateRedis, free_port
 
 PY = sys.executable
 
