@@ -329,7 +329,7 @@ def docs_serve(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The benchmark against the peers, waiting across processes, and scale per backend.
 
-    Starts private servers (tests/_servers.py); `-- --quick` for a smoke run.
+    Starts private servers (tests/support/servers.py); `-- --quick` for a smoke run.
     """
     install(session, "bench")
     session.run("python", str(ROOT / "benchmarks" / "bench.py"), *session.posargs)

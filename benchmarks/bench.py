@@ -18,7 +18,7 @@ Sections:
 * memory: RSS growth of a fresh process after 100,000 distinct names acquired and
   released, and no per-name state left in the coordinator.
 
-The private ``redis-server`` is the tests' (``tests/_servers.py``): on a free loopback
+The private ``redis-server`` is the tests' (``tests/support/servers.py``): on a free loopback
 port, gone at the end.
 """
 
@@ -84,9 +84,9 @@ def debug_cost(setup: str) -> float:
 
 @contextlib.contextmanager
 def private_redis(workdir: Path) -> Iterator[tuple[str, str]]:
-    """The tests' throwaway redis-server (``tests/_servers.py``) and its version."""
+    """The tests' throwaway redis-server (``tests/support/servers.py``) and its version."""
     sys.path.insert(0, str(HERE.parent))
-    from tests._servers import PrivateRedis
+    from tests.support.servers import PrivateRedis
 
     binary = shutil.which("redis-server")
     if binary is None:

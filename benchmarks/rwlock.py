@@ -1,11 +1,11 @@
 """Read-write locks across processes: reader throughput and writer waits under a reader stream.
 
 Run by ``nox -s bench`` (or ``python benchmarks/rwlock.py [--quick]``, with the project's
-``tests`` directory importable: the private servers are ``tests/_servers.py``'s and the
-processes ``tests/worker.py rwlock``). Per backend with read-write locks, three
+``tests`` directory importable: the private servers are ``tests/support/servers.py``'s and the
+processes ``tests/support/worker.py rwlock``). Per backend with read-write locks, three
 processes each run three reader tasks in a dense stream (10-40 ms holds, 0-5 ms apart)
 and one fenced writer (a write every 50-150 ms, 10 ms holds) for 8 s (3 s with
-``--quick``), logging every entry and exit to one file (``tests/_rwmix.py``). From the
+``--quick``), logging every entry and exit to one file (``tests/support/rwmix.py``). From the
 log: reads per second, the most readers at once, the writers' waits (median, p99,
 max), and the checks of the issue (no writer beside anyone, tokens growing). It prints
 a table and writes ``benchmarks/results/rwlock.json``.
@@ -35,7 +35,7 @@ WAIT_TARGET = 2.0
 @contextlib.contextmanager
 def private_servers(workdir: Path, names: list[str]) -> Iterator[dict[str, str]]:
     """A URL per backend: private servers where one is needed."""
-    from tests._servers import SERVERS
+    from tests.support.servers import SERVERS
 
     urls = {"file": (workdir / "locks").as_uri()}
     started = []
@@ -54,12 +54,12 @@ def private_servers(workdir: Path, names: list[str]) -> Iterator[dict[str, str]]
 
 
 def run(url: str, seconds: float, workdir: Path) -> dict[str, object]:
-    from tests._rwmix import check_log
+    from tests.support.rwmix import check_log
 
     log = workdir / f"log-{uuid.uuid4().hex[:6]}"
     log.write_text("")
     prefix = f"b{uuid.uuid4().hex[:6]}-"
-    command = [sys.executable, str(HERE.parent / "tests" / "worker.py"), "rwlock"]
+    command = [sys.executable, str(HERE.parent / "tests" / "support" / "worker.py"), "rwlock"]
     args = [url, prefix, "config", str(seconds), str(log)]
     started = time.monotonic()
     processes = [subprocess.Popen([*command, *args]) for _ in range(PROCESSES)]

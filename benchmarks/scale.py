@@ -1,7 +1,7 @@
 """Thousands of locks on one coordinator: beat duration, loop lag, acquire rate per backend.
 
 Run by ``nox -s bench`` (or ``python benchmarks/scale.py [--quick]``, with the project's
-``tests`` directory importable: the private servers are ``tests/_servers.py``'s). One
+``tests`` directory importable: the private servers are ``tests/support/servers.py``'s). One
 coordinator per backend, with the issue's service set-up: a 3 s lock TTL (4 s on
 memcached, which may expire an item a second early: 3 s guaranteed) and a 1 s heartbeat.
 It takes distinct names in steps and, at each step:

@@ -2,7 +2,7 @@
 
 Run by ``nox -s bench`` after ``bench.py`` (or ``python benchmarks/wakeups.py [--quick]``,
 with the project's ``tests`` directory importable: the private servers are
-``tests/_servers.py``'s). Every server is private, on a free loopback port, and stopped
+``tests/support/servers.py``'s). Every server is private, on a free loopback port, and stopped
 at the end. It prints a table with the issue's targets and writes its figures to
 ``benchmarks/results/wakeups.json``.
 
@@ -75,7 +75,7 @@ def coordinator(url: str, prefix: str) -> Coordinator:
 def private_servers(workdir: Path, names: list[str]) -> Iterator[dict[str, str]]:
     """A URL per backend: private servers where one is needed."""
     sys.path.insert(0, str(HERE.parent))
-    from tests._servers import SERVERS
+    from tests.support.servers import SERVERS
 
     urls = {"file": (workdir / "locks").as_uri(), "ipc": "ipc://"}
     started = []

@@ -1,5 +1,5 @@
 """Fixtures and hooks only: real backends (the file backend, Redis, private servers for
-every other tooz backend), never mocks. The plain helpers are in tests/helpers.py."""
+every other tooz backend), never mocks. The plain helpers are in tests/support/helpers.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 from aiotooz import Coordinator
 from aiotooz import _tries as tries
 
-from .helpers import (
+from .support.helpers import (
     ALL_BACKENDS,
     FAILOVER_TIMES,
     HANDOFF_LATENCIES,
@@ -93,7 +93,7 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "FastAPI reads the endpoint's source file (for error context) at its first request",
     ),
     (
-        "tests/_procs.py",
+        "tests/support/procs.py",
         {"run_worker", "__init__", "send", "readline", "expect", "end_input", "finish"}
         | {"_communicate", "wait", "kill", "close"},
         "the tests' worker processes: a test that starts or ends one, or waits for its "
@@ -107,7 +107,7 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "they happen, are what the test checks",
     ),
     (
-        "tests/_rwmix.py",
+        "tests/support/rwmix.py",
         {"run_mix", "reader", "writer"},
         "the read-write test's own log of entries and exits: short O_APPEND writes, in "
         "the order they happen, are what the test checks",
@@ -234,7 +234,7 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "the test polls the workers' record of terms (a small local file)",
     ),
     (
-        "tests/helpers.py",
+        "tests/support/helpers.py",
         {"get"},
         "the first test to ask for a backend's shared private server starts it",
     ),
@@ -244,8 +244,8 @@ ALLOWED_TO_BLOCK: list[tuple[str, set[str], str]] = [
         "a plain redis-py client takes the held lock away from outside (one command)",
     ),
     (
-        "tests/_servers.py",
-        _functions_of(Path(__file__).with_name("_servers.py")),
+        "tests/support/servers.py",
+        _functions_of(Path(__file__).parent / "support" / "servers.py"),
         "a test's private server is found, started or stopped (a subprocess and its port)",
     ),
     (
@@ -363,9 +363,9 @@ def private_server(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
     """Start a private server of this test's own: ``private_server("etcd")``.
 
     For tests that kill, pause or restart it (the session's shared servers must stay
-    up for the other tests); closed when the test ends. Names: see tests/_servers.py.
+    up for the other tests); closed when the test ends. Names: see tests/support/servers.py.
     """
-    from ._servers import SERVERS
+    from .support.servers import SERVERS
 
     servers: list[Any] = []
 
@@ -384,7 +384,7 @@ def private_server(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
 
 @pytest.fixture
 def private_redis(private_server: Callable[[str], Any]) -> Any:
-    """A private redis-server of this test's own (tests/_servers.py PrivateRedis)."""
+    """A private redis-server of this test's own (tests/support/servers.py PrivateRedis)."""
     return private_server("redis")
 
 

@@ -14,9 +14,9 @@ import anyio
 
 from aiotooz import Lock
 
-from ._procs import run_worker
-from ._proxy import DelayProxy
-from .helpers import SEED_VARIABLE, make_coordinator
+from .support.helpers import SEED_VARIABLE, make_coordinator
+from .support.procs import run_worker
+from .support.proxy import DelayProxy
 
 
 async def _storm(url: str, prefix: str, name: str, tasks: int, seed: int) -> int:

@@ -1,4 +1,4 @@
-"""The failover checker (tests/_checker.py) judges histories: it must be able to fail."""
+"""The failover checker (tests/support/checker.py) judges histories: it must be able to fail."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ._checker import FencedStore, StoreClient, check
+from .support.checker import FencedStore, StoreClient, check
 
 
 def _history(directory: Path, *events: tuple[float, str, str, dict[str, object]]) -> None:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,9 @@ import pytest
 from aiotooz._cli import EXIT_CONFIG, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED
 from aiotooz._cli_locks import EXIT_NOT_HELD, EXIT_REFUSED
 
-from ._procs import holding_process, worker_process
-from ._servers import PrivateRedis, free_port
-from .helpers import ServerPool, url_for
+from .support.helpers import ServerPool, url_for
+from .support.procs import holding_process, worker_process
+from .support.servers import PrivateRedis, free_port
 
 PY = sys.executable
 
@@ -101,6 +101,23 @@ def run(
     )
 
 
+def run_args(
+    *command: str,
+    backend: str | None = None,
+    prefix: str | None = None,
+    options: Sequence[str] = (),
+    name: str = "job",
+) -> list[str]:
+    """The arguments of ``aiotooz run [--backend B] [--prefix P] OPTIONS NAME -- COMMAND``,
+    for :func:`aiotooz` (started) or :func:`run` (to completion)."""
+    where = []
+    if backend is not None:
+        where += ["--backend", backend]
+    if prefix is not None:
+        where += ["--prefix", prefix]
+    return ["run", *where, *options, name, "--", *command]
+
+
 def wait_for_file(path: Path, proc: subprocess.Popen[str] | None = None) -> None:
     deadline = time.monotonic() + 60
     while not path.exists():
@@ -148,21 +165,8 @@ def pid_alive(pid: int) -> bool:
 def holder(tmp_path: Path, backend_url: str, prefix: str) -> Iterator[tuple[str, Path]]:
     """Another ``aiotooz run`` holds the lock "job" until the test ends."""
     ready, release = tmp_path / "ready", tmp_path / "release"
-    proc = aiotooz(
-        "run",
-        "--backend",
-        backend_url,
-        "--prefix",
-        prefix,
-        "job",
-        "--",
-        PY,
-        "-c",
-        HOLD,
-        str(ready),
-        str(release),
-        cwd=tmp_path,
-    )
+    hold = (PY, "-c", HOLD, str(ready), str(release))
+    proc = aiotooz(*run_args(*hold, backend=backend_url, prefix=prefix), cwd=tmp_path)
     try:
         wait_for_file(ready, proc)
         yield backend_url, release
@@ -227,24 +231,12 @@ def test_console_script_is_declared() -> None:
 
 def test_two_runs_on_one_name_take_turns(tmp_path: Path, backend_url: str, prefix: str) -> None:
     log = tmp_path / "log"
+    records = [(PY, "-c", RECORD, str(log), tag, "0.5") for tag in ("a", "b")]
     procs = [
         aiotooz(
-            "run",
-            "--backend",
-            backend_url,
-            "--prefix",
-            prefix,
-            "nightly",
-            "--",
-            PY,
-            "-c",
-            RECORD,
-            str(log),
-            tag,
-            "0.5",
-            cwd=tmp_path,
+            *run_args(*record, backend=backend_url, prefix=prefix, name="nightly"), cwd=tmp_path
         )
-        for tag in ("a", "b")
+        for record in records
     ]
     for proc in procs:
         status, _, err = finish(proc)
@@ -273,7 +265,7 @@ while not os.path.exists(other):
     a, b = tmp_path / "a", tmp_path / "b"
     procs = [
         aiotooz(
-            "run", "--backend", file_url, name, "--", PY, "-c", script, str(x), str(y), cwd=tmp_path
+            *run_args(PY, "-c", script, str(x), str(y), backend=file_url, name=name), cwd=tmp_path
         )
         for name, x, y in (("one", a, b), ("two", b, a))
     ]
@@ -288,37 +280,14 @@ def test_no_wait_gives_the_documented_status_at_once(
     url, _ = holder
     marker = tmp_path / "ran"
     started = time.monotonic()
-    done = run(
-        "run",
-        "--backend",
-        url,
-        "--prefix",
-        prefix,
-        "--no-wait",
-        "job",
-        "--",
-        "touch",
-        str(marker),
-        cwd=tmp_path,
-    )
+    touch = ("touch", str(marker))
+    done = run(*run_args(*touch, backend=url, prefix=prefix, options=["--no-wait"]), cwd=tmp_path)
     assert done.returncode == EXIT_NOT_ACQUIRED == 75, done.stderr
     assert time.monotonic() - started < 30
     assert "'job' is held elsewhere" in done.stderr
     assert not marker.exists()
     custom = run(
-        "run",
-        "--backend",
-        url,
-        "--prefix",
-        prefix,
-        "-n",
-        "-E",
-        "3",
-        "job",
-        "--",
-        "touch",
-        str(marker),
-        cwd=tmp_path,
+        *run_args(*touch, backend=url, prefix=prefix, options=["-n", "-E", "3"]), cwd=tmp_path
     )
     assert custom.returncode == 3
     assert not marker.exists()
@@ -329,19 +298,7 @@ def test_wait_gives_up_after_its_budget(
 ) -> None:
     url, _ = holder
     started = time.monotonic()
-    done = run(
-        "run",
-        "--backend",
-        url,
-        "--prefix",
-        prefix,
-        "--wait",
-        "1",
-        "job",
-        "--",
-        "true",
-        cwd=tmp_path,
-    )
+    done = run(*run_args("true", backend=url, prefix=prefix, options=["--wait", "1"]), cwd=tmp_path)
     assert done.returncode == EXIT_NOT_ACQUIRED, done.stderr
     assert time.monotonic() - started >= 1
     assert "not acquired within 1.0 s" in done.stderr
@@ -351,19 +308,9 @@ def test_wait_gets_the_lock_when_it_is_released(
     tmp_path: Path, holder: tuple[str, Path], prefix: str
 ) -> None:
     url, release = holder
+    echo = ("echo", "mine now")
     proc = aiotooz(
-        "run",
-        "--backend",
-        url,
-        "--prefix",
-        prefix,
-        "--wait",
-        "60",
-        "job",
-        "--",
-        "echo",
-        "mine now",
-        cwd=tmp_path,
+        *run_args(*echo, backend=url, prefix=prefix, options=["--wait", "60"]), cwd=tmp_path
     )
     time.sleep(0.5)
     assert proc.poll() is None, "did not wait for the holder"
@@ -387,27 +334,16 @@ def test_wait_gets_the_lock_when_it_is_released(
 def test_exit_status_is_the_commands(
     tmp_path: Path, file_url: str, command: list[str], expected: int
 ) -> None:
-    done = run("run", "--backend", file_url, "job", "--", *command, cwd=tmp_path)
+    done = run(*run_args(*command, backend=file_url), cwd=tmp_path)
     assert done.returncode == expected, done.stderr
     # And the lock is free again, whatever happened to the command.
-    again = run("run", "--backend", file_url, "--no-wait", "job", "--", "true", cwd=tmp_path)
+    again = run(*run_args("true", backend=file_url, options=["--no-wait"]), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
 
 
 def test_output_and_arguments_pass_through(tmp_path: Path, file_url: str) -> None:
-    done = run(
-        "run",
-        "--backend",
-        file_url,
-        "job",
-        "--",
-        PY,
-        "-c",
-        "import sys; print(sys.argv[1:]); print('err', file=sys.stderr)",
-        "-n",
-        "a b",
-        cwd=tmp_path,
-    )
+    script = "import sys; print(sys.argv[1:]); print('err', file=sys.stderr)"
+    done = run(*run_args(PY, "-c", script, "-n", "a b", backend=file_url), cwd=tmp_path)
     assert done.returncode == 0
     assert done.stdout == "['-n', 'a b']\n"
     assert done.stderr == "err\n"
@@ -418,38 +354,16 @@ def test_signals_are_passed_on_to_the_command(
     tmp_path: Path, backend_url: str, prefix: str, signum: signal.Signals
 ) -> None:
     pid_file = tmp_path / "pid"
-    proc = aiotooz(
-        "run",
-        "--backend",
-        backend_url,
-        "--prefix",
-        prefix,
-        "job",
-        "--",
-        PY,
-        "-c",
-        TRAP,
-        str(pid_file),
-        cwd=tmp_path,
-    )
+    trap = (PY, "-c", TRAP, str(pid_file))
+    proc = aiotooz(*run_args(*trap, backend=backend_url, prefix=prefix), cwd=tmp_path)
     wait_for_file(pid_file, proc)
     time.sleep(0.2)  # the pid file is written after the handlers are installed
     proc.send_signal(signum)
     status, _, err = finish(proc)
     # The command caught it and chose its own status: aiotooz passed it on and waited.
     assert status == 40 + signum, err
-    again = run(
-        "run",
-        "--backend",
-        backend_url,
-        "--prefix",
-        prefix,
-        "--no-wait",
-        "job",
-        "--",
-        "true",
-        cwd=tmp_path,
-    )
+    free = run_args("true", backend=backend_url, prefix=prefix, options=["--no-wait"])
+    again = run(*free, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
 
 
@@ -458,19 +372,8 @@ def test_a_signal_while_waiting_gives_up_without_running(
 ) -> None:
     url, _ = holder
     marker = tmp_path / "ran"
-    proc = aiotooz(
-        "run",
-        "--backend",
-        url,
-        "--prefix",
-        prefix,
-        "-v",
-        "job",
-        "--",
-        "touch",
-        str(marker),
-        cwd=tmp_path,
-    )
+    touch = ("touch", str(marker))
+    proc = aiotooz(*run_args(*touch, backend=url, prefix=prefix, options=["-v"]), cwd=tmp_path)
     # Connected, then waiting: a fixed sleep was too short on a loaded machine (the
     # signal came before aiotooz handled signals, and killed it).
     wait_for_log(proc, "coordinator started")
@@ -487,10 +390,8 @@ def test_killing_aiotooz_kills_the_command_and_frees_the_lock(
     tmp_path: Path, file_url: str
 ) -> None:
     pid_file = tmp_path / "pid"
-    proc = aiotooz(
-        "run", "--backend", file_url, "job", "--", PY, "-c", TRAP, str(pid_file),
-        cwd=tmp_path, pipes=False,
-    )  # fmt: skip
+    trap = (PY, "-c", TRAP, str(pid_file))
+    proc = aiotooz(*run_args(*trap, backend=file_url), cwd=tmp_path, pipes=False)
     try:
         wait_for_file(pid_file, proc)
         child = int(pid_file.read_text())
@@ -506,7 +407,7 @@ def test_killing_aiotooz_kills_the_command_and_frees_the_lock(
         if pid_alive(child):
             os.kill(child, signal.SIGKILL)
     # The file backend's lock died with the process that held it.
-    again = run("run", "--backend", file_url, "--no-wait", "job", "--", "true", cwd=tmp_path)
+    again = run(*run_args("true", backend=file_url, options=["--no-wait"]), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
 
 
@@ -517,74 +418,32 @@ def test_killing_aiotooz_on_redis_frees_the_lock_when_its_ttl_ends(
     # full test run, took more than 3 s to ask (and found the lock already expired).
     url = f"{redis_url}?lock_timeout=8"
     pid_file = tmp_path / "pid"
-    proc = aiotooz(
-        "run",
-        "--backend",
-        url,
-        "--prefix",
-        prefix,
-        "job",
-        "--",
-        PY,
-        "-c",
-        TRAP,
-        str(pid_file),
-        cwd=tmp_path,
-        pipes=False,
-    )
+    trap = (PY, "-c", TRAP, str(pid_file))
+    proc = aiotooz(*run_args(*trap, backend=url, prefix=prefix), cwd=tmp_path, pipes=False)
     wait_for_file(pid_file, proc)
     child = int(pid_file.read_text())
     proc.kill()
     proc.wait(timeout=30)
     if pid_alive(child):  # not Linux: the command outlives aiotooz
         os.kill(child, signal.SIGKILL)
-    blocked = run(
-        "run", "--backend", url, "--prefix", prefix, "-n", "job", "--", "true", cwd=tmp_path
-    )
+    blocked = run(*run_args("true", backend=url, prefix=prefix, options=["-n"]), cwd=tmp_path)
     assert blocked.returncode == EXIT_NOT_ACQUIRED, "Redis freed a dead client's lock early"
     later = run(
-        "run",
-        "--backend",
-        url,
-        "--prefix",
-        prefix,
-        "--wait",
-        "30",
-        "job",
-        "--",
-        "true",
-        cwd=tmp_path,
+        *run_args("true", backend=url, prefix=prefix, options=["--wait", "30"]), cwd=tmp_path
     )
     assert later.returncode == 0, later.stderr
 
 
 def test_settings_come_from_the_environment(tmp_path: Path, prefix: str) -> None:
     locks = tmp_path / "env-locks"
-    done = run(
-        "run",
-        "--prefix",
-        prefix,
-        "job",
-        "--",
-        "true",
-        cwd=tmp_path,
-        AIOTOOZ_BACKEND_URL=locks.as_uri(),
-    )
+    done = run(*run_args("true", prefix=prefix), cwd=tmp_path, AIOTOOZ_BACKEND_URL=locks.as_uri())
     assert done.returncode == 0, done.stderr
     assert any(locks.iterdir()), "the lock was not taken on the backend from the environment"
 
 
 def test_backend_option_overrides_the_environment(tmp_path: Path, file_url: str) -> None:
-    done = run(
-        "run",
-        "--backend",
-        file_url,
-        "job",
-        "--",
-        "true",
-        cwd=tmp_path,
-        AIOTOOZ_BACKEND_URL="redis://127.0.0.1:1",
-    )
+    unreachable = "redis://127.0.0.1:1"
+    done = run(*run_args("true", backend=file_url), cwd=tmp_path, AIOTOOZ_BACKEND_URL=unreachable)
     assert done.returncode == 0, done.stderr
 
 
@@ -600,16 +459,8 @@ def test_run_fails_clearly_on_a_bad_backend(
     tmp_path: Path, backend: str, expected: int, message: str
 ) -> None:
     marker = tmp_path / "ran"
-    done = run(
-        "run",
-        "--backend",
-        backend.format(port=free_port()),
-        "job",
-        "--",
-        "touch",
-        str(marker),
-        cwd=tmp_path,
-    )
+    url = backend.format(port=free_port())
+    done = run(*run_args("touch", str(marker), backend=url), cwd=tmp_path)
     assert done.returncode == expected, done.stderr
     assert message in done.stderr
     assert "hunter2" not in done.stderr + done.stdout
@@ -632,7 +483,7 @@ def test_run_fails_clearly_on_a_bad_backend(
     ],
 )
 def test_run_rejects_bad_options(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
-    done = run("run", *args, "job", "--", "true", cwd=tmp_path)
+    done = run(*run_args("true", options=args), cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr
 
@@ -674,7 +525,7 @@ def test_run_refuses_a_bad_lock_name_as_bad_usage(
 ) -> None:
     """It exited 69, as if the backend could not be reached."""
     marker = tmp_path / "ran"
-    done = run("run", "--backend", file_url, name, "--", "touch", str(marker), cwd=tmp_path)
+    done = run(*run_args("touch", str(marker), backend=file_url, name=name), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "argument NAME" in done.stderr and message in done.stderr
     assert not marker.exists()
@@ -686,10 +537,8 @@ def test_run_refuses_a_name_the_backend_cannot_lock_as_configuration(
     """MySQL keys are at most 64 characters: a long prefix and name exited 69."""
     url = url_for("mysql", server_pool, tmp_path)
     marker = tmp_path / "ran"
-    done = run(
-        "run", "--backend", url, "--prefix", "p" * 10, "x" * 60, "--", "touch", str(marker),
-        cwd=tmp_path,
-    )  # fmt: skip
+    touch = ("touch", str(marker))
+    done = run(*run_args(*touch, backend=url, prefix="p" * 10, name="x" * 60), cwd=tmp_path)
     assert done.returncode == EXIT_CONFIG, done.stderr
     assert "64" in done.stderr
     assert not marker.exists()
@@ -790,9 +639,8 @@ def run_and_lose_the_lock(
     import redis
 
     pid_file = tmp_path / "pid"
-    proc = aiotooz("run", "--backend", url, "--prefix", prefix, *options, "job", "--",
-                   PY, "-c", LOSE, str(pid_file), str(tmp_path / "term"), on_term,
-                   str(runs_for), cwd=tmp_path)  # fmt: skip
+    lose = (PY, "-c", LOSE, str(pid_file), str(tmp_path / "term"), on_term, str(runs_for))
+    proc = aiotooz(*run_args(*lose, backend=url, prefix=prefix, options=options), cwd=tmp_path)
     wait_for_file(pid_file, proc)
     time.sleep(0.2)  # the pid file is written after the handler is installed
     # The lock's key vanishes from Redis (an operator, an eviction, a TTL that ran out):
@@ -832,8 +680,8 @@ def test_losing_the_lock_gives_its_own_status_whatever_the_commands(
     # terminate: the command got SIGTERM (once); ignore: it was left alone.
     assert len(sigterms(tmp_path)) == (on_loss == "terminate"), err
     # The lock is free again for the next run.
-    again = run("run", "--backend", private_redis.url, "--prefix", prefix, "--no-wait", "job",
-                "--", "true", cwd=tmp_path)  # fmt: skip
+    free = run_args("true", backend=private_redis.url, prefix=prefix, options=["--no-wait"])
+    again = run(*free, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
 
 
@@ -876,8 +724,8 @@ def test_kill_after_zero_kills_at_once_without_sigterm(
 def test_logs_go_to_stderr_and_never_into_the_commands_output(
     tmp_path: Path, backend_url: str, prefix: str
 ) -> None:
-    done = run("run", "-vv", "--backend", backend_url, "--prefix", prefix, "job", "--",
-               "echo", "only this", cwd=tmp_path)  # fmt: skip
+    echo = ("echo", "only this")
+    done = run(*run_args(*echo, backend=backend_url, prefix=prefix, options=["-vv"]), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "only this\n"
     assert "coordinator started" in done.stderr and "lock acquired" in done.stderr
@@ -905,8 +753,7 @@ def test_ctrl_c_at_a_terminal_reaches_the_command_once(tmp_path: Path, file_url:
     import select
 
     ready = tmp_path / "ready"
-    argv = [PY, "-m", "aiotooz", "run", "--backend", file_url, "job", "--",
-            PY, "-c", COUNT_SIGINT, str(ready)]  # fmt: skip
+    argv = [PY, "-m", "aiotooz", *run_args(PY, "-c", COUNT_SIGINT, str(ready), backend=file_url)]
     environment = env()
     pid, fd = pty.fork()
     if pid == 0:  # the child: aiotooz in the foreground of a terminal of its own

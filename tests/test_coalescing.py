@@ -10,9 +10,9 @@ import redis
 
 from aiotooz import Lock
 
-from ._procs import holding_process
-from ._servers import PrivateRedis
-from .helpers import make_coordinator
+from .support.helpers import make_coordinator
+from .support.procs import holding_process
+from .support.servers import PrivateRedis
 
 
 def _calls(url: str, command: str) -> int:

@@ -22,9 +22,7 @@ import pytest
 
 from aiotooz import Coordinator, Lock, LockAcquireFailed
 
-from ._procs import Worker, run_worker, worker_process
-from ._servers import PrivateServer
-from .helpers import (
+from .support.helpers import (
     ALL_BACKENDS,
     HANDOFF_LATENCIES,
     HOSTILE_NAMES,
@@ -34,6 +32,8 @@ from .helpers import (
     pg_advisory_key,
     url_for,
 )
+from .support.procs import Worker, run_worker, worker_process
+from .support.servers import PrivateServer
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from aiotooz import BackendUnavailable, Lock
 from aiotooz import _calls as calls_module
 
-from .helpers import connection_of, make_coordinator
+from .support.helpers import connection_of, make_coordinator
 
 
 def _aiotooz_threads() -> set[threading.Thread]:

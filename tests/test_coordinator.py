@@ -22,9 +22,9 @@ from aiotooz import (
     synchronized,
 )
 
-from ._procs import holding_process, run_worker
-from ._servers import PrivateRedis
-from .helpers import make_coordinator
+from .support.helpers import make_coordinator
+from .support.procs import holding_process, run_worker
+from .support.servers import PrivateRedis
 
 
 async def test_heartbeat_keeps_a_ttl_lock_held(redis_url: str, prefix: str) -> None:

@@ -26,8 +26,8 @@ from aiotooz import (
     synchronized,
 )
 
-from ._servers import free_port
-from .helpers import make_coordinator
+from .support.helpers import make_coordinator
+from .support.servers import free_port
 
 SECRET = "pa55-w0rd-XYZ"
 

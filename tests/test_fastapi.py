@@ -30,7 +30,7 @@ from aiotooz.fastapi import (
     run_coordinator,
 )
 
-from ._servers import free_port
+from .support.servers import free_port
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

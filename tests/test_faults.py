@@ -25,9 +25,9 @@ import pytest
 
 from aiotooz import BackendUnavailable, Lock, LockLost, Semaphore
 
-from ._procs import Worker, holding_process, run_worker
-from ._servers import SERVERS, PrivateRedisCluster, PrivateServer
-from .helpers import ServerPool, make_coordinator, url_for
+from .support.helpers import ServerPool, make_coordinator, url_for
+from .support.procs import Worker, holding_process, run_worker
+from .support.servers import SERVERS, PrivateRedisCluster, PrivateServer
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ import pytest
 import aiotooz
 from aiotooz import ConfigurationError, Lock, LockNotHeld, synchronized
 
-from ._procs import run_worker
-from .helpers import ServerPool, make_coordinator, url_for
+from .support.helpers import ServerPool, make_coordinator, url_for
+from .support.procs import run_worker
 
 
 async def _tokens(url: str, prefix: str, name: str, times: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Who holds a lock, and breaking one: ``holder()``, ``holders()`` and ``break_lock()``.
 
-The holders are other processes (tests/worker.py), on private servers: the record the
-grant writes must be readable from elsewhere, name the right process, never name an
+The holders are other processes (tests/support/worker.py), on private servers: the record
+the grant writes must be readable from elsewhere, name the right process, never name an
 ended hold, and a break must reach the old holder (``LockLost``, reason "broken") and
 move the fencing counter past its token.
 """
@@ -18,8 +18,8 @@ import pytest
 
 from aiotooz import Coordinator, Holder, Lock, LockNameError, UnsupportedOperation
 
-from ._procs import holding_process, worker_process
-from .helpers import ServerPool, make_coordinator, url_for
+from .support.helpers import ServerPool, make_coordinator, url_for
+from .support.procs import holding_process, worker_process
 
 #: The backends that say who holds a lock and list the locks held.
 HOLDER_BACKENDS = ["file", "redis", "zookeeper", "etcd3+http", "postgresql", "mysql"]

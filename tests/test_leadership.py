@@ -35,8 +35,8 @@ from aiotooz import (
 )
 from aiotooz._leadership import LEADERSHIP_NAMESPACE
 
-from ._procs import Worker, holding_process
-from .helpers import FAILOVER_TIMES, ServerPool, make_coordinator, url_for
+from .support.helpers import FAILOVER_TIMES, ServerPool, make_coordinator, url_for
+from .support.procs import Worker, holding_process
 
 #: URL options per backend: short TTLs and sessions, so that failover is quick. The
 #: workers beat every 0.3 s (under half of every TTL here).

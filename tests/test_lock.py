@@ -23,8 +23,8 @@ from aiotooz import (
     LockNotHeld,
 )
 
-from ._procs import holding_process, run_worker
-from .helpers import SLOWDOWN, make_coordinator
+from .support.helpers import SLOWDOWN, make_coordinator
+from .support.procs import holding_process, run_worker
 
 
 async def test_tasks_of_one_process_exclude_each_other(coordinator: Coordinator) -> None:

@@ -13,10 +13,7 @@ from structlog.testing import capture_logs
 
 from aiotooz import ConfigurationError, Lock, LockLost, synchronized
 
-from ._procs import run_worker, worker_process
-from ._proxy import DelayProxy
-from ._servers import PrivateRedis
-from .helpers import (
+from .support.helpers import (
     ServerPool,
     etcd_client,
     etcd_lock_key,
@@ -24,6 +21,9 @@ from .helpers import (
     make_coordinator,
     url_for,
 )
+from .support.procs import run_worker, worker_process
+from .support.proxy import DelayProxy
+from .support.servers import PrivateRedis
 
 
 def _redis_key(prefix: str, name: str) -> bytes:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from aiotooz import Coordinator, Lock, LockNameError, synchronized
 from aiotooz._names import MAX_NAME_LENGTH, MAX_PLAIN_LENGTH, backend_key
 
-from .helpers import HOSTILE_NAMES, make_coordinator
+from .support.helpers import HOSTILE_NAMES, make_coordinator
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9._~-]+")
 

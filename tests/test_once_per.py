@@ -2,9 +2,9 @@
 keeps records; a window whose runner died before finishing runs again with
 ``finish_required``; the window record's rules; bad arguments.
 
-The cross-process runs use worker processes (tests/worker.py ``once``), two on trio and
-two on asyncio, each calling the job every 0.1 s; each run appends its window to a
-shared log, which shows whether a window ran twice or not at all.
+The cross-process runs use worker processes (tests/support/worker.py ``once``), two on
+trio and two on asyncio, each calling the job every 0.1 s; each run appends its window to
+a shared log, which shows whether a window ran twice or not at all.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from aiotooz import (
 from aiotooz._lock import held_handle
 from aiotooz._once import ONCE_NAMESPACE
 
-from ._procs import Worker
-from .helpers import ServerPool, make_coordinator, url_for
+from .support.helpers import ServerPool, make_coordinator, url_for
+from .support.procs import Worker
 
 #: Backends that keep the window record (memcached refuses: it may evict it).
 RECORD_BACKENDS = ["file", "redis", "etcd3+http", "zookeeper", "postgresql", "mysql"]

@@ -21,9 +21,9 @@ from aiotooz import (
 )
 from aiotooz._names import rw_key
 
-from ._procs import Worker
-from ._rwmix import check_log, run_mix
-from .helpers import ServerPool, make_coordinator, url_for
+from .support.helpers import ServerPool, make_coordinator, url_for
+from .support.procs import Worker
+from .support.rwmix import check_log, run_mix
 
 #: The backends with read-write locks (``Capability.SHARES_LOCKS``).
 RW_BACKENDS = ["file", "redis", "postgresql", "zookeeper", "etcd3+http"]

@@ -16,7 +16,7 @@ import pytest
 
 from aiotooz import Lock
 
-from .helpers import ServerPool, make_coordinator, url_for
+from .support.helpers import ServerPool, make_coordinator, url_for
 
 #: Locks held at once, per backend, and for how long (seconds): several TTLs, so that a
 #: beat that outgrows the lease loses them. Each count lost most or all of its locks

@@ -25,9 +25,9 @@ from aiotooz import (
 )
 from aiotooz._names import backend_key, slot_key
 
-from ._procs import Worker
-from ._servers import PrivateRedis
-from .helpers import HOSTILE_NAMES, ServerPool, make_coordinator, url_for
+from .support.helpers import HOSTILE_NAMES, ServerPool, make_coordinator, url_for
+from .support.procs import Worker
+from .support.servers import PrivateRedis
 
 
 @pytest.fixture

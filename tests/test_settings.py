@@ -20,8 +20,8 @@ from aiotooz import (
 )
 from aiotooz._drivers import driver_class
 
-from ._servers import free_port
-from .helpers import make_coordinator
+from .support.helpers import make_coordinator
+from .support.servers import free_port
 
 
 def test_defaults_use_the_embedded_file_backend() -> None:

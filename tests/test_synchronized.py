@@ -18,7 +18,7 @@ from aiotooz import (
     synchronized,
 )
 
-from .helpers import make_coordinator
+from .support.helpers import make_coordinator
 
 
 @dataclass

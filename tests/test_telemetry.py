@@ -31,8 +31,8 @@ from structlog.testing import capture_logs
 
 from aiotooz import Lock, LockLost
 
-from ._servers import PrivateRedis
-from .helpers import make_coordinator
+from .support.helpers import make_coordinator
+from .support.servers import PrivateRedis
 
 # Delta temporality: each collection holds what happened since the one before.
 _READER = InMemoryMetricReader(

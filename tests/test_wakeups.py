@@ -21,8 +21,8 @@ import pytest
 from aiotooz import Lock, Semaphore
 from aiotooz import _tries as tries
 
-from ._procs import worker_process
-from .helpers import WOKEN_WITHIN, handoffs, make_coordinator
+from .support.helpers import WOKEN_WITHIN, handoffs, make_coordinator
+from .support.procs import worker_process
 
 
 @pytest.mark.parametrize("backend", ["zookeeper", "etcd", "postgresql", "mysql"])

@@ -22,10 +22,10 @@ import pytest
 
 from aiotooz import ConfigurationError, CoordinationSettings, Lock
 
-from .._clusters import EtcdCluster
-from .._procs import holding_process, run_worker
-from .._servers import free_port
-from ..helpers import ServerPool, etcd_client, etcd_lock_key, make_coordinator, url_for
+from ..support.clusters import EtcdCluster
+from ..support.helpers import ServerPool, etcd_client, etcd_lock_key, make_coordinator, url_for
+from ..support.procs import holding_process, run_worker
+from ..support.servers import free_port
 
 # -- one lease for all locks; a key deleted or a lease revoked from outside ---------------
 
@@ -54,7 +54,7 @@ def test_etcd_tries_waits_and_releases_make_no_lease(
                     pass
             assert await coordinator.get_lock("leases").acquire(blocking=1.0) is False
             # New leases only: plain tooz processes of earlier tests leave leases that
-            # expire meanwhile (tests/worker.py tooz-hold, waiting).
+            # expire meanwhile (tests/support/worker.py tooz-hold, waiting).
             return len(leases() - before)
 
     with holding_process("hold", url, prefix, "leases"):

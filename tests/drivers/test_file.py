@@ -15,8 +15,8 @@ from aiotooz import Coordinator, Lock
 from aiotooz import _calls as calls_module
 from aiotooz._drivers import Capability
 
-from .._procs import holding_process, run_worker
-from ..helpers import connection_of, make_coordinator
+from ..support.helpers import connection_of, make_coordinator
+from ..support.procs import holding_process, run_worker
 
 
 async def test_one_directory_under_two_spellings_is_one_lock(tmp_path: Path, prefix: str) -> None:

@@ -9,7 +9,7 @@ import anyio
 
 from aiotooz import Lock
 
-from ..helpers import make_coordinator
+from ..support.helpers import make_coordinator
 
 
 async def test_ipc_tries_without_waiting(tmp_path: Path, prefix: str) -> None:

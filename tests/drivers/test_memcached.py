@@ -11,7 +11,7 @@ import pytest
 
 from aiotooz import ConfigurationError, Lock
 
-from ..helpers import ServerPool, make_coordinator, url_for
+from ..support.helpers import ServerPool, make_coordinator, url_for
 
 
 async def test_memcached_lease_rule_counts_from_the_earliest_expiry(

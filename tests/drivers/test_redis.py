@@ -27,9 +27,15 @@ from aiotooz import _tries as tries
 from aiotooz._drivers import Capability
 from aiotooz._names import backend_key
 
-from .._proxy import DelayProxy
-from .._servers import PrivateRedisCluster
-from ..helpers import WOKEN_WITHIN, connection_of, handoffs, make_coordinator, missing_backend
+from ..support.helpers import (
+    WOKEN_WITHIN,
+    connection_of,
+    handoffs,
+    make_coordinator,
+    missing_backend,
+)
+from ..support.proxy import DelayProxy
+from ..support.servers import PrivateRedisCluster
 
 pytestmark = pytest.mark.redis
 
@@ -252,7 +258,7 @@ async def test_a_dead_first_node_does_not_stop_a_connect(tmp_path: Path, prefix:
     cluster = PrivateRedisCluster(tmp_path / "cluster")
     cluster.start()
     try:
-        from .._servers import free_port
+        from ..support.servers import free_port
 
         url = cluster.url.replace("redis+cluster://", f"redis+cluster://127.0.0.1:{free_port()},")
         async with make_coordinator(url, prefix) as coordinator:

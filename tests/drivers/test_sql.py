@@ -22,15 +22,15 @@ import pytest
 from aiotooz import ConfigurationError, Coordinator, Lock, LockLost, UnsupportedOperation
 from aiotooz._lock import held_handle
 
-from .._procs import holding_process, run_worker
-from .._servers import PrivatePgBouncer
-from ..helpers import (
+from ..support.helpers import (
     ServerPool,
     kill_sql_sessions,
     make_coordinator,
     pg_advisory_key,
     url_for,
 )
+from ..support.procs import holding_process, run_worker
+from ..support.servers import PrivatePgBouncer
 
 BACKENDS = ["postgresql", "mysql"]
 #: Waiter links a coordinator opens at most (SessionDriver.waiter_limit).

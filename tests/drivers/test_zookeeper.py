@@ -10,7 +10,7 @@ import anyio
 
 from aiotooz import Lock
 
-from ..helpers import ServerPool, make_coordinator, url_for
+from ..support.helpers import ServerPool, make_coordinator, url_for
 
 
 async def test_zookeeper_locks_of_an_expired_session_are_lost(

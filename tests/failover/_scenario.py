@@ -2,8 +2,8 @@
 
 A :class:`Scenario` starts holder processes (tests/failover/holder.py), lets them take
 turns, records the test's own ``fault`` and ``heal`` events in the same history, stops
-the holders and runs :func:`tests._checker.check`. :meth:`Scenario.figures` turns the
-history into the measured times the docs quote (docs/failover.md).
+the holders and runs :func:`tests.support.checker.check`. :meth:`Scenario.figures` turns
+the history into the measured times the docs quote (docs/failover.md).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .._checker import FencedStore, Recorder, Report, check
-from .._clusters import as_client_user
-from .._servers import _dying_with_this_process
+from ..support.checker import FencedStore, Recorder, Report, check
+from ..support.clusters import as_client_user
+from ..support.servers import _dying_with_this_process
 
 HOLDER = str(Path(__file__).with_name("holder.py"))
 

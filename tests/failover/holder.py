@@ -15,10 +15,10 @@ from pathlib import Path
 import anyio
 import structlog
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests._checker
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # for tests.support.checker
 
 from aiotooz import CoordinationSettings, Coordinator, Lock, LockLost
-from tests._checker import Recorder, StoreClient
+from tests.support.checker import Recorder, StoreClient
 
 structlog.configure(
     wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),

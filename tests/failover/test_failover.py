@@ -2,9 +2,9 @@
 
 Three holder processes take turns on one fenced lock while the test kills, pauses or
 cuts off the backend's leader, cuts a holder off, drops or delays packets, or pauses a
-holder; the checker then verifies the history (tests/_checker.py). Holder ``h1`` talks
-to the leader alone where the client takes a single endpoint, so that it is the one cut
-off with it. Lock TTLs are 2 s; every fault lasts 2 TTLs. Measured figures are printed
+holder; the checker then verifies the history (tests/support/checker.py). Holder ``h1``
+talks to the leader alone where the client takes a single endpoint, so that it is the one
+cut off with it. Lock TTLs are 2 s; every fault lasts 2 TTLs. Measured figures are printed
 (``FAILOVER {...}``) and collected by the nox session; docs/failover.md quotes them.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from .._checker import Report
-from .._clusters import (
+from ..support.checker import Report
+from ..support.clusters import (
     CLIENT_UID,
     Cluster,
     ClusterNode,
@@ -28,7 +28,7 @@ from .._clusters import (
     RedisSentinelCluster,
     ZooKeeperCluster,
 )
-from .._proxy import DelayProxy
+from ..support.proxy import DelayProxy
 from ._scenario import Scenario
 
 pytestmark = pytest.mark.failover
@@ -80,7 +80,7 @@ def _run(
     """Holders on ``cluster``; ``inject`` the fault; wait for progress; check the history.
 
     ``cut_off``: the holder that runs as ``CLIENT_UID``; ``backend_breaks``: see
-    ``tests._checker.check``; ``urls``: the holders' URLs, given the leader (else
+    ``tests.support.checker.check``; ``urls``: the holders' URLs, given the leader (else
     ``_urls``); ``hits_any_holder``: the fault comes as any holder enters its section,
     not only ``h1`` (a fault on every holder's traffic).
     """
@@ -206,7 +206,7 @@ def test_latency(cluster: Cluster, tmp_path: Path) -> None:
     """Every holder's traffic held 100-300 ms each way, for 2 TTLs.
 
     netem is not in this kernel, so the holders talk to the nodes through userspace
-    TCP proxies (tests/_proxy.py) that hold each chunk back; a round trip then takes
+    TCP proxies (tests/support/proxy.py) that hold each chunk back; a round trip then takes
     0.2-0.6 s, and a heartbeat of several requests longer than the lease rule allows.
     On Redis the holders talk to the primary through a proxy, without Sentinel (whose
     answer names the primary's own address, which would bypass the proxy).

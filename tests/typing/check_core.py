@@ -5,7 +5,7 @@ typecheck``). They are never run: named ``check_*.py``, pytest does not collect 
 ``# type: ignore[code]`` marks a line that must be an error: with ``warn_unused_ignores``
 (part of ``strict``), mypy fails if the error goes away. There is no ``__init__.py`` on
 purpose: a regular package named ``typing`` in ``tests/`` would shadow the standard
-library's for scripts run from there (``python tests/worker.py``).
+library's for any script run from there (``python tests/some_script.py``).
 """
 
 from __future__ import annotations

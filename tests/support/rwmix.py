@@ -1,8 +1,8 @@
 """Readers and a writer of one RWLock, logging to a shared file: the cross-process check.
 
-`run_mix` runs in every process of the test (tests/worker.py ``rwlock``, and the test's
-own). Each line is one ``os.write`` to a file opened with ``O_APPEND``: it lands whole,
-in the order of the writes, so the file orders every process's entries and exits in
+`run_mix` runs in every process of the test (tests/support/worker.py ``rwlock``, and the
+test's own). Each line is one ``os.write`` to a file opened with ``O_APPEND``: it lands
+whole, in the order of the writes, so the file orders every process's entries and exits in
 time. An entry is logged after the grant and an exit before the release: logged
 intervals lie inside the holds, so two that overlap in the file overlapped for real.
 """

@@ -1,5 +1,5 @@
-"""The one wrapper for tests/worker.py processes: run one to completion, or talk to it
-line by line (a holder, a driven holder, a waiter)."""
+"""The one wrapper for tests/support/worker.py processes: run one to completion, or talk
+to it line by line (a holder, a driven holder, a waiter)."""
 
 from __future__ import annotations
 

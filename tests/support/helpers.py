@@ -1,7 +1,7 @@
 """Plain helpers the tests share: no fixtures and no hooks here (those are in conftest.py).
 
 Real backends only, never mocks: the file backend, a Redis server, and private servers
-(tests/_servers.py) for every other tooz backend.
+(tests/support/servers.py) for every other tooz backend.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ ALL_BACKENDS = [
 ]
 #: Backends of aiotooz's own drivers, which plain tooz processes cannot use.
 WITHOUT_PLAIN_TOOZ = frozenset({"redis+cluster"})
-#: The private server a backend needs, where its name differs (tests/_servers.py SERVERS);
-#: file and ipc need none.
+#: The private server a backend needs, where its name differs (tests/support/servers.py
+#: SERVERS); file and ipc need none.
 SERVER_OF = {"etcd3+http": "etcd", "redis+cluster": "redis-cluster"}
 
 #: Cross-process hand-off latencies measured by the conformance suite (seconds), per
@@ -143,8 +143,8 @@ class ServerPool:
         self._servers: dict[str, Any] = {}
 
     def get(self, name: str) -> Any:
-        """The running private server for backend ``name`` (tests/_servers.py)."""
-        from ._servers import SERVERS  # _servers imports missing_backend from here
+        """The running private server for backend ``name`` (tests/support/servers.py)."""
+        from .servers import SERVERS  # servers imports missing_backend from here
 
         server = self._servers.get(name)
         if server is None:

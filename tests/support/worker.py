@@ -1,6 +1,6 @@
 """A separate process for the cross-process tests: python worker.py COMMAND URL PREFIX NAME ...
 
-Driven through tests/_procs.py. Every command that waits for a lock prints "waiting"
+Driven through tests/support/procs.py. Every command that waits for a lock prints "waiting"
 first; stdout carries only the protocol's lines (logs go to stderr).
 
 Commands:
@@ -30,7 +30,7 @@ Commands:
                                                and "-" before leaving (one write each)
   rwlock URL PREFIX NAME SECONDS LOG          three reader tasks and one writer of RWLock(NAME,
                                                fencing=True) for SECONDS, logging to LOG
-                                               (tests/_rwmix.py)
+                                               (tests/support/rwmix.py)
   campaign URL PREFIX NAME RECORD LOOP         print "member ID", then run_as_leader(NAME) on the
                                                anyio backend LOOP (heartbeat 0.3 s); the job
                                                appends "begin ID TOKEN TIME" to the file RECORD,
@@ -202,9 +202,10 @@ async def semaphore(
 
 
 async def rwlock(url: str, prefix: str, name: str, seconds: str, log: str) -> None:
-    # This script runs as a file, so its package is put on the path to import from it.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests._rwmix import run_mix
+    # This script runs as a file, so the repository root is put on the path to import
+    # from its package.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.support.rwmix import run_mix
 
     async with _coordinator(url, prefix) as coordinator:
         await run_mix(RWLock(name, coordinator=coordinator, fencing=True), log, float(seconds))

@@ -3,7 +3,7 @@
 Each node listens on a loopback address of its own (127.0.<c>.11, .12, .13 ...), so one
 can be found, killed, paused or cut off without the others; each runs as a user id of
 its own, so a firewall rule can match every packet it sends (``meta skuid``). Nodes
-have the interface of tests/_servers.py (``start/stop/kill/pause/resume/restart``).
+have the interface of tests/support/servers.py (``start/stop/kill/pause/resume/restart``).
 
 :class:`Firewall` cuts nodes off with nftables rules in a table of its own. It refuses
 to run in the machine's own network namespace: the failover session runs pytest in a
@@ -25,8 +25,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._servers import PrivateServer, _binary, free_port
 from .helpers import missing_backend
+from .servers import PrivateServer, _binary, free_port
 
 __all__ = [
     "CLIENT_UID",
