@@ -305,7 +305,7 @@ def test_lengths_are_microseconds() -> None:
     assert check_every(datetime.timedelta(days=1)) == 86_400_000_000
 
 
-@pytest.mark.parametrize("backend", [*RECORD_BACKENDS, "ipc"])
+@pytest.mark.parametrize("backend", [*RECORD_BACKENDS, "ipc", "redis+cluster"])
 async def test_the_record_outlives_its_lock_and_refuses_an_older_token(
     backend: str, server_pool: ServerPool, tmp_path: Path, prefix: str
 ) -> None:
