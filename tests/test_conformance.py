@@ -5,6 +5,10 @@ postgresql and mysql (see ``any_backend_url`` in conftest.py), or says in its pa
 backends a property applies to. Where a backend cannot do something, the test checks
 the typed error aiotooz raises instead; nothing is skipped on a backend quietly. One
 backend's own quirks (its typed errors, leases, sessions) are in tests/drivers/.
+
+The tests that take ``primitive`` run over backend x primitive: `Lock`, `Semaphore` (of
+limit 1, so that it excludes) and `Leadership` exclude, forget a cancelled waiter, end
+with stop() and are lost alike. The other tests are about locks.
 """
 
 from __future__ import annotations
@@ -14,13 +18,25 @@ import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
 
-from aiotooz import Coordinator, Lock, LockAcquireFailed
+from aiotooz import (
+    Coordinator,
+    Leadership,
+    LeadershipLost,
+    Lock,
+    LockAcquireFailed,
+    LockCreationFailed,
+    LockLost,
+    Semaphore,
+)
+from aiotooz._leadership import LEADERSHIP_NAMESPACE
+from aiotooz._names import backend_key, slot_key
 
 from .support.helpers import (
     ALL_BACKENDS,
@@ -28,8 +44,10 @@ from .support.helpers import (
     HOSTILE_NAMES,
     WITHOUT_PLAIN_TOOZ,
     ServerPool,
+    close_zookeeper_session,
     make_coordinator,
     pg_advisory_key,
+    take_away,
     url_for,
 )
 from .support.procs import Worker, run_worker, worker_process
@@ -48,8 +66,6 @@ def _prefix_without_pg_collisions(names: list[str]) -> str:
 
     With a random prefix, 18 names would share an advisory lock in ~0.2 % of runs.
     """
-    from aiotooz._names import backend_key
-
     for number in range(1000):
         prefix = f"h{number}-"
         keys = {pg_advisory_key(backend_key(prefix, name)) for name in names}
@@ -64,17 +80,94 @@ async def started(url: str, prefix: str, **settings: float) -> AsyncIterator[Coo
         yield coordinator
 
 
+# -- the primitives: Lock, Semaphore (of limit 1) and Leadership ---------------------------
+
+
+@dataclass(frozen=True)
+class Primitive:
+    """One primitive of the suite: how to build it, the key it holds, what its loss raises.
+
+    The tests that take a ``primitive`` run once per backend and per primitive: each
+    excludes (a semaphore of limit 1), forgets a cancelled waiter, ends with stop(),
+    and is lost, alike.
+    """
+
+    kind: str
+    #: ``make(name, coordinator, blocking)``: a new one, for one ``async with`` block.
+    make: Callable[[str, Coordinator, bool | float], AbstractAsyncContextManager[object]]
+    #: ``key(prefix, name)``: the backend key its holder holds.
+    key: Callable[[str, str], str]
+    #: What a loss raises out of the block (exactly this class), and how its message
+    #: begins, ``{name}`` filled in.
+    lost: type[LockLost]
+    lost_message: str
+
+    def enter(
+        self, name: str, coordinator: Coordinator, blocking: bool | float = True
+    ) -> AbstractAsyncContextManager[object]:
+        """A new one of ``name`` on ``coordinator``, to enter with ``async with``."""
+        return self.make(name, coordinator, blocking)
+
+    def __str__(self) -> str:  # the test ids
+        return self.kind
+
+
+PRIMITIVES = [
+    Primitive(
+        "lock",
+        lambda name, coordinator, blocking: Lock(name, coordinator=coordinator)(blocking),
+        backend_key,
+        LockLost,
+        "lock {name!r} was lost while held: ",
+    ),
+    Primitive(
+        "semaphore",
+        lambda name, coordinator, blocking: Semaphore(name, 1, coordinator=coordinator)(blocking),
+        lambda prefix, name: slot_key(prefix, name, 0),  # limit 1: always slot 0
+        LockLost,
+        "semaphore {name!r} lost slot 0 while held: ",
+    ),
+    Primitive(
+        "leadership",
+        lambda name, coordinator, blocking: Leadership(
+            name, coordinator=coordinator, blocking=blocking
+        ),
+        lambda prefix, name: backend_key(prefix, LEADERSHIP_NAMESPACE + name),
+        LeadershipLost,
+        "leadership {name!r} was lost while leading: ",
+    ),
+]
+
+
+@pytest.fixture(params=PRIMITIVES, ids=str)
+def primitive(request: pytest.FixtureRequest) -> Primitive:
+    chosen: Primitive = request.param
+    return chosen
+
+
+def _names_kept(coordinator: Coordinator) -> set[str]:
+    """The names whose local queue or semaphore state ``coordinator`` still keeps.
+
+    Private state: statistics() counts the tasks in them, not a state left behind
+    empty (a leak).
+    """
+    table = coordinator._lock_table
+    return {*table._queues, *table.semaphores}
+
+
 # -- exclusion --------------------------------------------------------------------------
 
 
-async def test_tasks_of_one_process_exclude_each_other(any_backend_url: str, prefix: str) -> None:
+async def test_tasks_of_one_process_exclude_each_other(
+    any_backend_url: str, prefix: str, primitive: Primitive
+) -> None:
     counter = 0
     inside = 0
 
     async def increment(coordinator: Coordinator) -> None:
         nonlocal counter, inside
         for _ in range(4):
-            async with coordinator.get_lock("counter"):
+            async with primitive.enter("counter", coordinator):
                 inside += 1
                 assert inside == 1
                 value = counter
@@ -205,6 +298,126 @@ def test_ttl_lock_outlives_its_ttl_while_beating(
         anyio.run(main)
     finally:
         silent.stop()
+
+
+# -- a cancelled waiter, stop(), a loss: on every primitive -----------------------------
+
+
+async def test_a_waiter_cancelled_while_waiting_leaves_nothing_behind(
+    any_backend_url: str, prefix: str, primitive: Primitive
+) -> None:
+    """Cancelled waiters (one behind the holder in its coordinator, one at the backend
+    through another) leave nothing held or queued, and the holder is not disturbed:
+    it leaves quietly, and the name goes to the next one, in either coordinator."""
+    async with (
+        started(any_backend_url, prefix) as first,
+        started(any_backend_url, prefix) as second,
+    ):
+
+        async def wait_in_vain(coordinator: Coordinator) -> None:
+            async with primitive.enter("busy", coordinator):
+                pytest.fail(f"entered a held {primitive}")
+
+        async with primitive.enter("busy", first):
+            async with anyio.create_task_group() as group:
+                for coordinator in (first, second):
+                    group.start_soon(wait_in_vain, coordinator)
+                # Cancelled once both wait: in line here, and (its first try refused)
+                # for the backend there.
+                with anyio.fail_after(10):
+                    while not all(c.statistics().tasks_waiting for c in (first, second)):
+                        await anyio.sleep(0.01)
+                group.cancel_scope.cancel()
+            for coordinator, held in ((first, 1), (second, 0)):
+                stats = coordinator.statistics()
+                left = (stats.locks_held, stats.tasks_waiting, stats.names_waited_for)
+                assert left == (held, 0, 0)
+        with anyio.fail_after(10):
+            async with primitive.enter("busy", second):
+                pass
+            async with primitive.enter("busy", first):
+                pass
+        for coordinator in (first, second):
+            assert coordinator.statistics().locks_held == 0
+            assert not _names_kept(coordinator)
+
+
+async def test_stop_fails_waiters_and_ends_holders_blocks_with_their_loss(
+    any_backend_url: str, prefix: str, primitive: Primitive
+) -> None:
+    """As stop() says: a task still waiting gets LockCreationFailed; a holder's block
+    is cancelled and raises the primitive's loss; the name is free at once."""
+    coordinator = make_coordinator(any_backend_url, prefix)
+    await coordinator.start()
+    entered = anyio.Event()
+    holder_ended: list[BaseException] = []
+    waiter_ended: list[BaseException] = []
+
+    async def hold() -> None:
+        try:
+            async with primitive.enter("busy", coordinator):
+                entered.set()
+                await anyio.sleep(30)
+        except Exception as exc:
+            holder_ended.append(exc)
+
+    async def wait() -> None:
+        try:
+            async with primitive.enter("busy", coordinator):
+                pytest.fail(f"entered a held {primitive}")
+        except Exception as exc:
+            waiter_ended.append(exc)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as group:
+            group.start_soon(hold)
+            await entered.wait()
+            group.start_soon(wait)
+            while coordinator.statistics().tasks_waiting == 0:
+                await anyio.sleep(0.01)
+            await coordinator.stop()
+    [lost] = holder_ended
+    assert isinstance(lost, primitive.lost) and type(lost) is primitive.lost, repr(lost)
+    assert (lost.lock_name, lost.reason) == ("busy", "the coordinator stopped")
+    assert str(lost).startswith(primitive.lost_message.format(name="busy"))
+    [failed] = waiter_ended
+    assert isinstance(failed, LockCreationFailed), repr(failed)
+    assert coordinator.statistics().locks_held == coordinator.statistics().tasks_waiting == 0
+    assert not _names_kept(coordinator)
+    async with started(any_backend_url, prefix) as other:
+        async with primitive.enter("busy", other, False):
+            pass
+
+
+# A file or ipc lock belongs to its process: it is never lost while the process lives
+# (stop() is its one loss, in the test above). On the others it is taken away from
+# outside: another owner's token on its key (redis, redis+cluster, memcached, etcd),
+# its session ended (zookeeper: expired; postgresql, mysql: killed).
+@pytest.mark.parametrize(
+    "any_backend", [b for b in ALL_BACKENDS if b not in {"file", "ipc"}], indirect=True
+)
+async def test_a_loss_cancels_the_body_and_raises_out_of_the_block(
+    any_backend: str, any_backend_url: str, prefix: str, primitive: Primitive
+) -> None:
+    async with started(any_backend_url, prefix, heartbeat=0.1) as coordinator:
+        with pytest.raises(primitive.lost) as raised:
+            async with primitive.enter("taken", coordinator):
+                if any_backend == "zookeeper":
+                    await close_zookeeper_session(coordinator)
+                else:
+                    key = primitive.key(prefix, "taken")
+                    await anyio.to_thread.run_sync(take_away, any_backend, any_backend_url, key)
+                taken = anyio.current_time()
+                try:
+                    await anyio.sleep(30)
+                finally:
+                    noticed = anyio.current_time() - taken
+                pytest.fail("the body was not cancelled")  # pragma: no cover
+        assert noticed < 5, noticed  # a beat or two, and slack for a loaded machine
+        assert type(raised.value) is primitive.lost
+        assert raised.value.lock_name == "taken" and raised.value.reason
+        assert str(raised.value).startswith(primitive.lost_message.format(name="taken"))
+        assert coordinator.statistics().locks_held == 0
 
 
 # -- stop(), names, plain tooz -------------------------------------------------------------

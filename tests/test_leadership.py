@@ -313,13 +313,13 @@ async def test_a_lock_of_the_same_name_is_another_lock(backend_url: str, prefix:
             pass
 
 
-async def test_losing_the_lock_ends_the_term_with_leadership_lost(
-    redis_url: str, prefix: str
-) -> None:
+async def test_leader_names_nobody_once_the_term_is_lost(redis_url: str, prefix: str) -> None:
+    """(That the loss cancels the body and raises LeadershipLost, on every backend:
+    tests/test_conformance.py.)"""
     import redis
 
     async with make_coordinator(redis_url, prefix, heartbeat=0.1) as coordinator:
-        with pytest.raises(LeadershipLost) as caught:
+        with pytest.raises(LeadershipLost):
             async with coordinator.leadership("gone"):
                 client = redis.Redis.from_url(redis_url)
                 keys = client.keys(f"*{prefix}aiotooz.leader.gone_lock")
@@ -327,8 +327,6 @@ async def test_losing_the_lock_ends_the_term_with_leadership_lost(
                 client.delete(*keys)  # taken away from outside
                 client.close()
                 await anyio.sleep(10)
-                pytest.fail("the body was not cancelled")
-        assert caught.value.lock_name == "gone"
         assert await coordinator.leader("gone") is None
 
 

@@ -164,24 +164,14 @@ async def test_event_loop_keeps_ticking_under_contention(coordinator: Coordinato
     assert lags[int(len(lags) * 0.99)] < 0.25 * SLOWDOWN
 
 
-async def test_stop_releases_held_locks_and_fails_waiters(backend_url: str, prefix: str) -> None:
+async def test_stop_releases_held_locks(backend_url: str, prefix: str) -> None:
+    """(That stop() fails the waiters and ends the holders' blocks, on every backend and
+    primitive: tests/test_conformance.py.)"""
     coordinator = make_coordinator(backend_url, prefix)
-    outcome: list[BaseException] = []
-    async with anyio.create_task_group() as group:
-        await coordinator.start()
-        held = coordinator.get_lock("kept")
-        await held.acquire()
-
-        async def waiter() -> None:
-            try:
-                await Lock("kept", coordinator=coordinator).acquire()
-            except LockCreationFailed as exc:
-                outcome.append(exc)
-
-        group.start_soon(waiter)
-        await anyio.sleep(0.1)
-        await coordinator.stop()
-    assert len(outcome) == 1
+    await coordinator.start()
+    held = coordinator.get_lock("kept")
+    await held.acquire()
+    await coordinator.stop()
     # The backend lock is gone: another process takes it at once.
     assert run_worker("try", backend_url, prefix, "kept") == "acquired"
     await held.release()  # released by stop(): a no-op, not an error

@@ -17,8 +17,8 @@ from .support.helpers import (
     ServerPool,
     etcd_client,
     etcd_lock_key,
-    kill_sql_sessions,
     make_coordinator,
+    take_away,
     url_for,
 )
 from .support.procs import run_worker, worker_process
@@ -104,27 +104,6 @@ async def test_wait_lost_returns_on_release_too(file_url: str, prefix: str) -> N
             await anyio.sleep(0.05)
             await lock.release()
         assert not lock.lost
-
-
-async def test_stop_cancels_a_running_body(file_url: str, prefix: str) -> None:
-    coordinator = make_coordinator(file_url, prefix)
-    outcome: list[BaseException] = []
-    async with anyio.create_task_group() as group:
-        await coordinator.start()
-        entered = anyio.Event()
-
-        async def holder() -> None:
-            try:
-                async with coordinator.get_lock("busy"):
-                    entered.set()
-                    await anyio.sleep(10)
-            except LockLost as exc:
-                outcome.append(exc)
-
-        group.start_soon(holder)
-        await entered.wait()
-        await coordinator.stop()
-    assert len(outcome) == 1 and "coordinator stopped" in str(outcome[0])
 
 
 async def test_heartbeat_must_fit_in_the_lock_ttl(redis_url: str, prefix: str) -> None:
@@ -279,43 +258,6 @@ async def test_a_block_that_outlives_its_lease_without_an_await_raises_lock_lost
         assert "no refresh reached the backend" in (lock.lost_reason or "")
 
 
-def _take_away(backend: str, url: str, key: str) -> None:
-    """From outside, with the backend's own client: ``key`` is no longer ours (another
-    owner's token on it, our node deleted, our session killed)."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port
-    if backend == "redis":
-        client = redis.Redis(host=host, port=port or 6379)
-        client.set(f"_tooz_{key}_lock".encode(), b"someone-else", px=30_000)
-        client.close()
-    elif backend == "memcached":
-        from pymemcache.client.base import Client
-
-        memcached = Client((host, port or 11211))
-        # flags=1: raw bytes, as tooz stores a member id.
-        memcached.set(b"__TOOZ_LOCK_" + key.encode(), b"someone-else", 30, noreply=False, flags=1)
-        memcached.close()
-    elif backend == "etcd3+http":
-        with etcd_client(url) as client:
-            client.put(f"/tooz/locks{key}", "someone-else")
-    elif backend == "zookeeper":
-        from kazoo.client import KazooClient
-
-        zookeeper = KazooClient(hosts=f"{host}:{port}")
-        zookeeper.start(timeout=10)
-        try:
-            path = f"/tooz/locks/{key}"
-            children = zookeeper.get_children(path)
-            assert children
-            for child in children:
-                zookeeper.delete(f"{path}/{child}")
-        finally:
-            zookeeper.stop()
-            zookeeper.close()
-    else:
-        kill_sql_sessions(backend, url, key, every=False)
-
-
 @pytest.mark.parametrize(
     "backend", ["redis", "memcached", "etcd3+http", "zookeeper", "postgresql", "mysql"]
 )
@@ -329,10 +271,10 @@ async def test_a_release_answered_not_ours_is_a_loss(
     async with make_coordinator(url, prefix, heartbeat=4) as coordinator:
         with pytest.raises(LockLost, match="said at release"):
             async with coordinator.get_lock("block"):
-                _take_away(backend, url, f"{prefix}block")
+                await anyio.to_thread.run_sync(take_away, backend, url, f"{prefix}block")
         lock = coordinator.get_lock("explicit")
         await lock.acquire()
-        await anyio.to_thread.run_sync(_take_away, backend, url, f"{prefix}explicit")
+        await anyio.to_thread.run_sync(take_away, backend, url, f"{prefix}explicit")
         await lock.release()
         assert lock.lost
         assert "said at release" in (lock.lost_reason or "")

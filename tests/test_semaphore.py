@@ -15,9 +15,7 @@ import redis
 from aiotooz import (
     BackendUnavailable,
     ConfigurationError,
-    Coordinator,
     LockAcquireFailed,
-    LockCreationFailed,
     LockLost,
     LockNameError,
     LockNotHeld,
@@ -335,20 +333,13 @@ async def test_postgresql_a_lock_sharing_the_probe_slots_advisory_lock_is_no_lar
             pass
 
 
-async def test_a_lost_slot_cancels_its_holder(redis_url: str, prefix: str) -> None:
+async def test_a_lost_slot_without_cancel_on_loss_lets_the_body_run(
+    redis_url: str, prefix: str
+) -> None:
+    """Without cancel_on_loss the body runs on and is told through `lost`. (That a loss
+    cancels the body, and stop() its holders and waiters: tests/test_conformance.py.)"""
     client = redis.Redis.from_url(redis_url)
-    finished = False
     async with make_coordinator(redis_url, prefix, heartbeat=0.1) as coordinator:
-        semaphore = Semaphore("lossy", 2, coordinator=coordinator)
-        with pytest.raises(LockLost, match="lost slot") as raised:
-            async with semaphore:
-                key = slot_key(prefix, "lossy", semaphore.slot)
-                assert client.delete(f"_tooz_{key}_lock".encode()) == 1
-                await anyio.sleep(10)
-                finished = True
-        assert not finished
-        assert raised.value.lock_name == "lossy"
-        # Without cancel_on_loss the body runs on and is told through `lost`.
         watched = Semaphore("watched", 1, coordinator=coordinator, cancel_on_loss=False)
         async with watched:
             assert not watched.lost
@@ -359,36 +350,6 @@ async def test_a_lost_slot_cancels_its_holder(redis_url: str, prefix: str) -> No
             assert watched.lost and watched.lost_reason
         assert coordinator.statistics().locks_held == 0
     client.close()
-
-
-async def test_stop_cancels_holders_and_fails_waiters(file_url: str, prefix: str) -> None:
-    coordinator: Coordinator = make_coordinator(file_url, prefix)
-    await coordinator.start()
-    semaphore = Semaphore("jobs", 1, coordinator=coordinator)
-    outcomes: list[str] = []
-
-    async def hold() -> None:
-        try:
-            async with semaphore:
-                outcomes.append("held")
-                await anyio.sleep(10)
-        except LockLost as exc:
-            outcomes.append(f"lost: {exc.reason}")
-
-    async def wait() -> None:
-        try:
-            await semaphore.acquire()
-        except LockCreationFailed:
-            outcomes.append("waiter failed")
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(hold)
-        await anyio.sleep(0.1)
-        group.start_soon(wait)
-        await anyio.sleep(0.1)
-        await coordinator.stop()
-    assert sorted(outcomes) == ["held", "lost: the coordinator stopped", "waiter failed"]
-    assert not coordinator._lock_table.semaphores
 
 
 async def test_a_reconnect_cancels_holders_and_waiters_ride_it_out(

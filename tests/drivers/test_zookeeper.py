@@ -4,13 +4,12 @@ of a session that expired are lost."""
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
 
 from aiotooz import Lock
 
-from ..support.helpers import ServerPool, make_coordinator, url_for
+from ..support.helpers import ServerPool, close_zookeeper_session, make_coordinator, url_for
 
 
 async def test_zookeeper_locks_of_an_expired_session_are_lost(
@@ -19,8 +18,6 @@ async def test_zookeeper_locks_of_an_expired_session_are_lost(
     """A beat reads no lock node: it proves the session. A session that expired (here:
     closed from outside with its id and password) took its nodes with it, and kazoo
     makes a new one; every lock granted in the old one must read lost."""
-    from kazoo.client import KazooClient
-
     url = url_for("zookeeper", server_pool, tmp_path) + "?timeout=3"
     async with make_coordinator(url, prefix, heartbeat=0.2) as coordinator:
         locks = [
@@ -28,13 +25,7 @@ async def test_zookeeper_locks_of_an_expired_session_are_lost(
         ]
         for lock in locks:
             assert await lock.acquire()
-        connection = coordinator._lock_table.connection
-        assert connection is not None
-        kazoo = connection.driver.tooz._coord  # type: ignore[attr-defined]
-        intruder = KazooClient(hosts=urlsplit(url).netloc, client_id=kazoo.client_id)
-        await anyio.to_thread.run_sync(intruder.start)
-        await anyio.to_thread.run_sync(intruder.stop)  # closes the holder's session
-        await anyio.to_thread.run_sync(intruder.close)
+        await close_zookeeper_session(coordinator)
         with anyio.fail_after(10):
             for lock in locks:
                 await lock.wait_lost()

@@ -227,6 +227,73 @@ def pg_advisory_key(key: str) -> bytes:
     return hashlib.md5(key.encode("ascii"), usedforsecurity=False).digest()[:2]
 
 
+def take_away(backend: str, url: str, key: str) -> None:
+    """From outside, with the backend's own client: ``key`` is no longer ours (another
+    owner's token on it, our node deleted, our session killed)."""
+    parts = urlsplit(url)
+    if backend == "redis+cluster":  # several hosts: no one port
+        import redis.cluster
+
+        nodes = [
+            redis.cluster.ClusterNode(host, int(port))  # type: ignore[no-untyped-call]
+            for host, _, port in (node.rpartition(":") for node in parts.netloc.split(","))
+        ]
+        cluster = redis.cluster.RedisCluster(startup_nodes=nodes)
+        # aiotooz's own driver: the key is its own hash tag (keys without braces).
+        cluster.set(f"aiotooz:{{{key}}}:lock".encode(), b"someone-else", px=30_000)
+        cluster.close()
+        return
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    if backend == "redis":
+        import redis
+
+        client = redis.Redis(host=host, port=port or 6379)
+        client.set(f"_tooz_{key}_lock".encode(), b"someone-else", px=30_000)
+        client.close()
+    elif backend == "memcached":
+        from pymemcache.client.base import Client
+
+        memcached = Client((host, port or 11211))
+        # flags=1: raw bytes, as tooz stores a member id.
+        memcached.set(b"__TOOZ_LOCK_" + key.encode(), b"someone-else", 30, noreply=False, flags=1)
+        memcached.close()
+    elif backend == "etcd3+http":
+        with etcd_client(url) as client:
+            client.put(f"/tooz/locks{key}", "someone-else")
+    elif backend == "zookeeper":
+        from kazoo.client import KazooClient
+
+        zookeeper = KazooClient(hosts=f"{host}:{port}")
+        zookeeper.start(timeout=10)
+        try:
+            path = f"/tooz/locks/{key}"
+            children = zookeeper.get_children(path)
+            assert children
+            for child in children:
+                zookeeper.delete(f"{path}/{child}")
+        finally:
+            zookeeper.stop()
+            zookeeper.close()
+    else:
+        kill_sql_sessions(backend, url, key, every=False)
+
+
+async def close_zookeeper_session(coordinator: Coordinator) -> None:
+    """End ``coordinator``'s ZooKeeper session from outside, as its expiry would.
+
+    A client joins the session with its id and password, then closes it; kazoo makes a
+    new session, and every lock node of the old one went with it.
+    """
+    from kazoo.client import KazooClient
+
+    kazoo = connection_of(coordinator).driver.tooz._coord  # type: ignore[attr-defined]
+    hosts = urlsplit(coordinator.settings.backend_url).netloc
+    intruder = KazooClient(hosts=hosts, client_id=kazoo.client_id)
+    await anyio.to_thread.run_sync(intruder.start)
+    await anyio.to_thread.run_sync(intruder.stop)  # closes the holder's session
+    await anyio.to_thread.run_sync(intruder.close)
+
+
 def kill_sql_sessions(backend: str, url: str, key: str, every: bool) -> None:
     """From outside, as an operator or a reaper would: end the session holding ``key``
     (``pg_terminate_backend``, ``KILL``), or, with ``every``, every client session.
