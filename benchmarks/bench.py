@@ -494,7 +494,7 @@ def rss_bytes() -> int:
 
 
 async def child_memory(args: list[str]) -> None:
-    from aiotooz._process import FILE_LOCKS
+    from aiotooz import _process  # its table is replaced after a fork: read it at the end
 
     url, names, concurrency = args[0], int(args[1]), int(args[2])
     async with coordinator(url) as coord:
@@ -526,7 +526,7 @@ async def child_memory(args: list[str]) -> None:
             "waited_for_left": coord.statistics().names_waited_for,
             "holds_left": coord.statistics().locks_held,
             # The file backend's process-wide table of lock-file handles (weak values).
-            "file_handles_left": len(FILE_LOCKS),
+            "file_handles_left": len(_process._FILE_LOCKS),
         }
     print(json.dumps(report))
 

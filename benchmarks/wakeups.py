@@ -216,14 +216,15 @@ async def sessions_per_coordinator(backend: str, url: str) -> dict[str, int]:
             held = [Lock(f"held-{number}", coordinator=coord) for number in range(1000)]
             for lock in held:
                 await lock.acquire()
+            waiters = [Lock(lock.name, coordinator=coord) for lock in busy]
             async with anyio.create_task_group() as group:
-                for lock in busy:
-                    group.start_soon(Lock(lock.name, coordinator=coord).acquire)
+                for waiter in waiters:
+                    group.start_soon(waiter.acquire)
                 await anyio.sleep(1.0)
                 loaded = len(_server_sessions(backend, url) - before)
                 for lock in busy:
                     await lock.release()
-            for lock in held:
+            for lock in [*held, *waiters]:  # the waiters got their locks once busy let go
                 await lock.release()
     return {"at_rest": at_rest, "held_1000_waiting_10": loaded}
 

@@ -28,7 +28,7 @@ from ._exceptions import (
 )
 from ._lock import Blocking, Lock, check_blocking, held_handle
 from ._logging import get_logger
-from ._names import backend_key, check_name
+from ._names import check_name
 
 if TYPE_CHECKING:  # the coordinator module imports this one, never the reverse
     from ._coordinator import Coordinator
@@ -110,8 +110,9 @@ class Leadership:
         coordinator = self._lock.coordinator  # the default one, resolved as it was entered
         try:
             token = self._lock.fencing_token
-            handle = held_handle(self._lock)
-            await handle.connection.publish_leader(handle, coordinator.member_id, token)
+            await coordinator._lock_table.publish_leader(
+                held_handle(self._lock), coordinator.member_id, token
+            )
         except BaseException as exc:
             await self.__aexit__(type(exc), exc, exc.__traceback__)
             raise
@@ -145,13 +146,7 @@ async def read_leader(coordinator: Coordinator, name: str) -> str | None:
             f"{coordinator!r} is not started: start it before asking who leads {name!r}"
         )
     coordinator.check_loop()
-    connection = coordinator._lock_table.connection
-    if connection is None:
-        raise BackendUnavailable(
-            f"cannot tell who leads {name!r}: the coordinator is reconnecting to its backend"
-        )
-    key = backend_key(coordinator.prefix, LEADERSHIP_NAMESPACE + name, connection.reserved_keys)
-    return await connection.read_leader(key)
+    return await coordinator._lock_table.read_leader(LEADERSHIP_NAMESPACE + name)
 
 
 async def run_as_leader(

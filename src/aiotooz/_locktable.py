@@ -30,9 +30,7 @@ from typing import Final, final
 import anyio
 
 from ._connection import Connection, LockHandle
-from ._exceptions import (
-    LockAcquireFailed,
-)
+from ._exceptions import BackendUnavailable, LockAcquireFailed
 from ._logging import Logger
 from ._names import backend_key
 from ._queue import KeyQueue, RWQueue, SemaphoreQueue
@@ -582,6 +580,35 @@ class LockTable:
         if previous is None or previous.handle.connection is not self._state.connection:
             return None
         return previous
+
+    # -- what a held lock's primitive publishes beside it --------------------------------
+
+    async def publish_leader(self, handle: LockHandle, member_id: str, token: int) -> None:
+        """Name ``member_id`` as the leader holding ``handle`` (``NAMES_LEADER``)."""
+        await handle.connection.publish_leader(handle, member_id, token)
+
+    async def read_leader(self, name: str) -> str | None:
+        """The member id of the leader holding the lock ``name`` now, or ``None``.
+
+        Raises:
+            BackendUnavailable: reconnecting, or the backend failed.
+        """
+        connection = self._state.connection
+        if connection is None:
+            raise BackendUnavailable(
+                f"cannot tell who holds {name!r}: the coordinator is reconnecting to its backend"
+            )
+        return await connection.read_leader(
+            backend_key(self._prefix, name, connection.reserved_keys)
+        )
+
+    async def read_record(self, handle: LockHandle) -> bytes | None:
+        """The record kept beside ``handle``'s lock (``KEEPS_RECORDS``), or ``None``."""
+        return await handle.read_record()
+
+    async def write_record(self, handle: LockHandle, record: bytes, token: int) -> bool:
+        """Replace the record beside ``handle``'s lock, fenced with ``token``."""
+        return await handle.write_record(record, token)
 
     def _reserved_keys(self) -> frozenset[str]:
         connection = self._state.connection

@@ -138,9 +138,9 @@ class WindowClaim:
             self._log.debug("window not claimed: the lock was busy until its end", window=window)
             return self
         try:
-            handle = held_handle(self._lock)
+            table, handle = self._lock.coordinator._lock_table, held_handle(self._lock)
             self._token = self._lock.fencing_token
-            record = await handle.read_record()
+            record = await table.read_record(handle)
             claimed_start, _, state = (record or b"").partition(b" ")
             if record is not None and self._taken(int(claimed_start), state):
                 self._log.debug(
@@ -149,7 +149,7 @@ class WindowClaim:
                 await self._lock.__aexit__(None, None, None)
                 return self
             claim = b"%d %s" % (self.start, _STARTED)
-            if not await handle.write_record(claim, self._token):
+            if not await table.write_record(handle, claim, self._token):
                 raise self._lost("the claim was refused")
         except BaseException as exc:
             if self._lock.locked():
@@ -177,9 +177,9 @@ class WindowClaim:
         """
         if not (self.claimed and self._finish_required):
             return
-        handle = held_handle(self._lock)
+        table = self._lock.coordinator._lock_table
         record = b"%d %s" % (self.start, _FINISHED)
-        if not await handle.write_record(record, self._token):
+        if not await table.write_record(held_handle(self._lock), record, self._token):
             raise self._lost("the finish was refused")
 
     def _lost(self, what: str) -> LockLost:
