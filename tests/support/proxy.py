@@ -35,10 +35,18 @@ class DelayProxy:
         while not self._closed:
             try:
                 client, _ = self._listener.accept()
-                server = socket.create_connection(self._target)
             except OSError:
                 return
+            try:
+                server = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                continue
             self._sockets += [client, server]
+            if self._closed:  # closed while this pair connected: close() missed it
+                client.close()
+                server.close()
+                return
             for src, dst in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
@@ -53,11 +61,14 @@ class DelayProxy:
         except OSError:
             pass
         finally:
+            # Both ways end together; closed here too, not left to the garbage collector
+            # (a ResourceWarning charged to whichever test runs then).
             for sock in (src, dst):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                sock.close()
 
     def set_delay(self, delay: float, jitter: float = 0.0) -> None:
         self._delay, self._jitter = delay, jitter
