@@ -223,17 +223,23 @@ class _Channels:
         self._reader: BackgroundTask | None = None
         self._signals: dict[bytes, set[ReleaseSignal]] = {}
         self._subscribed: dict[bytes, anyio.Event] = {}
+        self._closed = False
 
     async def watch(self, channel: bytes) -> ReleaseSignal:
+        if self._closed:
+            raise RuntimeError("the release watches are closed")  # the waiter polls
         if self._pubsub is None:
             self._pubsub = self._client.pubsub()
+        pubsub = self._pubsub
         signal = ReleaseSignal()
         signals = self._signals.setdefault(channel, set())
         signals.add(signal)
         try:
             if len(signals) == 1:
                 subscribed = self._subscribed[channel] = anyio.Event()
-                await self._pubsub.subscribe(channel)
+                await pubsub.subscribe(channel)
+                if self._closed:
+                    raise RuntimeError("the release watches were closed meanwhile")
                 if self._reader is None:  # after the subscribe: the connection exists
                     self._reader = spawn(self._read, name="aiotooz redis release signals")
                 await subscribed.wait()  # active at the server: a release from now fires
@@ -246,6 +252,11 @@ class _Channels:
             if not signals:
                 self._signals.pop(channel, None)
                 self._subscribed.pop(channel, None)
+            if self._closed:
+                # close() ran while this subscribe was connecting: the connection it
+                # made is this pub/sub's alone now, and nobody else will close it.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await pubsub.aclose()
             raise
         return signal
 
@@ -290,6 +301,7 @@ class _Channels:
                 await pubsub.aclose()
 
     async def close(self) -> None:
+        self._closed = True  # no watch starts from now on (its connection would leak)
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -365,6 +377,8 @@ class RedisDriver(Driver):
         self._async_client: Any = None
         self._async_release: Any = None
         self._channels: _Channels | None = None
+        #: ``close_async`` ran: no watch opens a connection from now on.
+        self._async_closed = False
 
     @property
     def lock_ttl(self) -> float:
@@ -664,6 +678,8 @@ class RedisDriver(Driver):
         return int(told)
 
     async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
+        if self._async_closed:
+            return None  # stopping: a new client now would never be closed
         if self._channels is None:
             self._channels = _Channels(self._client())
         return await self._channels.watch(_channel(lock))
@@ -677,6 +693,7 @@ class RedisDriver(Driver):
                 await self._client().zrem(lock.intent, lock.member)
 
     async def close_async(self) -> None:
+        self._async_closed = True
         channels, self._channels = self._channels, None
         if channels is not None:
             await channels.close()

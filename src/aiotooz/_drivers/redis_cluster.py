@@ -131,11 +131,14 @@ class _NodeChannels:
         self._options = options
         self._by_node: dict[str, tuple[Any, _Channels]] = {}
         self._watched: dict[ReleaseSignal, _Channels] = {}
+        self._closed = False
 
     async def watch(self, channel: bytes) -> ReleaseSignal:
         import redis.asyncio
 
         await self._cluster.initialize()  # the map of slots (once; then at once)
+        if self._closed:  # closed meanwhile: a client made now would never be closed
+            raise RuntimeError("the release watches are closed")
         node = self._cluster.get_node_from_key(channel)
         entry = self._by_node.get(node.name)
         if entry is None:
@@ -151,6 +154,7 @@ class _NodeChannels:
             await channels.unwatch(channel, signal)
 
     async def close(self) -> None:
+        self._closed = True
         entries, self._by_node = list(self._by_node.values()), {}
         self._watched.clear()
         for client, channels in entries:
@@ -211,6 +215,8 @@ class RedisClusterDriver(Driver):
         self._client: Any = None
         self._async_client: Any = None
         self._channels: _NodeChannels | None = None
+        #: ``close_async`` ran: no watch opens a connection from now on.
+        self._async_closed = False
         #: The token of every lock this connection holds, by key: what a beat refreshes.
         self._held: dict[bytes, bytes] = {}
         self._held_guard = threading.Lock()  # never held across a network call
@@ -466,6 +472,8 @@ class RedisClusterDriver(Driver):
         return int(told)
 
     async def watch_releases(self, lock: Any) -> ReleaseSignal | None:
+        if self._async_closed:
+            return None  # stopping: a new client now would never be closed
         if self._channels is None:
             self._channels = _NodeChannels(self._async(), self._client_options)
         return await self._channels.watch(lock.channel)
@@ -475,6 +483,7 @@ class RedisClusterDriver(Driver):
             await self._channels.unwatch(lock.channel, signal)
 
     async def close_async(self) -> None:
+        self._async_closed = True
         channels, self._channels = self._channels, None
         if channels is not None:
             await channels.close()
