@@ -11,17 +11,19 @@ poll, are in tests/drivers/test_redis.py.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from aiotooz import Lock, Semaphore
+from aiotooz import Lock, RWLock, Semaphore
 from aiotooz import _tries as tries
 
-from .support.helpers import WOKEN_WITHIN, handoffs, make_coordinator
+from .support.helpers import WOKEN_WITHIN, ServerPool, handoffs, make_coordinator, url_for
 from .support.procs import worker_process
 
 
@@ -221,3 +223,69 @@ async def test_many_waiters_park_a_bounded_number_of_threads(
                     await anyio.sleep(0.05)
             if backend == "mysql":
                 assert most_parked == limit  # the probes were used, up to the bound
+
+
+@pytest.mark.parametrize(
+    ("backend", "kind"),
+    [
+        ("zookeeper", "lock"),
+        ("etcd3+http", "lock"),
+        ("postgresql", "lock"),
+        ("mysql", "lock"),
+        ("ipc", "lock"),
+        ("zookeeper", "write"),
+        ("etcd3+http", "write"),
+        ("postgresql", "write"),
+    ],
+)
+async def test_waiters_cancelled_while_arming_a_watch_leave_nothing_behind(
+    backend: str, kind: str, server_pool: ServerPool, tmp_path: Path, prefix: str, seed: int
+) -> None:
+    """A waiter cancelled while a worker thread arms its watch does not wait for that call;
+    the watch it armed after the waiter had left used to stay: an etcd watch stream and
+    its thread, a probe or a SQL session queued at the server (which then took the lock
+    for nobody), a read-write contender node or key (which held back everyone after it)
+    until the coordinator stopped. Cancelled at random moments, some of them mid-arm."""
+    draw = random.Random(seed)
+    url = url_for(backend, server_pool, tmp_path)
+
+    # A name for each waiter: a later waiter's disarm of the same name (on drivers that
+    # key watches by name) would hide a leak.
+    names = [f"armed-{number}" for number in range(30)]
+
+    async def take(
+        coordinator: Any, name: str, blocking: bool | float = True, read: bool = False
+    ) -> Any:
+        """A lock (or a read-write lock's write side, or its read side) of this
+        coordinator's, taken; what to release, or ``None`` if it was not."""
+        if kind == "lock":
+            lock: Any = Lock(name, coordinator=coordinator)
+            return lock if await lock.acquire(blocking) else None
+        lock = RWLock(name, coordinator=coordinator)
+        taken = await (lock.acquire_read if read else lock.acquire_write)(blocking)
+        return lock if taken else None
+
+    async with (
+        make_coordinator(url, prefix) as holding,
+        make_coordinator(url, prefix) as waiting,
+    ):
+        held = [await take(holding, name) for name in names]
+        try:
+            for name in names:
+                with anyio.move_on_after(draw.uniform(0, 0.05)):
+                    await take(waiting, name)
+                    raise AssertionError("granted while another coordinator holds it")
+            # Whatever the cancelled waiters armed ends (a probe within a slice).
+            with anyio.fail_after(10):
+                while waiting.statistics().release_watchers:
+                    await anyio.sleep(0.05)
+        finally:
+            for lock in held:
+                await lock.release()
+        # Nothing of theirs holds a lock or queues ahead: a newcomer (a reader, behind
+        # any writer's place left in the queue) gets each one.
+        async with make_coordinator(url, prefix) as newcomer:
+            for name in names:
+                late = await take(newcomer, name, blocking=5, read=True)
+                assert late is not None, name
+                await late.release()

@@ -85,6 +85,7 @@ def _armed_watch(driver: Driver, calls: Calls, tooz_lock: object) -> Watch:
     fired = ReleaseSignal()
     schedule = calls.schedule
     armed = False  # a watch is armed and has not fired yet: no need for another
+    closed = False  # the waiter has stopped waiting
 
     def on_fire() -> None:
         nonlocal armed
@@ -100,17 +101,27 @@ def _armed_watch(driver: Driver, calls: Calls, tooz_lock: object) -> Watch:
         if armed:
             return False
         try:
-            looks_free = await calls.in_lane(
-                calls.acquire_lane,
-                "watching",
-                lambda: driver.arm_release_watch(tooz_lock, fire),
-            )
+            looks_free = await calls.in_lane(calls.acquire_lane, "watching", arm_in_lane)
         except CoordinationError:
             return False  # not here, or not now: the waiter polls
         armed = not looks_free
         return looks_free
 
+    def arm_in_lane() -> bool:
+        try:
+            return driver.arm_release_watch(tooz_lock, fire)
+        finally:
+            # A cancelled waiter does not wait for this call: if it left (and disarmed)
+            # while the call ran, what the call armed would outlive it (a stream and its
+            # thread, a session queued at the server, a read-write contender's place).
+            # It is disarmed here, after the driver has registered it; `disarm` sets
+            # `closed` before it disarms, so one of the two always sees the watch.
+            if closed:
+                driver.disarm_release_watch(tooz_lock)
+
     async def disarm() -> None:
+        nonlocal closed
+        closed = True
         driver.disarm_release_watch(tooz_lock)
 
     return Watch(fired, False, close=disarm, arm=arm)

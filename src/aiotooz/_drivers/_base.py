@@ -430,7 +430,9 @@ class Driver:
     def disarm_release_watch(self, lock: Any) -> None:
         """Stop a watch :meth:`arm_release_watch` armed, if it holds anything.
 
-        A thread or a stream, say. Called on the event loop: it must not block.
+        A thread or a stream, say. Called on the event loop, where it must not block,
+        and again in a worker thread by an arm that ended after its waiter had left; a
+        second call for the same lock finds nothing to stop.
         """
 
     def fencing_token(self, lock: Any) -> int | None:
