@@ -68,8 +68,10 @@ async def test_three_processes_never_let_a_writer_overlap_anyone(
     report = check_log(log.read_text())
     assert report.overlaps == []
     assert report.peak_readers >= 3
-    assert report.writes >= 4 * 5  # every writer got in, again and again
-    assert report.reads >= 4 * 3 * 10
+    # Nobody starved: each of the 4 processes' 3 readers and writer got in, more than
+    # once (how often depends on the machine's speed, not on the lock).
+    assert len(report.entries) == 4 * (3 + 1), report.entries
+    assert min(report.entries.values()) >= 2, report.entries
     assert report.longest_writer_wait < 2.0, sorted(report.waits)[-5:]
     assert report.tokens_out_of_order == 0
 
