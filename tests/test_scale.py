@@ -20,13 +20,15 @@ from .support.helpers import ServerPool, make_coordinator, url_for
 
 #: Locks held at once, per backend, and for how long (seconds): several TTLs, so that a
 #: beat that outgrows the lease loses them. Each count lost most or all of its locks
-#: with a per-lock refresh (Redis and memcached refresh a lock cheapest, so they take
-#: more), and keeps the test within about 30 s on a loaded 2-core machine (etcd and
-#: ZooKeeper make a try slowest).
+#: with a per-lock refresh (Redis refreshes a lock cheapest, so it takes more), and keeps
+#: the test within about 30 s on a loaded 2-core machine (etcd and ZooKeeper make a try
+#: slowest). memcached holds the issue's 2,000: its pipelined beat of 5,000, parsed in
+#: Python under coverage on a slow and loaded 2-core machine, once took more than the
+#: lease rule's 2.4 s (benchmarks/scale.py measures the beat itself).
 HELD = {
     "redis": 5000,
     "redis+cluster": 5000,
-    "memcached": 5000,
+    "memcached": 2000,
     "etcd3+http": 1000,
     "zookeeper": 2000,
 }
