@@ -623,6 +623,10 @@ class RedisDriver(Driver):
             import redis.asyncio
             import redis.lock
 
+            if self._async_closed:
+                # A call racing stop(): a client made now would never be closed.
+                raise redis.exceptions.ConnectionError("the connection is closed")
+
             pool = self.tooz._client.connection_pool  # type: ignore[attr-defined]
             connection_class = (
                 redis.asyncio.UnixDomainSocketConnection

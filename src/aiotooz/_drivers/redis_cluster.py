@@ -441,6 +441,10 @@ class RedisClusterDriver(Driver):
         if self._async_client is None:
             import redis.asyncio.cluster
 
+            if self._async_closed:
+                # A call racing stop(): a client made now would never be closed.
+                raise redis.exceptions.ConnectionError("the connection is closed")
+
             nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in self._hosts]
             self._async_client = redis.asyncio.cluster.RedisCluster(
                 startup_nodes=nodes, **self._client_options
