@@ -84,7 +84,7 @@ async def test_a_busy_process_lets_a_woken_foreign_waiter_in(
             await anyio.sleep(0.2)
             waits = []
             for _ in range(3):
-                with worker_process("grant", url, prefix, "busy") as waiter:
+                with worker_process("grant", url, prefix, "busy", "warm") as waiter:
                     await anyio.to_thread.run_sync(waiter.expect, "waiting")
                     asked = time.time()
                     line = await anyio.to_thread.run_sync(waiter.readline)

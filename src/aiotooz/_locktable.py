@@ -50,6 +50,10 @@ __all__ = [
 #: The deadline of a wait as long as it takes.
 FOREVER: Final = math.inf
 
+#: How long the next local waiter steps back after a release that woke waiters in
+#: other processes: long enough for a woken waiter's try on a LAN.
+_STEP_BACK: Final = 0.01
+
 #: How many name -> key mappings a table keeps.
 _KEYS_KEPT: Final = 1024
 
@@ -393,15 +397,11 @@ class LockTable:
                 else:
                     granted = previous.handle, previous.lease_start, token
             if previous is None:
-                had_to_wait = False
 
                 def waiting() -> None:
-                    nonlocal had_to_wait
-                    had_to_wait = True
                     wait.begin()
                     queue.owner_waits = True  # for statistics(): it waits for a process
 
-                stepping_back = queue.step_back_until > -math.inf
                 try:
                     granted = await self._tries.acquire(
                         key, deadline, fencing, queue.step_back_until, waiting, once
@@ -409,8 +409,6 @@ class LockTable:
                 finally:
                     queue.owner_waits = False
                 queue.step_back_until = -math.inf
-                if stepping_back and granted is not None:
-                    queue.stepped_back(taken_elsewhere=had_to_wait)
         except BaseException:
             if queue.owner == task:
                 self._give_back(key, queue)
@@ -513,7 +511,7 @@ class LockTable:
                 if hold.handle.woken and hold.queue.waiting:
                     # Fairness: waiters elsewhere were woken by this release; the next
                     # waiter here lets them go first instead of winning the race.
-                    hold.queue.step_back(anyio.current_time())
+                    hold.queue.step_back_until = anyio.current_time() + _STEP_BACK
         finally:
             self._give_back(hold.key, hold.queue)
             self._log.debug(

@@ -10,19 +10,11 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Final, final
+from typing import final
 
 import anyio
 
 __all__ = ["KeyQueue", "RWQueue", "SemaphoreQueue"]
-
-#: How long the next owner steps back after a release that woke waiters in other
-#: processes: long enough for a woken waiter's try on a LAN. Doubled, up to
-#: ``_STEP_BACK_CAP``, each time the lock was still free after the step-back (a loaded
-#: machine runs the woken process late: at a fixed 10 ms a foreign waiter behind a busy
-#: process waited 1-2 s there), and back to ``_STEP_BACK`` once a waiter elsewhere took it.
-_STEP_BACK: Final = 0.01
-_STEP_BACK_CAP: Final = 0.16
 
 
 @final
@@ -39,12 +31,11 @@ class _Waiter:
 class KeyQueue:
     """First come, first served ownership of one key among the tasks of a process."""
 
-    __slots__ = ("_step_back", "_waiters", "owner", "owner_waits", "step_back_until")
+    __slots__ = ("_waiters", "owner", "owner_waits", "step_back_until")
 
     def __init__(self) -> None:
         #: Until when the next owner lets waiters of other processes go first.
         self.step_back_until: float = float("-inf")
-        self._step_back = _STEP_BACK
         #: The id of the task that owns the key locally (it may still be trying the
         #: backend), or ``None``.
         self.owner: int | None = None
@@ -56,21 +47,6 @@ class KeyQueue:
     def idle(self) -> bool:
         """Nobody owns or waits for the key: the queue can be forgotten."""
         return self.owner is None and not self._waiters
-
-    def step_back(self, now: float) -> None:
-        """A release woke waiters elsewhere: the next owner lets them go first."""
-        self.step_back_until = now + self._step_back
-
-    def stepped_back(self, taken_elsewhere: bool) -> None:
-        """The owner after a step-back got the lock; longer next time if at once.
-
-        At its first try, nobody elsewhere took the lock in time: the next step-back
-        doubles. If it had to wait, one of them did: back to the shortest.
-        """
-        if taken_elsewhere:
-            self._step_back = _STEP_BACK
-        else:
-            self._step_back = min(self._step_back * 2, _STEP_BACK_CAP)
 
     @property
     def waiting(self) -> int:
