@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Final
 
@@ -63,6 +64,19 @@ class MemcachedDriver(Driver):
                 "expires locks in whole seconds and up to 1 s early, so a lock must live at "
                 "least 2 s (and then only 1 s is guaranteed); use lock_timeout=3 or more"
             )
+
+    def stop(self) -> None:
+        """Stop, and close the client's pooled sockets whatever happened before.
+
+        tooz's own stop closes its client last, after calls that raise when the server
+        is gone or hung (a release, the member's delete): the sockets were then left to
+        the garbage collector.
+        """
+        try:
+            super().stop()
+        finally:
+            with contextlib.suppress(Exception):
+                self.tooz.client.close()  # type: ignore[attr-defined]
 
     def heartbeat(self) -> None:
         self.beat(())
