@@ -19,8 +19,9 @@ cancelled). Every tooz or client-library exception is translated here, once, int
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final, TypeVar, final
 
 import anyio
@@ -84,6 +85,11 @@ class Calls:
         #: Tries and releases run through the driver's asyncio client.
         self.native = native
         self._slow_inline_calls = 0
+        #: The driver's calls on the event loop (native calls, watches) running now, and
+        #: whether new ones are refused: the driver's asyncio client must outlive them.
+        self._loop_calls = 0
+        self._loop_calls_closed = False
+        self._loop_calls_ended: anyio.Event | None = None
 
     @property
     def threads(self) -> int:
@@ -163,7 +169,7 @@ class Calls:
         """
         limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
         try:
-            with anyio.move_on_after(limit) as scope:
+            with self.on_loop_call(action), anyio.move_on_after(limit) as scope:
                 result = await call()
         except BaseException as exc:
             call_soon(self.control_lane, self.schedule, on_give_up)
@@ -176,6 +182,38 @@ class Calls:
                 raise CallTimedOut
             raise BackendUnavailable(self._no_answer(action))
         return result
+
+    @contextlib.contextmanager
+    def on_loop_call(self, action: str) -> Iterator[None]:
+        """Count a call through the driver's asyncio client; refused once they are ending.
+
+        Raises:
+            BackendUnavailable: the connection is closing.
+        """
+        if self._loop_calls_closed:
+            raise BackendUnavailable(
+                f"{action} on {redact_url(self.url)}: the connection is closed"
+            )
+        self._loop_calls += 1
+        try:
+            yield
+        finally:
+            self._loop_calls -= 1
+            if not self._loop_calls and self._loop_calls_ended is not None:
+                self._loop_calls_ended.set()
+
+    async def end_loop_calls(self) -> None:
+        """Refuse new calls on the event loop; let those running end (at most the call timeout).
+
+        The driver's asyncio client is closed after this: a call still using it then (a
+        release cut short by stop(), a watch subscribing) would open connections on it
+        again, which nobody would close (redis-py's clients reconnect on demand).
+        """
+        self._loop_calls_closed = True
+        if self._loop_calls:
+            self._loop_calls_ended = ended = anyio.Event()
+            with anyio.move_on_after(self.call_timeout, shield=True):
+                await ended.wait()
 
     def run_inline(self, action: str, func: Callable[[], T]) -> T:
         """Run ``func`` here and now (no checkpoint: a release must not be skipped)."""

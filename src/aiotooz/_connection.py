@@ -480,6 +480,7 @@ class Connection:
         Each step is bounded by the call timeout: a backend that does not answer is left
         behind (its stuck worker thread exits when the call returns).
         """
+        await self._calls.end_loop_calls()
         with anyio.move_on_after(self.call_timeout, shield=True):
             with contextlib.suppress(Exception):
                 await self.driver.close_async()

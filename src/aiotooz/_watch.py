@@ -70,11 +70,18 @@ async def open_watch(driver: Driver, calls: Calls, key: str) -> Watch:
     tooz_lock = driver.get_lock(key)  # no I/O on any driver
     if on_loop:
         signal = None
-        with anyio.move_on_after(calls.call_timeout), contextlib.suppress(Exception):
-            signal = await driver.watch_releases(tooz_lock)
+        with contextlib.suppress(Exception), calls.on_loop_call("watching for releases"):
+            with anyio.move_on_after(calls.call_timeout):
+                signal = await driver.watch_releases(tooz_lock)
         if signal is not None:
             watched = signal
-            return Watch(signal, True, lambda: driver.unwatch_releases(tooz_lock, watched))
+
+            async def unwatch() -> None:
+                # Counted like the watch: the driver's asyncio client outlives it.
+                with calls.on_loop_call("no longer watching for releases"):
+                    await driver.unwatch_releases(tooz_lock, watched)
+
+            return Watch(signal, True, unwatch)
     if not armed_here:
         return Watch(ReleaseSignal(), False)
     return _armed_watch(driver, calls, tooz_lock)
