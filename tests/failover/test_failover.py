@@ -362,8 +362,22 @@ def _run_on_the_clients_member(
         scenario.close()
     assert not report.lost(), f"locks lost: {report.lost()}"
     # A holder that waited its 5 s in the queue records it and waits again: not a fault.
-    errors = [e["error"] for e in report.events if e["event"] == "error"]
-    assert not [error for error in errors if "LockAcquireFailed" not in error], errors
+    # (Each error is shown with its holder and its time from the fault, and the history
+    # with it: what a failure needs to be understood.)
+    errors = [
+        (e["holder"], round(e["t"] - faulted, 3), e["error"])
+        for e in report.events
+        if e["event"] == "error"
+    ]
+    history = [
+        (e["holder"], round(e["t"] - faulted, 3), e["event"], e.get("how"))
+        for e in report.events
+        if e["event"] in ("enter", "exit", "error")
+    ]
+    assert not [error for error in errors if "LockAcquireFailed" not in error[2]], (
+        errors,
+        history,
+    )
 
 
 def test_etcd_clients_member_killed(etcd_cluster: EtcdCluster, tmp_path: Path) -> None:
