@@ -65,20 +65,31 @@ def windows_of(runs: list[tuple[int, int, int, int]]) -> list[int]:
     return chosen
 
 
-def start_workers(
-    url: str, prefix: str, every: float, log: Path, finish: str, seconds: float
-) -> tuple[list[Worker], float, float]:
-    """Four ready workers told to call the job from shortly after now for ``seconds``."""
+def ready_workers(url: str, prefix: str, every: float, log: Path, finish: str) -> list[Worker]:
+    """Four workers, started and ready to call the job."""
     workers = [
         Worker("once", url, prefix, "report", str(every), str(log), finish, loop) for loop in LOOPS
     ]
     for worker in workers:
         worker.expect("ready")
+    return workers
+
+
+def tell_to_go(workers: list[Worker], seconds: float) -> tuple[float, float]:
+    """Tell the workers to call the job from shortly after now for ``seconds``."""
     start = time.time() + 0.3
     end = start + seconds
     for worker in workers:
         worker.send(f"go {start} {end}")
-    return workers, start, end
+    return start, end
+
+
+def start_workers(
+    url: str, prefix: str, every: float, log: Path, finish: str, seconds: float
+) -> tuple[list[Worker], float, float]:
+    """Four ready workers told to call the job from shortly after now for ``seconds``."""
+    workers = ready_workers(url, prefix, every, log, finish)
+    return workers, *tell_to_go(workers, seconds)
 
 
 # Once per backend, not once per event loop: the workers run both.
@@ -120,12 +131,15 @@ async def test_finish_required_runs_a_window_again_after_its_runner_is_killed(
         url += "?lock_timeout=3"  # the dead runner's lock expires in 3 s
     log = tmp_path / "runs.log"
     every = 30
-    # Start with at least 12 s left in the window, so that the run again fits in it.
-    left = every - time.time() % every
-    if left < 12:
-        await anyio.sleep(left + 0.05)
-    workers, _, _ = start_workers(url, prefix, every, log, "hang-first", 10.0)
+    workers = ready_workers(url, prefix, every, log, "hang-first")
     try:
+        # Go with at least 12 s left in the window, so that the run again (a lock TTL
+        # after the kill) fits in it. Counted once the workers are ready: their start-up
+        # under load took most of the window's room when it was counted before it.
+        left = every - time.time() % every
+        if left < 12:
+            await anyio.sleep(left + 0.05)
+        tell_to_go(workers, 10.0)
         runs: list[tuple[int, int, int, int]] = []
         deadline = time.monotonic() + 5
         while not runs:
@@ -145,8 +159,12 @@ async def test_finish_required_runs_a_window_again_after_its_runner_is_killed(
     finally:
         for worker in workers:
             worker.close(grace=5)
-    runs = [run for run in read_runs(log) if run[1] == window]  # the next may have begun
-    assert len(runs) == 2, f"the unfinished window ran again once, then never: {runs}"
+    every_run = read_runs(log)
+    runs = [run for run in every_run if run[1] == window]  # the next may have begun
+    assert len(runs) == 2, (
+        f"window {window} ran {len(runs)} times, not twice (the killed run, then once "
+        f"again): {every_run}"
+    )
     again = runs[1]
     assert again[1] == window and again[2] != victim and again[3] > token, runs
 
