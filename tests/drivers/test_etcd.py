@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -25,6 +26,7 @@ from aiotooz import ConfigurationError, CoordinationSettings, Lock
 from ..support.clusters import EtcdCluster
 from ..support.helpers import ServerPool, etcd_client, etcd_lock_key, make_coordinator, url_for
 from ..support.procs import holding_process, run_worker
+from ..support.proxy import DelayProxy
 from ..support.servers import free_port
 
 # -- one lease for all locks; a key deleted or a lease revoked from outside ---------------
@@ -203,6 +205,36 @@ async def test_a_dead_first_endpoint_does_not_stop_a_connect(
     async with make_coordinator(url, prefix, heartbeat=0.3) as coordinator:
         async with Lock("first-dead", coordinator=coordinator, fencing=True) as lock:
             assert lock.fencing_token > 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the client runs in threads on both
+async def test_a_release_applied_by_a_member_that_did_not_answer_is_a_release(
+    server_pool: ServerPool, tmp_path: Path, prefix: str
+) -> None:
+    """The release's delete reaches the first endpoint and is applied, but its answer is
+    lost; sent again to the next endpoint it finds the key gone. That is our own delete,
+    not a loss: the release is clean (it raised LockLost before)."""
+    url = url_for("etcd3+http", server_pool, tmp_path)
+    server = urlsplit(url)
+    assert server.hostname and server.port
+    with DelayProxy(server.hostname, server.port, 0.0) as proxy:
+        endpoints = [f"127.0.0.1:{proxy.port}", f"{server.hostname}:{server.port}"]
+        # No beat during the test (one would move the client on before the release).
+        async with make_coordinator(_url(endpoints, 60), prefix, heartbeat=20) as coordinator:
+            lock = Lock("answer-lost", coordinator=coordinator)
+            await lock.acquire()
+            proxy.withhold_answers()
+            with anyio.fail_after(10):
+                await lock.release()  # raised LockLost: "another owner had it"
+            assert not lock.lost and coordinator.statistics().locks_lost == 0
+
+            def key_left() -> bool:
+                with etcd_client(url) as client:
+                    return bool(client.get(etcd_lock_key(prefix, "answer-lost")))
+
+            assert not await anyio.to_thread.run_sync(key_left)
+            async with Lock("answer-lost", coordinator=coordinator)(blocking=False):
+                pass
 
 
 @pytest.mark.parametrize("scheme", ["etcd3+http", "etcd3+https"])

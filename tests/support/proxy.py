@@ -29,6 +29,8 @@ class DelayProxy:
         self._closed = False
         self._flowing = threading.Event()
         self._flowing.set()
+        self._answering = threading.Event()
+        self._answering.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -47,16 +49,22 @@ class DelayProxy:
                 client.close()
                 server.close()
                 return
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, gates in (
+                (client, server, (self._flowing,)),
+                (server, client, (self._flowing, self._answering)),
+            ):
+                threading.Thread(target=self._pump, args=(src, dst, gates), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, gates: tuple[threading.Event, ...]
+    ) -> None:
         try:
             while data := src.recv(65536):
                 pause = self._delay + random.uniform(0.0, self._jitter)
                 if pause > 0:
                     time.sleep(pause)
-                self._flowing.wait()
+                for gate in gates:
+                    gate.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -79,9 +87,13 @@ class DelayProxy:
     def thaw(self) -> None:
         self._flowing.set()
 
+    def withhold_answers(self) -> None:
+        self._answering.clear()
+
     def close(self) -> None:
         self._closed = True
         self._flowing.set()
+        self._answering.set()
         self._listener.close()
         for sock in self._sockets:
             sock.close()

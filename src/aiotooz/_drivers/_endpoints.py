@@ -9,7 +9,9 @@ whichever member answered. Every member of an etcd cluster serves the whole keys
 and the same leases, so a lease kept alive through another member is the same lease.
 
 A call retried after a timeout may have been applied by the member that did not answer:
-the driver's calls are written to be safe to repeat (see ``EtcdDriver.try_acquire``).
+the driver's calls are written to be safe to repeat (see ``EtcdDriver.try_acquire``;
+a release asks :func:`sent_again_after_a_timeout` whether a key it found gone may have
+been deleted by its own first send).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["endpoints_of", "fail_over_between"]
+__all__ = ["endpoints_of", "fail_over_between", "sent_again_after_a_timeout"]
 
 
 def endpoints_of(parts: urllib.parse.SplitResult) -> list[tuple[str, int]]:
@@ -71,6 +73,8 @@ def fail_over_between(client: Any, endpoints: list[tuple[str, int]]) -> None:
         endpoints: list[tuple[str, int]]
         endpoint: tuple[str, int]
         endpoint_guard: threading.Lock
+        #: Per thread: its last call was sent again after a member timed out on it.
+        resent: threading.local
 
         @property
         def base_url(self) -> str:
@@ -100,13 +104,16 @@ def fail_over_between(client: Any, endpoints: list[tuple[str, int]]) -> None:
             among them, for an election timeout or so.
             """
             last = 2 * len(self.endpoints) - 1
+            self.resent.after_timeout = False
             for attempt in range(last + 1):
                 tried = self.base_url
                 try:
                     return call(tried)
-                except unreachable:
+                except unreachable as exc:
                     if attempt == last:
                         raise
+                    if isinstance(exc, exceptions.ConnectionTimeoutError):
+                        self.resent.after_timeout = True
                     self._next_after(tried)
             raise AssertionError("unreachable")
 
@@ -120,4 +127,14 @@ def fail_over_between(client: Any, endpoints: list[tuple[str, int]]) -> None:
     client.endpoints = list(endpoints)
     client.endpoint = endpoints[0]
     client.endpoint_guard = threading.Lock()
+    client.resent = threading.local()
     client.__class__ = FailoverClient
+
+
+def sent_again_after_a_timeout(client: Any) -> bool:
+    """Whether this thread's last call through ``client`` was sent again after a timeout.
+
+    The member that timed out may have applied it all the same.
+    """
+    resent = getattr(client, "resent", None)
+    return bool(getattr(resent, "after_timeout", False))

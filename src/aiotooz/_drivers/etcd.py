@@ -31,7 +31,7 @@ from ._base import (
     holder_stamp,
     read_stamp,
 )
-from ._endpoints import endpoints_of, fail_over_between
+from ._endpoints import endpoints_of, fail_over_between, sent_again_after_a_timeout
 from ._etcdrw import EtcdRW, EtcdRWLock
 
 __all__ = ["EtcdDriver"]
@@ -234,15 +234,38 @@ class EtcdDriver(Driver):
 
     def release(self, lock: Any) -> bool:
         """Delete the key if it still holds the grant's token."""
-        token, lock.token, lock.lease = lock.token, None, None
+        token, lease, lock.token, lock.lease = lock.token, lock.lease, None, None
         if token is None:
             return False
         try:
-            return self._delete_if(lock.key_b64, token)
+            if self._delete_if(lock.key_b64, token):
+                return True
+            # The delete was sent again after a timeout: the first may have been applied.
+            return sent_again_after_a_timeout(self._client) and self._deleted_by_us(
+                lock, token, lease
+            )
         except Exception:
             with self._lease_guard:
                 self._orphans[lock.key_b64] = token
             raise
+
+    def _deleted_by_us(self, lock: _EtcdLock, token: bytes, lease: int | None) -> bool:
+        """Whether a delete sent again after a timeout found the key gone by its first send.
+
+        A call sent again to another member after a timeout may have been applied by the
+        one that did not answer (its proposal committed late, or across a leader
+        change): the send that answers then finds the key gone. Gone while our lease
+        lives (a key on a lease ends with it) and with no break's mark, it was taken by
+        that first send, or by a delete from outside at that very moment, which this
+        cannot tell apart (a beat before the release would have told that loss).
+        """
+        if lease is None or self._client.get(lock.key):
+            return False
+        answer = self._client.post(self._client.get_url("/kv/lease/timetolive"), json={"ID": lease})
+        if int(answer.get("TTL", -1)) <= 0:
+            return False
+        marks = self._client.get(_broken_key(lock))
+        return not (marks and bytes(marks[0]) == token)
 
     def _delete_if(self, key_b64: str, token: bytes) -> bool:
         """Delete the key if it holds ``token``; whether it did."""
