@@ -402,13 +402,16 @@ async def test_a_loss_cancels_the_body_and_raises_out_of_the_block(
     async with started(any_backend_url, prefix, heartbeat=0.1) as coordinator:
         with pytest.raises(primitive.lost) as raised:
             async with primitive.enter("taken", coordinator):
-                if any_backend == "zookeeper":
-                    await close_zookeeper_session(coordinator)
-                else:
-                    key = primitive.key(prefix, "taken")
-                    await anyio.to_thread.run_sync(take_away, any_backend, any_backend_url, key)
+                # Timed from before the take-away: the loss may be noticed, and the body
+                # cancelled, before the take-away's own call returns (ZooKeeper's
+                # connection drop reaches a 0.1 s heartbeat at once).
                 taken = anyio.current_time()
                 try:
+                    if any_backend == "zookeeper":
+                        await close_zookeeper_session(coordinator)
+                    else:
+                        key = primitive.key(prefix, "taken")
+                        await anyio.to_thread.run_sync(take_away, any_backend, any_backend_url, key)
                     await anyio.sleep(30)
                 finally:
                     noticed = anyio.current_time() - taken
