@@ -494,3 +494,12 @@ class RedisClusterDriver(Driver):
         client, self._async_client = self._async_client, None
         if client is not None:
             await client.aclose()
+            # redis-py closes the nodes only if the client has a topology. A first
+            # connect that was cancelled (a try given up on, at its deadline or by
+            # stop()) tears the topology down in a cleanup whose awaits the cancel scope
+            # cancels too: the nodes stay connected, and aclose() skips them. So every
+            # node it knows of is disconnected here (again, harmlessly, if it did).
+            manager = client.nodes_manager
+            for node in [*manager.nodes_cache.values(), *manager.startup_nodes.values()]:
+                with contextlib.suppress(Exception):
+                    await node.disconnect()
