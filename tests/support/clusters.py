@@ -1,6 +1,6 @@
 """Private three-node clusters for the failover scenarios, and the network faults on them.
 
-Each node listens on a loopback address of its own (127.0.<c>.11, .12, .13 ...), so one
+Each node listens on a loopback address of its own (127.<w>.<c>.11, .12, .13 ...), so one
 can be found, killed, paused or cut off without the others; each runs as a user id of
 its own, so a firewall rule can match every packet it sends (``meta skuid``). Nodes
 have the interface of tests/support/servers.py (``start/stop/kill/pause/resume/restart``).
@@ -44,8 +44,21 @@ __all__ = [
 _UIDS = itertools.count(61011)
 #: The user id a client that a test cuts off runs as (see ``as_client_user``).
 CLIENT_UID = 61500
-#: Each cluster gets its own 127.0.<n>.0/24 block of addresses.
-_BLOCKS = itertools.count(201)
+
+
+def _blocks() -> Iterator[str]:
+    """Each cluster's own /24 of loopback addresses, ``127.<w>.<n>``: ``w`` is this test
+    process's own (pytest-xdist's worker number; 0 alone), so clusters of processes
+    running at once never share an address (they did, each counting from the same
+    start: a port free on 127.0.0.1 was taken on the other's address, and a node failed
+    to bind). ``n`` runs over 201-254 and wraps (clusters before are closed by then)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw-1").removeprefix("gw")
+    second = int(worker) + 1 if worker.lstrip("-").isdigit() else 0
+    for third in itertools.cycle(range(201, 255)):
+        yield f"127.{second}.{third}"
+
+
+_BLOCKS = _blocks()
 
 
 def as_client_user(command: list[str]) -> list[str]:
@@ -87,6 +100,7 @@ class ClusterNode(PrivateServer):
         os.chmod(self._workdir, 0o755)
         self.index = index
         self.host = host
+        self.port = free_port(host)
         self.address = f"{host}:{self.port}"
         self.url = self.address  # for repr; clusters make the client URLs
 
@@ -148,7 +162,7 @@ class EtcdNode(ClusterNode):
     def __init__(self, index: int, host: str) -> None:
         self._binary = _binary("etcd")
         super().__init__(index, host)
-        self.peer_port = free_port()
+        self.peer_port = free_port(self.host)
         self.initial_cluster = ""
 
     @property
@@ -205,7 +219,7 @@ class EtcdCluster(Cluster):
 
     def __init__(self, size: int = 3) -> None:
         block = next(_BLOCKS)
-        self.nodes = [EtcdNode(i, f"127.0.{block}.{10 + i}") for i in range(1, size + 1)]
+        self.nodes = [EtcdNode(i, f"{block}.{10 + i}") for i in range(1, size + 1)]
         initial = ",".join(f"{node.member}={node.peer_url}" for node in self.etcd_nodes)
         for node in self.etcd_nodes:
             node.initial_cluster = initial
@@ -250,8 +264,8 @@ class ZooKeeperNode(ClusterNode):
             missing_backend("ZooKeeper is not installed (Debian package: zookeeper)")
         self._jar = str(jar)
         super().__init__(index, host)
-        self.quorum_port = free_port()
-        self.election_port = free_port()
+        self.quorum_port = free_port(self.host)
+        self.election_port = free_port(self.host)
         self.servers = ""
 
     def _prepare(self) -> None:
@@ -304,7 +318,7 @@ class ZooKeeperCluster(Cluster):
 
     def __init__(self, size: int = 3) -> None:
         block = next(_BLOCKS)
-        self.nodes = [ZooKeeperNode(i, f"127.0.{block}.{10 + i}") for i in range(1, size + 1)]
+        self.nodes = [ZooKeeperNode(i, f"{block}.{10 + i}") for i in range(1, size + 1)]
         servers = "".join(
             f"server.{node.index}={node.host}:{node.quorum_port}:{node.election_port}\n"
             for node in self.zk_nodes
@@ -412,11 +426,11 @@ class RedisSentinelCluster(Cluster):
 
     def __init__(self) -> None:
         block = next(_BLOCKS)
-        primary = RedisNode(1, f"127.0.{block}.11")
-        replica = RedisNode(2, f"127.0.{block}.12", primary)
+        primary = RedisNode(1, f"{block}.11")
+        replica = RedisNode(2, f"{block}.12", primary)
         self.redis_nodes = [primary, replica]
         self.sentinels = [
-            SentinelNode(i, f"127.0.{block}.{20 + i}", primary, self.MASTER) for i in (1, 2, 3)
+            SentinelNode(i, f"{block}.{20 + i}", primary, self.MASTER) for i in (1, 2, 3)
         ]
         self.nodes = [*self.redis_nodes, *self.sentinels]
 
@@ -468,7 +482,7 @@ class RedisClusterNode(ClusterNode):
     def __init__(self, index: int, host: str) -> None:
         self._binary = _binary("redis-server")
         super().__init__(index, host)
-        self.bus_port = free_port()
+        self.bus_port = free_port(self.host)
 
     def _prepare(self) -> None:
         self._own(self._workdir / "data")
@@ -516,7 +530,7 @@ class RedisClusterOfSix(Cluster):
 
     def __init__(self) -> None:
         block = next(_BLOCKS)
-        self.nodes = [RedisClusterNode(i, f"127.0.{block}.{10 + i}") for i in range(1, 7)]
+        self.nodes = [RedisClusterNode(i, f"{block}.{10 + i}") for i in range(1, 7)]
         self._created = False
 
     def start(self) -> None:

@@ -46,9 +46,11 @@ __all__ = [
 ]
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at ``host`` now (a cluster node's own address: a port
+    free on 127.0.0.1 may be taken on another loopback address)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
