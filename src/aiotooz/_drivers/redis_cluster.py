@@ -494,11 +494,8 @@ class RedisClusterDriver(Driver):
         client, self._async_client = self._async_client, None
         if client is not None:
             await client.aclose()
-            # redis-py closes the nodes only if the client has a topology. A first
-            # connect that was cancelled (a try given up on, at its deadline or by
-            # stop()) tears the topology down in a cleanup whose awaits the cancel scope
-            # cancels too: the nodes stay connected, and aclose() skips them. So every
-            # node it knows of is disconnected here (again, harmlessly, if it did).
+            # aclose() skips the nodes of a client without a topology, as a first connect
+            # cut short by a cancel leaves it (its cleanup is cancelled too): close all.
             manager = client.nodes_manager
             for node in [*manager.nodes_cache.values(), *manager.startup_nodes.values()]:
                 with contextlib.suppress(Exception):
