@@ -208,25 +208,49 @@ async def test_a_dead_first_endpoint_does_not_stop_a_connect(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the client runs in threads on both
+@pytest.mark.parametrize("taken_meanwhile", [False, True], ids=["gone", "taken-meanwhile"])
 async def test_a_release_applied_by_a_member_that_did_not_answer_is_a_release(
-    server_pool: ServerPool, tmp_path: Path, prefix: str
+    server_pool: ServerPool, tmp_path: Path, prefix: str, taken_meanwhile: bool
 ) -> None:
     """The release's delete reaches the first endpoint and is applied, but its answer is
-    lost; sent again to the next endpoint it finds the key gone. That is our own delete,
-    not a loss: the release is clean (it raised LockLost before)."""
+    lost; sent again to the next endpoint it finds the key gone, or already taken by the
+    next holder (a waiter woken by that delete). That is our own delete, not a loss: the
+    release is clean (it raised LockLost before; with the key taken meanwhile, until the
+    failover suite showed it), and the next holder keeps the lock."""
     url = url_for("etcd3+http", server_pool, tmp_path)
     server = urlsplit(url)
     assert server.hostname and server.port
     with DelayProxy(server.hostname, server.port, 0.0) as proxy:
         endpoints = [f"127.0.0.1:{proxy.port}", f"{server.hostname}:{server.port}"]
         # No beat during the test (one would move the client on before the release).
-        async with make_coordinator(_url(endpoints, 60), prefix, heartbeat=20) as coordinator:
+        async with (
+            make_coordinator(_url(endpoints, 60), prefix, heartbeat=20) as coordinator,
+            make_coordinator(_url([endpoints[1]], 60), prefix) as other,
+            anyio.create_task_group() as tg,
+        ):
             lock = Lock("answer-lost", coordinator=coordinator)
             await lock.acquire()
+            next_holder = Lock("answer-lost", coordinator=other)
+            granted, done = anyio.Event(), anyio.Event()
+
+            async def take_next() -> None:
+                async with next_holder:
+                    granted.set()
+                    await done.wait()
+
+            if taken_meanwhile:
+                tg.start_soon(take_next)  # woken by the delete, within the withheld answer
+                await anyio.sleep(0.5)
             proxy.withhold_answers()
             with anyio.fail_after(10):
                 await lock.release()  # raised LockLost: "another owner had it"
+            next_granted, next_lost = granted.is_set(), next_holder.lost
+            done.set()  # the next holder, if any, releases
             assert not lock.lost and coordinator.statistics().locks_lost == 0
+            if taken_meanwhile:
+                assert next_granted, "the next holder was not granted before the resend"
+                assert not next_lost
+                return
 
             def key_left() -> bool:
                 with etcd_client(url) as client:

@@ -10,8 +10,8 @@ and the same leases, so a lease kept alive through another member is the same le
 
 A call retried after a timeout may have been applied by the member that did not answer:
 the driver's calls are written to be safe to repeat (see ``EtcdDriver.try_acquire``;
-a release asks :func:`sent_again_after_a_timeout` whether a key it found gone may have
-been deleted by its own first send).
+a release asks :func:`sent_again_after_a_timeout` whether a key it found without its
+token may have been deleted by its own first send).
 """
 
 from __future__ import annotations

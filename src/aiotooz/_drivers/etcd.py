@@ -250,16 +250,17 @@ class EtcdDriver(Driver):
             raise
 
     def _deleted_by_us(self, lock: _EtcdLock, token: bytes, lease: int | None) -> bool:
-        """Whether a delete sent again after a timeout found the key gone by its first send.
+        """Whether a delete sent again after a timeout found its key deleted by its first send.
 
         A call sent again to another member after a timeout may have been applied by the
         one that did not answer (its proposal committed late, or across a leader
-        change): the send that answers then finds the key gone. Gone while our lease
-        lives (a key on a lease ends with it) and with no break's mark, it was taken by
-        that first send, or by a delete from outside at that very moment, which this
-        cannot tell apart (a beat before the release would have told that loss).
+        change): the send that answers then finds the key without our token, gone or
+        already granted to the next holder. While our lease lives (a key on a lease
+        ends with it) and no break marked the key, only that first send took it, or a
+        delete from outside at that very moment, which this cannot tell apart (a beat
+        before the release would have told that loss).
         """
-        if lease is None or self._client.get(lock.key):
+        if lease is None:
             return False
         answer = self._client.post(self._client.get_url("/kv/lease/timetolive"), json={"ID": lease})
         if int(answer.get("TTL", -1)) <= 0:
