@@ -46,7 +46,7 @@ from .support.helpers import (
     ServerPool,
     close_zookeeper_session,
     make_coordinator,
-    pg_advisory_key,
+    prefix_without_pg_collisions,
     take_away,
     url_for,
 )
@@ -59,19 +59,6 @@ def prefix() -> str:
     """A prefix of at most 7 characters: the longest that MySQL's 64-character limit
     allows for every name (mapped keys are at most ``len(prefix) + 57`` characters)."""
     return f"c{uuid.uuid4().hex[:5]}-"
-
-
-def _prefix_without_pg_collisions(names: list[str]) -> str:
-    """A prefix under which ``names`` fall on distinct PostgreSQL advisory locks.
-
-    With a random prefix, 18 names would share an advisory lock in ~0.2 % of runs.
-    """
-    for number in range(1000):
-        prefix = f"h{number}-"
-        keys = {pg_advisory_key(backend_key(prefix, name)) for name in names}
-        if len(keys) == len(names):
-            return prefix
-    raise AssertionError("no prefix found")
 
 
 @asynccontextmanager
@@ -445,7 +432,7 @@ def test_stop_releases_held_locks(any_backend_url: str, prefix: str) -> None:
 
 async def test_hostile_names_lock_distinctly(any_backend_url: str) -> None:
     """Each hostile name is a lock of its own, at the backend and in the coordinator."""
-    prefix = _prefix_without_pg_collisions(HOSTILE_NAMES)
+    prefix = prefix_without_pg_collisions("h", HOSTILE_NAMES)
     async with (
         started(any_backend_url, prefix) as first,
         started(any_backend_url, prefix) as second,

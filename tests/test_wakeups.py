@@ -23,7 +23,14 @@ import pytest
 from aiotooz import Lock, RWLock, Semaphore
 from aiotooz import _tries as tries
 
-from .support.helpers import WOKEN_WITHIN, ServerPool, handoffs, make_coordinator, url_for
+from .support.helpers import (
+    WOKEN_WITHIN,
+    ServerPool,
+    handoffs,
+    make_coordinator,
+    prefix_without_pg_collisions,
+    url_for,
+)
 from .support.procs import worker_process
 
 
@@ -252,6 +259,7 @@ async def test_waiters_cancelled_while_arming_a_watch_leave_nothing_behind(
     # A name for each waiter: a later waiter's disarm of the same name (on drivers that
     # key watches by name) would hide a leak.
     names = [f"armed-{number}" for number in range(30)]
+    prefix = prefix_without_pg_collisions(prefix, names)
 
     async def take(
         coordinator: Any, name: str, blocking: bool | float = True, read: bool = False

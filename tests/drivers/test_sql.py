@@ -27,6 +27,7 @@ from ..support.helpers import (
     kill_sql_sessions,
     make_coordinator,
     pg_advisory_key,
+    prefix_without_pg_collisions,
     url_for,
 )
 from ..support.procs import holding_process, run_worker
@@ -181,6 +182,7 @@ async def test_a_killed_session_loses_every_lock_on_it_and_the_coordinator_recon
     killing the main session loses every lock; each holder is told within the
     heartbeat interval (and the call timeout), and later acquires work."""
     url = url_for(backend, server_pool, tmp_path)
+    prefix = prefix_without_pg_collisions(prefix, [*(f"k{n}" for n in range(20)), "contested"])
     heartbeat = 0.2
     async with make_coordinator(url, prefix) as other:
         async with make_coordinator(url, prefix, heartbeat=heartbeat) as coordinator:
