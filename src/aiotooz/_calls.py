@@ -19,10 +19,11 @@ cancelled). Every tooz or client-library exception is translated here, once, int
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Final, TypeVar, final
+from typing import Final, Generic, TypeVar, cast, final
 
 import anyio
 import anyio.lowlevel
@@ -42,6 +43,56 @@ T = TypeVar("T")
 #: connection sends its calls to the worker lanes for good.
 _INLINE_LIMIT: Final = 0.002
 _INLINE_STRIKES: Final = 3
+
+
+@final
+class _Flight(Generic[T]):
+    """A call running in a task of its own (:meth:`Calls.natively_in_a_task`).
+
+    Whoever sees it end last cleans up after it: its caller, or, once the caller has
+    left, the task itself.
+    """
+
+    __slots__ = ("_submit", "_undo", "_unknown", "answer", "answered", "ended", "error", "left")
+
+    def __init__(
+        self,
+        undo: Callable[[T], object],
+        unknown: Callable[[], object],
+        submit: Callable[[Callable[[], object]], None],
+    ) -> None:
+        self._undo = undo
+        self._unknown = unknown
+        #: Runs a clean-up in a worker thread, with nobody waiting for it.
+        self._submit = submit
+        self.answer: T | None = None
+        self.answered = False
+        self.error: Exception | None = None
+        #: The call has its answer, an error, or no answer in time.
+        self.ended = False
+        #: Its caller stopped waiting before it ended.
+        self.left = False
+
+    def end(self) -> None:
+        """From the call's task, as it ends."""
+        self.ended = True
+        if self.left:
+            self.clean_up()
+
+    def leave(self) -> None:
+        """From the caller, as it stops waiting: clean up now if the call has ended."""
+        if self.ended:
+            self.clean_up()
+        else:
+            self.left = True
+
+    def clean_up(self) -> None:
+        """Undo the call's answer, or, without one, whatever effect it may have had."""
+        if self.answered:
+            undo, answer = self._undo, cast("T", self.answer)
+            self._submit(lambda: undo(answer))
+        else:
+            self._submit(self._unknown)
 
 
 def translate(exc: BaseException, action: str, url: str) -> CoordinationError:
@@ -158,9 +209,11 @@ class Calls:
     ) -> T:
         """Run a driver's call on the event loop, waiting at most ``wait`` or the call timeout.
 
-        A call given up on — cancelled, past its time, or failed mid-flight — may have
-        reached the backend: ``on_give_up`` (a blocking release, which only frees what
-        is still ours) then runs in a worker thread, so no grant is ever left behind.
+        For a call that may be sent twice (a release: compare and delete). One given up
+        on — cancelled, past its time, or failed mid-flight — may or may not reach the
+        backend: ``on_give_up`` (a blocking release, which only frees what is still
+        ours) then runs in a worker thread, whichever arrives first. A try must not be
+        cut short: see :meth:`natively_in_a_task`.
 
         Raises:
             CallTimedOut: only when ``wait`` is given and shorter than the call timeout.
@@ -182,6 +235,67 @@ class Calls:
                 raise CallTimedOut
             raise BackendUnavailable(self._no_answer(action))
         return result
+
+    async def natively_in_a_task(
+        self,
+        action: str,
+        call: Callable[[], Awaitable[T]],
+        wait: float | None,
+        *,
+        undo: Callable[[T], object],
+        unknown: Callable[[], object],
+    ) -> T:
+        """Like :meth:`natively`, but the call is never cut short: it runs in a task of its own.
+
+        For a try: one cut off mid-flight may still reach the server after the release
+        sent on another connection to undo it (a release that overtook its SET left the
+        key held, with nobody to release it, until its TTL ran out). Its caller still
+        leaves at once (cancelled, or past ``wait``); the call runs on to its answer,
+        within the call timeout, and ``undo`` gets that answer (a try granted after its
+        caller left is released). A call that fails, or is not answered within the call
+        timeout, may or may not have been applied: ``unknown`` runs then (a blocking
+        release, which only frees what is still ours). Both run in a worker thread of
+        the control lane. Native calls are asyncio's only, hence asyncio's task.
+
+        Raises:
+            CallTimedOut: only when ``wait`` is given and shorter than the call timeout.
+            BackendUnavailable: the backend failed or did not answer within the call
+                timeout.
+        """
+        limit = self.call_timeout if wait is None else min(wait, self.call_timeout)
+        submit = lambda job: call_soon(self.control_lane, self.schedule, job)  # noqa: E731
+        flight: _Flight[T] = _Flight(undo, unknown, submit)
+
+        async def run() -> None:
+            try:
+                with self.on_loop_call(action):
+                    async with asyncio.timeout(self.call_timeout):
+                        flight.answer = await call()
+                        flight.answered = True
+            except Exception as exc:  # a timeout too: no answer
+                flight.error = exc
+            finally:
+                flight.end()
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"aiotooz {action}")
+        try:
+            with anyio.move_on_after(limit):
+                await asyncio.shield(task)  # cancelling the caller leaves the task running
+        except BaseException:
+            flight.leave()
+            raise
+        if not flight.ended:
+            flight.leave()
+            if limit < self.call_timeout:
+                raise CallTimedOut
+            raise BackendUnavailable(self._no_answer(action))
+        if flight.answered:
+            return cast("T", flight.answer)
+        flight.clean_up()
+        error, flight.error = flight.error, None  # no reference cycle through the traceback
+        if isinstance(error, TimeoutError) or error is None:
+            raise BackendUnavailable(self._no_answer(action))
+        raise translate(error, action, self.url) from error
 
     @contextlib.contextmanager
     def on_loop_call(self, action: str) -> Iterator[None]:

@@ -267,11 +267,13 @@ class Connection:
         elif self._calls.native:
             tried.append(tooz_lock)
             try:
-                granted = await self._calls.natively(
+                granted = await self._calls.natively_in_a_task(
                     action,
                     lambda: self.driver.try_acquire_async(tooz_lock, handle.key),
                     wait,
-                    on_give_up=lambda: self.driver.release(tooz_lock),
+                    # Granted after its caller left, or perhaps granted: give it back.
+                    undo=lambda granted: granted and self.driver.release(tooz_lock),
+                    unknown=lambda: self.driver.release(tooz_lock),
                 )
             except CallTimedOut:
                 self._forget(handle)
