@@ -380,8 +380,10 @@ class Driver:
     async def try_acquire_async(self, lock: Any, key: str) -> bool:
         """``try_acquire`` on the event loop.
 
-        A caller that gives up on it mid-flight has ``release`` (the blocking one) run
-        for it in a worker thread.
+        It is never cut short: a caller that gives up on it leaves, the call runs on to
+        its answer, and a grant then is released with ``release`` (the blocking one, in a
+        worker thread). A call that fails or gets no answer may still have been applied:
+        ``release`` runs for it too, so the token must be set before the command is sent.
         """
         raise NotImplementedError
 

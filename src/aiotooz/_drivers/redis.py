@@ -650,8 +650,9 @@ class RedisDriver(Driver):
             return self._rw_tried(lock, await client.eval(script, len(keys), *keys, *args))
         sync_lock = lock._lock
         token = self._token()
-        # Set before the command is sent: a caller that gives up mid-flight has the
-        # blocking release run with it (compare and delete: harmless if not granted).
+        # Set before the command is sent: a try that fails or gets no answer may have
+        # been applied, and has the blocking release run for it (compare and delete:
+        # harmless if not granted).
         sync_lock.local.token = token
         granted = await client.set(lock.name, token, nx=True, px=int(sync_lock.timeout * 1000))
         if not granted:

@@ -454,8 +454,9 @@ class RedisClusterDriver(Driver):
     async def try_acquire_async(self, lock: Any, key: str) -> bool:
         client = self._async()
         token = uuid.uuid1().hex.encode()
-        # Set before the command is sent: a caller that gives up mid-flight has the
-        # blocking release run with it (compare and delete: harmless if not granted).
+        # Set before the command is sent: a try that fails or gets no answer may have
+        # been applied, and has the blocking release run for it (compare and delete:
+        # harmless if not granted).
         lock.token = token
         granted = await client.set(lock.name, token, nx=True, px=self._ttl * 1000)
         if not granted:
