@@ -141,6 +141,8 @@ class Calls:
         self._loop_calls = 0
         self._loop_calls_closed = False
         self._loop_calls_ended: anyio.Event | None = None
+        #: The tasks of ``natively_in_a_task`` (asyncio keeps only a weak reference).
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def threads(self) -> int:
@@ -278,6 +280,8 @@ class Calls:
                 flight.end()
 
         task = asyncio.get_running_loop().create_task(run(), name=f"aiotooz {action}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         try:
             with anyio.move_on_after(limit):
                 await asyncio.shield(task)  # cancelling the caller leaves the task running
