@@ -270,11 +270,10 @@ class Calls:
 
         async def run() -> None:
             try:
-                with self.on_loop_call(action):
-                    async with asyncio.timeout(self.call_timeout):
-                        flight.answer = await call()
-                        flight.answered = True
-            except Exception as exc:  # a timeout too: no answer
+                with self.on_loop_call(action), anyio.move_on_after(self.call_timeout):
+                    flight.answer = await call()
+                    flight.answered = True
+            except Exception as exc:
                 flight.error = exc
             finally:
                 flight.end()
@@ -297,7 +296,7 @@ class Calls:
             return cast("T", flight.answer)
         flight.clean_up()
         error, flight.error = flight.error, None  # no reference cycle through the traceback
-        if isinstance(error, TimeoutError) or error is None:
+        if error is None:  # no answer within the call timeout
             raise BackendUnavailable(self._no_answer(action))
         raise translate(error, action, self.url) from error
 
